@@ -1,0 +1,38 @@
+"""Shared fixtures: seeded random checkpoints built with transformers and saved to temp folders."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+import fixtures_model as fm
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _with_tokenizer(folder, kind="synthetic"):
+    """Add the tokenizer and processor files (when the processing fixtures exist)."""
+    try:
+        import fixtures_tokenizer
+    except ImportError:
+        return
+    fixtures_tokenizer.write_tokenizer_files(folder, kind=kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(folder, hf_model) for the TINY config; the folder also holds the tokenizer and processor files."""
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    model = fm.build_hf_model(fm.TINY, seed=0)
+    fm.save_checkpoint(model, folder)
+    _with_tokenizer(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_odd_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_odd_ckpt")
+    model = fm.build_hf_model(fm.TINY_ODD, seed=1)
+    fm.save_checkpoint(model, folder)
+    return folder, model
