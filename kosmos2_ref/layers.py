@@ -42,10 +42,12 @@ def linear(x, weight, bias=None):
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) · weight + bias, biased variance, in float32."""
     xp = get_xp(x)
-    mean = x.mean(axis=-1, keepdims=True)           # [..., 1]
-    xc = x - mean                                   # [..., C]
-    var = (xc * xc).mean(axis=-1, keepdims=True)    # [..., 1]
-    xc *= 1.0 / xp.sqrt(var + eps)
+    # The moments accumulate in float64 (only the [..., 1] results are float64; no large temporaries): with a
+    # float32 sum, a constant row gets a mean off by an ulp, which 1/sqrt(eps) then amplifies ~300-fold.
+    mean = x.mean(axis=-1, keepdims=True, dtype=xp.float64).astype(xp.float32)   # [..., 1]
+    xc = x - mean                                                                  # [..., C]
+    var = (xc * xc).mean(axis=-1, keepdims=True, dtype=xp.float64)                # [..., 1]
+    xc *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
     xc *= weight
     xc += bias
     return xc

@@ -179,7 +179,7 @@ class Kosmos2:
                 raise ValueError(f"labels holds values outside [0, {tc.vocab_size - 1}] that are not -100")
         if image_embeds is not None and past_length == 0:
             Q = self.config.latent_query_num
-            if image_embeds.ndim != 3 or image_embeds.shape[0] != B or image_embeds.shape[2] != tc.embed_dim:
+            if image_embeds.ndim != 3 or tuple(image_embeds.shape) != (B, Q, tc.embed_dim):
                 raise ValueError(f"image_embeds must have shape [{B}, {Q}, {tc.embed_dim}], "
                                  f"got {tuple(image_embeds.shape)}")
             if image_embeds_position_mask is None:

@@ -36,3 +36,16 @@ def tiny_odd_checkpoint(tmp_path_factory):
     model = fm.build_hf_model(fm.TINY_ODD, seed=1)
     fm.save_checkpoint(model, folder)
     return folder, model
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint(tmp_path_factory):
+    """(folder, hf_model) for the full default config (1.66 B parameters, 6.66 GB in float32) with random weights.
+
+    Built once per session; about 14 GB peak with our memory-mapped copy beside torch's.
+    """
+    folder = tmp_path_factory.mktemp("full_ckpt")
+    model = fm.build_hf_model(fm.FULL, seed=2024)
+    fm.save_checkpoint(model, folder)
+    _with_tokenizer(folder)
+    return folder, model
