@@ -79,15 +79,26 @@ def to_numpy(a):
 
 
 def get_xp(x):
-    """The array module (numpy or cupy) that owns array ``x``."""
-    if isinstance(x, np.ndarray) or np.isscalar(x):
+    """The array module (numpy or cupy) that owns array ``x``.
+
+    Arrays that name their own namespace (the Array API's ``__array_namespace__``) are honoured, which is how the
+    test suite runs the model on a strict stand-in device namespace that rejects host arrays.
+    """
+    if type(x) is np.ndarray or np.isscalar(x):
         return np
-    mod = type(x).__module__.split(".")[0]
-    if mod == "cupy":
+    if type(x).__module__.split(".")[0] == "cupy":
         import cupy
 
         return cupy
-    return np
+    ns = getattr(x, "__array_namespace__", None)
+    return ns() if ns is not None else np
+
+
+def erfc(x):
+    """erfc on any backend's array: CuPy's own where the array lives on the GPU, else :func:`erfc_numpy`."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        return get_backend("cupy").erfc(x)
+    return erfc_numpy(x)
 
 
 _CACHE: dict[str, Backend] = {}
