@@ -1,0 +1,363 @@
+"""kosmos2-ref against transformers, measured in the same run on the same checkpoint.
+
+    python benchmarks/compare.py --size full        # the released architecture, random weights (6.66 GB)
+    python benchmarks/compare.py --size tiny        # a quick check of the script itself
+
+The two implementations alternate, each figure is the median of several repeats after a warm-up, and the ratio
+ours / transformers is printed for each. Peak resident memory is measured for each side in its own fresh process
+(load + one 64-token generate), so one does not hide the other. Results go to benchmarks/results/<size>.json;
+``--write-docs`` regenerates docs/performance.md from that file. Never a timing in a test: this script is the
+only place speed is judged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+PROMPT_TEXT = [64012, 712, 1648, 9]          # "<grounding> An image of": 71 tokens with the image slots
+
+
+def checkpoint(size: str, storage: str = "float32") -> Path:
+    """Build (once) and cache a random-weight checkpoint saved by transformers."""
+    import fixtures_model as fm
+
+    folder = HERE / "cache" / f"{size}-{storage}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+
+    cfg = fm.FULL if size == "full" else fm.TINY
+    model = fm.build_hf_model(cfg, seed=7)
+    if storage != "float32":
+        model = model.to(getattr(torch, storage))
+    tmp = folder.with_name(folder.name + ".partial")
+    fm.save_checkpoint(model, tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def inputs(batch: int = 1, prompt_tokens: int | None = None):
+    import fixtures_model as fm
+
+    text = PROMPT_TEXT if prompt_tokens is None else [10 + (i % 500) for i in range(max(prompt_tokens - 67, 1))]
+    rows = [fm.image_prompt_ids(text, 64)] * batch
+    ids, att, img = fm.padded_batch(rows)
+    pv = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    return pv, ids, att, img
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The two sides, behind the same small interface
+
+class Ours:
+    name = "kosmos2-ref"
+
+    def __init__(self, folder, dtype="float32"):
+        from kosmos2_ref import Kosmos2
+
+        self.model = Kosmos2.from_pretrained(folder, dtype=dtype)
+
+    def encode(self, pv):
+        return self.model.get_image_features(pv)
+
+    def prefill(self, pv, ids, att, img, new_tokens=0):
+        cache = self.model.new_cache(ids.shape[0], ids.shape[1] + new_tokens + 1)
+        out = self.model(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                         past_key_values=cache, logits_to_keep=1)
+        return out.logits, cache
+
+    def decode_steps(self, state, att, n):
+        _, cache = state
+        B = att.shape[0]
+        nxt = np.full((B, 1), 10, dtype=np.int64)
+        for i in range(n):
+            a = np.ones((B, att.shape[1] + i + 1), dtype=np.int64)
+            self.model(input_ids=nxt, attention_mask=a, past_key_values=cache, logits_to_keep=1)
+
+    def generate(self, pv, ids, att, img, n):
+        return self.model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                                   max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
+                                   no_repeat_ngram_size=0)
+
+
+class HF:
+    name = "transformers"
+
+    def __init__(self, folder, dtype="float32"):
+        import torch
+        from transformers import Kosmos2ForConditionalGeneration
+
+        self.torch = torch
+        torch.set_grad_enabled(False)
+        self.model = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+    def _t(self, *arrays):
+        return [self.torch.from_numpy(a) for a in arrays]
+
+    def encode(self, pv):
+        (pv,) = self._t(pv)
+        m = self.model
+        h = m.vision_model(pixel_values=pv)[0]
+        h = self.torch.nn.functional.normalize(m.vision_model.model.post_layernorm(h), dim=-1)
+        return m.image_to_text_projection(h)[0]
+
+    def prefill(self, pv, ids, att, img, new_tokens=0):
+        pv, ids, att, img = self._t(pv, ids, att, img)
+        out = self.model(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                         use_cache=True, logits_to_keep=1)
+        return out
+
+    def decode_steps(self, state, att, n):
+        torch = self.torch
+        cache, emb = state.past_key_values, state.image_embeds
+        B = att.shape[0]
+        nxt = torch.full((B, 1), 10, dtype=torch.long)
+        for i in range(n):
+            a = torch.ones((B, att.shape[1] + i + 1), dtype=torch.long)
+            out = self.model(input_ids=nxt, attention_mask=a, image_embeds=emb, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+
+    def generate(self, pv, ids, att, img, n):
+        pv, ids, att, img = self._t(pv, ids, att, img)
+        return self.model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+def timed(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def alternate(sides, make_fn, repeats, warmup=1):
+    """Median seconds per side, the sides interleaved repeat by repeat so drift hits both alike."""
+    fns = {s.name: make_fn(s) for s in sides}
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def vm_hwm_kb() -> int:
+    """This process's peak resident set (VmHWM, kB). Not ru_maxrss: Linux carries that across execve, so a child
+    started from this (large) process would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory(side: str, folder: Path, dtype: str, new_tokens: int) -> float:
+    """Peak RSS (GB) of a fresh process that loads one side and generates ``new_tokens`` tokens."""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
+            f"s = (c.Ours if {side!r} == 'ours' else c.HF)({str(folder)!r}, {dtype!r}); "
+            f"s.generate(*c.inputs(), {new_tokens}); "
+            "print(c.vm_hwm_kb())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return int(r.stdout.strip().splitlines()[-1]) * 1024 / 1e9
+
+
+def load_time(side: str, folder: Path, dtype: str) -> float:
+    """Seconds for from_pretrained in a fresh process (warm page cache: the file was read before)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
+            f"cls = c.Ours if {side!r} == 'ours' else c.HF; "
+            "import kosmos2_ref, torch, transformers; "       # imports are not load time
+            f"t0 = time.perf_counter(); cls({str(folder)!r}, {dtype!r}); print(time.perf_counter() - t0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+
+    blas = "unknown"
+    try:
+        cfg = numpy.show_config(mode="dicts")
+        blas = cfg.get("Build Dependencies", {}).get("blas", {}).get("name", "unknown")
+    except Exception:
+        pass
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": numpy.__version__, "numpy_blas": blas,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": __import__("transformers").__version__,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+
+
+def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bool) -> dict:
+    folder = checkpoint(size)
+    res: dict = {"size": size, "machine": machine(), "repeats": repeats, "rows": []}
+
+    def row(metric, ours, hf, unit="s"):
+        r = {"metric": metric, "ours": ours, "transformers": hf, "ratio": ours / hf if hf else None, "unit": unit}
+        res["rows"].append(r)
+        print(f"  {metric:<44s} {ours:10.4f} {hf:10.4f} {unit:>3s}   ratio {r['ratio']:.3f}", flush=True)
+
+    print(f"[{size}] load, in fresh processes")
+    row("load (from_pretrained, warm page cache)", load_time("ours", folder, "float32"),
+        load_time("hf", folder, "float32"))
+    sides = [Ours(folder), HF(folder)]
+    pv, ids, att, img = inputs()
+    print(f"[{size}] prompt of {ids.shape[1]} tokens, float32, batch 1")
+    t = alternate(sides, lambda s: (lambda: s.encode(pv)), repeats)
+    row("image encoding (vision + connector)", t["kosmos2-ref"], t["transformers"])
+    t = alternate(sides, lambda s: (lambda: s.prefill(pv, ids, att, img)), repeats)
+    row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"], t["transformers"])
+    n_steps = 16
+    states = {s.name: None for s in sides}
+
+    def decode_fn(s):
+        def f():
+            states[s.name] = s.prefill(pv, ids, att, img, n_steps)
+            t0 = time.perf_counter()
+            s.decode_steps(states[s.name], att, n_steps)
+            f.last = (time.perf_counter() - t0) / n_steps
+        return f
+
+    fns = {s.name: decode_fn(s) for s in sides}
+    per_tok = {n: [] for n in fns}
+    for i in range(repeats + 1):
+        for n, f in fns.items():
+            f()
+            if i:
+                per_tok[n].append(f.last)
+    row(f"per-token decode (KV cache, mean of {n_steps} steps)", statistics.median(per_tok["kosmos2-ref"]),
+        statistics.median(per_tok["transformers"]))
+    t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, new_tokens)), max(1, repeats // 2),
+                  warmup=0)
+    row(f"generate {new_tokens} new tokens (end to end)", t["kosmos2-ref"], t["transformers"])
+    del sides
+
+    print(f"[{size}] peak resident memory, each side in its own process")
+    row("peak RSS, load + generate (GB)", peak_memory("ours", folder, "float32", 4),
+        peak_memory("hf", folder, "float32", 4), "GB")
+
+    hf_decode = res["rows"][3]["transformers"]
+    hf_mem = res["rows"][-1]["transformers"]
+    for dt in dtypes:
+        print(f"[{size}] {dt} storage (ours) against transformers float32")
+        ours = Ours(folder, dt)
+        st = ours.prefill(pv, ids, att, img, n_steps)
+        ours.decode_steps(st, att, 2)
+        ts = []
+        for _ in range(repeats):
+            st = ours.prefill(pv, ids, att, img, n_steps)
+            t0 = time.perf_counter()
+            ours.decode_steps(st, att, n_steps)
+            ts.append((time.perf_counter() - t0) / n_steps)
+        ref_logits = Ours(folder).prefill(pv, ids, att, img)[0]
+        err = float(np.abs(ours.prefill(pv, ids, att, img)[0] - ref_logits).max())
+        del ours
+        row(f"per-token decode, {dt} storage vs tf float32", statistics.median(ts), hf_decode)
+        row(f"peak RSS, {dt} storage vs tf float32 (GB)", peak_memory("ours", folder, dt, 4), hf_mem, "GB")
+        res.setdefault("storage_error", {})[dt] = err
+        print(f"  last-token logits max|Δ| vs our float32: {err:.3e}")
+
+    if scaling:
+        res["scaling"] = scaling_table(folder, repeats)
+    return res
+
+
+def scaling_table(folder, repeats):
+    """Time against prompt length, new tokens and batch size, both sides."""
+    sides = [Ours(folder), HF(folder)]
+    out = []
+    for T in (64, 256, 1024):
+        pv, ids, att, img = inputs(prompt_tokens=T)
+        t = alternate(sides, lambda s: (lambda: s.prefill(pv, ids, att, img)), max(1, repeats // 2))
+        out.append({"what": f"prefill, prompt {ids.shape[1]} tokens", **t})
+        print("  ", out[-1], flush=True)
+    pv, ids, att, img = inputs()
+    for n in (16, 64, 256):
+        t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, n)), 1, warmup=0)
+        out.append({"what": f"generate {n} new tokens", **t})
+        print("  ", out[-1], flush=True)
+    for B in (1, 2, 4):
+        pv, ids, att, img = inputs(batch=B)
+        t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, 16)), 1, warmup=0)
+        out.append({"what": f"generate 16 new tokens, batch {B}", **t})
+        print("  ", out[-1], flush=True)
+    return out
+
+
+def write_docs(results_dir: Path, out: Path):
+    lines = ["# Performance", "",
+             "Generated by `python benchmarks/compare.py --size full --write-docs` from "
+             "`benchmarks/results/*.json`; do not edit by hand.", ""]
+    for f in sorted(results_dir.glob("*.json")):
+        r = json.loads(f.read_text())
+        m = r["machine"]
+        lines += [f"## {f.stem}", "",
+                  f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, NumPy {m['numpy']} "
+                  f"(BLAS: {m['numpy_blas']}), torch {m['torch']} ({m['torch_threads']} threads), transformers "
+                  f"{m['transformers']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}, "
+                  f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up.", "",
+                  "| metric | kosmos2-ref | transformers | ratio ours/tf |", "|---|---:|---:|---:|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['metric']} | {row['ours']:.4f} {row['unit']} | {row['transformers']:.4f} "
+                         f"{row['unit']} | {row['ratio']:.3f} |")
+        for dt, e in r.get("storage_error", {}).items():
+            lines.append(f"\n{dt} storage: last-token logits max |Δ| against our float32 = {e:.3e}.")
+        if r.get("scaling"):
+            lines += ["", "| scaling | kosmos2-ref (s) | transformers (s) | ratio |", "|---|---:|---:|---:|"]
+            for s in r["scaling"]:
+                lines.append(f"| {s['what']} | {s['kosmos2-ref']:.3f} | {s['transformers']:.3f} | "
+                             f"{s['kosmos2-ref'] / s['transformers']:.3f} |")
+        lines.append("")
+    out.write_text("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["full", "tiny"], default="full")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtypes", default="bfloat16,float16", help="two-byte storage dtypes to measure (ours)")
+    ap.add_argument("--scaling", action="store_true", help="also the prompt-length / new-token / batch table")
+    ap.add_argument("--label", default=None, help="result file name (default: the size)")
+    ap.add_argument("--write-docs", action="store_true")
+    a = ap.parse_args(argv)
+    res = run(a.size, a.repeats, a.new_tokens, [d for d in a.dtypes.split(",") if d], a.scaling)
+    out = HERE / "results" / f"{a.label or a.size}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    if a.write_docs:
+        write_docs(HERE / "results", ROOT / "docs" / "performance.md")
+        print("wrote docs/performance.md")
+
+
+if __name__ == "__main__":
+    main()
