@@ -6,6 +6,7 @@
 from .backend import get_backend, to_numpy
 from .config import Kosmos2Config, TextConfig, VisionConfig
 from .model import Kosmos2, Kosmos2Output
+from .processing import Kosmos2Processor
 
 __version__ = "0.1.0"
-__all__ = ["Kosmos2", "Kosmos2Output", "Kosmos2Config", "TextConfig", "VisionConfig", "get_backend", "to_numpy"]
+__all__ = ["Kosmos2", "Kosmos2Output", "Kosmos2Processor", "Kosmos2Config", "TextConfig", "VisionConfig", "get_backend", "to_numpy"]

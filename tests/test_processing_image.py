@@ -1,0 +1,171 @@
+"""Image preprocessing (kosmos2_ref.processing.image). Spec §12.
+
+Bit-exact parity with transformers' ``CLIPImageProcessorPil`` over modes, sizes and input kinds is in
+tests/parity/test_processor_parity.py; here the configuration, the input contract and every error.
+"""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import fixtures_tokenizer as ft
+from kosmos2_ref.processing.image import (
+    ImageProcessorConfig,
+    center_crop,
+    preprocess_images,
+    to_rgb_uint8,
+)
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "HSV", "LAB", "RGBX"]
+
+
+def _image(mode, size=(13, 7), seed=0):
+    rng = np.random.default_rng(seed)
+    base = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
+    if mode == "I;16":
+        return PIL.Image.fromarray(rng.integers(0, 65535, (size[1], size[0]), dtype=np.uint16))
+    return base.convert(mode)
+
+
+def test_spec_preprocessor_config_is_534_bytes():
+    # spec §12.1: the Hub file is 534 bytes, json indent=2 with sorted keys and a trailing newline.
+    text = json.dumps(ImageProcessorConfig().to_dict(), indent=2, sort_keys=True) + "\n"
+    assert len(text.encode()) == 534
+    assert ImageProcessorConfig().to_dict() == ft.PREPROCESSOR_CONFIG
+
+
+def test_config_round_trip_and_use_square_size():
+    config = ImageProcessorConfig.from_dict(ft.PREPROCESSOR_CONFIG)
+    assert config == ImageProcessorConfig()
+    assert config.resize_target(600, 1200) == (224, 224)  # aspect ratio ignored
+    # 5.x quirk (spec §12.4): with use_square_size the resize is to 224 whatever size says.
+    assert ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "size": {"shortest_edge": 180}}).resize_target(9, 9) == (224, 224)
+    plain = ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "use_square_size": False})
+    assert plain.resize_target(600, 1200) == (224, 448) and plain.resize_target(1000, 300) == (746, 224)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"resample": 9}, r"resample must be a PIL resampling filter id \(0-5\), got 9"),
+        ({"image_mean": [0.5, 0.5]}, r"image_mean must have 3 values .* got \[0.5, 0.5\]"),
+        ({"size": {"longest_edge": 3}}, r"size must be an int, a \(height, width\) pair"),
+        ({"crop_size": {"shortest_edge": 3}}, r"crop_size must give height and width, got {.shortest_edge.: 3}"),
+    ],
+)
+def test_config_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, **change})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_finite_float32(mode):
+    pixels = preprocess_images(_image(mode))
+    assert pixels.shape == (1, 3, 224, 224) and pixels.dtype == np.float32
+    assert np.isfinite(pixels).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1), (224, 224), (300, 2)])
+def test_any_size_down_to_one_pixel(size):
+    assert preprocess_images(_image("RGB", size)).shape == (1, 3, 224, 224)
+
+
+def test_transparency_is_composited_onto_white():
+    clear = PIL.Image.new("RGBA", (4, 4), (10, 200, 30, 0))
+    assert (to_rgb_uint8(clear) == 255).all()
+    assert (to_rgb_uint8(np.asarray(clear)) == 255).all()
+
+
+def test_grey_arrays_equal_grey_images():
+    grey = np.random.default_rng(1).integers(0, 256, (9, 11), dtype=np.uint8)
+    expected = preprocess_images(PIL.Image.fromarray(grey, "L"))
+    np.testing.assert_array_equal(preprocess_images(grey), expected)
+    np.testing.assert_array_equal(preprocess_images(grey[:, :, None]), expected)
+
+
+def test_float_arrays_are_intensities():
+    rgb = np.random.default_rng(2).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    as_uint8 = preprocess_images(rgb)
+    np.testing.assert_array_equal(preprocess_images(rgb.astype(np.float32)), as_uint8)  # integer-valued floats
+    np.testing.assert_array_equal(preprocess_images(rgb.astype(np.int32)), as_uint8)
+    # floats in [0, 1] are scaled by 255 and truncated, as transformers' to_pil_image does
+    scaled = (rgb / 255.0).astype(np.float64)
+    truncated = (scaled * 255.0).astype(np.float32).astype(np.uint8)
+    np.testing.assert_array_equal(preprocess_images(scaled), preprocess_images(truncated))
+
+
+def test_batches_paths_and_4d_arrays():
+    batch = np.random.default_rng(3).integers(0, 256, (2, 8, 6, 3), dtype=np.uint8)
+    pixels = preprocess_images(batch)
+    assert pixels.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(pixels[1], preprocess_images(batch[1])[0])
+    path = ft.IMAGES / "two_dogs.jpg"
+    np.testing.assert_array_equal(preprocess_images(str(path)), preprocess_images(path))
+
+
+def test_center_crop_pads_small_images_with_zeros():
+    image = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 1
+    cropped = center_crop(image, 5, 2)
+    assert cropped.shape == (2, 5, 2)
+    np.testing.assert_array_equal(cropped[:, 0], 0)
+    np.testing.assert_array_equal(cropped[:, 1:4], image[:, :, 1:3])
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+def test_missing_path(tmp_path):
+    with pytest.raises(ValueError, match=r"images: image file not found: '.*missing\.png'"):
+        preprocess_images(str(tmp_path / "missing.png"))
+
+
+def test_non_image_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.txt' is not a readable image file \(UnidentifiedImageError"):
+        preprocess_images(path)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "cut.jpg"
+    path.write_bytes((ft.IMAGES / "two_dogs.jpg").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cut\.jpg' is not a readable image file \(OSError"):
+        preprocess_images(path)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((0, 4, 3), np.uint8), r"images: the array is empty \(an array of shape \(0, 4, 3\)"),
+        (np.zeros((4, 4, 2), np.uint8), r"expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\)"),
+        (np.zeros((3, 4, 5), np.uint8), r"\(channels last\), got an array of shape \(3, 4, 5\)"),
+        (np.zeros((4,), np.uint8), r"expected an array of shape \(H, W\)"),
+        (np.zeros((4, 4, 3), bool), "expected a uint8 or float array, got an array of shape .* dtype bool"),
+        (np.full((4, 4, 3), np.nan), "the array holds NaN or infinite values"),
+        (np.full((4, 4, 3), 1.5), r"float pixels must lie in \[0, 1\] \(or be integers in \[0, 255\]\)"),
+        (np.full((4, 4, 3), 300.0), r"integer-valued pixels must lie in \[0, 255\], got values in \[300.0, 300.0\]"),
+        (np.full((4, 4, 4), 2.5), r"a float RGBA array must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_arrays(array, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess_images(array)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (3, r"images: expected a PIL image, a path \(str or pathlib.Path\) or a uint8/float array .* got int 3"),
+        ([], "images: got an empty list; expected at least one image"),
+        (PIL.Image.new("RGB", (0, 0)), r"the image is empty \(a PIL image of mode RGB and size \(0, 0\)\)"),
+    ],
+)
+def test_bad_inputs(image, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess_images(image)
+
+
+def test_error_names_the_item_in_a_batch():
+    good = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"images\[1\]: expected a PIL image"):
+        preprocess_images([good, None])
