@@ -74,7 +74,6 @@ def test_two_byte_storage_on_the_strict_namespace(tiny_checkpoint, storage):
 
 
 def test_generate_on_the_strict_namespace(models):
-    pytest.importorskip("kosmos2_ref.generation", reason="generation not present")
     ref_model, strict = models
     pv, ids, att, img = _inputs()
     kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
