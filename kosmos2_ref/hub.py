@@ -1,18 +1,260 @@
-"""Finding a checkpoint folder. (A local folder for now; Hub-cache lookup is added with the command line.)"""
+"""Finding a checkpoint folder: a local folder, the Hugging Face cache, or a download when online.
+
+``resolve_checkpoint("path/to/folder")`` returns the folder (it must hold ``config.json``).
+``resolve_checkpoint("microsoft/kosmos-2-patch14-224")`` looks the id up in the standard Hugging Face cache, the
+layout ``huggingface_hub`` writes and transformers reads::
+
+    $HF_HUB_CACHE (else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
+      models--microsoft--kosmos-2-patch14-224/
+        refs/main                 the commit hash of the snapshot that "main" names
+        snapshots/<hash>/         config.json, model.safetensors, tokenizer.json, ... (links into blobs/)
+
+It takes the snapshot ``refs/main`` names (or ``refs/<revision>``, or ``snapshots/<revision>``), else the newest
+snapshot that holds a complete checkpoint. When the id is not cached it downloads the files the package reads
+(:data:`ALLOW_PATTERNS`, not the PyTorch ``.bin``) with ``huggingface_hub.snapshot_download`` -- an optional
+dependency, ``pip install 'kosmos2-ref[hub]'`` -- unless ``HF_HUB_OFFLINE=1``. Every way of failing raises
+:class:`CheckpointNotFoundError` with one sentence saying what is missing and how to get it; network attempts are
+bounded by short timeouts, so nothing hangs.
+"""
 from __future__ import annotations
 
+import os
+import re
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_MODEL_ID = "microsoft/kosmos-2-patch14-224"
+
+# The files of a Hub checkpoint this package reads; the 6.6 GB pytorch_model.bin is not among them.
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+    "processor_config.json", "sentencepiece.bpe.model",
+]
+CONNECT_TIMEOUT_S = 5.0     # the reachability probe, DNS included
+ETAG_TIMEOUT_S = 10.0       # huggingface_hub's metadata request; reads time out after HF_HUB_DOWNLOAD_TIMEOUT
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TRUE = {"1", "true", "yes", "on"}
 
 
 class CheckpointNotFoundError(ValueError):
     """No checkpoint folder could be found for the given path or id."""
 
 
-def resolve_checkpoint(path, **_) -> Path:
-    """A local folder holding ``config.json`` -> its Path; otherwise a clear error."""
+# ----------------------------------------------------------------------------------------------------------------
+# Where the cache is
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, found as ``huggingface_hub`` finds it (it need not exist)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def is_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or transformers' ``TRANSFORMERS_OFFLINE``) is set to 1/true/yes/on."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repository id ``org/name`` (and not as a path like ``./x`` or ``/x``)."""
+    return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def repo_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """``<cache>/models--org--name``."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Looking in the cache
+
+def missing_files(folder: Path) -> list[str]:
+    """The files a checkpoint folder lacks: ``config.json`` and the weights (one file, or an index and its
+    shards). Empty when the folder is complete."""
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if (folder / "model.safetensors").is_file():
+        return missing
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return missing + ["model.safetensors"]
+    import json
+
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return missing   # a corrupt index is reported by the weights loader, with the file named
+    return missing + [s for s in shards if not (folder / s).is_file()]
+
+
+def _snapshot_named(repo: Path, revision: str) -> Path | None:
+    ref = repo / "refs" / revision
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        if commit and (repo / "snapshots" / commit).is_dir():
+            return repo / "snapshots" / commit
+    if (repo / "snapshots" / revision).is_dir():   # a commit hash given as the revision
+        return repo / "snapshots" / revision
+    return None
+
+
+def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                  ) -> tuple[Path | None, Path | None]:
+    """Look ``repo_id`` up in the cache: (a complete snapshot or None, an incomplete candidate or None).
+
+    The snapshot named by ``refs/<revision or main>`` wins when complete; without a revision, the newest complete
+    snapshot comes next. The second value is the best snapshot found that lacks files, to name them in errors.
+    """
+    repo = repo_folder(repo_id, cache_dir)
+    snapshots = repo / "snapshots"
+    named = _snapshot_named(repo, revision or "main")
+    if named is not None and not missing_files(named):
+        return named, None
+    if revision is not None:
+        return None, named
+    candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                        reverse=True) if snapshots.is_dir() else []
+    for snap in candidates:
+        if not missing_files(snap):
+            return snap, None
+    partial = named or next((s for s in candidates if (s / "config.json").is_file()), None)
+    return None, partial
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloading
+
+def _endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
+    """Can we open a TCP connection to the Hub endpoint within ``timeout`` seconds (DNS included)?
+
+    The probe runs in a daemon thread because name resolution itself has no timeout. With a proxy configured the
+    direct probe means nothing, so it is skipped and huggingface_hub's own timeouts apply.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True, ""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: dict = {}
+
+    def probe():
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["ok"] = True
+        except OSError as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if result.get("ok"):
+        return True, ""
+    return False, result.get("error", f"no answer from {host}:{port} within {timeout:g} s")
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of an exception message, on one line, so our error stays one sentence."""
+    flat = " ".join(str(text).split())
+    return flat.split(". ")[0].rstrip(".")[:limit]
+
+
+def _offline_reason() -> str:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var].strip()}"
+    return "offline mode"
+
+
+def _get_help(repo_id: str) -> str:
+    return (f"download it where there is network with `hf download {repo_id}` (pip install 'kosmos2-ref[hub]') "
+            f"and copy the cache folder here, or pass a local checkpoint folder")
+
+
+def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+             token: str | bool | None = None) -> Path:
+    """Download the files of :data:`ALLOW_PATTERNS` of ``repo_id`` into the Hugging Face cache (with progress
+    bars on stderr) and return the snapshot folder; :class:`CheckpointNotFoundError` when that cannot be done."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
+    where = f"{repo_id!r} is not in the Hugging Face cache ({cache})"
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointNotFoundError(
+            f"{where} and huggingface_hub, needed to download it, is not installed: run "
+            f"`pip install 'kosmos2-ref[hub]'`, or pass a local checkpoint folder") from None
+    ok, why = _endpoint_reachable()
+    if not ok:
+        raise CheckpointNotFoundError(f"{where} and the Hugging Face Hub cannot be reached ({why}): "
+                                      f"{_get_help(repo_id)}")
+    import sys
+
+    print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} (safetensors weights, "
+          f"config and tokenizer files only)", file=sys.stderr)
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=str(cache), allow_patterns=ALLOW_PATTERNS,
+            etag_timeout=ETAG_TIMEOUT_S, token=token, library_name="kosmos2-ref")
+    except Exception as exc:   # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
+        kind = type(exc).__name__
+        first = _first_sentence(exc)
+        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
+            raise CheckpointNotFoundError(
+                f"{repo_id!r} could not be fetched from the Hugging Face Hub ({kind}: {first}): check the id and "
+                f"revision, log in with `hf auth login` if the repository is gated, or pass a local checkpoint "
+                f"folder") from None
+        raise CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): "
+                                      f"{_get_help(repo_id)}") from None
+    folder = Path(folder)
+    lacking = missing_files(folder)
+    if lacking:
+        raise CheckpointNotFoundError(f"{repo_id!r} was downloaded to {folder} but has no {', '.join(lacking)}: "
+                                      f"it is not a safetensors Kosmos-2 checkpoint this package can read")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point
+
+def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                       local_files_only: bool = False, token: str | bool | None = None) -> Path:
+    """A local folder holding ``config.json``, or a Hub id -> the checkpoint folder (see the module docstring).
+
+    ``revision`` picks a branch, tag or commit of a Hub id; ``cache_dir`` overrides the cache folder;
+    ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) never touches the network. Raises
+    :class:`CheckpointNotFoundError` (a ``ValueError``) naming what is missing and how to get it.
+    """
+    if isinstance(path, Path) or not isinstance(path, str):
+        path = os.fspath(path)
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} has no config.json")
         return folder
-    raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+    if folder.exists():
+        raise CheckpointNotFoundError(f"checkpoint path {str(folder)!r} is a file; expected a folder holding "
+                                      f"config.json and model.safetensors")
+    if not is_hub_id(path):
+        raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+
+    found, partial = find_in_cache(path, revision, cache_dir)
+    if found is not None:
+        return found
+    offline = local_files_only or is_offline()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
+    if offline:
+        if partial is not None:
+            what = f"{path!r} is in the Hugging Face cache ({partial}) without {', '.join(missing_files(partial))}"
+        else:
+            what = (f"{path!r} is neither a local folder nor in the Hugging Face cache ({cache})"
+                    + (f" at revision {revision!r}" if revision else ""))
+        reason = "local_files_only=True" if local_files_only else _offline_reason()
+        raise CheckpointNotFoundError(f"{what}, and {reason} forbids downloading it: {_get_help(path)}")
+    return download(path, revision=revision, cache_dir=cache_dir, token=token)

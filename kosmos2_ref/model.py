@@ -93,7 +93,9 @@ class Kosmos2:
                 gen = json.loads(gpath.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise WeightsError(f"{gpath}: not valid JSON ({exc})") from None
-        return cls(config, params, be, dtype, gen, str(path))
+        model = cls(config, params, be, dtype, gen, str(path))
+        model.folder = folder        # where the files are (a Hub id resolves into the Hugging Face cache)
+        return model
 
     # ----------------------------------------------------------------------------------------------------------
     # Image path
@@ -245,6 +247,47 @@ class Kosmos2:
         from .generation import generate
 
         return generate(self, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Task conveniences (kosmos2_ref.tasks)
+
+    @property
+    def processor(self):
+        """The checkpoint's ``Kosmos2Processor``, built on first use from the model folder (its tokenizer and
+        preprocessor files; the packaged real tokenizer where the folder has none)."""
+        if getattr(self, "_processor", None) is None:
+            from .tasks import processor_for
+
+            self._processor = processor_for(self)
+        return self._processor
+
+    @processor.setter
+    def processor(self, value):
+        self._processor = value
+
+    def caption(self, image, prompt: str = "<grounding> An image of", processor=None, **kwargs):
+        """A grounded caption of ``image`` (path, PIL image or uint8 array): :func:`kosmos2_ref.tasks.caption`."""
+        from .tasks import caption
+
+        return caption(self, processor, image, prompt=prompt, **kwargs)
+
+    def ground(self, image, phrase: str, processor=None, **kwargs):
+        """The boxes of ``phrase`` in ``image``: :func:`kosmos2_ref.tasks.ground`."""
+        from .tasks import ground
+
+        return ground(self, processor, image, phrase, **kwargs)
+
+    def describe(self, image, box, processor=None, **kwargs):
+        """What is inside ``box`` (normalised, or pixels): :func:`kosmos2_ref.tasks.describe`."""
+        from .tasks import describe
+
+        return describe(self, processor, image, box, **kwargs)
+
+    def embed(self, images, processor=None, **kwargs):
+        """Image embeddings [N, 64, C] and pooled CLIP vectors [N, 1024]: :func:`kosmos2_ref.tasks.embed`."""
+        from .tasks import embed
+
+        return embed(self, processor, images, **kwargs)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows and up to ``capacity`` tokens (it grows if exceeded)."""

@@ -22,12 +22,15 @@ import functools
 import json
 import shutil
 import string
+import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
-SHARED_DATA = Path("/work/shared/data")
+# shared/ lies beside the repository (on a developer's machine and in CI's fresh clone alike)
+SHARED_DATA = Path(os.environ.get("KOSMOS2_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 REAL_SPM_MODEL = SHARED_DATA / "tokenizer" / "sentencepiece.bpe.model"
 IMAGES = SHARED_DATA / "images"
 

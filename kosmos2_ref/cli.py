@@ -1,0 +1,431 @@
+"""The command line: ``kosmos2-ref`` (also ``python -m kosmos2_ref``).
+
+    kosmos2-ref demo                                    caption the packaged photo and draw its boxes
+    kosmos2-ref caption IMAGE [--prompt P]              grounded caption: phrases and their boxes
+    kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
+    kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
+    kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
+
+Global options (before or after the command): ``--model PATH_OR_ID`` (default ``$KOSMOS2_REF_MODEL``, else
+``microsoft/kosmos-2-patch14-224``, found in the Hugging Face cache or downloaded), ``--backend numpy|cupy``,
+``--dtype float32|float16|bfloat16``, ``--max-new-tokens N``, ``--json``, ``--draw OUT.png``.
+
+Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be found) print one line
+``kosmos2-ref: error: ...`` on stderr and exit with status 2; ``KOSMOS2_REF_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PROG = "kosmos2-ref"
+EXIT_ERROR = 2
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+DEFAULT_DEMO_DRAW = "kosmos2-demo.png"
+
+
+class CLIError(ValueError):
+    """A user error reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line too (with a pointer to --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def _default_model() -> str:
+    from .hub import DEFAULT_MODEL_ID
+
+    return os.environ.get("KOSMOS2_REF_MODEL") or DEFAULT_MODEL_ID
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes. On the subcommands their defaults are suppressed, so a value given after
+    the command overrides one given before it, and one given before it is not reset."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = parser.add_argument_group("model and output options")
+    g.add_argument("--model", metavar="PATH_OR_ID", default=d(None),
+                   help="checkpoint folder or Hugging Face id (default: $KOSMOS2_REF_MODEL, else "
+                        "microsoft/kosmos-2-patch14-224 from the HF cache, downloaded if online)")
+    g.add_argument("--backend", choices=["numpy", "cupy"], default=d(None),
+                   help="array backend (default: $KOSMOS2_BACKEND, else numpy)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=d("float32"),
+                   help="storage dtype of the weight matrices; compute is float32 (default: float32)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", default=d(None),
+                   help="tokens to generate (default: 64; 16 for ground)")
+    g.add_argument("--json", action="store_true", default=d(False), help="print the result as JSON")
+    g.add_argument("--draw", metavar="OUT.png", default=d(None),
+                   help="also write the image with the boxes drawn on it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="KOSMOS-2 in NumPy: grounded captions, phrase grounding, region "
+                     "descriptions and image embeddings.", epilog="Run `kosmos2-ref demo` to see it work.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("caption", help="grounded caption of an image: the phrases it names and their boxes")
+    p.add_argument("image", help="image file")
+    p.add_argument("--prompt", default=None,
+                   help='prompt (default: "<grounding> An image of"; try "<grounding> Describe this image in '
+                        'detail:")')
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("ground", help="find the boxes of a phrase (referring expression comprehension)")
+    p.add_argument("image", help="image file")
+    p.add_argument("phrase", help='what to find, e.g. "a snowman"')
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("describe", help="describe what is inside a box (referring expression generation)")
+    p.add_argument("image", help="image file")
+    p.add_argument("--box", required=True, metavar="x1,y1,x2,y2",
+                   help="the region: normalised to [0, 1], or in pixels when any value is above 1")
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("embed", help="image embeddings [N, 64, 2048] and pooled CLIP vectors [N, 1024]")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (a folder's images sorted)")
+    p.add_argument("--out", required=True, metavar="FILE.npy|FILE.npz",
+                   help="FILE.npy: embeddings there and pooled vectors in FILE.pooled.npy; FILE.npz: one archive "
+                        "with arrays image_embeds, pooled and names")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
+                                    "available, else a small random-weight model, clearly labelled)")
+    p.add_argument("--image", default=None, help="caption this image instead of the packaged one")
+    _global_options(p, suppress=True)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_image_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"image not found: {path!r}")
+    if p.is_dir():
+        raise CLIError(f"{path!r} is a folder; expected an image file")
+    return p
+
+
+def _load_model(args, model_id: str | None = None):
+    from .model import Kosmos2
+
+    return Kosmos2.from_pretrained(model_id or args.model or _default_model(), backend=args.backend,
+                                   dtype=args.dtype)
+
+
+def _max_new(args, default: int) -> int:
+    return default if args.max_new_tokens is None else args.max_new_tokens
+
+
+def _fmt_box(box) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in box) + ")"
+
+
+def _print_entities(entities, out) -> None:
+    if not entities:
+        print("  (no grounded phrases)", file=out)
+        return
+    width = max(len(e.phrase) for e in entities)
+    for e in entities:
+        for box, px in zip(e.boxes, e.pixel_boxes):
+            print(f"  {e.phrase:<{width}}  {_fmt_box(box)}  pixels {tuple(px)}", file=out)
+
+
+def _draw(image_path: Path, entities, out_path: str, image=None) -> Path:
+    from .draw import draw_entities, save_image
+    from .tasks import load_image
+
+    img = image if image is not None else load_image(image_path)
+    target = Path(out_path).expanduser()
+    save_image(draw_entities(img, entities), target)
+    return target
+
+
+def _stream_to_stdout(args):
+    """A text callback that writes to stdout as tokens arrive, when stdout is a terminal and not --json."""
+    if args.json or not sys.stdout.isatty():
+        return None
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return on_text
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+def _caption_result(args, model, image_path: Path, prompt: str, label: str = ""):
+    from . import tasks
+
+    stream = _stream_to_stdout(args)
+    if stream is not None and label:
+        sys.stdout.write(label + " ")
+    result = tasks.caption(model, None, str(image_path), prompt=prompt,
+                           max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS), on_text=stream)
+    return result, stream is not None
+
+
+def cmd_caption(args) -> int:
+    from .tasks import DEFAULT_CAPTION_PROMPT
+
+    image_path = _check_image_path(args.image)
+    model = _load_model(args)
+    result, streamed = _caption_result(args, model, image_path, args.prompt or DEFAULT_CAPTION_PROMPT)
+    drawn = _draw(image_path, result.entities, args.draw) if args.draw else None
+    if args.json:
+        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
+                    **({"drawn": str(drawn)} if drawn else {})})
+        return 0
+    if streamed:
+        print()
+    else:
+        print(result.caption)
+    _print_entities(result.entities, sys.stdout)
+    if drawn:
+        print(f"boxes drawn to {drawn}", file=sys.stderr)
+    return 0
+
+
+def cmd_ground(args) -> int:
+    from . import tasks
+
+    image_path = _check_image_path(args.image)
+    model = _load_model(args)
+    result = tasks.ground(model, None, str(image_path), args.phrase,
+                          max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
+    entities = [tasks.Entity(result.phrase, (0, len(result.phrase)), result.boxes, result.pixel_boxes)] \
+        if result.boxes else []
+    drawn = _draw(image_path, entities, args.draw) if args.draw else None
+    if args.json:
+        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
+                    **({"drawn": str(drawn)} if drawn else {})})
+        return 0
+    if result.boxes:
+        print(f"{result.phrase}:")
+        for box, px in zip(result.boxes, result.pixel_boxes):
+            print(f"  {_fmt_box(box)}  pixels {tuple(px)}")
+    else:
+        print(f"{result.phrase}: no box (the model wrote {result.caption!r})")
+    if drawn:
+        print(f"boxes drawn to {drawn}", file=sys.stderr)
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from . import tasks
+
+    image_path = _check_image_path(args.image)
+    image = tasks.load_image(str(image_path))
+    box = tasks.normalise_box(args.box, image.size)       # a bad box fails before the model loads
+    model = _load_model(args)
+    result = tasks.describe(model, None, image, box,
+                            max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
+    drawn = None
+    if args.draw:
+        region = tasks.Entity(result.description, (0, len(result.description)), [result.box], [result.pixel_box])
+        drawn = _draw(image_path, [region], args.draw, image)
+    if args.json:
+        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
+                    **({"drawn": str(drawn)} if drawn else {})})
+        return 0
+    print(result.description)
+    print(f"  box {_fmt_box(result.box)}  pixels {tuple(result.pixel_box)}")
+    if drawn:
+        print(f"box drawn to {drawn}", file=sys.stderr)
+    return 0
+
+
+def _expand_images(items) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CLIError(f"folder {item!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise CLIError(f"image not found: {item!r}")
+    return paths
+
+
+class _Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, silent otherwise (a summary line follows)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.tty:
+            return
+        width = 30
+        filled = int(width * done / total)
+        tail = Path(name).name[-30:]
+        self.stream.write(f"\rembed [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {tail:<30}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _save_npy_atomic(path: Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def embed_outputs(out: str) -> tuple[Path, Path | None]:
+    """--out FILE.npy -> (FILE.npy, FILE.pooled.npy); --out FILE.npz -> (FILE.npz, None)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() == ".npz":
+        return path, None
+    if path.suffix.lower() != ".npy":
+        raise CLIError(f"--out {out!r}: expected a .npy or .npz file name")
+    return path, path.with_name(path.name[:-4] + ".pooled.npy")
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from . import tasks
+
+    out, pooled_out = embed_outputs(args.out)
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    paths = _expand_images(args.images)
+    model = _load_model(args)
+    result = tasks.embed(model, None, [str(p) for p in paths], batch_size=args.batch_size,
+                         progress=_Progress())
+    if pooled_out is None:
+        tmp = out.with_name(f".{out.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, image_embeds=result.image_embeds, pooled=result.pooled,
+                         names=np.array([str(p) for p in paths]))
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        _save_npy_atomic(out, result.image_embeds)
+        _save_npy_atomic(pooled_out, result.pooled)
+    summary = {"out": str(out), "pooled_out": str(pooled_out or out), "count": len(paths),
+               "image_embeds_shape": list(result.image_embeds.shape), "pooled_shape": list(result.pooled.shape),
+               "images": [str(p) for p in paths], "model": model.name_or_path}
+    if args.json:
+        _emit_json(summary)
+    else:
+        where = f"{out} and {pooled_out}" if pooled_out else str(out)
+        print(f"embedded {len(paths)} image(s): image_embeds {tuple(result.image_embeds.shape)}, "
+              f"pooled {tuple(result.pooled.shape)} -> {where}")
+    return 0
+
+
+def demo_image() -> Path:
+    """The photo shipped in the package (microsoft/unilm's two_dogs.jpg)."""
+    return Path(__file__).resolve().parent / "assets" / "two_dogs.jpg"
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo_checkpoint
+    from .hub import CheckpointNotFoundError, resolve_checkpoint
+    from .tasks import DEFAULT_CAPTION_PROMPT
+
+    image_path = _check_image_path(args.image) if args.image else demo_image()
+    if not image_path.is_file():
+        raise CLIError(f"the packaged demo image is missing: {str(image_path)!r}")
+    random_weights = False
+    explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
+    if explicit:
+        model = _load_model(args, explicit)          # the user asked for it: failing is an error
+    else:
+        try:
+            folder = resolve_checkpoint(_default_model())
+        except CheckpointNotFoundError as exc:
+            print(f"{PROG}: real weights unavailable ({_one_line(exc)}); running the same pipeline on a small "
+                  f"RANDOM-weight model instead, so the caption and boxes below are noise", file=sys.stderr)
+            folder, random_weights = demo_checkpoint(), True
+        model = _load_model(args, str(folder))
+    label = "[random weights]" if random_weights else ""
+    result, streamed = _caption_result(args, model, image_path, DEFAULT_CAPTION_PROMPT, label)
+    drawn = _draw(image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW)
+    if args.json:
+        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
+                    "random_weights": random_weights, "drawn": str(drawn)})
+        return 0
+    if streamed:
+        print()
+    else:
+        print(f"{label} {result.caption}" if label else result.caption)
+    _print_entities(result.entities, sys.stdout)
+    print(f"{'[random weights] ' if random_weights else ''}boxes drawn on {image_path.name} -> {drawn}")
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for an error reported in one line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        if args.draw:                   # check the target before the slow part
+            target = Path(args.draw).expanduser()
+            if not target.parent.is_dir():
+                raise CLIError(f"--draw {args.draw!r}: folder {str(target.parent)!r} does not exist")
+            import PIL.Image
+
+            if target.suffix.lower() not in PIL.Image.registered_extensions():
+                raise CLIError(f"--draw {args.draw!r}: unknown image extension; use .png or .jpg")
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, MemoryError) as exc:
+        if os.environ.get("KOSMOS2_REF_DEBUG"):
+            raise
+        msg = _one_line(exc) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            msg = "out of memory (try --dtype bfloat16 or float16)"
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The things Kosmos-2 is for, one function each: grounded captions, referring expressions both ways, embeddings.
+
+Each function takes ``(model, processor, ...)`` and an image (a path, a PIL image or a [H, W, 3] uint8 array) and
+returns a small dataclass; ``processor=None`` builds the model's own (:func:`processor_for`). Boxes come back both
+normalised to [0, 1] (``boxes``) and in pixels of the image given (``pixel_boxes``, ``int(coordinate · side)`` as
+the original demo draws them).
+
+* :func:`caption` -- grounded captioning: the prompt ``"<grounding> An image of"`` makes the model wrap the
+  phrases it names in ``<phrase>…</phrase><object>…</object>`` (spec §11).
+* :func:`ground` -- referring expression comprehension: the prompt ``"<grounding><phrase> a snowman</phrase>"``
+  makes the model emit the ``<object>`` of that phrase; its boxes are the answer.
+* :func:`describe` -- referring expression generation: the prompt ``"<grounding><phrase> It</phrase>"`` with the
+  box given as its ``<object>`` (the processor inserts it, spec §10.3); the model continues the sentence.
+* :func:`embed` -- the image embeddings the decoder reads [N, 64, 2048] and the pooled CLIP vector [N, 1024].
+
+Generation is ``Kosmos2.generate``: greedy with the checkpoint's defaults unless keyword arguments say otherwise.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import PIL.Image
+
+from .backend import to_numpy
+
+DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
+DEFAULT_MAX_NEW_TOKENS = 64
+GROUND_MAX_NEW_TOKENS = 16     # "<object> A B </object>" and the end: a few tokens suffice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+
+@dataclass
+class Entity:
+    """A phrase of the text and the boxes the model gave it."""
+
+    phrase: str
+    span: tuple[int, int]                              # [start, end) of the phrase in the caption
+    boxes: list[tuple[float, float, float, float]]     # normalised (x1, y1, x2, y2)
+    pixel_boxes: list[tuple[int, int, int, int]]       # the same in pixels of the image
+
+    def to_dict(self) -> dict:
+        return {"phrase": self.phrase, "span": list(self.span), "boxes": [list(b) for b in self.boxes],
+                "pixel_boxes": [list(b) for b in self.pixel_boxes]}
+
+
+@dataclass
+class CaptionResult:
+    """A grounded caption: ``caption`` without tags, its ``entities``, and the raw generated ``text`` (tags kept,
+    the prompt included, everything after ``</image>``)."""
+
+    caption: str
+    entities: list[Entity]
+    text: str
+    image_size: tuple[int, int]                        # (width, height)
+    prompt: str = DEFAULT_CAPTION_PROMPT
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "caption": self.caption, "entities": [e.to_dict() for e in self.entities],
+                "image_size": list(self.image_size), "prompt": self.prompt}
+
+
+@dataclass
+class GroundResult:
+    """Where ``phrase`` is: ``boxes`` (empty when the model gave it no ``<object>``)."""
+
+    phrase: str
+    boxes: list[tuple[float, float, float, float]]
+    pixel_boxes: list[tuple[int, int, int, int]]
+    text: str
+    caption: str
+    entities: list[Entity]
+    image_size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"phrase": self.phrase, "boxes": [list(b) for b in self.boxes],
+                "pixel_boxes": [list(b) for b in self.pixel_boxes], "text": self.text, "caption": self.caption,
+                "entities": [e.to_dict() for e in self.entities], "image_size": list(self.image_size)}
+
+
+@dataclass
+class DescribeResult:
+    """What is in ``box``: ``description`` is the sentence the model wrote about it (starting with "It")."""
+
+    box: tuple[float, float, float, float]
+    pixel_box: tuple[int, int, int, int]
+    description: str
+    text: str
+    entities: list[Entity]
+    image_size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "pixel_box": list(self.pixel_box), "description": self.description,
+                "text": self.text, "entities": [e.to_dict() for e in self.entities],
+                "image_size": list(self.image_size)}
+
+
+@dataclass
+class EmbedResult:
+    """``image_embeds`` [N, 64, C]: what the decoder reads; ``pooled`` [N, 1024]: the CLIP tower's pooled output
+    (post-LayerNorm of the CLS token)."""
+
+    image_embeds: np.ndarray
+    pooled: np.ndarray
+    names: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+def load_image(image, name: str = "image") -> PIL.Image.Image:
+    """A path, a PIL image or a [H, W, 3]/[H, W] uint8 array -> an RGB PIL image (paths EXIF-rotated)."""
+    from .processing.image import load_image as _load
+
+    if isinstance(image, PIL.Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ValueError(f"{name}: expected a uint8 array of shape [H, W] or [H, W, 3], got shape "
+                             f"{image.shape} and dtype {image.dtype}")
+        return PIL.Image.fromarray(image).convert("RGB")
+    if isinstance(image, (str, Path)):
+        return _load(image, name)
+    raise ValueError(f"{name}: expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` -> normalised floats. Values in [0, 1] are taken as normalised; if any value is
+    above 1 the box is in pixels and is divided by the image size. Raises ValueError naming the box."""
+    if isinstance(box, str):
+        parts = [p for p in box.replace(" ", ",").split(",") if p]
+        try:
+            box = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"box {box!r}: expected four numbers x1,y1,x2,y2") from None
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise ValueError(f"box {box!r}: expected four numbers x1,y1,x2,y2") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"box {box!r}: expected four finite numbers x1,y1,x2,y2")
+    if any(v < 0 for v in values):
+        raise ValueError(f"box {tuple(values)}: coordinates must not be negative")
+    w, h = image_size
+    if any(v > 1 for v in values):   # pixels
+        x1, y1, x2, y2 = values
+        if x2 > w or y2 > h:
+            raise ValueError(f"box {tuple(values)} (pixels) lies outside the {w}x{h} image")
+        values = [x1 / w, y1 / h, x2 / w, y2 / h]
+    x1, y1, x2, y2 = values
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"box {tuple(box) if not isinstance(box, str) else box}: needs x2 > x1 and y2 > y1")
+    return x1, y1, x2, y2
+
+
+def to_pixels(box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Normalised (x1, y1, x2, y2) -> pixels, ``int(coordinate · side)`` (entities_to_pixel_boxes' rule)."""
+    w, h = image_size
+    x1, y1, x2, y2 = box
+    return int(x1 * w), int(y1 * h), int(x2 * w), int(y2 * h)
+
+
+def _entities(raw_entities, image_size) -> list[Entity]:
+    return [Entity(name, tuple(span), [tuple(float(v) for v in b) for b in boxes],
+                   [to_pixels(b, image_size) for b in boxes])
+            for name, span, boxes in raw_entities]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The processor of a model
+
+def processor_for(model):
+    """The processor of ``model``'s checkpoint folder (its tokenizer and preprocessor files); where the folder
+    has none, the real Kosmos-2 processor built from the tokenizer packaged with kosmos2_ref."""
+    from .hub import CheckpointNotFoundError, resolve_checkpoint
+    from .processing import Kosmos2Processor
+    from .processing.image import ImageProcessorConfig
+    from .processing.text import Kosmos2Tokenizer
+
+    folder = getattr(model, "folder", None)
+    if folder is None and getattr(model, "name_or_path", None):
+        try:
+            folder = resolve_checkpoint(model.name_or_path, local_files_only=True)
+        except CheckpointNotFoundError:
+            folder = None
+    if folder is not None:
+        folder = Path(folder)
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "sentencepiece.bpe.model").is_file()
+        has_images = (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file()
+        if has_tokenizer and has_images:
+            return Kosmos2Processor.from_pretrained(folder)
+        if has_tokenizer:
+            return Kosmos2Processor(Kosmos2Tokenizer.from_pretrained(folder), ImageProcessorConfig())
+    return Kosmos2Processor.default()
+
+
+def _processor(model, processor):
+    if processor is not None:
+        return processor
+    cached = getattr(model, "processor", None)     # Kosmos2.processor, where model.py provides it
+    return cached if cached is not None else processor_for(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+class CaptionStreamer:
+    """A ``put(token_ids)`` / ``end()`` streamer (transformers' ``BaseStreamer`` protocol) that calls
+    ``on_text(piece)`` with each new piece of the caption as it grows, tags stripped.
+
+    The first ``put`` of transformers-style generators is the prompt itself; it is recognised and not counted as
+    generated. The text is re-decoded from the prompt on every step, so a word split over several tokens (and
+    SentencePiece's leading spaces) come out right.
+    """
+
+    def __init__(self, processor, prompt_ids: np.ndarray, on_text: Callable[[str], None]):
+        self.processor = processor
+        self.prompt = [int(i) for i in np.asarray(prompt_ids).reshape(-1)]
+        self.new: list[int] = []
+        self.on_text = on_text
+        self.shown = ""
+        self._first = True
+
+    def _clean(self) -> str:
+        from .processing.grounding import strip_tags
+
+        text = self.processor.decode(self.prompt + self.new, skip_special_tokens=True)
+        return strip_tags(self.processor.post_process_generation(text, cleanup_and_extract=False)).lstrip()
+
+    def put(self, token_ids) -> None:
+        ids = [int(i) for i in np.asarray(to_numpy(token_ids)).reshape(-1)]
+        first, self._first = self._first, False
+        if first and ids == self.prompt:
+            return
+        self.new.extend(ids)
+        text = self._clean()
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+    def start(self) -> None:
+        """Show the prompt's own words (e.g. "An image of") before any token is generated."""
+        text = self._clean()
+        if text:
+            self.on_text(text)
+            self.shown = text
+
+    def end(self) -> None:
+        pass
+
+
+def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generate_kwargs) -> np.ndarray:
+    """prompt + new ids [1, T + new] from ``model.generate`` (greedy and the checkpoint's defaults unless
+    ``generate_kwargs`` say otherwise, e.g. ``num_beams=3``)."""
+    if streamer is not None:
+        generate_kwargs["streamer"] = streamer
+    ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                         attention_mask=inputs["attention_mask"],
+                         image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                         max_new_tokens=max_new_tokens, **generate_kwargs)
+    return np.asarray(to_numpy(getattr(ids, "sequences", ids)))
+
+
+def _check_max_new_tokens(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
+    return int(n)
+
+
+def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               on_text: Callable[[str], None] | None = None, **generate_kwargs):
+    """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image).
+
+    ``on_text`` receives the caption piece by piece as it is generated (tags stripped); ``generate_kwargs`` go
+    to ``Kosmos2.generate``.
+    """
+    processor = _processor(model, processor)
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    img = load_image(image)
+    inputs = processor(text=prompt, images=img, bboxes=bboxes)
+    streamer = None
+    if on_text is not None:
+        streamer = CaptionStreamer(processor, inputs["input_ids"], on_text)
+        streamer.start()
+    ids = _generate(model, inputs, max_new_tokens, streamer, **generate_kwargs)
+    decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
+    text = processor.post_process_generation(decoded, cleanup_and_extract=False)
+    caption_text, raw_entities = processor.post_process_generation(decoded)
+    return text, caption_text, raw_entities, img
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tasks
+
+def caption(model, processor=None, image=None, *, prompt: str = DEFAULT_CAPTION_PROMPT,
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, on_text: Callable[[str], None] | None = None,
+            **generate_kwargs) -> CaptionResult:
+    """A grounded caption of ``image``: the caption, the phrases it grounds and their boxes.
+
+    ``prompt`` defaults to ``"<grounding> An image of"``; ``"<grounding> Describe this image in detail:"`` gives
+    longer captions; without ``<grounding>`` the model writes plain text. ``on_text(piece)`` receives the caption
+    as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to ``Kosmos2.generate``.
+    """
+    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text,
+                                     **generate_kwargs)
+    return CaptionResult(cap, _entities(raw, img.size), text, img.size, prompt)
+
+
+def ground(model, processor=None, image=None, phrase: str = "", *,
+           max_new_tokens: int = GROUND_MAX_NEW_TOKENS, **generate_kwargs) -> GroundResult:
+    """Where is ``phrase`` in ``image``? The boxes of the ``<object>`` the model emits right after it."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError(f"phrase must be a non-empty string, got {phrase!r}")
+    if "<" in phrase or ">" in phrase:
+        raise ValueError(f"phrase {phrase!r} must not contain '<' or '>' (they delimit Kosmos-2's tags)")
+    phrase = " ".join(phrase.split())
+    prompt = f"<grounding><phrase> {phrase}</phrase>"
+    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, **generate_kwargs)
+    entities = _entities(raw, img.size)
+    # The prompt's phrase is the caption's first entity when the model gave it an <object>.
+    hit = next((e for e in entities if e.span[0] == 0 and e.phrase == phrase), None)
+    boxes = hit.boxes if hit else []
+    return GroundResult(phrase, boxes, [to_pixels(b, img.size) for b in boxes], text, cap, entities, img.size)
+
+
+def describe(model, processor=None, image=None, box=None, *,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **generate_kwargs) -> DescribeResult:
+    """What is in ``box`` of ``image``? ``box`` is (x1, y1, x2, y2), normalised to [0, 1] or, when any value is
+    above 1, in pixels."""
+    img = load_image(image)
+    if box is None:
+        raise ValueError("box is required: (x1, y1, x2, y2), normalised or in pixels")
+    norm = normalise_box(box, img.size)
+    text, cap, raw, img = run_prompt(model, processor, img, "<grounding><phrase> It</phrase>", [norm],
+                                     max_new_tokens, **generate_kwargs)
+    return DescribeResult(norm, to_pixels(norm, img.size), cap, text, _entities(raw, img.size), img.size)
+
+
+def embed(model, processor=None, images=None, *, batch_size: int = 8,
+          progress: Callable[[int, int, str], None] | None = None) -> EmbedResult:
+    """Image embeddings [N, 64, C] (what the decoder reads) and pooled CLIP vectors [N, 1024] of ``images`` (a
+    list of paths / PIL images / arrays, or one), ``batch_size`` at a time. ``progress(done, total, name)`` is
+    called with ``done=0`` before the first image and after each image."""
+    processor = _processor(model, processor)
+    if images is None or isinstance(images, (str, Path, PIL.Image.Image, np.ndarray)):
+        images = [images] if images is not None else []
+    images = list(images)
+    if not images:
+        raise ValueError("embed needs at least one image")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    names = [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)]
+    embeds, pooled = [], []
+    if progress is not None:
+        progress(0, len(images), "")
+    for start in range(0, len(images), batch_size):
+        chunk = [load_image(im, f"images[{start + j}]") for j, im in enumerate(images[start:start + batch_size])]
+        pv = processor(images=chunk)["pixel_values"]                            # [b, 3, 224, 224]
+        e, _, vout = model.encode_image(pv)
+        embeds.append(np.asarray(to_numpy(e), dtype=np.float32))               # [b, 64, C]
+        pooled.append(np.asarray(to_numpy(vout.pooler_output), dtype=np.float32))   # [b, 1024]
+        if progress is not None:
+            for j in range(len(chunk)):
+                progress(start + j + 1, len(images), names[start + j])
+    return EmbedResult(np.concatenate(embeds), np.concatenate(pooled), names)

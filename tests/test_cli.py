@@ -1,0 +1,293 @@
+"""The command line, end to end on a tiny random checkpoint and the real photos in ../shared/data/images.
+
+Most runs call ``cli.main([...])`` in-process (fast); a few run ``python -m kosmos2_ref`` as a user would.
+Random weights write random text: the tests check the structure, and where boxes matter a scripted generator
+"writes" a known continuation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from kosmos2_ref import cli, draw, tasks
+from kosmos2_ref.processing import Kosmos2Processor
+
+from fixtures_tokenizer import SHARED_DATA
+
+IMAGES = SHARED_DATA / "images"
+DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
+SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.delenv("KOSMOS2_REF_MODEL", raising=False)
+    monkeypatch.delenv("KOSMOS2_REF_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return str(tiny_checkpoint[0])
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def scripted(monkeypatch, folder, continuation):
+    processor = Kosmos2Processor.from_pretrained(folder)
+    new = processor.tokenizer.encode(continuation, add_special_tokens=False)
+
+    def fake(model, inputs, max_new_tokens, streamer=None, **kwargs):
+        return np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+
+    monkeypatch.setattr(tasks, "_generate", fake)
+
+
+def edge_colours(path, pixel_box):
+    a = np.asarray(PIL.Image.open(path).convert("RGB"))
+    x1, y1, x2, y2 = pixel_box
+    ym, xm = (y1 + y2) // 2, (x1 + x2) // 2
+    return [tuple(a[ym, x1]), tuple(a[ym, x2]), tuple(a[y2, xm])]
+
+
+# ---------------------------------------------------------------------------------------------- caption
+
+def test_caption_json(capsys, ckpt):
+    d = run_json(capsys, "--model", ckpt, "--max-new-tokens", "6", "caption", DOGS)
+    assert set(d) >= {"text", "caption", "entities"}
+    assert isinstance(d["text"], str) and d["text"].startswith("<grounding> An image of")
+    assert d["caption"].startswith("An image of")
+    assert d["image_size"] == [1200, 602]
+    for e in d["entities"]:
+        assert set(e) >= {"phrase", "span", "boxes"} and len(e["span"]) == 2
+        assert all(len(b) == 4 for b in e["boxes"])
+
+
+def test_caption_text_output_and_options_after_the_command(capsys, ckpt):
+    code, out, err = run(capsys, "caption", DOGS, "--model", ckpt, "--max-new-tokens", "4",
+                         "--prompt", "<grounding> Describe this image in detail:")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("Describe this image in detail:")
+    assert lines[1].startswith("  ")        # the entities (or "(no grounded phrases)")
+
+
+def test_caption_streams_on_a_terminal(capsys, ckpt, monkeypatch):
+    expected = run_json(capsys, "--model", ckpt, "--max-new-tokens", "8", "caption", DOGS)["caption"]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "8", "caption", DOGS)
+    assert code == 0, err
+    assert out.splitlines()[0] == expected
+
+
+def test_caption_draw_boxes_where_the_entities_say(capsys, ckpt, monkeypatch, tmp_path):
+    scripted(monkeypatch, ckpt, "<phrase> a dog</phrase><object><patch_index_0100><patch_index_0400></object> and"
+                                "<phrase> a dog</phrase><object><patch_index_0150><patch_index_0990></object>")
+    out_png = tmp_path / "boxes.png"
+    d = run_json(capsys, "--model", ckpt, "--draw", out_png, "caption", DOGS)
+    assert d["drawn"] == str(out_png)
+    img = PIL.Image.open(out_png)
+    assert img.format == "PNG" and img.size == (1200, 602)
+    assert [e["phrase"] for e in d["entities"]] == ["a dog", "a dog"]
+    for i, e in enumerate(d["entities"]):
+        (px,) = e["pixel_boxes"]
+        assert px == list(draw.pixel_box(e["boxes"][0], (1200, 602)))
+        assert edge_colours(out_png, px) == [draw.colour(i)] * 3
+    code, out, err = run(capsys, "--model", ckpt, "caption", DOGS)
+    assert "a dog  (" in out and "pixels (" in out
+
+
+# ---------------------------------------------------------------------------------------------- ground
+
+def test_ground_json_and_draw(capsys, ckpt, monkeypatch, tmp_path):
+    d = run_json(capsys, "--model", ckpt, "ground", SNOWMAN, "a snowman")        # random: structure only
+    assert d["phrase"] == "a snowman" and isinstance(d["boxes"], list)
+    assert d["text"].startswith("<grounding><phrase> a snowman</phrase>")
+
+    scripted(monkeypatch, ckpt, "<object><patch_index_0044><patch_index_0863></object>")
+    d = run_json(capsys, "--model", ckpt, "--draw", tmp_path / "g.png", "ground", SNOWMAN, "a snowman")
+    assert d["boxes"] == [[0.390625, 0.046875, 0.984375, 0.828125]]
+    assert d["pixel_boxes"] == [[400, 48, 1008, 848]]
+    assert PIL.Image.open(tmp_path / "g.png").size == (1024, 1024)
+    assert edge_colours(tmp_path / "g.png", (400, 48, 1008, 848)) == [draw.colour(0)] * 3
+    code, out, _ = run(capsys, "--model", ckpt, "ground", SNOWMAN, "a snowman")
+    assert out.splitlines()[0] == "a snowman:" and "pixels (400, 48, 1008, 848)" in out
+
+
+# ---------------------------------------------------------------------------------------------- describe
+
+def test_describe_json_pixel_and_normalised_boxes(capsys, ckpt, tmp_path):
+    a = run_json(capsys, "--model", ckpt, "--max-new-tokens", "4", "describe", DOGS, "--box", "0.1,0.2,0.5,0.9")
+    assert set(a) >= {"box", "pixel_box", "description", "text"}
+    assert a["box"] == [0.1, 0.2, 0.5, 0.9] and a["pixel_box"] == [120, 120, 600, 541]
+    assert a["description"].startswith("It")
+    b = run_json(capsys, "--model", ckpt, "--max-new-tokens", "4", "--draw", tmp_path / "d.png",
+                 "describe", DOGS, "--box", "120,120.4,600,541.8")
+    assert b["box"] == pytest.approx(a["box"]) and b["text"] == a["text"]
+    assert PIL.Image.open(tmp_path / "d.png").size == (1200, 602)
+    assert edge_colours(tmp_path / "d.png", b["pixel_box"]) == [draw.colour(0)] * 3
+
+
+# ---------------------------------------------------------------------------------------------- embed
+
+def test_embed_npy_and_folder(capsys, ckpt, tmp_path, tiny_checkpoint):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("b.png", "a.jpg"):
+        PIL.Image.open(DOGS).resize((64, 32)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    d = run_json(capsys, "--model", ckpt, "embed", DOGS, folder, "--out", tmp_path / "e.npy", "--batch-size", "2")
+    C = 32                                                 # the tiny config's embed_dim and vision width
+    assert d["images"] == [str(DOGS), str(folder / "a.jpg"), str(folder / "b.png")]
+    e = np.load(tmp_path / "e.npy")
+    pooled = np.load(tmp_path / "e.pooled.npy")
+    assert e.shape == (3, 64, C) and e.dtype == np.float32 and pooled.shape == (3, C)
+    assert d["pooled_out"] == str(tmp_path / "e.pooled.npy")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))) == ["e.npy",
+                                                                                              "e.pooled.npy"]
+    # the same numbers as the Python API
+    from kosmos2_ref import Kosmos2
+
+    model = Kosmos2.from_pretrained(ckpt)
+    ref = tasks.embed(model, None, [DOGS])
+    np.testing.assert_allclose(e[0], ref.image_embeds[0], rtol=1e-6)
+    np.testing.assert_allclose(pooled[0], ref.pooled[0], rtol=1e-6)
+
+
+def test_embed_npz(capsys, ckpt, tmp_path):
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, SNOWMAN, "--out", tmp_path / "e.npz")
+    assert code == 0, err
+    assert "embedded 2 image(s)" in out
+    with np.load(tmp_path / "e.npz") as z:
+        assert z["image_embeds"].shape == (2, 64, 32) and z["pooled"].shape == (2, 32)
+        assert list(z["names"]) == [str(DOGS), str(SNOWMAN)]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def one_line_error(code, out, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kosmos2-ref: error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_errors_are_one_line(capsys, ckpt, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    one_line_error(*run(capsys, "--model", ckpt, "caption", tmp_path / "missing.jpg"), "missing.jpg", "not found")
+    one_line_error(*run(capsys, "--model", ckpt, "caption", bad), "broken.jpg", "not a readable image")
+    one_line_error(*run(capsys, "--model", ckpt, "caption", tmp_path), "is a folder")
+    one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0.5,0.5,0.1,0.9"), "x2 > x1")
+    one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "a,b,c,d"), "four numbers")
+    one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0,0,5000,10"), "outside")
+    one_line_error(*run(capsys, "--model", tmp_path / "no-model", "caption", DOGS), "no-model", "does not exist")
+    one_line_error(*run(capsys, "--model", "someone/not-cached", "caption", DOGS), "someone/not-cached",
+                   "HF_HUB_OFFLINE=1")
+    one_line_error(*run(capsys, "--model", ckpt, "--draw", tmp_path / "x.unknown", "caption", DOGS), "x.unknown")
+    one_line_error(*run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.txt"), ".npy or .npz")
+    one_line_error(*run(capsys, "--model", ckpt, "--max-new-tokens", "0", "caption", DOGS), "max-new-tokens")
+    one_line_error(*run(capsys, "--model", ckpt, "ground", DOGS, "<b>"), "'<'")
+    one_line_error(*run(capsys, "--model", ckpt, "embed", tmp_path / "nope", "--out", tmp_path / "e.npy"), "nope")
+    one_line_error(*run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "no" / "e.npy"),
+                   "does not exist")
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["frobnicate"])
+    _, err = capsys.readouterr()
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "frobnicate" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["describe", str(DOGS)])
+    _, err = capsys.readouterr()
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--box" in err
+
+
+# ---------------------------------------------------------------------------------------------- demo and -m
+
+def _fresh_env(tmp_path) -> dict:
+    """A machine that has never run kosmos2-ref and cannot reach the Hub."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_", "KOSMOS2_", "XDG_", "TRANSFORMERS_"))}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO_ROOT))
+    return env
+
+
+def test_demo_offline_on_a_fresh_machine(tmp_path):
+    env = _fresh_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "demo"], env=env, cwd=work,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    note = proc.stderr.strip().splitlines()
+    assert len(note) == 1 and "real weights unavailable" in note[0] and "RANDOM-weight" in note[0]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("[random weights] An image of")
+    assert lines[-1].endswith("-> kosmos2-demo.png") and "[random weights]" in lines[-1]
+    assert PIL.Image.open(work / "kosmos2-demo.png").size == (1200, 602)
+    demo_dirs = list((tmp_path / "home" / ".cache" / "kosmos2_ref").iterdir())
+    assert [p.name for p in demo_dirs] == [f"demo-tiny-{__import__('kosmos2_ref').__version__}"]
+
+    # again, now cached, with --json and --draw
+    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "4", "demo",
+                           "--draw", "out.png"], env=env,
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["random_weights"] is True and d["drawn"] == "out.png" and set(d) >= {"text", "caption", "entities"}
+    assert d["image"].endswith("two_dogs.jpg")
+
+
+def test_demo_uses_real_weights_when_given(capsys, ckpt):
+    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "demo")
+    assert code == 0, err
+    assert "[random weights]" not in out and err == ""
+    assert Path("kosmos2-demo.png").is_file()
+
+
+def test_demo_falls_back_in_process(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)          # the streaming path, labelled too
+    code, out, err = run(capsys, "--max-new-tokens", "4", "demo")
+    assert code == 0, err
+    assert out.startswith("[random weights] An image of")
+    assert "HF_HUB_OFFLINE=1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_help_and_version():
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--help"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for command in ("caption", "ground", "describe", "embed", "demo", "--model", "--json", "--draw"):
+        assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--version"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("kosmos2-ref ")

@@ -1,0 +1,230 @@
+"""The Python conveniences: caption, ground, describe, embed on a tiny random checkpoint.
+
+Random weights write random text, so the end-to-end tests check structure; the parsing of boxes is checked with a
+scripted generator that "writes" a known continuation (``scripted`` below).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from kosmos2_ref import Kosmos2, tasks
+from kosmos2_ref.processing import Kosmos2Processor
+
+from fixtures_tokenizer import SHARED_DATA
+
+IMAGES = SHARED_DATA / "images"
+DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
+SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    return Kosmos2.from_pretrained(folder), Kosmos2Processor.from_pretrained(folder)
+
+
+def scripted(monkeypatch, processor, continuation: str):
+    """Make generation return the prompt followed by the tokens of ``continuation``."""
+    new = processor.tokenizer.encode(continuation, add_special_tokens=False)
+    calls = []
+
+    def fake(model, inputs, max_new_tokens, streamer=None, **kwargs):
+        calls.append(inputs)
+        return np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+
+    monkeypatch.setattr(tasks, "_generate", fake)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_caption_structure(tiny):
+    model, processor = tiny
+    r = tasks.caption(model, processor, DOGS, max_new_tokens=6)
+    assert isinstance(r, tasks.CaptionResult)
+    assert r.image_size == (1200, 602) and r.prompt == "<grounding> An image of"
+    assert r.text.startswith("<grounding>") and "<image>" not in r.text
+    assert isinstance(r.caption, str) and "<" not in r.caption.replace("<patch_index", "")
+    for e in r.entities:
+        assert len(e.boxes) == len(e.pixel_boxes) >= 1
+    d = r.to_dict()
+    assert set(d) >= {"text", "caption", "entities"}
+
+
+def test_caption_streams_the_same_caption(tiny):
+    model, processor = tiny
+    pieces = []
+    r = tasks.caption(model, processor, DOGS, max_new_tokens=8, on_text=pieces.append)
+    assert pieces and pieces[0].startswith("An image of")
+    assert "".join(pieces).strip() == r.caption
+
+
+def test_caption_accepts_pil_and_array(tiny):
+    model, processor = tiny
+    img = PIL.Image.open(DOGS)
+    a = tasks.caption(model, processor, img, max_new_tokens=4)
+    b = tasks.caption(model, processor, np.asarray(img.convert("RGB")), max_new_tokens=4)
+    c = tasks.caption(model, processor, str(DOGS), max_new_tokens=4)
+    assert a.text == b.text == c.text
+
+
+def test_ground_and_describe_structure(tiny):
+    model, processor = tiny
+    g = tasks.ground(model, processor, SNOWMAN, "a snowman", max_new_tokens=4)
+    assert g.phrase == "a snowman" and g.text.startswith("<grounding><phrase> a snowman</phrase>")
+    assert len(g.boxes) == len(g.pixel_boxes)
+    d = tasks.describe(model, processor, SNOWMAN, (0.25, 0.1, 0.75, 0.9), max_new_tokens=4)
+    assert d.box == (0.25, 0.1, 0.75, 0.9) and d.pixel_box == (256, 102, 768, 921)
+    # the processor put the box after the phrase, so post-processing finds "It" with it
+    assert d.entities[0].phrase == "It" and len(d.entities[0].boxes) == 1
+    assert d.description.startswith("It")
+
+
+def test_embed_matches_get_image_features(tiny):
+    model, processor = tiny
+    r = tasks.embed(model, processor, [DOGS, SNOWMAN, DOGS], batch_size=2)
+    C = model.config.text_config.embed_dim
+    assert r.image_embeds.shape == (3, 64, C) and r.image_embeds.dtype == np.float32
+    assert r.pooled.shape == (3, model.config.vision_config.hidden_size)
+    pv = processor(images=[PIL.Image.open(DOGS), PIL.Image.open(SNOWMAN)])["pixel_values"]
+    ref = model.get_image_features(pv)
+    np.testing.assert_allclose(r.image_embeds[:2], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.image_embeds[2], r.image_embeds[0], rtol=1e-6, atol=1e-7)
+    seen = []
+    tasks.embed(model, processor, DOGS, progress=lambda i, n, name: seen.append((i, n)))
+    assert seen == [(0, 1), (1, 1)]
+
+
+def test_processor_from_model_folder(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    model = Kosmos2.from_pretrained(folder)
+    proc = tasks.processor_for(model)
+    assert proc.tokenizer.token_to_id("<grounding>") == 64012
+    # a folder without tokenizer files falls back to the packaged real tokenizer
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(folder / name, bare / name)
+    proc = tasks.processor_for(Kosmos2.from_pretrained(bare))
+    assert proc.tokenizer.encode("An image of a snowman") == [0, 712, 1648, 9, 10, 43867, 2]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+def test_caption_entities_from_generated_tags(tiny, monkeypatch):
+    model, processor = tiny
+    scripted(monkeypatch, processor, "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863>"
+                                     "</object> by<phrase> a fire</phrase><object><patch_index_0005>"
+                                     "<patch_index_0005></delimiter_of_multi_objects/><patch_index_0010>"
+                                     "<patch_index_0042></object>")
+    r = tasks.caption(model, processor, SNOWMAN)
+    assert r.caption == "An image of a snowman by a fire"
+    snowman, fire = r.entities
+    assert (snowman.phrase, snowman.span) == ("a snowman", (12, 21))
+    assert snowman.boxes == [(0.390625, 0.046875, 0.984375, 0.828125)]
+    assert snowman.pixel_boxes == [(400, 48, 1008, 848)]
+    assert fire.phrase == "a fire" and len(fire.boxes) == 2
+    assert fire.pixel_boxes[0] == (160, 0, 192, 32)
+
+
+def test_ground_reads_the_object_of_the_phrase(tiny, monkeypatch):
+    model, processor = tiny
+    calls = scripted(monkeypatch, processor, "<object><patch_index_0044><patch_index_0863></object>")
+    g = tasks.ground(model, processor, DOGS, "  a   dog ")
+    assert g.phrase == "a dog"
+    assert g.boxes == [(0.390625, 0.046875, 0.984375, 0.828125)]
+    assert g.pixel_boxes == [(468, 28, 1181, 498)]
+    prompt_text = processor.decode(calls[0]["input_ids"][0], skip_special_tokens=True)
+    assert prompt_text.endswith("</image><grounding><phrase> a dog</phrase>")
+    # no <object> after the phrase: no boxes, no error
+    scripted(monkeypatch, processor, " is here")
+    assert tasks.ground(model, processor, DOGS, "a dog").boxes == []
+
+
+def test_describe_puts_the_box_in_the_prompt(tiny, monkeypatch):
+    model, processor = tiny
+    calls = scripted(monkeypatch, processor, " is a dog")
+    d = tasks.describe(model, processor, DOGS, "120,60.2,600,602")     # pixels
+    assert d.box == pytest.approx((0.1, 0.1, 0.5, 1.0))
+    assert d.description == "It is a dog"
+    prompt_text = processor.decode(calls[0]["input_ids"][0], skip_special_tokens=True)
+    assert prompt_text.endswith("<phrase> It</phrase><object><patch_index_0099><patch_index_1007></object>")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@pytest.mark.parametrize("box, expect", [
+    ((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)),
+    ("0.1,0.2,0.3,0.4", (0.1, 0.2, 0.3, 0.4)),
+    ("100, 50, 200, 100", (0.5, 0.5, 1.0, 1.0)),
+    ([0, 0, 1, 1], (0.0, 0.0, 1.0, 1.0)),
+    ((0, 0, 200, 100), (0.0, 0.0, 1.0, 1.0)),
+])
+def test_normalise_box(box, expect):
+    assert tasks.normalise_box(box, (200, 100)) == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("box, match", [
+    ("a,b,c,d", "four numbers"),
+    ("0.1,0.2,0.3", "four"),
+    ((0.5, 0.2, 0.3, 0.4), "x2 > x1"),
+    ((10, 20, 300, 40), "outside the 200x100 image"),
+    ((-1, 0, 0.5, 0.5), "negative"),
+    ((0, 0, float("nan"), 1), "finite"),
+    (None, "four numbers"),
+])
+def test_bad_boxes(box, match):
+    with pytest.raises(ValueError, match=match):
+        tasks.normalise_box(box, (200, 100))
+
+
+def test_bad_inputs_name_the_input(tiny, tmp_path):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="not found.*nope.jpg"):
+        tasks.caption(model, processor, tmp_path / "nope.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="bad.jpg.*not a readable image"):
+        tasks.caption(model, processor, bad)
+    with pytest.raises(ValueError, match="phrase"):
+        tasks.ground(model, processor, DOGS, "  ")
+    with pytest.raises(ValueError, match="'<'"):
+        tasks.ground(model, processor, DOGS, "<phrase>x")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tasks.caption(model, processor, DOGS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        tasks.embed(model, processor, [])
+    with pytest.raises(ValueError, match="nope.jpg"):
+        tasks.embed(model, processor, [DOGS, tmp_path / "nope.jpg"])
+
+
+def test_generate_kwargs_pass_through(tiny):
+    model, processor = tiny
+    greedy = tasks.caption(model, processor, DOGS, max_new_tokens=3)
+    beams = tasks.caption(model, processor, DOGS, max_new_tokens=3, num_beams=2)
+    assert isinstance(beams.caption, str) and beams.text.startswith("<grounding> An image of")
+    with pytest.raises(ValueError, match="num_beams=1"):
+        tasks.caption(model, processor, DOGS, max_new_tokens=3, num_beams=2, on_text=print)
+    assert greedy.caption.startswith("An image of")
+
+
+def test_model_methods(tiny_checkpoint):
+    """Kosmos2.caption/ground/describe/embed and .processor, once model.py exposes them."""
+    from kosmos2_ref import Kosmos2
+
+    if not all(hasattr(Kosmos2, m) for m in ("caption", "ground", "describe", "embed", "processor")):
+        pytest.skip("Kosmos2 does not expose the task methods yet (see kosmos2_ref/tasks.py)")
+    folder, _ = tiny_checkpoint
+    model = Kosmos2.from_pretrained(folder)
+    assert model.processor is model.processor
+    processor = Kosmos2Processor.from_pretrained(folder)
+    assert model.caption(DOGS, max_new_tokens=4) == tasks.caption(model, processor, DOGS, max_new_tokens=4)
+    assert model.ground(DOGS, "a dog", max_new_tokens=4).phrase == "a dog"
+    assert model.describe(DOGS, (0.1, 0.1, 0.5, 0.5), max_new_tokens=4).box == (0.1, 0.1, 0.5, 0.5)
+    assert model.embed([DOGS]).image_embeds.shape == (1, 64, model.config.text_config.embed_dim)
