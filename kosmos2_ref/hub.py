@@ -149,7 +149,7 @@ def _endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             result["ok"] = True
-        except OSError as exc:
+        except Exception as exc:   # any failure means "not reachable"; a probe thread must never raise
             result["error"] = f"{type(exc).__name__}: {exc}"
 
     thread = threading.Thread(target=probe, daemon=True)
