@@ -40,23 +40,6 @@ def test_indices_to_box_uses_cell_edges_for_a_row_a_column_or_a_cell():
     assert patch_indices_to_box(33, 63) == (CELL, CELL, 1.0, 2 * CELL)  # one row
 
 
-def test_spec_section_11_checked_example():
-    text = (
-        "<grounding> Look<object><patch_index_0005><patch_index_0005></delimiter_of_multi_objects/>"
-        "<patch_index_0010><patch_index_0042></object> here<phrase>x</phrase><object><patch_index_0033>"
-        "<patch_index_0063></object>"
-    )
-    expected = (
-        "Look herex",
-        [
-            ("<patch_index_5><patch_index_5>", (4, 4), [(0.15625, 0.0, 0.1875, 0.03125)]),
-            ("<patch_index_10><patch_index_42>", (4, 4), [(0.3125, 0.0, 0.34375, 0.0625)]),
-            ("x", (9, 10), [(0.03125, 0.03125, 1.0, 0.0625)]),
-        ],
-    )
-    assert post_process_generation(text) == expected
-
-
 def test_docstring_example_of_transformers():
     text = (
         "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
