@@ -19,7 +19,6 @@ Pipeline per image:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+
+from ._files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,13 +109,7 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ImageProcessorConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} must hold a JSON object")
+        data = read_json_object(path)
         # processor_config.json (transformers 5.x save_pretrained) nests the image settings.
         if isinstance(data.get("image_processor"), dict):
             data = data["image_processor"]

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
-from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, _read_json, default_tokenizer
+from ._files import read_json_object
+from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
 
 def _check_bool(name: str, value) -> bool:
@@ -81,7 +82,7 @@ class Kosmos2Processor:
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
         if (folder / "processor_config.json").is_file():
-            processor_config = _read_json(folder / "processor_config.json")
+            processor_config = read_json_object(folder / "processor_config.json")
         if (folder / "preprocessor_config.json").is_file():
             image_config = ImageProcessorConfig.from_json_file(folder / "preprocessor_config.json")
         elif isinstance(processor_config.get("image_processor"), dict):

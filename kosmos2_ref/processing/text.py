@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+from ._files import read_json_object
 from .sentencepiece_model import read_sentencepiece_model
 
 # The fairseq/XLM-R special tokens, in id order 0..3; <mask> comes after the SentencePiece pieces.
@@ -453,17 +454,6 @@ class Kosmos2Tokenizer:
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _token_name(value) -> str | None:
     """A special token as written in the config files: a string or an AddedToken dict with "content"."""
     if isinstance(value, dict):
@@ -478,7 +468,7 @@ def _read_tokenizer_settings(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             continue
-        data = _read_json(path)
+        data = read_json_object(path)
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             if key in data and _token_name(data[key]) is not None:
                 settings[key] = _token_name(data[key])
