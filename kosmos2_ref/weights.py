@@ -10,7 +10,10 @@ shape and byte range, then the raw little-endian data), so we read it ourselves 
 * float32 storage of a float32 file is a zero-copy view of the mapped file: peak memory stays at one copy of the
   weights (the page cache), and loading costs no time until a weight is used;
 * bfloat16 files load without torch: NumPy has no bfloat16, so bfloat16 weights are held as their raw ``uint16``
-  bits and widened to float32 by :func:`kosmos2_ref.layers.as_float32` where they are used;
+  bits and widened to float32 where they are used (a cache-sized block at a time, :mod:`kosmos2_ref.layers`);
+* a storage dtype that differs from the file's (a float32 file held in bfloat16, say) is converted with ordinary
+  file reads one 1 MiB chunk at a time, never through the memory map, so the 4-byte source never becomes resident
+  in this process beside its 2-byte copy;
 * a truncated or corrupt file is caught from the header before any data is touched, with the file and key named.
 
 Storage dtype (``dtype=``) applies to matrices (ndim >= 2); vectors (biases, LayerNorm parameters) are always held
@@ -32,6 +35,7 @@ from .config import Kosmos2Config
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+CONVERT_CHUNK_BYTES = 1 << 20       # source bytes read and converted at a time (cache-sized) when converting
 
 # safetensors dtype tag -> (numpy dtype of the raw data, bytes per element)
 _ST_DTYPES = {
@@ -59,8 +63,12 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bits, rounding to nearest even as torch does (NaN kept quiet)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    out = ((u + rounding) >> 16).astype(np.uint16)
+    t = u >> 16                  # the bit that will become the last kept bit ...
+    t &= 1
+    t += 0x7FFF                  # ... decides ties: add 0x7FFF or 0x8000, then truncate
+    t += u
+    t >>= 16
+    out = t.astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         out[nan] = np.uint16(0x7FC0)
@@ -134,6 +142,36 @@ class SafetensorsFile:
         buf = self._map[self.data_start + begin:self.data_start + end]
         return buf.view(dt).reshape(shape)
 
+    def read_converted(self, key: str, storage: str) -> np.ndarray:
+        """The tensor converted to ``storage`` ("float32", "float16", or "bfloat16" as uint16 bits), read with
+        ordinary file reads a chunk at a time into a new array.
+
+        The memory map is not touched, so the source bytes never become part of this process's resident memory:
+        loading a float32 file into 2-byte storage peaks near the 2-byte copy plus one chunk, not near both copies.
+        """
+        dt, shape, begin, end, tag = self._entries[key]
+        out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
+        flat = out.reshape(-1)
+        per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
+        chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            for i in range(0, flat.size, per_chunk):
+                part = chunk[:min(per_chunk, flat.size - i)]
+                view = memoryview(part).cast("B")
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} ends early")
+                    got += n
+                flat[i:i + part.size] = convert_storage(part, tag, storage)
+        return out
+
+
+# safetensors dtype tag -> the storage name that holds it unchanged
+_ZERO_COPY = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
 
 def convert_storage(raw: np.ndarray, st_dtype: str, storage: str) -> np.ndarray:
     """A stored float tensor -> the requested storage dtype ("float32", "float16" or "bfloat16" as uint16 bits).
@@ -145,6 +183,8 @@ def convert_storage(raw: np.ndarray, st_dtype: str, storage: str) -> np.ndarray:
             return raw
         f32 = bf16_bits_to_float32(raw)
         return f32 if storage == "float32" else f32.astype(np.float16)
+    if st_dtype == "F64":
+        raw = raw.astype(np.float32)
     if storage == "bfloat16":
         return float32_to_bf16_bits(raw.astype(np.float32, copy=False))
     target = np.dtype(np.float32 if storage == "float32" else np.float16)
@@ -265,11 +305,11 @@ def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") ->
         tag = f.st_dtype(key)
         if tag not in ("F32", "F16", "BF16", "F64"):
             raise WeightsError(f"weights file {str(f.path)!r}: key {key!r} has dtype {tag}, expected a float type")
-        raw = f.raw(key)
-        if tag == "F64":
-            raw, tag = raw.astype(np.float32), "F32"
         storage = dtype if len(shape) >= 2 else "float32"
-        flat[key] = convert_storage(raw, tag, storage)
+        if _ZERO_COPY.get(tag) == storage:
+            flat[key] = f.raw(key)                     # a view of the memory map: no copy, no time
+        else:
+            flat[key] = f.read_converted(key, storage)
     return flat
 
 

@@ -195,6 +195,16 @@ def test_float32_storage_is_memory_mapped(tiny_checkpoint):
     assert w.dtype == np.float32 and not w.flags.owndata and not w.flags.writeable   # a view of the file map
 
 
+def test_converted_storage_does_not_keep_the_file_mapped(tiny_checkpoint):
+    """A 2-byte load of a float32 file reads and converts with file reads: the matrices own their memory (the file
+    map would otherwise keep all 4-byte pages resident beside the 2-byte copy)."""
+    folder, _ = tiny_checkpoint
+    model = Kosmos2.from_pretrained(folder, dtype="bfloat16")
+    for key, w in flatten(model.params).items():
+        if w.ndim >= 2:
+            assert w.dtype == np.uint16 and w.flags.owndata, key
+
+
 def test_bf16_bits_round_trip_and_rounding():
     x = np.array([1.0, -2.5, 3.14159, 1e-30, 65504.0, np.inf, -np.inf, 1.00390625, 1.01171875], np.float32)
     ref = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
@@ -202,10 +212,21 @@ def test_bf16_bits_round_trip_and_rounding():
     assert np.isnan(bf16_bits_to_float32(float32_to_bf16_bits(np.array([np.nan], np.float32))))[0]
 
 
+@pytest.mark.parametrize("path", ["whole", "blocks"])
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
-def test_two_byte_storage_matches_transformers_with_rounded_weights(tiny_checkpoint, storage):
+def test_two_byte_storage_matches_transformers_with_rounded_weights(tiny_checkpoint, storage, path, monkeypatch):
     """dtype=float16/bfloat16 stores matrices in 2 bytes and computes in float32: equal to transformers run in
-    float32 on the same rounded matrices (vectors stay float32 on our side, so they are kept exact there too)."""
+    float32 on the same rounded matrices (vectors stay float32 on our side, so they are kept exact there too).
+
+    "blocks" shrinks the block sizes so the tiny model takes the full-size path: the file converted a few hundred
+    bytes at a time, and every matrix widened a few rows at a time (on worker threads for few rows)."""
+    from kosmos2_ref import layers, weights
+
+    if path == "blocks":
+        monkeypatch.setattr(weights, "CONVERT_CHUNK_BYTES", 1000)
+        monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
+        monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)
+        monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 64 * 7)
     folder, hf = tiny_checkpoint
     ours = Kosmos2.from_pretrained(folder, dtype=storage)
     w = ours.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"]
