@@ -6,6 +6,9 @@ Functions of arrays and parameters only; they know no model. The array namespace
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -32,11 +35,117 @@ def linear(x, weight, bias=None):
     """y = x Wᵀ + b with W stored [out, in] as in the checkpoint.
 
     ``weight.T`` is a free view: BLAS reads the transposed layout directly, so no copy is made for float32.
+    A 2-byte weight (float16/bfloat16 storage) on NumPy goes through :func:`linear_upcast_blocks`, which widens it
+    a cache-sized block at a time; the textbook form ``x @ as_float32(weight).T`` is what it computes.
     """
-    y = x @ as_float32(weight).T            # [..., in] @ [in, out] -> [..., out]
+    if weight.dtype != np.float32 and get_xp(x) is np and weight.size > UPCAST_MIN_SIZE:
+        y = linear_upcast_blocks(x, weight)
+    elif x.size > x.shape[-1]:              # more than one row
+        y = _matmul_weight_first(x, as_float32(weight))
+    else:
+        y = x @ as_float32(weight).T        # [..., in] @ [in, out] -> [..., out]
     if bias is not None:
         y += bias                           # in place: y is a fresh array
     return y
+
+
+def _matmul_weight_first(x, w):
+    """x @ w.T computed as (w @ xᵀ)ᵀ: the same product, a different call into BLAS (so the float32 roundings of
+    the sums may differ in the last bit; both are the product to float32 accuracy).
+
+    With more than one row in x, this OpenBLAS runs the product with the weight as the left operand 10-30 %
+    faster (it tiles the long weight dimension better). The result [N, M] is handed back as its transpose, a free
+    view [M, N] in column-major order; NumPy's later element-wise ops and reductions accept either order.
+    x [..., K], w [N, K] -> [..., N].
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)                      # [M, K] (a view when x is contiguous either way)
+    y = (w @ x2.T).T                           # [N, K] @ [K, M] -> [N, M], seen as [M, N]
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2-byte weights: widen block by block, never the whole matrix
+#
+# ``x @ as_float32(W).T`` on a 2-byte W first writes a float32 copy of all of W (for the LM head 65037 x 2048,
+# 533 MB) to memory and then reads it back: three times the bytes of the float32 product, plus a large allocation
+# per call. Instead the rows of W are widened a block at a time into a small scratch buffer that stays in the CPU
+# cache, and each block's product is taken from there while it is hot. DRAM then sees only the 2-byte weights.
+# With few rows in x (decoding) the product of a block is cheap and the widening dominates, so the blocks are
+# spread over a few threads (NumPy's ufuncs and BLAS release the GIL); with many rows (prefill, vision) the
+# blocks are larger and BLAS's own threads do the product.
+
+UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
+UPCAST_BLOCK_BYTES = 1 << 20              # float32 bytes per block when x has few rows: ~half a core's 2 MiB L2
+UPCAST_BLOCK_BYTES_MANY_ROWS = 8 << 20    # float32 bytes per block when x has many rows (GEMM likes wide blocks)
+UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
+UPCAST_THREADS = max(1, min(os.cpu_count() or 1, 4))
+
+_pool: ThreadPoolExecutor | None = None
+_local = threading.local()
+
+
+def widen_into(src, dst):
+    """2-byte weight rows -> float32, written into ``dst`` (a float32 array of the same shape).
+
+    bfloat16 (uint16 bits) is the top half of a float32: copy the bits into a uint32 and shift them up, two
+    vectorised passes over cached memory. float16 is cast by NumPy.
+    """
+    if src.dtype == np.uint16:
+        bits = dst.view(np.uint32)
+        np.copyto(bits, src)              # zero-extends 16 -> 32 bits
+        bits <<= 16
+    else:
+        np.copyto(dst, src)
+
+
+def _scratch(rows: int, cols: int):
+    """This thread's reusable float32 buffer of shape [rows, cols] (no page faults from a fresh allocation)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < rows * cols:
+        buf = _local.buf = np.empty(rows * cols, dtype=np.float32)
+    return buf[:rows * cols].reshape(rows, cols)
+
+
+def _upcast_rows(x2, w, y, start: int, stop: int, block_rows: int):
+    """y[:, start:stop] = x2 @ float32(w[start:stop]).T, widening ``block_rows`` rows of w at a time."""
+    for r in range(start, stop, block_rows):
+        n = min(block_rows, stop - r)
+        wb = _scratch(n, w.shape[1])
+        widen_into(w[r:r + n], wb)                     # [n, K] float32, in cache
+        if y.shape[0] == 1:
+            np.matmul(x2, wb.T, out=y[:, r:r + n])     # [1, K] @ [K, n]: a matrix-vector product
+        else:
+            y[:, r:r + n] = x2 @ wb.T                  # [M, K] @ [K, n]
+
+
+def linear_upcast_blocks(x, w):
+    """x @ float32(w).T for a 2-byte ``w`` [N, K], widened block by block (see the comment above).
+
+    x [..., K] float32 -> [..., N] float32; equal to ``x @ as_float32(w).T`` up to BLAS summation order.
+    """
+    global _pool
+    N, K = w.shape
+    x2 = np.ascontiguousarray(x.reshape(-1, K))       # [M, K]
+    M = x2.shape[0]
+    y = np.empty((M, N), dtype=np.float32)
+    if M > UPCAST_FEW_ROWS:
+        block = max(1, UPCAST_BLOCK_BYTES_MANY_ROWS // (4 * K))
+        _upcast_rows(x2, w, y, 0, N, block)            # BLAS threads the product of each wide block
+    else:
+        block = max(1, UPCAST_BLOCK_BYTES // (4 * K))
+        n_threads = min(UPCAST_THREADS, -(-N // block))
+        if n_threads <= 1:
+            _upcast_rows(x2, w, y, 0, N, block)
+        else:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=UPCAST_THREADS, thread_name_prefix="kosmos2-upcast")
+            per = -(-N // n_threads)
+            per = -(-per // block) * block             # whole blocks per thread
+            jobs = [_pool.submit(_upcast_rows, x2, w, y, s, min(s + per, N), block) for s in range(0, N, per)]
+            for j in jobs:
+                j.result()
+    return y.reshape(x.shape[:-1] + (N,))
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -59,13 +168,19 @@ def gelu(x):
     Written with erfc so the left tail (where 1 + erf cancels) keeps its relative precision. The tanh form
     is off by ~5e-4 and would break parity with transformers' ``nn.functional.gelu``.
     """
-    return (0.5 * x) * erfc(x * (-1.0 / math.sqrt(2.0)))
+    y = erfc(x * (-1.0 / math.sqrt(2.0)))      # a fresh array: finish in place
+    y *= x
+    y *= 0.5                                    # exact (a power of two), so the same as (0.5·x)·erfc
+    return y
 
 
 def quick_gelu(x):
     """CLIP's quick GELU: x · sigmoid(1.702 x)."""
     xp = get_xp(x)
-    return x / (1.0 + xp.exp(-1.702 * x))
+    d = x * -1.702
+    xp.exp(d, out=d)
+    d += 1.0
+    return xp.divide(x, d, out=d)               # x / (1 + exp(-1.702 x)), in one buffer
 
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}

@@ -162,7 +162,10 @@ def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0):
 def lm_head(h, p, cfg: TextConfig):
     """logits = h Wᵀ with W the token embedding itself when tied (spec §5.4). [B, T, C] -> [B, T, V]."""
     w = p["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else p["lm_head"]["weight"]
-    return linear(h, w)
+    xp = get_xp(h)
+    # Row-major logits: a softmax or log-sum-exp over 65k float32 entries sums pairwise (accurately) only along a
+    # contiguous axis, and linear() may hand back a column-major view (see layers._matmul_weight_first).
+    return xp.ascontiguousarray(linear(h, w))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -166,13 +166,14 @@ def test_embed_npy_and_folder(capsys, ckpt, tmp_path, tiny_checkpoint):
     assert d["pooled_out"] == str(tmp_path / "e.pooled.npy")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))) == ["e.npy",
                                                                                               "e.pooled.npy"]
-    # the same numbers as the Python API
+    # the same numbers as the Python API (run unbatched here: a batch of 2 takes other BLAS blockings, so the
+    # last bit of a sum may differ; the tolerance is float32 rounding relative to the largest entry)
     from kosmos2_ref import Kosmos2
 
     model = Kosmos2.from_pretrained(ckpt)
     ref = tasks.embed(model, None, [DOGS])
-    np.testing.assert_allclose(e[0], ref.image_embeds[0], rtol=1e-6)
-    np.testing.assert_allclose(pooled[0], ref.pooled[0], rtol=1e-6)
+    np.testing.assert_allclose(e[0], ref.image_embeds[0], rtol=0, atol=1e-6 * np.abs(ref.image_embeds[0]).max())
+    np.testing.assert_allclose(pooled[0], ref.pooled[0], rtol=0, atol=1e-6 * np.abs(ref.pooled[0]).max())
 
 
 def test_embed_npz(capsys, ckpt, tmp_path):

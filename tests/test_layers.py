@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kosmos2_ref.backend import erf_numpy, erfc_numpy
-from kosmos2_ref.layers import (NEG_INF_F32, attention, gelu, layer_norm, linear, merge_heads, quick_gelu,
+from kosmos2_ref.layers import (NEG_INF_F32, as_float32, attention, gelu, layer_norm, linear, merge_heads, quick_gelu,
                                 softmax, split_heads)
 
 finite = st.floats(-20, 20, allow_nan=False, width=32)
@@ -90,6 +90,31 @@ def test_linear_matches_float64(data):
     b = data.draw(arrays((n_out,)))
     ref = x.astype(np.float64) @ w.astype(np.float64).T + b
     np.testing.assert_allclose(linear(x, w, b), ref, rtol=1e-5, atol=1e-5 * (1 + np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, monkeypatch):
+    """The block-wise product over a 2-byte matrix equals float64 on the widened matrix, for few rows (blocks on
+    worker threads) and many rows, with a row count that leaves a partial last block."""
+    from kosmos2_ref import layers
+    from kosmos2_ref.weights import float32_to_bf16_bits
+
+    monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)            # 5 rows of W per block
+    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 24 * 8)  # 8 rows per block
+    rng = np.random.default_rng(rows)
+    w32 = rng.standard_normal((37, 24)).astype(np.float32)
+    w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32.astype(np.float16)
+    x = rng.standard_normal((rows, 24)).astype(np.float32)
+    b = rng.standard_normal(37).astype(np.float32)
+    wide = as_float32(w)
+    assert not np.array_equal(wide, w32)                                      # the rounding is real
+    ref = x.astype(np.float64) @ wide.astype(np.float64).T + b
+    got = linear(x, w, b)
+    assert got.shape == (rows, 37) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(linear(x[None], w, b)[0], got, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_heads_round_trip():
