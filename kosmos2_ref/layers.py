@@ -168,10 +168,34 @@ def gelu(x):
     Written with erfc so the left tail (where 1 + erf cancels) keeps its relative precision. The tanh form
     is off by ~5e-4 and would break parity with transformers' ``nn.functional.gelu``.
     """
+    if get_xp(x) is np and x.size > 2 * ELEMENTWISE_BLOCK:
+        return _in_cache_sized_blocks(_gelu, x)
+    return _gelu(x)
+
+
+def _gelu(x):
     y = erfc(x * (-1.0 / math.sqrt(2.0)))      # a fresh array: finish in place
     y *= x
     y *= 0.5                                    # exact (a power of two), so the same as (0.5·x)·erfc
     return y
+
+
+ELEMENTWISE_BLOCK = 1 << 16     # elements per block for a long chain of element-wise passes (256 KiB of float32)
+
+
+def _in_cache_sized_blocks(fn, x):
+    """``fn(x)`` for an element-wise ``fn``, applied ELEMENTWISE_BLOCK elements at a time (NumPy only).
+
+    erfc takes ~20 passes over its input. Over a [1024, 8192] activation each pass would stream 33 MB through
+    memory and allocate a fresh 33 MB temporary; over a 256 KiB block every pass stays in the CPU cache and the
+    temporaries are small and reused, which made GELU ~3x faster on long prompts. Same numbers, element for element.
+    """
+    out = np.empty_like(x)                  # the same memory order as x (row- or column-major)
+    src = x.ravel(order="K")                # x's elements in memory order (a view when x is contiguous)
+    dst = out.ravel(order="K")              # a view: out is contiguous in that same order
+    for i in range(0, src.size, ELEMENTWISE_BLOCK):
+        dst[i:i + ELEMENTWISE_BLOCK] = fn(src[i:i + ELEMENTWISE_BLOCK])
+    return out
 
 
 def quick_gelu(x):
@@ -187,9 +211,14 @@ ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
 def softmax(x, axis: int = -1):
-    """Numerically stable softmax: exp(x - max) / Σ exp(x - max), in place on a fresh temporary."""
-    xp = get_xp(x)
-    e = x - x.max(axis=axis, keepdims=True)
+    """Numerically stable softmax: exp(x - max) / Σ exp(x - max)."""
+    return _softmax_in_place(x - x.max(axis=axis, keepdims=True), axis)
+
+
+def _softmax_in_place(e, axis: int = -1):
+    """The softmax of ``e`` written over ``e`` itself (a fresh array of the caller's)."""
+    xp = get_xp(e)
+    e -= e.max(axis=axis, keepdims=True)
     xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -207,17 +236,40 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-def attention(q, k, v, mask=None, scale: float | None = None):
+ATTENTION_BLOCK_BYTES = 8 << 20   # float32 bytes of scores formed at once when the probabilities are not returned
+
+
+def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):
     """Scaled dot-product attention.
 
     q [B, H, T, D], k and v [B, H, S, D], mask additive and broadcastable to [B, H, T, S] (0 = keep, a very
     negative number = drop). Returns (output [B, H, T, D], probabilities [B, H, T, S]).
+
+    With ``need_probs=False`` the probabilities are not returned (None) and, for long inputs, the queries are taken
+    a block at a time so that only a [B, H, block, S] slice of scores exists at once (about
+    ``ATTENTION_BLOCK_BYTES``): a 1024-token prompt would otherwise build 128 MB of scores per layer, and touching
+    that much fresh memory costs more than the arithmetic. Each query row's softmax is the same either way.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = q @ k.swapaxes(-1, -2)     # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S]
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    rows = T if need_probs else max(1, ATTENTION_BLOCK_BYTES // (4 * B * H * S))
+    if rows >= T:
+        return _attention_block(q, k, v, mask, scale)
+    xp = get_xp(q)
+    out = xp.empty((B, H, T, D), dtype=xp.float32)
+    for t in range(0, T, rows):
+        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t:t + rows, :]
+        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k, v, m, scale)
+    return out, None
+
+
+def _attention_block(q, k, v, mask, scale: float):
+    """softmax(q kᵀ · scale + mask) v for one block of queries -> (output, probabilities)."""
+    scores = q @ k.swapaxes(-1, -2)     # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S], a fresh array
     scores *= scale
     if mask is not None:
         scores += mask
-    probs = softmax(scores, axis=-1)    # [B, H, T, S]
+    probs = _softmax_in_place(scores)   # [B, H, T, S]
     return probs @ v, probs             # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]

@@ -125,11 +125,11 @@ def embed(input_ids, p, cfg: TextConfig, xp, image_embeds=None, image_embeds_pos
 # --------------------------------------------------------------------------------------------------------------
 # Decoder block
 
-def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0):
+def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, need_probs: bool = True):
     """Causal multi-head self-attention with the sub-LN ``inner_attn_ln`` before ``out_proj``.
 
-    x [B, T, C] -> ([B, T, C], probs [B, H, T, past+T]). With a cache, this step's keys/values are appended to
-    it and attention runs over all stored tokens.
+    x [B, T, C] -> ([B, T, C], probs [B, H, T, past+T] or None without ``need_probs``). With a cache, this step's
+    keys/values are appended to it and attention runs over all stored tokens.
     """
     H = cfg.attention_heads
     q = split_heads(linear(x, **p["q_proj"]), H)          # [B, H, T, D]
@@ -137,7 +137,7 @@ def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0):
     v = split_heads(linear(x, **p["v_proj"]), H)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)              # [B, H, past+T, D]
-    ctx, probs = attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_dim))
+    ctx, probs = attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_dim), need_probs=need_probs)
     ctx = merge_heads(ctx)                                # [B, T, C]
     ctx = layer_norm(ctx, **p["inner_attn_ln"], eps=cfg.layer_norm_eps)   # Magneto's sub-LN inside attention
     return linear(ctx, **p["out_proj"]), probs
@@ -150,10 +150,10 @@ def ffn(x, p, cfg: TextConfig):
     return linear(h, **p["fc2"])                                          # [B, T, C]
 
 
-def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0):
+def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, need_probs: bool = True):
     """One pre-LN block: x + attn(LN(x)), then x + ffn(LN(x)). x [B, T, C] -> ([B, T, C], attention probs)."""
     a, probs = self_attention(layer_norm(x, **p["self_attn_layer_norm"], eps=cfg.layer_norm_eps),
-                              p["self_attn"], cfg, mask, cache, layer_idx)
+                              p["self_attn"], cfg, mask, cache, layer_idx, need_probs)
     x = x + a
     x = x + ffn(layer_norm(x, **p["final_layer_norm"], eps=cfg.layer_norm_eps), p["ffn"], cfg)
     return x, probs
@@ -199,7 +199,7 @@ def text_forward(p, cfg: TextConfig, xp, *, input_ids=None, inputs_embeds=None, 
     for i, layer in enumerate(m["layers"]):
         if output_hidden_states:
             hidden.append(x)
-        x, probs = decoder_layer(x, layer, cfg, mask, cache, i)
+        x, probs = decoder_layer(x, layer, cfg, mask, cache, i, need_probs=output_attentions)
         if output_attentions:
             attns.append(probs)
     if cache is not None:
