@@ -86,6 +86,8 @@ def decoder_attention_mask(attention_mask, batch: int, T: int, past: int, xp):
     blocked_pad = None
     if attention_mask is not None:
         blocked_pad = (np.asarray(attention_mask) == 0)[:, None, None, :]   # [B, 1, 1, S]
+        if not blocked_pad.any():
+            blocked_pad = None                                             # all ones: nothing to add
     if blocked_causal is None and blocked_pad is None:
         return None
     if blocked_pad is None:
