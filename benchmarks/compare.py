@@ -346,7 +346,9 @@ def write_docs(results_dir: Path, out: Path):
         for dt, e in r.get("storage_error", {}).items():
             lines.append(f"\n{dt} storage: last-token logits max |Δ| against our float32 = {e:.3e}.")
         if r.get("scaling"):
-            lines += ["", "| scaling | kosmos2-ref (s) | transformers (s) | ratio |", "|---|---:|---:|---:|"]
+            lines += ["", "Scaling (prefill includes the image; median of half as many repeats for prefill and one run "
+                      "for generate, so these rows are noisier than the table above):", "",
+                      "| scaling | kosmos2-ref (s) | transformers (s) | ratio |", "|---|---:|---:|---:|"]
             for s in r["scaling"]:
                 lines.append(f"| {s['what']} | {s['kosmos2-ref']:.3f} | {s['transformers']:.3f} | "
                              f"{s['kosmos2-ref'] / s['transformers']:.3f} |")
