@@ -35,7 +35,8 @@ def linear(x, weight, bias=None):
     """y = x Wᵀ + b with W stored [out, in] as in the checkpoint.
 
     ``weight.T`` is a free view: BLAS reads the transposed layout directly, so no copy is made for float32.
-    A 2-byte weight (float16/bfloat16 storage) on NumPy goes through :func:`linear_upcast_blocks`, which widens it
+    With more than one row in x the product is taken as ``(W @ xᵀ)ᵀ`` (:func:`_matmul_weight_first`, faster in
+    OpenBLAS). A 2-byte weight (float16/bfloat16 storage) on NumPy goes through :func:`linear_upcast_blocks`, which widens it
     a cache-sized block at a time; the textbook form ``x @ as_float32(weight).T`` is what it computes.
     """
     if weight.dtype != np.float32 and get_xp(x) is np and weight.size > UPCAST_MIN_SIZE:
@@ -82,6 +83,7 @@ UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts
 UPCAST_THREADS = max(1, min(os.cpu_count() or 1, 4))
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 _local = threading.local()
 
 
@@ -138,8 +140,9 @@ def linear_upcast_blocks(x, w):
         if n_threads <= 1:
             _upcast_rows(x2, w, y, 0, N, block)
         else:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=UPCAST_THREADS, thread_name_prefix="kosmos2-upcast")
+            with _pool_lock:
+                if _pool is None:
+                    _pool = ThreadPoolExecutor(max_workers=UPCAST_THREADS, thread_name_prefix="kosmos2-upcast")
             per = -(-N // n_threads)
             per = -(-per // block) * block             # whole blocks per thread
             jobs = [_pool.submit(_upcast_rows, x2, w, y, s, min(s + per, N), block) for s in range(0, N, per)]
