@@ -208,7 +208,12 @@ def machine() -> dict:
         blas = cfg.get("Build Dependencies", {}).get("blas", {}).get("name", "unknown")
     except Exception:
         pass
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"commit": commit, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "numpy": numpy.__version__, "numpy_blas": blas,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": __import__("transformers").__version__,
@@ -336,7 +341,8 @@ def write_docs(results_dir: Path, out: Path):
                   f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, NumPy {m['numpy']} "
                   f"(BLAS: {m['numpy_blas']}), torch {m['torch']} ({m['torch_threads']} threads), transformers "
                   f"{m['transformers']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}, "
-                  f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up.", "",
+                  f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up."
+                  + (f" Code at commit {m['commit']}." if m.get("commit") else ""), "",
                   "| metric | kosmos2-ref | transformers | ratio ours/tf | target |", "|---|---:|---:|---:|---|"]
         for row in r["rows"]:
             limit = target_for(row["metric"]) if r["size"] == "full" else None
