@@ -56,7 +56,9 @@ def _matmul_weight_first(x, w):
 
     With more than one row in x, this OpenBLAS runs the product with the weight as the left operand 10-30 %
     faster (it tiles the long weight dimension better). The result [N, M] is handed back as its transpose, a free
-    view [M, N] in column-major order; NumPy's later element-wise ops and reductions accept either order.
+    view [M, N] in column-major order. Element-wise ops and float64-accumulated reductions (LayerNorm) do not
+    care; a long float32 sum does (along a strided axis NumPy adds one term at a time instead of pairwise), so the
+    LM head makes its logits row-major and ``connector.l2_normalize`` sums in float64.
     x [..., K], w [N, K] -> [..., N].
     """
     K = x.shape[-1]

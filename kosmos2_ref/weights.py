@@ -176,7 +176,8 @@ _ZERO_COPY = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def convert_storage(raw: np.ndarray, st_dtype: str, storage: str) -> np.ndarray:
     """A stored float tensor -> the requested storage dtype ("float32", "float16" or "bfloat16" as uint16 bits).
 
-    Returns the memory-mapped view itself when nothing needs converting.
+    Returns ``raw`` itself when nothing needs converting (:func:`load_flat` keeps such tensors as views of the
+    memory map and calls this, through :meth:`SafetensorsFile.read_converted`, one chunk at a time for the rest).
     """
     if st_dtype == "BF16":
         if storage == "bfloat16":
