@@ -6,9 +6,8 @@ Functions of arrays and parameters only; they know no model. The array namespace
 from __future__ import annotations
 
 import math
-import os
+import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -72,55 +71,64 @@ def _matmul_weight_first(x, w):
 #
 # ``x @ as_float32(W).T`` on a 2-byte W first writes a float32 copy of all of W (for the LM head 65037 x 2048,
 # 533 MB) to memory and then reads it back: three times the bytes of the float32 product, plus a large allocation
-# per call. Instead the rows of W are widened a block at a time into a small scratch buffer that stays in the CPU
+# per call. Instead the rows of W are widened a block at a time into small scratch buffers that stay in the CPU
 # cache, and each block's product is taken from there while it is hot. DRAM then sees only the 2-byte weights.
-# With few rows in x (decoding) the product of a block is cheap and the widening dominates, so the blocks are
-# spread over a few threads (NumPy's ufuncs and BLAS release the GIL); with many rows (prefill, vision) the
-# blocks are larger and BLAS's own threads do the product.
+#
+# The widening itself is the cost (NumPy cannot fuse it into the product), so it is done on pairs of weights:
+# two neighbouring 2-byte numbers are one 32-bit word, and two bit operations on that word give both of them as
+# float32 (:func:`widen_pairs`): the even columns of the block and its odd columns, as two matrices. The product
+# is split the same way: x·w = x[0::2]·w[0::2] + x[1::2]·w[1::2].
+#
+# (Worker threads do not help here: this OpenBLAS runs concurrent calls from several threads one at a time, and
+# handing blocks to threads costs more than it saves. Measured on the 2-core machine: no gain, so none are used.)
 
 UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
 UPCAST_BLOCK_BYTES = 1 << 20              # float32 bytes per block when x has few rows: ~half a core's 2 MiB L2
 UPCAST_BLOCK_BYTES_MANY_ROWS = 8 << 20    # float32 bytes per block when x has many rows (GEMM likes wide blocks)
 UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
-UPCAST_THREADS = max(1, min(os.cpu_count() or 1, 4))
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_F16_TO_F32_SCALE = np.float32(2.0 ** 112)   # 2^(127 - 15): float16's exponent bias -> float32's
+_SIGN_AND_LOW_BITS = np.int32(-0x70000001)   # 0x8FFFFFFF: keeps the sign bit, clears bits 30..28
 _local = threading.local()
 
 
-def widen_into(src, dst):
-    """2-byte weight rows -> float32, written into ``dst`` (a float32 array of the same shape).
+def widen_pairs(src, even, odd):
+    """2-byte weight rows ``src`` [n, K] (K even) -> float32 ``even`` = src[:, 0::2] and ``odd`` = src[:, 1::2].
 
-    bfloat16 (uint16 bits) is the top half of a float32: copy the bits into a uint32 and shift them up, two
-    vectorised passes over cached memory. float16 is cast by NumPy.
+    Exact for every finite value (bfloat16: all values). Little-endian: the word holding columns 2j and 2j+1 has
+    column 2j in its low 16 bits and column 2j+1 in its high 16 bits. Moving each into the top half of a 32-bit
+    word takes one operation per pair of weights: ``word << 16`` for column 2j, ``word & 0xFFFF0000`` for 2j+1.
+
+    * bfloat16 (held as uint16 bits) *is* the top half of a float32, so that is already the answer.
+    * float16 in the top half is sign | 5 exponent bits | 10 mantissa bits. An arithmetic shift right by 3 puts
+      the exponent and mantissa where float32 keeps its own (and copies the sign into bits 31..28); clearing
+      bits 30..28 leaves sign | exponent e (bias 15, read as bias 127) | mantissa, i.e. 2^(e−127)·1.m, and
+      multiplying by 2^112 gives the true 2^(e−15)·1.m. The multiplication also gets subnormals (e = 0) and
+      ±0 exactly right. Only inf/NaN (e = 31) come out wrong, as finite numbers of magnitude ≥ 65536 — larger than
+      any finite float16 — so they are detected and that block is cast the slow, exact way instead.
     """
-    if src.dtype == np.uint16:
-        bits = dst.view(np.uint32)
-        np.copyto(bits, src)              # zero-extends 16 -> 32 bits
-        bits <<= 16
-    else:
-        np.copyto(dst, src)
+    words = src.view(np.uint32)                      # [n, K/2]: one word per pair of weights
+    e, o = even.view(np.uint32), odd.view(np.uint32)
+    np.left_shift(words, 16, out=e)                  # column 2j -> top half, zeros below
+    np.bitwise_and(words, 0xFFFF0000, out=o)         # column 2j+1 is already the top half
+    if src.dtype == np.float16:
+        for half in (even, odd):
+            bits = half.view(np.int32)
+            bits >>= 3                               # arithmetic: sign copied into bits 31..28
+            bits &= _SIGN_AND_LOW_BITS
+            half *= _F16_TO_F32_SCALE
+            if half.max() >= 65536.0 or half.min() <= -65536.0:   # an inf or NaN was among them
+                np.copyto(even, src[:, 0::2])
+                np.copyto(odd, src[:, 1::2])
+                return
 
 
 def _scratch(rows: int, cols: int):
-    """This thread's reusable float32 buffer of shape [rows, cols] (no page faults from a fresh allocation)."""
+    """Two reusable float32 buffers of shape [rows, cols] (no page faults from fresh allocations per block)."""
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < rows * cols:
-        buf = _local.buf = np.empty(rows * cols, dtype=np.float32)
-    return buf[:rows * cols].reshape(rows, cols)
-
-
-def _upcast_rows(x2, w, y, start: int, stop: int, block_rows: int):
-    """y[:, start:stop] = x2 @ float32(w[start:stop]).T, widening ``block_rows`` rows of w at a time."""
-    for r in range(start, stop, block_rows):
-        n = min(block_rows, stop - r)
-        wb = _scratch(n, w.shape[1])
-        widen_into(w[r:r + n], wb)                     # [n, K] float32, in cache
-        if y.shape[0] == 1:
-            np.matmul(x2, wb.T, out=y[:, r:r + n])     # [1, K] @ [K, n]: a matrix-vector product
-        else:
-            y[:, r:r + n] = x2 @ wb.T                  # [M, K] @ [K, n]
+    if buf is None or buf.size < 2 * rows * cols:
+        buf = _local.buf = np.empty(2 * rows * cols, dtype=np.float32)
+    return buf[:rows * cols].reshape(rows, cols), buf[rows * cols:2 * rows * cols].reshape(rows, cols)
 
 
 def linear_upcast_blocks(x, w):
@@ -128,28 +136,22 @@ def linear_upcast_blocks(x, w):
 
     x [..., K] float32 -> [..., N] float32; equal to ``x @ as_float32(w).T`` up to BLAS summation order.
     """
-    global _pool
     N, K = w.shape
-    x2 = np.ascontiguousarray(x.reshape(-1, K))       # [M, K]
+    x2 = x.reshape(-1, K)                              # [M, K]
     M = x2.shape[0]
+    if K % 2 or sys.byteorder != "little":             # no pairs to split: widen each block whole
+        return (x2 @ as_float32(w).T).reshape(x.shape[:-1] + (N,))
+    x_even = np.ascontiguousarray(x2[:, 0::2])         # [M, K/2]
+    x_odd = np.ascontiguousarray(x2[:, 1::2])
+    block = max(1, (UPCAST_BLOCK_BYTES if M <= UPCAST_FEW_ROWS else UPCAST_BLOCK_BYTES_MANY_ROWS) // (4 * K))
     y = np.empty((M, N), dtype=np.float32)
-    if M > UPCAST_FEW_ROWS:
-        block = max(1, UPCAST_BLOCK_BYTES_MANY_ROWS // (4 * K))
-        _upcast_rows(x2, w, y, 0, N, block)            # BLAS threads the product of each wide block
-    else:
-        block = max(1, UPCAST_BLOCK_BYTES // (4 * K))
-        n_threads = min(UPCAST_THREADS, -(-N // block))
-        if n_threads <= 1:
-            _upcast_rows(x2, w, y, 0, N, block)
-        else:
-            with _pool_lock:
-                if _pool is None:
-                    _pool = ThreadPoolExecutor(max_workers=UPCAST_THREADS, thread_name_prefix="kosmos2-upcast")
-            per = -(-N // n_threads)
-            per = -(-per // block) * block             # whole blocks per thread
-            jobs = [_pool.submit(_upcast_rows, x2, w, y, s, min(s + per, N), block) for s in range(0, N, per)]
-            for j in jobs:
-                j.result()
+    for r in range(0, N, block):
+        n = min(block, N - r)
+        w_even, w_odd = _scratch(n, K // 2)
+        widen_pairs(w[r:r + n], w_even, w_odd)         # [n, K/2] each, float32, in cache
+        out = y[:, r:r + n]
+        np.matmul(x_even, w_even.T, out=out)           # [M, K/2] @ [K/2, n]
+        out += x_odd @ w_odd.T
     return y.reshape(x.shape[:-1] + (N,))
 
 

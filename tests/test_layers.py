@@ -100,19 +100,20 @@ def test_linear_matches_float64(data):
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, monkeypatch):
-    """The block-wise product over a 2-byte matrix equals float64 on the widened matrix, for few rows (blocks on
-    worker threads) and many rows, with a row count that leaves a partial last block."""
+@pytest.mark.parametrize("n_in", [24, 23])
+def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in, monkeypatch):
+    """The block-wise product over a 2-byte matrix equals float64 on the widened matrix, for few rows and many
+    rows, with a row count that leaves a partial last block, and for an odd input width (no pairs to split)."""
     from kosmos2_ref import layers
     from kosmos2_ref.weights import float32_to_bf16_bits
 
     monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)            # 5 rows of W per block
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 24 * 8)  # 8 rows per block
+    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * n_in * 5)            # 5 rows of W per block
+    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * n_in * 8)  # 8 rows per block
     rng = np.random.default_rng(rows)
-    w32 = rng.standard_normal((37, 24)).astype(np.float32)
+    w32 = rng.standard_normal((37, n_in)).astype(np.float32)
     w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32.astype(np.float16)
-    x = rng.standard_normal((rows, 24)).astype(np.float32)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
     b = rng.standard_normal(37).astype(np.float32)
     wide = as_float32(w)
     assert not np.array_equal(wide, w32)                                      # the rounding is real
@@ -121,6 +122,46 @@ def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, monke
     assert got.shape == (rows, 37) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(linear(x[None], w, b)[0], got, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_widen_pairs_is_exact_for_every_two_byte_pattern(storage):
+    """All 65536 bit patterns, in three different pairings of neighbours: the even and odd
+    columns come out bit-identical to NumPy's own widening (for bfloat16: the bits shifted into a float32)."""
+    from kosmos2_ref.layers import widen_pairs
+
+    pattern = np.arange(1 << 16, dtype=np.uint16)
+    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]])            # [3, 65536]
+    src = rows if storage == "bfloat16" else rows.view(np.float16)
+    ref = as_float32(src)                                                      # [3, 65536] float32
+    even = np.empty((3, 1 << 15), np.float32)
+    odd = np.empty_like(even)
+    widen_pairs(src, even, odd)
+    if storage == "float16":
+        # rows holding an inf/NaN take the exact slow cast; check the bit trick on rows without any, too
+        assert not np.isfinite(ref).all()
+        finite = rows & 0x7C00 != 0x7C00
+        clean = np.where(finite, rows, 0).view(np.float16)
+        e2, o2 = np.empty_like(even), np.empty_like(odd)
+        widen_pairs(clean, e2, o2)
+        assert np.array_equal(e2.view(np.uint32), as_float32(clean)[:, 0::2].view(np.uint32))
+        assert np.array_equal(o2.view(np.uint32), as_float32(clean)[:, 1::2].view(np.uint32))
+        assert (np.abs(as_float32(clean)) < 2.0 ** -14).sum() > 2000                  # subnormals were in it
+    np.testing.assert_array_equal(even.view(np.uint32), ref[:, 0::2].view(np.uint32))
+    np.testing.assert_array_equal(odd.view(np.uint32), ref[:, 1::2].view(np.uint32))
+
+
+def test_widen_pairs_float16_inf_and_nan_are_kept():
+    """A float16 block with an inf or NaN is still widened exactly (the fast form would make them finite)."""
+    from kosmos2_ref.layers import widen_pairs
+
+    src = np.array([[1.5, -np.inf, 2.0, np.nan], [np.inf, -0.0, 6e-8, 65504.0]], dtype=np.float16)
+    even, odd = np.empty((2, 2), np.float32), np.empty((2, 2), np.float32)
+    widen_pairs(src, even, odd)
+    np.testing.assert_array_equal(even, src[:, 0::2].astype(np.float32))
+    np.testing.assert_array_equal(odd, src[:, 1::2].astype(np.float32))
+    assert np.isneginf(odd[0, 0]) and np.isnan(odd[0, 1]) and np.isposinf(even[1, 0])
+    assert np.signbit(odd[1, 0])
 
 
 def test_heads_round_trip():
