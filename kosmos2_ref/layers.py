@@ -260,7 +260,9 @@ def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool =
     With ``need_probs=False`` the probabilities are not returned (None) and, for long inputs, the queries are taken
     a block at a time so that only a [B, H, block, S] slice of scores exists at once (about
     ``ATTENTION_BLOCK_BYTES``): a 1024-token prompt would otherwise build 128 MB of scores per layer, and touching
-    that much fresh memory costs more than the arithmetic. Each query row's softmax is the same either way.
+    that much fresh memory costs more than the arithmetic. On NumPy a block also leaves out the trailing keys that
+    none of its queries can see (:func:`_keys_needed`), which in a causal prompt is up to half of them. Each query
+    row's softmax is the same either way.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -273,8 +275,29 @@ def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool =
     out = xp.empty((B, H, T, D), dtype=xp.float32)
     for t in range(0, T, rows):
         m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t:t + rows, :]
-        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k, v, m, scale)
+        stop = _keys_needed(m, S) if xp is np else S     # NumPy only: the check reads the mask on the host
+        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k[..., :stop, :], v[..., :stop, :],
+                                                    None if m is None else m[..., :stop], scale)
     return out, None
+
+
+def _keys_needed(mask, S: int) -> int:
+    """How many leading keys a block of queries needs: one past the last key that any query of the block sees.
+
+    In a causal prefill the block of queries t … t+n−1 sees only keys up to past + t + n − 1: the keys after it
+    are hidden from every query of the block, their probabilities are exactly 0, and leaving them out changes no
+    result while skipping up to half the work of a long prompt. "Hidden" means a mask value ≤ float32 min (what
+    masks here hold for a dropped key); "seen" means a value above half of it, so that a hidden key's exp is 0
+    beside any seen one. Only when every query of the block sees some key: a query that sees none (a pad row)
+    spreads its probability over hidden keys, all of which then count.
+    """
+    if mask is None or mask.shape[-1] != S:
+        return S
+    seen = mask > NEG_INF_F32 / 2                         # [B or 1, 1, rows or 1, S]
+    if not seen.any(axis=-1).all():
+        return S
+    cols = np.flatnonzero(seen.any(axis=tuple(range(seen.ndim - 1))))
+    return int(cols[-1]) + 1
 
 
 def _attention_block(q, k, v, mask, scale: float):

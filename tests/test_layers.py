@@ -164,6 +164,48 @@ def test_widen_pairs_float16_inf_and_nan_are_kept():
     assert np.signbit(odd[1, 0])
 
 
+def test_keys_needed_by_a_block_of_queries():
+    """Only trailing keys hidden from every query of the block are left out, and none when a query sees nothing."""
+    from kosmos2_ref.layers import _keys_needed
+    from kosmos2_ref.text import decoder_attention_mask
+
+    causal = decoder_attention_mask(None, 1, 6, 2, np)                        # [1, 1, 6, 8], 2 cached keys
+    assert [_keys_needed(causal[..., t:t + 2, :], 8) for t in (0, 2, 4)] == [4, 6, 8]
+    left = decoder_attention_mask(np.array([[0, 0, 0, 1, 1, 1]]), 1, 6, 0, np)   # 3 pad queries see nothing
+    assert _keys_needed(left[..., 0:2, :], 6) == 6                          # pad rows spread over hidden keys
+    assert _keys_needed(left[..., 3:5, :], 6) == 5
+    bias = np.zeros((1, 1, 2, 5), np.float32)
+    bias[..., 3:] = -1e30                                                   # very negative, but not "hidden"
+    assert _keys_needed(bias, 5) == 5
+    assert _keys_needed(None, 7) == 7 and _keys_needed(np.zeros((1, 1, 2, 1), np.float32), 7) == 7
+
+
+@pytest.mark.parametrize("pad", ["none", "left", "right"])
+@pytest.mark.parametrize("past", [0, 3])
+def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
+    """need_probs=False with blocks of 4 queries (and keys left out per block) gives the output of the whole form."""
+    from kosmos2_ref import layers
+    from kosmos2_ref.text import decoder_attention_mask
+
+    B, H, T, D = 3, 2, 23, 8
+    S = past + T
+    rng = np.random.default_rng(past)
+    q = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(2))
+    att = np.ones((B, S), np.int64)
+    if pad == "left":
+        att[0, :6], att[1, :2] = 0, 0
+    elif pad == "right":
+        att[0, -5:], att[2, -1:] = 0, 0
+    mask = decoder_attention_mask(None if pad == "none" else att, B, T, past, np)
+    whole, _ = attention(q, k, v, mask, need_probs=True)
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 4 * B * H * S * 4)
+    blocked, probs = attention(q, k, v, mask, need_probs=False)
+    assert probs is None
+    err = np.abs(blocked - whole).max()
+    assert err <= 1e-6, err
+
+
 def test_heads_round_trip():
     x = np.arange(2 * 5 * 12, dtype=np.float32).reshape(2, 5, 12)
     h = split_heads(x, 3)

@@ -89,6 +89,31 @@ def test_padded_batch_every_stage(tiny, side):
     _compare_all(ours, hf, pv, ids, att, img, labels=labels, label=f"tiny, batch 3, {side}-padded")
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_with_attention_in_query_blocks(tiny, side, monkeypatch):
+    """Without attention probabilities, attention takes the queries a few at a time and skips the keys no query
+    of a block can see. Shrunk blocks (a handful of rows) so the tiny model takes that path: every hidden state
+    and the logits still equal transformers', pad rows included."""
+    from kosmos2_ref import layers
+
+    ours, hf = tiny
+    pv, ids, att, img = _inputs(64, TEXTS, side=side, seed=3)
+    B, T = ids.shape
+    heads = ours.config.text_config.attention_heads
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)     # 5 query rows per block
+    needed = []
+    real = layers._keys_needed
+    monkeypatch.setattr(layers, "_keys_needed", lambda m, S: needed.append(real(m, S)) or needed[-1])
+    out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+               output_hidden_states=True)
+    ref = _hf_forward(hf, pv, ids, att, img, output_hidden_states=True)
+    assert needed and min(needed) < T            # blocks did leave keys out
+    print(f"\n[tiny, batch 3, {side}-padded, 5-query blocks] keys per block: {sorted(set(needed))} of {T}")
+    for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
+        fm.check(f"text hidden_states[{i}]", a, b, TOL)
+    fm.check("logits", out.logits, ref.logits, TOL)
+
+
 def test_odd_heads_every_stage(tiny_odd):
     ours, hf = tiny_odd
     pv, ids, att, img = _inputs(7, TEXTS[1:], side="left", seed=5, image_size=56)
