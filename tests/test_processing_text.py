@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fixtures_tokenizer as ft
@@ -151,6 +151,12 @@ def test_real_ids_equal_sentencepiece(real, text):
     expected = [fairseq.get(i, i + 1) for i in processor.encode(text)]
     # "<" … ">" sequences that spell a Kosmos-2 tag are added tokens, which SentencePiece does not know.
     # U+0085 is the one character on which the pipeline differs from SentencePiece (see the test below).
+    # And where the `tokenizers` library's Precompiled normaliser (ours, as in transformers' fast tokenizer built
+    # from the same tokenizer.json) maps a text differently from SentencePiece's own, the ids differ with it: such
+    # texts are left out (one is pinned in test_known_normaliser_differences_from_sentencepiece).
+    spm_norm = processor.normalize(text)
+    words = real.backend_tokenizer.normalizer.normalize_str(text).split()
+    assume(spm_norm == ("▁" + "▁".join(words) if words else ""))
     if "<" not in text and "\x85" not in text:
         assert real.encode(text, add_special_tokens=False) == expected
 
@@ -162,6 +168,22 @@ def test_next_line_character_is_the_one_known_difference_from_sentencepiece(real
     spm = pytest.importorskip("sentencepiece")
     assert _spm_processor(spm).encode("a\x85b") != [i - 1 for i in real.encode("a\x85b", add_special_tokens=False)]
     assert real.encode("a\x85b", add_special_tokens=False) == real.encode("a b", add_special_tokens=False)
+
+
+def test_known_normaliser_differences_from_sentencepiece(real, tmp_path):
+    """"²" followed by a combining accent: SentencePiece keeps the accent ("▁2" + "̀"), the `tokenizers` library's
+    Precompiled normaliser (which reads the same charsmap, here and in transformers' fast tokenizer) drops it.
+    Found by hypothesis; we follow the `tokenizers` pipeline that transformers' Kosmos2Processor runs."""
+    spm = pytest.importorskip("sentencepiece")
+    text = "\u00b2\u0300"
+    assert [i + 1 for i in _spm_processor(spm).encode(text)] == [269, 63904]
+    assert real.backend_tokenizer.normalizer.normalize_str(text) == "2"
+    assert real.encode(text, add_special_tokens=False) == [269]
+    assert real.encode("2\u0300", add_special_tokens=False) == [269, 63904]     # the accent alone is kept
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(ft.write_tokenizer_files(tmp_path, "real")))
+    assert hf(text, add_special_tokens=False)["input_ids"] == [269]                # transformers does as we do
 
 
 _SPM = {}
