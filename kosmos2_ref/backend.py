@@ -86,9 +86,9 @@ class Backend:
 
 def to_numpy(a):
     """Any backend's array (or a scalar / None) -> NumPy on the host."""
-    if a is None or isinstance(a, np.ndarray):
+    if a is None or type(a) is np.ndarray:
         return a
-    if hasattr(a, "get"):              # a CuPy array
+    if hasattr(a, "get"):              # a CuPy array (or the test suite's strict stand-in): the explicit download
         return a.get()
     return np.asarray(a)
 

@@ -553,9 +553,13 @@ def _top_candidates(acc, k: int, keys=None):
     xp = get_xp(acc)
     keys = acc if keys is None else keys
     part = xp.argpartition(-keys, k - 1, axis=-1)[:, :k]                           # [B, k] unordered
-    part_h = _host(part).astype(np.int64)
-    key_h = _host(xp.take_along_axis(keys, part, axis=-1))
-    acc_h = _host(xp.take_along_axis(acc, part, axis=-1))
+    # One download per step: the indices and both score arrays travel together as float64, which holds all of them
+    # exactly (indices < num_beams·V < 2^53; float32 scores widen without rounding).
+    home = _host(xp.stack([part.astype(xp.float64), xp.take_along_axis(keys, part, axis=-1).astype(xp.float64),
+                           xp.take_along_axis(acc, part, axis=-1).astype(xp.float64)]))   # [3, B, k]
+    part_h = home[0].astype(np.int64)
+    key_h = home[1].astype(keys.dtype)
+    acc_h = home[2].astype(acc.dtype)
     order = _top_desc(key_h, k, tiebreak=part_h)
     return np.take_along_axis(part_h, order, 1), np.take_along_axis(acc_h, order, 1)
 

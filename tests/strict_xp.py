@@ -4,7 +4,10 @@
 * mixing it with a plain host ``np.ndarray`` in any operation raises :class:`HostArrayError` (on CuPy that is an
   error or a hidden host↔device copy);
 * calling a ``np.*`` function on it (instead of the namespace's ``xp.*``) raises :class:`HostArrayError`;
-* ``STRICT.asarray(host)`` is the one explicit upload, like ``cupy.asarray``.
+* ``STRICT.asarray(host)`` is the one explicit upload, like ``cupy.asarray``;
+* ``.get()`` is the one explicit download, like CuPy's, and each is counted (``TRANSFERS``) so a test can bound
+  the device->host round trips; an implicit one (``int(a)``, ``float(a)``, ``bool(a)``, ``a.item()``,
+  ``a.tolist()``: on CuPy each is a hidden synchronising copy) raises :class:`HostArrayError`.
 ``get_xp`` finds ``STRICT`` through ``__array_namespace__``, as it would find ``cupy``.
 """
 from __future__ import annotations
@@ -43,14 +46,39 @@ def _unwrap(a):
 def _wrap(r):
     if isinstance(r, np.ndarray) and not isinstance(r, DeviceArray):
         return r.view(DeviceArray)
+    if isinstance(r, np.generic):                 # a full reduction: CuPy gives a 0-d device array, not a scalar
+        return np.asarray(r).view(DeviceArray)
     if isinstance(r, tuple):
         return tuple(_wrap(x) for x in r)
     return r
 
 
+class Transfers:
+    """Counts explicit device->host downloads (``DeviceArray.get``) and the elements they carried."""
+
+    def __init__(self):
+        self.count = 0
+        self.elements = 0
+
+
+TRANSFERS = Transfers()
+
+
 class DeviceArray(np.ndarray):
     def __array_namespace__(self, api_version=None):
         return STRICT
+
+    def get(self):
+        """The explicit download (CuPy's ``.get()``): a plain host copy, counted."""
+        TRANSFERS.count += 1
+        TRANSFERS.elements += self.size
+        return np.array(self.view(np.ndarray))
+
+    def _implicit(self, *args, **kwargs):
+        raise HostArrayError("implicit device->host transfer (int/float/bool/item/tolist) of a device array: "
+                             "bring results home once, explicitly")
+
+    __bool__ = __int__ = __float__ = __index__ = item = tolist = _implicit
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         _check(inputs, f"ufunc {ufunc.__name__}")

@@ -11,7 +11,7 @@ import pytest
 
 import fixtures_model as fm
 from kosmos2_ref import Kosmos2
-from strict_xp import STRICT_BACKEND, DeviceArray, HostArrayError, STRICT
+from strict_xp import STRICT_BACKEND, TRANSFERS, DeviceArray, HostArrayError, STRICT
 
 
 def test_strict_namespace_catches_host_arrays_and_numpy_calls():
@@ -22,6 +22,14 @@ def test_strict_namespace_catches_host_arrays_and_numpy_calls():
     with pytest.raises(HostArrayError, match="NumPy-only call np.concatenate"):
         np.concatenate([d, d])
     assert isinstance(STRICT.concatenate([d, d]), DeviceArray)
+    with pytest.raises(HostArrayError, match="implicit device->host"):
+        float(d.sum())
+    with pytest.raises(HostArrayError, match="implicit device->host"):
+        bool(d.any())
+    with pytest.raises(HostArrayError, match="implicit device->host"):
+        d.tolist()
+    before = TRANSFERS.count
+    assert type(d.get()) is np.ndarray and TRANSFERS.count == before + 1
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +89,34 @@ def test_generate_on_the_strict_namespace(models):
     a = strict.generate(**kw)
     b = ref_model.generate(**kw)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_one_small_download_per_generated_token(models, mode):
+    """On a device, generation brings home only what the host must decide on: each step's chosen ids (beam search:
+    its 2·num_beams candidates with their scores), in one explicit download per new token. The forward passes
+    download nothing, and no implicit transfer (int/float/bool of a device array) happens anywhere. The tokens
+    equal the NumPy backend's."""
+    ref_model, strict = models
+    pv, ids, att, img = _inputs()
+    B, n = ids.shape[0], 6
+    kw = {"greedy": dict(num_beams=1, do_sample=False), "sample": dict(num_beams=1, do_sample=True, top_k=5),
+          "beam": dict(num_beams=3, do_sample=False)}[mode]
+    kw.update(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+              max_new_tokens=n, min_new_tokens=n, no_repeat_ngram_size=0)
+    TRANSFERS.count = TRANSFERS.elements = 0
+    out = strict.generate(**kw, **({"seed": 3} if mode == "sample" else {}))
+    per_step = {"greedy": B, "sample": B, "beam": 3 * B * 2 * 3}[mode]     # beam: [indices, keys, scores] x B x 2·3
+    print(f"\n  {mode}: {TRANSFERS.count} downloads, {TRANSFERS.elements} elements for {n} tokens x {B} rows")
+    assert TRANSFERS.count == n and TRANSFERS.elements == n * per_step
+    ref = ref_model.generate(**kw, **({"seed": 3} if mode == "sample" else {}))
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_forward_downloads_nothing(models):
+    _, strict = models
+    pv, ids, att, img = _inputs()
+    TRANSFERS.count = 0
+    out = strict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                 output_hidden_states=True)
+    assert TRANSFERS.count == 0 and isinstance(out.logits, DeviceArray)
