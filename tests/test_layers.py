@@ -98,6 +98,19 @@ def test_linear_matches_float64(data):
     np.testing.assert_allclose(linear(x, w, b), ref, rtol=1e-5, atol=1e-5 * (1 + np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("lead", [(2,), (3,), (1, 2), (3, 1), (4,)])
+def test_linear_for_a_few_rows_matches_float64(lead):
+    """2-3 rows take one matrix-vector product per row (4 rows the matrix product): all equal float64."""
+    rng = np.random.default_rng(len(lead))
+    x = rng.standard_normal(lead + (33,)).astype(np.float32)
+    w = rng.standard_normal((47, 33)).astype(np.float32)
+    b = rng.standard_normal(47).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
+    got = linear(x, w, b)
+    assert got.shape == lead + (47,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 @pytest.mark.parametrize("n_in", [24, 23])
