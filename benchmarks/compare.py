@@ -194,40 +194,37 @@ def vm_hwm_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def peak_memory(side: str, folder: Path, dtype: str, new_tokens: int) -> float:
-    """Peak RSS (GB) of a fresh process that loads one side and generates ``new_tokens`` tokens."""
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
-            f"s = (c.Ours if {side!r} == 'ours' else c.HF)({str(folder)!r}, {dtype!r}); "
-            f"s.generate(*c.inputs(), {new_tokens}); "
-            "print(c.vm_hwm_kb())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+def in_child(code: str) -> str:
+    """Run ``code`` in a fresh Python process (with this script importable as ``c``) and return the last line it
+    printed; its error output is raised if it fails."""
+    prelude = f"import sys, time; sys.argv = ['x']; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
+    r = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
-    return int(r.stdout.strip().splitlines()[-1]) * 1024 / 1e9
+    return r.stdout.strip().splitlines()[-1]
+
+
+def peak_memory(side: str, folder: Path, dtype: str, new_tokens: int) -> float:
+    """Peak RSS (GB) of a fresh process that loads one side and generates ``new_tokens`` tokens."""
+    kb = in_child(f"s = (c.Ours if {side!r} == 'ours' else c.HF)({str(folder)!r}, {dtype!r}); "
+                  f"s.generate(*c.inputs(), {new_tokens}); print(c.vm_hwm_kb())")
+    return int(kb) * 1024 / 1e9
 
 
 def device_peak_memory(side: str, folder: Path, dtype: str, new_tokens: int, backend: str) -> float:
     """Peak device memory (GB) of a fresh process that loads one side onto the GPU and generates."""
     make = (f"c.Ours({str(folder)!r}, {dtype!r}, {backend!r})" if side == "ours"
             else f"c.HF({str(folder)!r}, {dtype!r}, 'cuda')")
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
-            f"s = {make}; s.generate(*c.inputs(), {new_tokens}); s.sync(); print(s.device_peak_bytes())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    return int(r.stdout.strip().splitlines()[-1]) / 1e9
+    return int(in_child(f"s = {make}; s.generate(*c.inputs(), {new_tokens}); s.sync(); "
+                        "print(s.device_peak_bytes())")) / 1e9
 
 
 def load_time(side: str, folder: Path, dtype: str) -> float:
     """Seconds for from_pretrained in a fresh process (warm page cache: the file was read before)."""
-    code = (f"import sys, time; sys.path.insert(0, {str(HERE)!r}); import compare as c; "
-            f"cls = c.Ours if {side!r} == 'ours' else c.HF; "
-            "import kosmos2_ref, torch, transformers; "       # imports are not load time
-            f"t0 = time.perf_counter(); cls({str(folder)!r}, {dtype!r}); print(time.perf_counter() - t0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    return float(r.stdout.strip().splitlines()[-1])
+    return float(in_child(f"cls = c.Ours if {side!r} == 'ours' else c.HF; "
+                          "import kosmos2_ref, torch, transformers; "       # imports are not load time
+                          f"t0 = time.perf_counter(); cls({str(folder)!r}, {dtype!r}); "
+                          "print(time.perf_counter() - t0)"))
 
 
 def machine(gpu: bool = False) -> dict:

@@ -42,7 +42,7 @@ def linear(x, weight, bias=None):
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if weight.dtype != np.float32 and get_xp(x) is np and weight.size > UPCAST_MIN_SIZE:
         y = linear_upcast_blocks(x, weight)
-    elif 1 < rows <= MATVEC_MAX_ROWS and get_xp(x).__name__ != "cupy":    # a GPU's GEMM reads W once: keep it
+    elif 1 < rows <= MATVEC_MAX_ROWS and get_xp(x).__name__ != "cupy":    # not on a GPU, whose GEMM reads W once
         y = _matvec_per_row(x, as_float32(weight))
     elif rows > 1:
         y = _matmul_weight_first(x, as_float32(weight))
@@ -149,7 +149,8 @@ def widen_pairs(src, even, odd):
 
 
 def _scratch(rows: int, cols: int):
-    """Two reusable float32 buffers of shape [rows, cols] (no page faults from fresh allocations per block)."""
+    """Two reusable float32 buffers of shape [rows, cols] (no page faults from fresh allocations per block); one
+    pair per thread, so models used from several threads do not share them."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < 2 * rows * cols:
         buf = _local.buf = np.empty(2 * rows * cols, dtype=np.float32)
