@@ -102,13 +102,15 @@ def _matmul_weight_first(x, w):
 # float32 (:func:`widen_pairs`): the even columns of the block and its odd columns, as two matrices. The product
 # is split the same way: x·w = x[0::2]·w[0::2] + x[1::2]·w[1::2].
 #
-# (Worker threads do not help here: this OpenBLAS runs concurrent calls from several threads one at a time, and
-# handing blocks to threads costs more than it saves. Measured on the 2-core machine: no gain, so none are used.)
+# (No worker threads. NumPy gives no way to run each block's product on one BLAS thread, so two Python threads
+# would share OpenBLAS's two; and calls on cache-sized blocks last ~15 µs, too short for two Python threads to
+# overlap. Measured on the 2-core machine: no gain with OpenBLAS's own threads; 17 % for bfloat16 and 38 % for
+# float16 only when OpenBLAS is set process-wide to one thread, which a library should not do to its host.)
 
 UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
-UPCAST_BLOCK_BYTES = 2 << 20              # float32 bytes per block when x has few rows: the two halves fill a
-                                          # core's 2 MiB L2 (bfloat16, measured here: 1 MiB blocks 4.5 G weights/s,
-                                          # 2 MiB 4.9-5.1, 4 MiB 3.5)
+UPCAST_BLOCK_BYTES = 2 << 20              # float32 bytes per block when x has few rows: the two BLAS threads
+                                          # each read half, the 1 MiB L2 of its core (bfloat16, measured here:
+                                          # 1 MiB blocks 4.5 G weights/s, 2 MiB 4.9-5.1, 4 MiB 3.5)
 UPCAST_BLOCK_BYTES_MANY_ROWS = 8 << 20    # float32 bytes per block when x has many rows (GEMM likes wide blocks)
 UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
 
