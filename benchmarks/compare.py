@@ -10,6 +10,11 @@ ours / transformers is printed for each. Peak resident memory is measured for ea
 ``--write-docs`` regenerates docs/performance.md from that file. Never a timing in a test: this script is the
 only place speed is judged.
 
+Beside each of ours' image encoding, time to first token and decode step, the script also times the same step's
+linear-layer products alone (recorded from one real call, replayed back to back with nothing else): the ratio of
+that to transformers' whole call is the lowest ours could reach with those products, which shows how far a target
+is from the matrix-product floor of this machine.
+
 With ``--backend cupy`` both sides run on the GPU (transformers eager attention on CUDA): image encoding, time to
 first token, per-token decode, a 64-token generate, and the peak device memory of each side in its own process.
 Every timed call ends with a device synchronisation, so queued GPU work is counted.
@@ -281,9 +286,10 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
     where = f"{backend} vs transformers on CUDA" if gpu else "CPU"
     print(f"[{size}] prompt of {ids.shape[1]} tokens, float32, batch 1, {where}")
     t = alternate(sides, lambda s: (lambda: s.encode(pv)), repeats)
-    row("image encoding (vision + connector)", t["kosmos2-ref"], t["transformers"])
+    hf_encode = row("image encoding (vision + connector)", t["kosmos2-ref"], t["transformers"])["transformers"]
     t = alternate(sides, lambda s: (lambda: s.prefill(pv, ids, att, img)), repeats)
-    row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"], t["transformers"])
+    hf_ttft = row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"],
+                  t["transformers"])["transformers"]
     n_steps = 16
     per_tok = decode_times(sides, repeats, n_steps)
     hf_decode = row(f"per-token decode (KV cache, mean of {n_steps} steps)", per_tok["kosmos2-ref"],
@@ -291,7 +297,21 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
     t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, new_tokens)), max(1, repeats // 2),
                   warmup=0 if not gpu else 1)
     row(f"generate {new_tokens} new tokens (end to end)", t["kosmos2-ref"], t["transformers"])
-    del sides
+
+    print(f"[{size}] ours' linear-layer products alone, replayed without the rest, against transformers' whole call")
+    floors = res["products_alone"] = []
+
+    def floor(what, side, fn, hf):
+        f = {"what": what, "ours_products": products_alone(side, fn, repeats), "transformers": hf}
+        floors.append(f)
+        print(f"  {what:<44s} {f['ours_products']:10.4f} {hf:10.4f}  s   lowest ratio {f['ours_products'] / hf:.3f}",
+              flush=True)
+
+    ours = sides[0]
+    floor("image encoding", ours, lambda: ours.encode(pv), hf_encode)
+    floor("time to first token", ours, lambda: ours.prefill(pv, ids, att, img), hf_ttft)
+    floor("per-token decode", ours, decode_step(ours), hf_decode)
+    del sides, ours
 
     if gpu:
         print(f"[{size}] peak device memory, each side in its own process")
@@ -310,6 +330,7 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
         err = float(np.abs(to_host(ours.prefill(pv, ids, att, img)[0]) - ref_logits).max())
         row(f"per-token decode, {dt} storage vs tf float32", decode_times([ours], repeats, n_steps)[ours.name],
             hf_decode)
+        floor(f"per-token decode, {dt} storage", ours, decode_step(ours), hf_decode)
         del ours
         if gpu:
             row(f"peak device memory, {dt} storage vs tf float32 (GB)",
@@ -349,6 +370,70 @@ def decode_times(sides, repeats: int, n_steps: int) -> dict:
             if i:
                 times[s.name].append((time.perf_counter() - t0) / n_steps)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+# The modules whose ``linear`` calls make up ours' matrix products (each imports the name from layers).
+LINEAR_USERS = ("kosmos2_ref.vision", "kosmos2_ref.connector", "kosmos2_ref.text")
+
+
+def record_linears(fn) -> list:
+    """Run ``fn()`` once and return every ``linear(x, weight, bias)`` call it made, in order, each input copied as it
+    was (same shape and memory layout), the weight and bias as the model holds them."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in LINEAR_USERS]
+    calls = []
+
+    def recording(x, weight, bias=None, _linear=mods[0].linear):
+        calls.append((x.copy(order="K"), weight, bias))
+        return _linear(x, weight, bias)
+
+    saved = [m.linear for m in mods]
+    try:
+        for m in mods:
+            m.linear = recording
+        fn()
+    finally:
+        for m, f in zip(mods, saved):
+            m.linear = f
+    return calls
+
+
+def products_alone(side, fn, repeats: int) -> float:
+    """Median seconds for only the matrix products (``layers.linear``: product, bias, and for 2-byte storage the
+    widening) that one ``fn()`` of our side runs, replayed back to back with nothing else: no attention, LayerNorm,
+    activation, cache or Python around them. A lower bound on what ``fn`` can take with these products."""
+    from kosmos2_ref.layers import linear
+
+    calls = record_linears(fn)
+
+    def replay():
+        for x, w, b in calls:
+            linear(x, w, b)
+
+    replay()                                          # warm-up
+    times = []
+    for _ in range(repeats):
+        side.sync()
+        t0 = time.perf_counter()
+        replay()
+        side.sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_step(side, n_steps: int = 16):
+    """A function running the next cached decode step of ``side`` each call, up to ``n_steps`` calls (after an
+    untimed prefill of the benchmark prompt)."""
+    pv, ids, att, img = inputs()
+    state = side.prefill(pv, ids, att, img, n_steps)
+    done = [0]
+
+    def step():
+        side.decode_steps(state, np.ones((att.shape[0], att.shape[1] + done[0]), dtype=att.dtype), 1)
+        done[0] += 1
+
+    return step
 
 
 def scaling_table(folder, repeats, backend: str = "numpy"):
@@ -415,6 +500,17 @@ def write_docs(results_dir: Path, out: Path):
                          f"{row['unit']} | {row['ratio']:.3f} | {verdict} |")
         for dt, e in r.get("storage_error", {}).items():
             lines.append(f"\n{dt} storage: last-token logits max |Δ| against our float32 = {e:.3e}.")
+        if r.get("products_alone"):
+            lines += ["", "Ours' linear-layer products alone (every `layers.linear` call of the step recorded, then replayed "
+                      "back to back with nothing else: no attention, LayerNorm, activation, cache or Python around them; "
+                      "for 2-byte storage the widening is part of it), against transformers' whole call in the same "
+                      "run. Their ratio is the lowest ours could reach with these products and every other cost at "
+                      "zero:", "",
+                      "| products alone | kosmos2-ref products (s) | transformers whole (s) | lowest ratio |",
+                      "|---|---:|---:|---:|"]
+            for f in r["products_alone"]:
+                lines.append(f"| {f['what']} | {f['ours_products']:.4f} | {f['transformers']:.4f} | "
+                             f"{f['ours_products'] / f['transformers']:.3f} |")
         if r.get("scaling"):
             lines += ["", "Scaling (prefill includes the image; median of half as many repeats for prefill and one run "
                       "for generate, so these rows are noisier than the main table):", "",

@@ -58,7 +58,8 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
                     row("per-token decode (KV cache, mean of 16 steps)", 0.026, 0.020)]}
     cpu = {"size": "full", "machine": {k: v for k, v in machine.items() if k not in ("gpu", "cupy", "torch_cuda",
                                                                                        "gpu_memory_gb")},
-           "repeats": 5, "rows": [row("image encoding (vision + connector)", 0.9, 1.0)]}
+           "repeats": 5, "rows": [row("image encoding (vision + connector)", 0.9, 1.0)],
+           "products_alone": [{"what": "image encoding", "ours_products": 0.7, "transformers": 1.0}]}
     results = tmp_path / "results"
     results.mkdir()
     (results / "full-cupy.json").write_text(json.dumps(gpu))
@@ -73,3 +74,40 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
     assert "| 1.300 | ≤ 1.2 **not met** |" in gpu_part               # decode: 1.2
     cpu_part = text[text.index("## full\n"):text.index("## full-cupy")]
     assert "| 0.900 | ≤ 0.8 **not met** |" in cpu_part and "GPU:" not in cpu_part
+    assert "| image encoding | 0.7000 | 1.0000 | 0.700 |" in cpu_part    # the floor: products alone against tf
+
+
+def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
+    """The floor rows replay exactly the model's linear layers: one call per projection, each with its own weight,
+    and the same outputs; and the recording leaves the model's modules as they were."""
+    import numpy as np
+
+    import kosmos2_ref.connector
+    import kosmos2_ref.text
+    import kosmos2_ref.vision
+    from kosmos2_ref.layers import linear
+
+    folder, _ = tiny_checkpoint
+    ours = compare.Ours(folder)
+    cfg = ours.model.config
+    pv, ids, att, img = compare.inputs()
+    pv = pv[:, :, :cfg.vision_config.image_size, :cfg.vision_config.image_size]
+    calls = compare.record_linears(lambda: ours.encode(pv))
+    # 6 per vision block (q, k, v, out, fc1, fc2); the connector: dense, then q, k, v, out of its cross-attention
+    assert len(calls) == 6 * cfg.vision_config.num_hidden_layers + 5
+    vision = ours.model.params["vision_model"]["model"]["encoder"]["layers"]
+    assert [id(w) for _, w, _ in calls[:6]] == [id(vision[0][a][b]["weight"]) for a, b in (
+        ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "out_proj"),
+        ("mlp", "fc1"), ("mlp", "fc2"))]
+    assert calls[0][0].shape == (1, 1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
+                                 cfg.vision_config.hidden_size)
+    for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.text):
+        assert m.linear is linear
+    # a decode step: 6 per decoder block and the LM head, one row each
+    step = compare.decode_step(ours)
+    calls = compare.record_linears(step)
+    assert len(calls) == 6 * cfg.text_config.layers + 1
+    assert all(x.shape[:-1] == (1, 1) for x, _, _ in calls)
+    x, w, b = calls[0]
+    np.testing.assert_array_equal(linear(x, w, b), linear(x.copy(), w, b))   # the copy is the input, as it was
+    assert compare.products_alone(ours, step, 2) > 0
