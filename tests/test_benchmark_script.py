@@ -78,8 +78,8 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
 
 
 def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
-    """The floor rows replay exactly the model's linear layers: one call per projection, each with its own weight,
-    and the same outputs; and the recording leaves the model's modules as they were."""
+    """The floor rows replay exactly the model's linear layers: one call per projection, each with its own weight
+    and its real input; and the recording leaves the model's modules as they were."""
     import numpy as np
 
     import kosmos2_ref.connector
@@ -103,12 +103,13 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
                                  cfg.vision_config.hidden_size)
     for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.text):
         assert m.linear is linear
+    # the inputs are the real ones: the last call (the connector's out_proj) replayed gives the image embeddings
+    x, w, b = calls[-1]
+    np.testing.assert_array_equal(linear(x, w, b), ours.encode(pv))
     # a decode step: 6 per decoder block and the LM head, one row each
     step = compare.decode_step(ours)
     calls = compare.record_linears(step)
     assert len(calls) == 6 * cfg.text_config.layers + 1
     assert all(x.shape[:-1] == (1, 1) for x, _, _ in calls)
-    x, w, b = calls[0]
-    np.testing.assert_array_equal(linear(x, w, b), linear(x.copy(), w, b))   # the copy is the input, as it was
     whole, products = compare.products_alone(ours, step, 2)
     assert whole > 0 and products > 0
