@@ -22,6 +22,7 @@ Every timed call ends with a device synchronisation, so queued GPU work is count
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -381,12 +382,14 @@ def record_linears(fn) -> list:
     was (same shape and memory layout), the weight and bias as the model holds them."""
     import importlib
 
+    from kosmos2_ref.layers import linear
+
     mods = [importlib.import_module(m) for m in LINEAR_USERS]
     calls = []
 
-    def recording(x, weight, bias=None, _linear=mods[0].linear):
+    def recording(x, weight, bias=None):
         calls.append((x.copy(order="K"), weight, bias))
-        return _linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     saved = [m.linear for m in mods]
     try:
@@ -430,11 +433,10 @@ def decode_step(side, n_steps: int = 16):
     untimed prefill of the benchmark prompt)."""
     pv, ids, att, img = inputs()
     state = side.prefill(pv, ids, att, img, n_steps)
-    done = [0]
+    cached = itertools.count(att.shape[1])            # tokens in the cache before each step
 
     def step():
-        side.decode_steps(state, np.ones((att.shape[0], att.shape[1] + done[0]), dtype=att.dtype), 1)
-        done[0] += 1
+        side.decode_steps(state, np.ones((att.shape[0], next(cached)), dtype=att.dtype), 1)
 
     return step
 
