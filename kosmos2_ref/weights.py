@@ -166,6 +166,7 @@ class SafetensorsFile:
                         raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} ends early")
                     got += n
                 flat[i:i + part.size] = convert_storage(part, tag, storage)
+        out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
         return out
 
 

@@ -177,6 +177,70 @@ def test_widen_pairs_float16_inf_and_nan_are_kept():
     assert np.signbit(odd[1, 0])
 
 
+def test_widen_pairs_scaled_float16_is_exact_times_two_to_the_minus_112():
+    """``scaled=True``: every finite float16 pattern comes out as exactly 2^-112 × its value (subnormals and ±0
+    included), so x × 2^112 times it is the same product; the checked form reports blocks with an inf/NaN."""
+    from kosmos2_ref.layers import widen_pairs
+
+    pattern = np.arange(1 << 16, dtype=np.uint16)
+    pattern = pattern[pattern & 0x7C00 != 0x7C00]                              # every finite float16
+    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]]).view(np.float16)   # [3, 63488]
+    even = np.empty((3, rows.shape[1] // 2), np.float32)
+    odd = np.empty_like(even)
+    assert widen_pairs(rows, even, odd, scaled=True) is True
+    for half, ref in ((even, rows[:, 0::2]), (odd, rows[:, 1::2])):
+        exact = ref.astype(np.float32)
+        assert np.array_equal((half * np.float32(2.0 ** 112)).view(np.uint32), exact.view(np.uint32))
+        assert np.array_equal(half.view(np.uint32), (exact.astype(np.float64) * 2.0 ** -112).astype(np.float32)
+                              .view(np.uint32))
+    assert widen_pairs(rows, even, odd) is True
+    bad = np.array([[1.0, np.inf]], dtype=np.float16)
+    assert widen_pairs(bad, np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)) is False
+
+
+def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite(monkeypatch):
+    """The first product over a read-only float16 matrix widens it the checked way and remembers it as finite; later
+    ones take the 2^-112-scaled widening with x × 2^112, and give bit-identical results. Writable matrices, ones
+    with an inf, and x too large to scale (|x| ≥ 2^16) keep the checked way; the entry goes with the matrix."""
+    import gc
+
+    from kosmos2_ref import layers
+
+    monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)            # 5 rows of W per block
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((37, 24)) * 0.05).astype(np.float16)
+    w[0, :4] = [6e-8, -6e-8, 0.0, -0.0]                                      # subnormals and zeros scale too
+    w.flags.writeable = False
+    x = rng.standard_normal((1, 24)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    assert not layers._known_finite(w)
+    first = linear(x, w)
+    assert layers._known_finite(w)
+    second = linear(x, w)                                                    # the scaled path
+    np.testing.assert_array_equal(second.view(np.uint32), first.view(np.uint32))
+    np.testing.assert_allclose(second, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+    big = x * np.float32(2.0 ** 17)                                          # × 2^112 would overflow: checked way
+    np.testing.assert_allclose(linear(big, w), ref * 2.0 ** 17, rtol=1e-5, atol=1e-5 * np.abs(ref).max() * 2 ** 17)
+
+    writable = w.copy()
+    linear(x, writable)
+    assert not layers._known_finite(writable)
+    with_inf = w.copy()
+    with_inf[3, 5] = np.inf
+    with_inf.flags.writeable = False
+    for _ in range(2):
+        y = linear(np.abs(x), with_inf)
+        assert np.isposinf(y[0, 3]) and np.isfinite(np.delete(y, 3)).all()
+    assert not layers._known_finite(with_inf)
+
+    entries = len(layers._float16_all_finite)
+    del w
+    gc.collect()
+    assert len(layers._float16_all_finite) == entries - 1
+
+
 def test_keys_needed_by_a_block_of_queries():
     """Only trailing keys hidden from every query of the block are left out, and none when a query sees nothing."""
     from kosmos2_ref.layers import _keys_needed
