@@ -122,6 +122,26 @@ def _check_image_path(path: str) -> Path:
     return p
 
 
+def _check_output(option: str, value: str, what: str, path: Path | None = None, subject: str | None = None) -> Path:
+    """Fail now, before the model loads, if an output cannot be written: it is a folder (or some other non-file),
+    or its folder is missing, not a folder or not writable. ``path`` is a file derived from ``value`` (default:
+    ``value`` itself); the message starts with ``subject`` (default: the option and the value the user gave)."""
+    target = Path(path or value).expanduser()
+    subject = subject or f"{option} {value!r}"
+    if target.is_dir():
+        raise CLIError(f"{subject} is a folder; expected {what}")
+    if target.exists() and not target.is_file():
+        raise CLIError(f"{subject} exists and is not a regular file; expected {what}")
+    folder = target.parent
+    if not folder.exists():
+        raise CLIError(f"{option} {value!r}: folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise CLIError(f"{option} {value!r}: {str(folder)!r} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {value!r}: folder {str(folder)!r} is not writable")
+    return target
+
+
 def _load_model(args, model_id: str | None = None):
     from .model import Kosmos2
 
@@ -153,7 +173,10 @@ def _draw(image_path: Path, entities, out_path: str, image=None) -> Path:
 
     img = image if image is not None else load_image(image_path)
     target = Path(out_path).expanduser()
-    save_image(draw_entities(img, entities), target)
+    try:
+        save_image(draw_entities(img, entities), target)
+    except OSError as exc:              # name what the user gave, not the temporary file
+        raise CLIError(f"--draw {out_path!r}: cannot write it: {exc.strerror or _one_line(exc)}") from exc
     return target
 
 
@@ -291,17 +314,50 @@ class _Progress:
         self.stream.flush()
 
 
-def _save_npy_atomic(path: Path, array) -> None:
-    import numpy as np
-
-    tmp = path.with_name(f".{path.name}.partial")
+def _save_outputs(option: str, value: str, outputs) -> None:
+    """Write the outputs all or nothing. ``outputs`` is a list of (path, write), ``write(f)`` filling an open binary
+    file. Each is written to a temporary file beside its path; only when all are written are they moved into place.
+    On any failure the temporaries are removed and the old outputs are left as they were (one already moved is put
+    back from a hard link kept until the end); an OSError is reported naming ``option`` and the output path."""
+    staged: list[tuple[Path, Path]] = []            # (temporary, path)
+    backups: dict[Path, Path] = {}                  # path -> a link to its old contents
+    moved: list[Path] = []
+    current = outputs[0][0]
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+        for current, write in outputs:
+            tmp = current.with_name(f".{current.name}.partial")
+            with open(tmp, "wb") as f:
+                staged.append((tmp, current))
+                write(f)
+        for tmp, current in staged[:-1]:            # the last one moved needs no way back
+            if current.is_file():
+                backup = current.with_name(f".{current.name}.old")
+                if backup.is_file() or backup.is_symlink():
+                    backup.unlink()
+                try:
+                    os.link(current, backup)
+                except OSError:                     # no hard links on this file system
+                    import shutil
+
+                    shutil.copy2(current, backup)
+                backups[current] = backup
+        for tmp, current in staged:
+            os.replace(tmp, current)
+            moved.append(current)
+    except BaseException as exc:
+        for path in reversed(moved):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CLIError(f"{option} {value!r}: cannot write {str(current)!r}: {exc.strerror or _one_line(exc)} "
+                           f"(no output was changed)") from exc
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in [tmp for tmp, _ in staged] + list(backups.values()):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def embed_outputs(out: str) -> tuple[Path, Path | None]:
@@ -320,8 +376,10 @@ def cmd_embed(args) -> int:
     from . import tasks
 
     out, pooled_out = embed_outputs(args.out)
-    if not out.parent.is_dir():
-        raise CLIError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    _check_output("--out", args.out, f"a {out.suffix.lower()} file to write")        # before the slow part
+    if pooled_out is not None:
+        _check_output("--out", args.out, "a .npy file to write", pooled_out,
+                      f"--out {args.out!r}: its pooled vectors' file {str(pooled_out)!r}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = _expand_images(args.images)
@@ -329,18 +387,11 @@ def cmd_embed(args) -> int:
     result = tasks.embed(model, None, [str(p) for p in paths], batch_size=args.batch_size,
                          progress=_Progress())
     if pooled_out is None:
-        tmp = out.with_name(f".{out.name}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, image_embeds=result.image_embeds, pooled=result.pooled,
-                         names=np.array([str(p) for p in paths]))
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        _save_outputs("--out", args.out, [(out, lambda f: np.savez(
+            f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array([str(p) for p in paths])))])
     else:
-        _save_npy_atomic(out, result.image_embeds)
-        _save_npy_atomic(pooled_out, result.pooled)
+        _save_outputs("--out", args.out, [(out, lambda f: np.save(f, result.image_embeds)),
+                                          (pooled_out, lambda f: np.save(f, result.pooled))])
     summary = {"out": str(out), "pooled_out": str(pooled_out or out), "count": len(paths),
                "image_embeds_shape": list(result.image_embeds.shape), "pooled_shape": list(result.pooled.shape),
                "images": [str(p) for p in paths], "model": model.name_or_path}
@@ -366,6 +417,9 @@ def cmd_demo(args) -> int:
     image_path = _check_image_path(args.image) if args.image else demo_image()
     if not image_path.is_file():
         raise CLIError(f"the packaged demo image is missing: {str(image_path)!r}")
+    if not args.draw:                   # main() checked a --draw given; check the default before the slow part
+        _check_output("--draw", DEFAULT_DEMO_DRAW, "an image file to write (choose another with --draw)",
+                      subject=f"the demo's output {DEFAULT_DEMO_DRAW!r} (the --draw default)")
     random_weights = False
     explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
     if explicit:
@@ -406,9 +460,7 @@ def main(argv=None) -> int:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         if args.draw:                   # check the target before the slow part
-            target = Path(args.draw).expanduser()
-            if not target.parent.is_dir():
-                raise CLIError(f"--draw {args.draw!r}: folder {str(target.parent)!r} does not exist")
+            target = _check_output("--draw", args.draw, "an image file to write")
             import PIL.Image
 
             if target.suffix.lower() not in PIL.Image.registered_extensions():
@@ -417,6 +469,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:             # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so Python's final flush of stdout does not fail again
+        return 141                      # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     except (ValueError, OSError, ImportError, MemoryError) as exc:
         if os.environ.get("KOSMOS2_REF_DEBUG"):
             raise

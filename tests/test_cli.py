@@ -217,6 +217,102 @@ def test_errors_are_one_line(capsys, ckpt, tmp_path):
                    "does not exist")
 
 
+def test_output_paths_are_checked_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    no_model = tmp_path / "no-model"            # were the model loaded first, the error would be about this
+
+    def check(argv, *needles):
+        code, out, err = run(capsys, "--model", no_model, *argv)
+        one_line_error(code, out, err, *needles)
+        assert "no-model" not in err and ".partial" not in err
+
+    (tmp_path / "d.npy").mkdir()
+    check(["embed", DOGS, "--out", tmp_path / "d.npy"], f"--out '{tmp_path / 'd.npy'}' is a folder", ".npy file")
+    (tmp_path / "z.npz").mkdir()
+    check(["embed", DOGS, "--out", tmp_path / "z.npz"], "--out", "z.npz' is a folder", ".npz file")
+    np.save(tmp_path / "e.npy", np.zeros(3))
+    (tmp_path / "e.pooled.npy").mkdir()
+    check(["embed", DOGS, "--out", tmp_path / "e.npy"], "--out", "e.pooled.npy' is a folder")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), np.zeros(3))
+    (tmp_path / "a-file").write_text("")
+    check(["embed", DOGS, "--out", tmp_path / "a-file" / "e.npy"], "--out", "a-file' is not a folder")
+    (tmp_path / "g.png").mkdir()
+    check(["--draw", tmp_path / "g.png", "ground", DOGS, "a dog"], "--draw", "g.png' is a folder", "image file")
+    check(["caption", DOGS, "--draw", tmp_path / "no" / "c.png"], "--draw", "folder", "does not exist")
+    check(["describe", DOGS, "--box", "0,0,1,1", "--draw", tmp_path / "a-file" / "c.png"], "--draw",
+          "is not a folder")
+    Path("kosmos2-demo.png").mkdir()                    # the demo's default --draw, in the working folder
+    check(["demo"], "'kosmos2-demo.png'", "is a folder", "--draw")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode))
+    check(["embed", DOGS, "--out", locked / "e.npz"], "--out", "folder", "locked'", "not writable")
+
+
+def test_embed_npy_pair_is_written_all_or_nothing(capsys, ckpt, tmp_path, monkeypatch):
+    old_embeds, old_pooled = np.full((1, 2), 7.0), np.full((1,), 8.0)
+    np.save(tmp_path / "e.npy", old_embeds)
+    np.save(tmp_path / "e.pooled.npy", old_pooled)
+
+    def outputs():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e.", "f.", ".f.")))
+
+    def unchanged():
+        assert outputs() == ["e.npy", "e.pooled.npy"]
+        np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
+        np.testing.assert_array_equal(np.load(tmp_path / "e.pooled.npy"), old_pooled)
+
+    # the second file fails to write (a full disk): neither is replaced, no temporary is left
+    real_save = np.save
+
+    def save(f, arr, *a, **kw):
+        if np.ndim(arr) == 2 and arr.shape[1] == 32:                    # the pooled vectors
+            raise OSError(28, "No space left on device", getattr(f, "name", "?"))
+        return real_save(f, arr, *a, **kw)
+
+    monkeypatch.setattr(np, "save", save)
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
+    one_line_error(code, out, err, "--out", "e.pooled.npy", "No space left on device", "no output was changed")
+    assert ".partial" not in err
+    unchanged()
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "f.npy")
+    one_line_error(code, out, err, "f.pooled.npy")
+    assert outputs() == ["e.npy", "e.pooled.npy"]                       # no new f.npy alone
+    monkeypatch.setattr(np, "save", real_save)
+
+    # both written, but moving the second into place fails: the first is put back as it was
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if Path(dst).name == "e.pooled.npy":
+            raise OSError(13, "Permission denied", str(src), str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
+    one_line_error(code, out, err, "--out", "e.pooled.npy", "Permission denied")
+    assert ".partial" not in err
+    unchanged()
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "e.npy").shape == (1, 64, 32) and np.load(tmp_path / "e.pooled.npy").shape == (1, 32)
+    assert outputs() == ["e.npy", "e.pooled.npy"]
+
+
+def test_draw_write_error_names_the_option(capsys, ckpt, tmp_path, monkeypatch):
+    def full_disk(self, fp, *a, **kw):
+        raise OSError(28, "No space left on device", str(fp))
+
+    monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
+    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "2", "--draw", tmp_path / "out.png",
+                         "caption", DOGS)
+    one_line_error(code, out, err, "--draw", "out.png", "No space left on device")
+    assert ".partial" not in err
+    assert not [p for p in tmp_path.iterdir() if "out.png" in p.name]
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["frobnicate"])
@@ -265,6 +361,19 @@ def test_demo_offline_on_a_fresh_machine(tmp_path):
     d = json.loads(proc.stdout)
     assert d["random_weights"] is True and d["drawn"] == "out.png" and set(d) >= {"text", "caption", "entities"}
     assert d["image"].endswith("two_dogs.jpg")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, ckpt):
+    """`kosmos2-ref ... --json | head -0`: the reader is gone before the output is written; the command stops with
+    status 141 (128 + SIGPIPE, as a shell reports it) and prints no error or traceback."""
+    env = _fresh_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "2", "--model", ckpt,
+                             "caption", str(DOGS)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()                     # nobody will read what it prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert err == ""
 
 
 def test_demo_uses_real_weights_when_given(capsys, ckpt):
