@@ -1,9 +1,9 @@
 """The things Kosmos-2 is for, one function each: grounded captions, referring expressions both ways, embeddings.
 
-Each function takes ``(model, processor, ...)`` and an image (a path, a PIL image or a [H, W, 3] uint8 array) and
-returns a small dataclass; ``processor=None`` builds the model's own (:func:`processor_for`). Boxes come back both
-normalised to [0, 1] (``boxes``) and in pixels of the image given (``pixel_boxes``, ``int(coordinate · side)`` as
-the original demo draws them).
+Each function takes ``(model, processor, ...)`` and an image (a path, a PIL image or an array, as the processor
+takes them) and returns a small dataclass; ``processor=None`` builds the model's own (:func:`processor_for`). Boxes
+come back both normalised to [0, 1] (``boxes``) and in pixels of the image given (``pixel_boxes``,
+``int(coordinate · side)`` as the original demo draws them).
 
 * :func:`caption` -- grounded captioning: the prompt ``"<grounding> An image of"`` makes the model wrap the
   phrases it names in ``<phrase>…</phrase><object>…</object>`` (spec §11).
@@ -115,19 +115,17 @@ class EmbedResult:
 # Inputs
 
 def load_image(image, name: str = "image") -> PIL.Image.Image:
-    """A path, a PIL image or a [H, W, 3]/[H, W] uint8 array -> an RGB PIL image (paths EXIF-rotated)."""
-    from .processing.image import load_image as _load
+    """A path, a PIL image or an array -> the RGB PIL image the processor would see (paths EXIF-rotated).
 
-    if isinstance(image, PIL.Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise ValueError(f"{name}: expected a uint8 array of shape [H, W] or [H, W, 3], got shape "
-                             f"{image.shape} and dtype {image.dtype}")
-        return PIL.Image.fromarray(image).convert("RGB")
-    if isinstance(image, (str, Path)):
-        return _load(image, name)
-    raise ValueError(f"{name}: expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    The conversion is the processor's own (``processing.image.to_rgb_uint8``): transparency is composited onto
+    white, grey is repeated, and what the processor refuses (16-bit images, bad arrays) is refused here with its
+    message. So caption/ground/describe/embed see the same pixels as ``processor(images=image)``.
+    """
+    from .processing.image import to_rgb_uint8
+
+    if isinstance(image, PIL.Image.Image) and image.mode == "RGB":
+        return image
+    return PIL.Image.fromarray(to_rgb_uint8(image, name))       # [H, W, 3] uint8 -> RGB image
 
 
 def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:

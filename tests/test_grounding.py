@@ -102,6 +102,12 @@ def test_box_to_indices_errors(box, message):
         ([[(1, 2), None]], r"bboxes\[0\]: the list of boxes for one phrase must not contain None"),
         ([(1024, 5)], r"bboxes\[0\]: patch indices must lie in \[0, 1023\], got \(1024, 5\)"),
         ([(-1, 5)], r"patch indices must lie in \[0, 1023\]"),
+        # the lower-right cell above (row) or left of (column) the upper-left one
+        ([(1000, 5)], r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, "
+                      r"column 5\) lies above or left of cell 1000 \(row 31, column 8\) on the 32 × 32 grid"),
+        ([(37, 36)], r"cell 36 \(row 1, column 4\) lies above or left of cell 37 \(row 1, column 5\)"),
+        ([(64, 31)], r"cell 31 \(row 0, column 31\) lies above or left of cell 64 \(row 2, column 0\)"),
+        ([None, [(0, 1023), (31, 32)]], r"bboxes\[1\]\[1\]: \(31, 32\) is not \(upper_left, lower_right\)"),
         ([(0.5, 0.5, 0.4, 0.9)], r"bboxes\[0\]: a box must have x2 > x1 and y2 > y1"),
         ([(0.1, 0.1, 1.2, 0.9)], r"bboxes\[0\]: box coordinates must be normalised to \[0, 1\]"),
         ([(0, 0, 1, 1)], r"bboxes\[0\]: each box must be a tuple of 2 ints .* or of 4 floats"),
@@ -114,6 +120,27 @@ def test_box_to_indices_errors(box, message):
 def test_check_bboxes_errors(bboxes, message):
     with pytest.raises(ValueError, match=message):
         check_bboxes_for_single_text(bboxes)
+
+
+def test_check_bboxes_accepts_ordered_patch_indices():
+    # one cell, one row, one column, the whole grid: the lower-right cell is never above or left of the upper-left
+    check_bboxes_for_single_text([(5, 5), [(32, 63), (10, 42)], (0, 1023), (44, 863)])
+
+
+@pytest.mark.parametrize(
+    "entities, message",
+    [
+        ([("a", (0, 1), [(0.1, 0.2)])], r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
+                                        r"numbers, got \(0.1, 0.2\)"),
+        ([("a", (0, 1), []), ("b", (2, 3), [(0, 0, 1, 1), (0.1, None, 0.3, 0.4)])], r"entities\[1\] \('b'\): box 1"),
+        ([("a", (0, 1), [(0.1, 0.2, 0.3, float("nan"))])], r"entities\[0\] \('a'\): box 0 must be .* got \(0.1"),
+        ([("a", (0, 1))], r"entities\[0\] must be \(name, \(start, end\), \[\(x1, y1, x2, y2\), ...\]\)"),
+        (["a dog"], r"entities\[0\] must be \(name, \(start, end\)"),
+    ],
+)
+def test_entities_to_pixel_boxes_names_a_bad_entity(entities, message):
+    with pytest.raises(ValueError, match=message):
+        entities_to_pixel_boxes(entities, (10, 10))
 
 
 def test_insert_count_mismatch_names_both_counts():

@@ -18,14 +18,13 @@ from kosmos2_ref.processing.image import (
     to_rgb_uint8,
 )
 
-MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "HSV", "LAB", "RGBX"]
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX"]  # 8 bits per sample
+HIGH_BIT_MODES = ["I;16", "I;16B", "I;16L", "I", "F"]  # Pillow's convert would clip these to 8 bits
 
 
 def _image(mode, size=(13, 7), seed=0):
     rng = np.random.default_rng(seed)
     base = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
-    if mode == "I;16":
-        return PIL.Image.fromarray(rng.integers(0, 65535, (size[1], size[0]), dtype=np.uint16))
     return base.convert(mode)
 
 
@@ -50,14 +49,54 @@ def test_config_round_trip_and_use_square_size():
     "change, message",
     [
         ({"resample": 9}, r"resample must be a PIL resampling filter id \(0-5\), got 9"),
+        ({"resample": "3"}, r"resample must be a PIL resampling filter id \(0-5\), got '3'"),
         ({"image_mean": [0.5, 0.5]}, r"image_mean must have 3 values .* got \[0.5, 0.5\]"),
         ({"size": {"longest_edge": 3}}, r"size must be an int, a \(height, width\) pair"),
         ({"crop_size": {"shortest_edge": 3}}, r"crop_size must give height and width, got {.shortest_edge.: 3}"),
+        # JSON types: bool("false") would be True, float("abc") a bare "could not convert"
+        ({"do_resize": "false"}, r"do_resize must be true or false \(a JSON boolean\), got 'false'"),
+        ({"do_normalize": 0}, r"do_normalize must be true or false \(a JSON boolean\), got 0"),
+        ({"rescale_factor": "abc"}, r"rescale_factor must be a finite number > 0, got 'abc'"),
+        ({"rescale_factor": 0}, r"rescale_factor must be a finite number > 0, got 0"),
+        ({"rescale_factor": float("inf")}, r"rescale_factor must be a finite number > 0, got inf"),
+        ({"image_mean": "abc"}, r"image_mean must be a number or a list of 3 numbers .* got 'abc'"),
+        ({"image_mean": [0.5, "a", 0.5]}, r"image_mean must be a number or a list of 3 numbers"),
+        ({"image_mean": [0.5, float("nan"), 0.5]}, r"image_mean must hold finite numbers, got \[0.5, nan, 0.5\]"),
+        ({"image_std": [0, 0, 0]}, r"image_std must hold finite numbers > 0, got \[0, 0, 0\]"),
+        ({"image_std": -0.5}, r"image_std must hold finite numbers > 0, got \[-0.5, -0.5, -0.5\]"),
+        # sizes: Pillow would fail deep inside on a negative edge; a zero crop gave pixel_values of shape (1, 3, 0, 0)
+        ({"size": {"shortest_edge": -5}}, r"size.shortest_edge must be a positive int, got -5"),
+        ({"size": {"shortest_edge": 22.5}}, r"size.shortest_edge must be a positive int, got 22.5"),
+        ({"size": 0}, r"size must be a positive int, got 0"),
+        ({"size": [224, "224"]}, r"size\[1\] must be a positive int, got '224'"),
+        ({"crop_size": {"height": 0, "width": 0}}, r"crop_size.height must be a positive int, got 0"),
+        ({"crop_size": {"height": 224, "width": True}}, r"crop_size.width must be a positive int, got True"),
     ],
 )
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, **change})
+
+
+def test_config_errors_name_the_file(tmp_path):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**ft.PREPROCESSOR_CONFIG, "image_std": [0.2, 0.0, 0.2]}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json': image_std must hold finite numbers > 0"):
+        ImageProcessorConfig.from_json_file(path)
+    # transformers 5.x processor_config.json nests the settings under "image_processor"
+    path = tmp_path / "processor_config.json"
+    path.write_text(json.dumps({"image_processor": {**ft.PREPROCESSOR_CONFIG, "do_rescale": "yes"}}))
+    with pytest.raises(ValueError, match=r"processor_config.json' \(its 'image_processor' entry\): do_rescale must"):
+        ImageProcessorConfig.from_json_file(path)
+
+
+def test_config_accepts_what_real_configs_carry():
+    # null means the default; a single number is a mean/std for all three channels; an int size is an edge
+    config = ImageProcessorConfig.from_dict(
+        {**ft.PREPROCESSOR_CONFIG, "do_resize": None, "image_mean": 0.5, "image_std": 1, "size": 224, "crop_size": 100}
+    )
+    assert config.do_resize is True and config.image_mean == (0.5, 0.5, 0.5) and config.image_std == (1.0, 1.0, 1.0)
+    assert config.size == {"shortest_edge": 224} and config.crop_size == {"height": 100, "width": 100}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -70,6 +109,26 @@ def test_every_mode_gives_finite_float32(mode):
 @pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1), (224, 224), (300, 2)])
 def test_any_size_down_to_one_pixel(size):
     assert preprocess_images(_image("RGB", size)).shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("mode", HIGH_BIT_MODES)
+def test_high_bit_depth_images_are_refused(mode):
+    # Pillow's convert("RGB") clips to [0, 255]: 16-bit pixels came out nearly white, floats in [0, 1] black.
+    image = PIL.Image.new(mode, (6, 4))
+    with pytest.raises(ValueError, match=rf"images: the PIL image of size \(6, 4\) has mode {mode} .* clipped to "
+                       r"8 bits; expected an 8-bit image"):
+        preprocess_images(image)
+
+
+def test_high_bit_depth_files_are_refused(tmp_path):
+    path = tmp_path / "deep.png"
+    PIL.Image.fromarray(np.full((4, 6), 40000, np.uint16)).save(path)  # a 16-bit greyscale PNG
+    assert PIL.Image.open(path).mode.startswith("I")
+    with pytest.raises(ValueError, match=r"images: the image file '.*deep\.png' has mode I.*16-bit integer pixels"):
+        preprocess_images(path)
+    # the suggested conversion works
+    scaled = np.asarray(PIL.Image.open(path)) / 65535
+    assert preprocess_images(scaled).shape == (1, 3, 224, 224)
 
 
 def test_transparency_is_composited_onto_white():

@@ -4,6 +4,7 @@ Parity with transformers' AutoProcessor on the same folders is in tests/parity/t
 """
 
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -128,6 +129,10 @@ def test_decode_and_post_processing(real):
         (dict(text="<phrase>a</phrase>", bboxes=[(0.5, 0.1, 0.2, 0.9)]), "x2 > x1 and y2 > y1"),
         (dict(text="<phrase>a</phrase>", bboxes=[(0.5, 0.1, 1.2, 0.9)]), r"normalised to \[0, 1\]"),
         (dict(text="<phrase>a</phrase>", bboxes=[(2000, 3)]), r"patch indices must lie in \[0, 1023\], got \(2000, 3\)"),
+        (dict(text="<phrase> a dog</phrase>", images=IMAGE, bboxes=[(1000, 5)]),
+         r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, column 5\) "
+         r"lies above or left of cell 1000 \(row 31, column 8\)"),
+        (dict(text=["<phrase>a</phrase>"], bboxes=[[[(1, 2), (40, 33)]]]), r"bboxes\[0\]\[0\]\[1\]: \(40, 33\) is not"),
         (dict(text=["<phrase>a</phrase>"], bboxes=(1, 2)), "bboxes must be None or a list with one entry per text"),
         (dict(text=["<phrase>a</phrase>"], bboxes=[[(1, 2)], None]), "bboxes has 2 entries but text has 1"),
         (dict(text=["<phrase>a</phrase>"], bboxes=[[(1, 2), (3, 4)]]), "bboxes has 2 entries but the text has 1"),
@@ -135,12 +140,46 @@ def test_decode_and_post_processing(real):
         (dict(text=["a", "b c d"]), r"input_ids: the rows have different lengths \[2, 4\]"),
         (dict(text="a", images="/no/such/image.png"), "images: image file not found: '/no/such/image.png'"),
         (dict(text="a", images=np.zeros((2, 2, 7), np.uint8)), r"images: expected an array of shape \(H, W\)"),
+        (dict(text="a", images=PIL.Image.new("I;16", (4, 4))), r"images: the PIL image .* has mode I;16 .* 8-bit image"),
         (dict(text="a", images=IMAGE, max_length=20), "max_length=20 truncates the image tokens: a prompt with an image needs at least 67"),
     ],
 )
 def test_call_errors(real, kwargs, message):
     with pytest.raises(ValueError, match=message):
         real(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rescale_factor": "abc"}, r"rescale_factor must be a finite number > 0, got 'abc'"),
+        ({"image_std": [0, 0, 0]}, r"image_std must hold finite numbers > 0, got \[0, 0, 0\]"),
+        ({"crop_size": {"height": 0, "width": 0}}, r"crop_size.height must be a positive int, got 0"),
+        ({"do_resize": "false"}, r"do_resize must be true or false \(a JSON boolean\), got 'false'"),
+        ({"use_square_size": False, "size": {"shortest_edge": -5}}, r"size.shortest_edge must be a positive int"),
+    ],
+)
+def test_bad_preprocessor_config_names_the_file_and_key(tmp_path, change, message):
+    folder = ft.write_tokenizer_files(tmp_path, "synthetic")
+    (folder / "preprocessor_config.json").write_text(json.dumps({**ft.PREPROCESSOR_CONFIG, **change}))
+    path = re.escape(repr(str(folder / "preprocessor_config.json")))
+    with pytest.raises(ValueError, match=rf"{path}: {message}"):
+        Kosmos2Processor.from_pretrained(folder)
+
+
+def test_bad_image_processor_entry_names_processor_config(tmp_path):
+    folder = ft.write_tokenizer_files(tmp_path, "synthetic")
+    (folder / "preprocessor_config.json").unlink()
+    config = {"image_processor": {**ft.PREPROCESSOR_CONFIG, "image_mean": "abc"}}
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"processor_config.json' \(its 'image_processor' entry\): image_mean must be"):
+        Kosmos2Processor.from_pretrained(folder)
+
+
+def test_entities_to_pixel_boxes_names_a_bad_entity(real):
+    with pytest.raises(ValueError, match=r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
+                       r"numbers, got \(0.1, 0.2\)"):
+        real.entities_to_pixel_boxes([("a", (0, 1), [(0.1, 0.2)])], (10, 10))
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -162,3 +201,25 @@ def test_package_imports_neither_torch_nor_transformers():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_from_pretrained_takes_a_hub_id_found_in_the_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """As Kosmos2.from_pretrained does: a Hub id resolves to its snapshot in the Hugging Face cache (offline here);
+    a missing one says it is neither a local folder nor cached."""
+    import shutil
+
+    folder, _ = tiny_checkpoint
+    repo = "microsoft/kosmos-2-patch14-224"
+    cache = tmp_path / "hf"
+    snap = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / ("c" * 40)
+    shutil.copytree(folder, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from_hub = Kosmos2Processor.from_pretrained(repo)
+    local = Kosmos2Processor.from_pretrained(folder)
+    text = "<grounding> An image of"
+    assert from_hub(text=text)["input_ids"].tolist() == local(text=text)["input_ids"].tolist()
+    with pytest.raises(ValueError, match="neither a local folder nor in the Hugging Face cache"):
+        Kosmos2Processor.from_pretrained("someone/not-cached")

@@ -184,6 +184,36 @@ def test_bad_boxes(box, match):
         tasks.normalise_box(box, (200, 100))
 
 
+def test_transparent_images_are_composited_onto_white_as_the_processor_does(tiny, monkeypatch):
+    # The tasks once dropped alpha (convert("RGB")) while the processor composites onto white: the model saw the
+    # colours hidden under transparent pixels.
+    model, processor = tiny
+    rgba = np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    rgba[:10, :, 3] = 0                                                 # the top half fully transparent
+    assert (np.asarray(tasks.load_image(rgba))[:10] == 255).all()
+    assert (np.asarray(tasks.load_image(PIL.Image.fromarray(rgba, "RGBA")))[:10] == 255).all()
+    calls = scripted(monkeypatch, processor, " a dog")
+    for image in (rgba, PIL.Image.fromarray(rgba, "RGBA"), PIL.Image.fromarray(rgba, "RGBA").convert("LA")):
+        tasks.caption(model, processor, image)
+        tasks.describe(model, processor, image, (0.1, 0.1, 0.5, 0.5))
+        expected = processor(images=image)["pixel_values"]
+        np.testing.assert_array_equal(calls[-2]["pixel_values"], expected)
+        np.testing.assert_array_equal(calls[-1]["pixel_values"], expected)
+        embeds = tasks.embed(model, processor, [image]).image_embeds
+        np.testing.assert_array_equal(embeds, model.get_image_features(expected))
+
+
+def test_load_image_refuses_what_the_processor_refuses():
+    with pytest.raises(ValueError, match=r"image: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
+                                         r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)"):
+        tasks.load_image(np.zeros((4, 4, 2), np.uint8))
+    # 16-bit images were clipped to 8 bits (nearly white) by convert("RGB")
+    with pytest.raises(ValueError, match=r"images\[0\]: the PIL image of size \(4, 4\) has mode I;16 .* 8-bit image"):
+        tasks.load_image(PIL.Image.new("I;16", (4, 4), 40000), "images[0]")
+    with pytest.raises(ValueError, match=r"image: expected a PIL image, a path .* got int 3"):
+        tasks.load_image(3)
+
+
 def test_bad_inputs_name_the_input(tiny, tmp_path):
     model, processor = tiny
     with pytest.raises(ValueError, match="not found.*nope.jpg"):

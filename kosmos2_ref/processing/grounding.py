@@ -60,6 +60,10 @@ def _is_float(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) -> tuple[int, int]:
     """(x1, y1, x2, y2) normalised to [0, 1] → (upper-left cell, lower-right cell) (spec §10.3).
 
@@ -99,13 +103,22 @@ def patch_indices_to_box(upper_left: int, lower_right: int, num_patches_per_side
 
 # --------------------------------------------------------------------------------------------- bboxes argument
 def _check_box(box, where: str, num_patch_index_tokens: int) -> None:
-    """One box: a tuple of 2 ints (patch indices in range) or of 4 floats (checked when converted)."""
+    """One box: a tuple of 2 ints (patch indices in range, the lower-right cell not above or left of the
+    upper-left one) or of 4 floats (checked when converted)."""
     if isinstance(box, tuple) and len(box) == 2 and all(_is_int(v) for v in box):
         for v in box:
             if not 0 <= v < num_patch_index_tokens:
                 raise ValueError(
                     f"bboxes{where}: patch indices must lie in [0, {num_patch_index_tokens - 1}], got {box!r}"
                 )
+        # transformers encodes a reversed pair as it is; the model was never shown such a box.
+        n = num_patches_per_side(num_patch_index_tokens)
+        (top, left), (bottom, right) = divmod(box[0], n), divmod(box[1], n)  # (row, column) of each cell
+        if bottom < top or right < left:
+            raise ValueError(
+                f"bboxes{where}: {box!r} is not (upper_left, lower_right) patch indices: cell {box[1]} (row {bottom}, "
+                f"column {right}) lies above or left of cell {box[0]} (row {top}, column {left}) on the {n} × {n} grid"
+            )
         return
     if isinstance(box, tuple) and len(box) == 4 and all(_is_float(v) for v in box):
         try:
@@ -256,7 +269,21 @@ def entities_to_pixel_boxes(entities: Sequence[Entity], image_size: tuple[int, i
         raise ValueError(f"image_size must be (width, height) as positive ints, got {image_size!r}")
     width, height = image_size
     out = []
-    for name, span, boxes in entities:
+    for i, entity in enumerate(entities):
+        _check_entity(entity, i)
+        name, span, boxes = entity
         pixel = [(int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)) for x1, y1, x2, y2 in boxes]
         out.append((name, span, pixel))
     return out
+
+
+def _check_entity(entity, i: int) -> None:
+    """An entity as post-processing returns it: (name, (start, end), [(x1, y1, x2, y2), …]), finite coordinates."""
+    if not isinstance(entity, (tuple, list)) or len(entity) != 3 or not isinstance(entity[2], (list, tuple)):
+        raise ValueError(f"entities[{i}] must be (name, (start, end), [(x1, y1, x2, y2), ...]), got {entity!r}"[:300])
+    for j, box in enumerate(entity[2]):
+        finite = isinstance(box, (tuple, list)) and all(_is_real(v) and math.isfinite(v) for v in box)
+        if not finite or len(box) != 4:
+            raise ValueError(
+                f"entities[{i}] ({entity[0]!r}): box {j} must be (x1, y1, x2, y2), four finite numbers, got {box!r}"
+            )

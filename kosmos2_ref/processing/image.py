@@ -10,7 +10,8 @@ Pipeline per image:
 1. RGB: a PIL image with an alpha band or transparency info is composited onto white with Pillow; other modes use
    ``convert("RGB")``. Paths are opened, EXIF-rotated and converted with ``convert("RGB")`` (transformers'
    ``load_image``; alpha is dropped there, not composited). Arrays: grey is repeated, RGBA blended onto white in
-   floating point and rounded.
+   floating point and rounded. PIL images (and files) of more than 8 bits per sample (modes I;16, I, F) are
+   refused: Pillow would clip them to 8 bits (transformers does, silently).
 2. Resize with Pillow in uint8 (BICUBIC, to 224×224 for Kosmos-2: ``use_square_size`` ignores the aspect ratio).
 3. Center crop (a no-op at 224×224).
 4. Rescale: float64 multiply by 1/255, then cast to float32.
@@ -19,12 +20,14 @@ Pipeline per image:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageMode
 import PIL.ImageOps
 
 from ._files import read_json_object
@@ -37,20 +40,61 @@ CLIP_DEFAULT_SHORTEST_EDGE = 224
 
 
 # ------------------------------------------------------------------------------------------------ configuration
+# The settings come from JSON, so each is checked for its JSON type: Python's bool("false") is True and
+# float("nan") is a float, and a bad value would otherwise surface deep in Pillow or as NaN pixels.
+def _json_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false (a JSON boolean), got {value!r}")
+    return bool(value)
+
+
+def _is_int(value) -> bool:
+    """An int, but not a bool (JSON true is not the number 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def _positive_int(value, name: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _positive_number(value, name: str) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _channel_values(value, name: str, positive: bool) -> tuple:
+    """image_mean / image_std: one number for all channels or one per RGB channel, finite (std also > 0, as it
+    divides)."""
+    if _is_number(value):
+        value = [value] * 3
+    if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+        raise ValueError(f"{name} must be a number or a list of 3 numbers (one per RGB channel), got {value!r}")
+    if len(value) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {value!r}")
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in value):
+        expected = "finite numbers > 0" if positive else "finite numbers"
+        raise ValueError(f"{name} must hold {expected}, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
 def _size_dict(size, name: str, default_to_square: bool) -> dict:
     """Normalise a size argument as transformers' ``get_size_dict`` does: an int is a shortest edge (or a square
-    when ``default_to_square``), a pair is (height, width), a dict keeps height/width or shortest_edge."""
-    if isinstance(size, bool):
-        raise ValueError(f"{name} must be an int, a (height, width) pair or a dict, got {size!r}")
-    if isinstance(size, int):
-        return {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
+    when ``default_to_square``), a pair is (height, width), a dict keeps height/width or shortest_edge. Every
+    side must be a positive int."""
+    if _is_int(size):
+        side = _positive_int(size, name)
+        return {"height": side, "width": side} if default_to_square else {"shortest_edge": side}
     if isinstance(size, (list, tuple)) and len(size) == 2:
-        return {"height": int(size[0]), "width": int(size[1])}
-    if isinstance(size, dict):
-        if set(size) == {"height", "width"}:
-            return {"height": int(size["height"]), "width": int(size["width"])}
-        if set(size) == {"shortest_edge"}:
-            return {"shortest_edge": int(size["shortest_edge"])}
+        return {"height": _positive_int(size[0], f"{name}[0]"), "width": _positive_int(size[1], f"{name}[1]")}
+    if isinstance(size, dict) and set(size) in ({"height", "width"}, {"shortest_edge"}):
+        return {key: _positive_int(size[key], f"{name}.{key}") for key in sorted(size)}
     raise ValueError(
         f"{name} must be an int, a (height, width) pair, {{'height', 'width'}} or {{'shortest_edge'}}, got {size!r}"
     )
@@ -78,30 +122,38 @@ class ImageProcessorConfig:
     do_convert_rgb: bool = True
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ImageProcessorConfig":
-        """Read the known keys of a preprocessor config dict; unknown keys are ignored, bad values raise."""
+    def from_dict(cls, data: dict, source: str | None = None) -> "ImageProcessorConfig":
+        """Read the known keys of a preprocessor config dict; unknown keys are ignored, a null value means the
+        default, and a bad value raises a ValueError naming the key (and ``source``, the file, when given)."""
+        try:
+            return cls._parse(data)
+        except ValueError as err:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def _parse(cls, data: dict) -> "ImageProcessorConfig":
+        given = {key: value for key, value in data.items() if value is not None}
         kwargs: dict[str, Any] = {}
         for key in ("do_resize", "use_square_size", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
-            if key in data and data[key] is not None:
-                kwargs[key] = bool(data[key])
-        if data.get("size") is not None:
-            kwargs["size"] = _size_dict(data["size"], "size", default_to_square=False)
-        if data.get("crop_size") is not None:
-            kwargs["crop_size"] = _size_dict(data["crop_size"], "crop_size", default_to_square=True)
-        if data.get("resample") is not None:
-            try:
-                kwargs["resample"] = int(PIL.Image.Resampling(int(data["resample"])))
-            except (ValueError, TypeError):
-                raise ValueError(f"resample must be a PIL resampling filter id (0-5), got {data['resample']!r}")
-        if data.get("rescale_factor") is not None:
-            kwargs["rescale_factor"] = float(data["rescale_factor"])
-        for key in ("image_mean", "image_std"):
-            value = data.get(key)
-            if value is not None:
-                value = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
-                if len(value) != 3:
-                    raise ValueError(f"{key} must have 3 values (one per RGB channel), got {data[key]!r}")
-                kwargs[key] = value
+            if key in given:
+                kwargs[key] = _json_bool(given[key], key)
+        if "size" in given:
+            kwargs["size"] = _size_dict(given["size"], "size", default_to_square=False)
+        if "crop_size" in given:
+            kwargs["crop_size"] = _size_dict(given["crop_size"], "crop_size", default_to_square=True)
+        if "resample" in given:
+            resample = given["resample"]
+            if not _is_int(resample) or resample not in {int(r) for r in PIL.Image.Resampling}:
+                raise ValueError(f"resample must be a PIL resampling filter id (0-5), got {resample!r}")
+            kwargs["resample"] = int(resample)
+        if "rescale_factor" in given:
+            kwargs["rescale_factor"] = _positive_number(given["rescale_factor"], "rescale_factor")
+        if "image_mean" in given:
+            kwargs["image_mean"] = _channel_values(given["image_mean"], "image_mean", positive=False)
+        if "image_std" in given:
+            kwargs["image_std"] = _channel_values(given["image_std"], "image_std", positive=True)
         config = cls(**kwargs)
         if not {"height", "width"} <= set(config.crop_size):
             raise ValueError(f"crop_size must give height and width, got {config.crop_size!r}")
@@ -110,10 +162,11 @@ class ImageProcessorConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ImageProcessorConfig":
         data = read_json_object(path)
+        source = repr(str(path))
         # processor_config.json (transformers 5.x save_pretrained) nests the image settings.
         if isinstance(data.get("image_processor"), dict):
-            data = data["image_processor"]
-        return cls.from_dict(data)
+            data, source = data["image_processor"], f"{source} (its 'image_processor' entry)"
+        return cls.from_dict(data, source)
 
     def to_dict(self) -> dict:
         """The preprocessor_config.json content (spec §12.1: 14 keys for the Kosmos-2 defaults)."""
@@ -158,10 +211,23 @@ def _describe(image) -> str:
     return f"{type(image).__name__} {image!r}"[:200]
 
 
+def _check_8_bit(image: PIL.Image.Image, name: str, what: str) -> None:
+    """Refuse modes of more than 8 bits per sample (I;16, I;16B, I;16L, I, F): Pillow's ``convert`` clips them to
+    [0, 255] without a word, so a 16-bit PNG would come out nearly white and a float image in [0, 1] black."""
+    sample = np.dtype(PIL.ImageMode.getmode(image.mode).typestr)  # uint8 (or bool for mode 1) in 8-bit modes
+    if sample.itemsize > 1:
+        kind = "float" if sample.kind == "f" else "integer"
+        raise ValueError(
+            f"{name}: {what} has mode {image.mode} ({8 * sample.itemsize}-bit {kind} pixels), which would be "
+            "clipped to 8 bits; expected an 8-bit image (mode 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, ...): "
+            "convert it first, e.g. pass np.asarray(image) scaled to floats in [0, 1]"
+        )
+
+
 def load_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
     """Open an image file fully, apply its EXIF orientation and convert to RGB (transformers' ``load_image``).
 
-    Raises ValueError naming the path when it is missing, not an image, or corrupt.
+    Raises ValueError naming the path when it is missing, not an image, corrupt, or not 8-bit.
     """
     path = Path(path)
     if not path.is_file():
@@ -169,10 +235,11 @@ def load_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as opened:
             opened.load()  # decode now, so a truncated file fails here and not later
-            image = PIL.ImageOps.exif_transpose(opened)
-            return image.convert("RGB")
+            image = PIL.ImageOps.exif_transpose(opened)  # a copy, still readable once the file is closed
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise ValueError(f"{name}: {str(path)!r} is not a readable image file ({type(err).__name__}: {err})") from err
+    _check_8_bit(image, name, f"the image file {str(path)!r}")
+    return image.convert("RGB")
 
 
 def _pil_to_rgb(image: PIL.Image.Image, name: str) -> np.ndarray:
@@ -266,6 +333,7 @@ def to_rgb_uint8(image, name: str = "image", do_convert_rgb: bool = True) -> np.
     if isinstance(image, (str, Path)):
         image = load_image(image, name)
     if isinstance(image, PIL.Image.Image):
+        _check_8_bit(image, name, f"the PIL image of size {image.size}")
         if not do_convert_rgb and image.mode != "RGB":
             raise ValueError(f"{name}: do_convert_rgb is off, so the image must be RGB, got {_describe(image)}")
         return _pil_to_rgb(image, name)

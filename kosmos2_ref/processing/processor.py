@@ -75,9 +75,16 @@ class Kosmos2Processor:
         ``processor_config.json``), ``tokenizer.json`` or ``sentencepiece.bpe.model``, and the optional
         ``tokenizer_config.json``, ``special_tokens_map.json``, ``processor_config.json``.
 
-        ``padding_side`` (and other tokenizer settings such as ``truncation_side``) override the files.
+        ``folder`` may also be a Hub id such as ``"microsoft/kosmos-2-patch14-224"``, found in the Hugging Face
+        cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it. ``padding_side`` (and other tokenizer
+        settings such as ``truncation_side``) override the files.
         """
+        from ..hub import is_hub_id, resolve_checkpoint
+
+        name = folder
         folder = Path(folder)
+        if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
+            folder = resolve_checkpoint(name)
         if not folder.is_dir():
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
@@ -86,7 +93,8 @@ class Kosmos2Processor:
         if (folder / "preprocessor_config.json").is_file():
             image_config = ImageProcessorConfig.from_json_file(folder / "preprocessor_config.json")
         elif isinstance(processor_config.get("image_processor"), dict):
-            image_config = ImageProcessorConfig.from_dict(processor_config["image_processor"])
+            source = f"{str(folder / 'processor_config.json')!r} (its 'image_processor' entry)"
+            image_config = ImageProcessorConfig.from_dict(processor_config["image_processor"], source)
         else:
             raise ValueError(
                 f"no image processor settings in {str(folder)!r}: expected preprocessor_config.json "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -192,7 +193,10 @@ def grounded_text(draw):
 
 coord = st.floats(0.0, 1.0, allow_nan=False)
 float_box = st.tuples(coord, coord, coord, coord).filter(lambda b: b[2] > b[0] + 1e-9 and b[3] > b[1] + 1e-9)
-index_box = st.tuples(st.integers(0, 1023), st.integers(0, 1023))
+# (upper-left cell, lower-right cell): the lower-right one is not above or left of the upper-left one (ours refuses a
+# reversed pair, which transformers would encode as given; docs/parity.md)
+index_box = st.tuples(st.integers(0, 1023), st.integers(0, 1023)).filter(
+    lambda b: b[0] // 32 <= b[1] // 32 and b[0] % 32 <= b[1] % 32)
 one_box = float_box | index_box
 box_entries = st.one_of(st.none(), one_box, st.lists(one_box, max_size=3))
 
@@ -219,7 +223,8 @@ def test_processor_on_drawn_inputs_equals_transformers(loaded, kind, data):
 
 
 # --------------------------------------------------------------------------------------------------- images
-MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"]
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"]
+HIGH_BIT_MODES = ["I;16", "I", "F"]     # refused by ours; transformers clips them to 8 bits (docs/parity.md)
 SIZES = [(1, 1), (1, 7), (9, 1), (13, 7), (223, 225), (224, 224), (225, 224), (500, 13), (640, 480)]
 
 
@@ -255,6 +260,18 @@ def test_pixels_every_mode(image_processors, mode):
     config, theirs = image_processors
     images = [_mode_image(mode, size, seed) for seed, size in enumerate(SIZES[:5])]
     _assert_bits(preprocess_images(images, config), _theirs_pixels(theirs, images))
+
+
+@pytest.mark.parametrize("mode", HIGH_BIT_MODES)
+def test_high_bit_depth_images_are_refused_where_transformers_clips_them(image_processors, mode):
+    """The one deliberate difference for images: transformers converts a 16-bit or float image to 8-bit RGB by
+    clipping (a 16-bit photo comes out nearly white, a [0, 1] float one black); ours says so instead."""
+    config, theirs = image_processors
+    image = _mode_image(mode, (13, 7))
+    clipped = _theirs_pixels(theirs, image)
+    assert clipped.shape == (1, 3, 224, 224)                         # transformers takes it
+    with pytest.raises(ValueError, match=rf"mode {re.escape(mode)} \(.*clipped to 8 bits"):
+        preprocess_images(image, config)
 
 
 @pytest.mark.parametrize("size", SIZES)
