@@ -7,6 +7,7 @@ such as ``text_config.no_repeat_ngram_size`` stay available to :mod:`kosmos2_ref
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,50 @@ def _build(cls, d: dict, aliases: dict[str, str], where: str):
             extra[key] = value
     try:
         return cls(**kwargs, extra=extra)
+    except ConfigError:
+        raise                                   # it names its key already ("text_config.layer_norm_eps ...")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+# The checks below cover the keys our code reads. JSON gives us strings, nulls and negative numbers as readily as
+# the right thing, and each of those fails far from here (a NumPy type error at the first forward) or not at all (a
+# negative eps gives NaN logits, the string "false" is truthy, an out-of-range pad id shifts every position), so
+# each is refused at load, naming the key. Keys we only carry along (dropout rates, dtype names, ...) are not checked.
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)       # JSON true/false arrive as bool, a subclass of int
 
 
 def _check_positive_ints(obj, names, where):
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not _is_int(v) or v < 1:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
+
+
+def _check_eps(obj, where):
+    """LayerNorm's eps: a positive finite number (0 divides by zero on a constant row, < 0 takes sqrt of < 0)."""
+    v = obj.layer_norm_eps
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{where}.layer_norm_eps must be a positive finite number (like 1e-05), got {v!r}")
+
+
+def _check_flags(obj, names, where):
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}.{n} must be true or false (a JSON boolean), got {v!r}")
+
+
+def _check_token_id(v, name, vocab_size, where, optional: bool):
+    """A token id indexes the embedding table: an integer in [0, vocab_size); null where ``optional``."""
+    if v is None and optional:
+        return
+    if not _is_int(v) or not 0 <= v < vocab_size:
+        also = " or null" if optional else ""
+        raise ConfigError(f"{where}.{name} must be a token id, an integer in [0, {vocab_size - 1}] "
+                          f"(below vocab_size){also}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +103,7 @@ class VisionConfig:
                               f"num_attention_heads={self.num_attention_heads}")
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"vision_config.hidden_act={self.hidden_act!r}: expected 'quick_gelu' or 'gelu'")
+        _check_eps(self, "vision_config")
 
     @property
     def head_dim(self) -> int:
@@ -97,8 +134,8 @@ class TextConfig:
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -109,6 +146,14 @@ class TextConfig:
                               f"attention_heads={self.attention_heads}")
         if self.activation_function not in ("gelu", "quick_gelu"):
             raise ConfigError(f"text_config.activation_function={self.activation_function!r}: expected 'gelu'")
+        _check_eps(self, "text_config")
+        _check_flags(self, ["scale_embedding", "use_cache", "tie_word_embeddings"], "text_config")
+        # pad_token_id is also the padding index of the sinusoidal positions, so it must be a real id (spec §5.2)
+        _check_token_id(self.pad_token_id, "pad_token_id", self.vocab_size, "text_config", optional=False)
+        _check_token_id(self.bos_token_id, "bos_token_id", self.vocab_size, "text_config", optional=True)
+        several = isinstance(self.eos_token_id, list)                  # generation accepts one id or a list
+        for e in self.eos_token_id if several else [self.eos_token_id]:
+            _check_token_id(e, "eos_token_id", self.vocab_size, "text_config", optional=not several)
 
     @property
     def head_dim(self) -> int:

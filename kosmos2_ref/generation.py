@@ -27,6 +27,7 @@ import numpy as np
 
 from .backend import get_xp, to_numpy
 from .layers import softmax
+from .model import _as_array, _host_int_array
 from .text import position_ids_from_input_ids
 
 # transformers' "very large negative" score for beams that must not be chosen (``_beam_search``: -1.0e9)
@@ -454,17 +455,20 @@ def _prepare_inputs(model, s: GenerationSettings, pixel_values, input_ids, atten
         else:
             att = np.ones((B, T), np.int64)
     if image_embeds_position_mask is not None:       # the slot count, checked before the image is encoded
-        img = np.asarray(to_numpy(image_embeds_position_mask))
+        img = _host_int_array("image_embeds_position_mask", image_embeds_position_mask)
         Q = model.config.latent_query_num
         if img.shape == (B, T) and ((img != 0).sum(axis=1) != Q).any():
             raise ValueError(f"image_embeds_position_mask marks {(img != 0).sum(axis=1).tolist()} image positions "
                              f"per row, but each row needs exactly {Q} (latent_query_num)")
     if pixel_values is not None:
-        shape = tuple(pixel_values.shape) if hasattr(pixel_values, "shape") else np.asarray(pixel_values).shape
+        pixel_values = _as_array("pixel_values", pixel_values, "[batch, 3, height, width]")   # lists accepted
+        shape = tuple(pixel_values.shape)
         if len(shape) == 4 and shape[0] != B:
             raise ValueError(f"pixel_values holds {shape[0]} images but input_ids has {B} rows: the batch sizes "
                              f"must agree")
-        image_embeds = model.encode_image(pixel_values)[0]                         # [B, Q, C]
+        image_embeds = model.encode_image(pixel_values)[0]                         # [B, Q, C]; NaN/inf refused
+    else:
+        image_embeds = model.check_float_input("image_embeds", image_embeds)      # lists accepted, NaN/inf refused
     ids, att, img, image_embeds, *_ = model.check_text_inputs(ids, att, image_embeds_position_mask, image_embeds)
     return ids, att, img, image_embeds
 
@@ -692,6 +696,8 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
     """
     if seed is not None and rng is not None:
         raise ValueError("pass either seed or rng, not both")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0 (it seeds numpy.random.default_rng), got {seed!r}")
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if callback is not None and not callable(callback):

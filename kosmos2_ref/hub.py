@@ -181,9 +181,13 @@ def _get_help(repo_id: str) -> str:
 def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
              token: str | bool | None = None) -> Path:
     """Download the files of :data:`ALLOW_PATTERNS` of ``repo_id`` into the Hugging Face cache (with progress
-    bars on stderr) and return the snapshot folder; :class:`CheckpointNotFoundError` when that cannot be done."""
+    bars on stderr) and return the snapshot folder; :class:`CheckpointNotFoundError` when that cannot be done.
+
+    :func:`resolve_checkpoint` calls it only once ``repo_id`` is known not to be a local folder, so the errors say
+    that too: an id like ``models/kosmos2`` may well be a mistyped relative path, not a Hub id.
+    """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
-    where = f"{repo_id!r} is not in the Hugging Face cache ({cache})"
+    where = f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache})"
     try:
         import huggingface_hub
     except ImportError:
@@ -207,9 +211,9 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
         first = _first_sentence(exc)
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
             raise CheckpointNotFoundError(
-                f"{repo_id!r} could not be fetched from the Hugging Face Hub ({kind}: {first}): check the id and "
-                f"revision, log in with `hf auth login` if the repository is gated, or pass a local checkpoint "
-                f"folder") from None
+                f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
+                f"{first}): check the id and revision (or the path, if a local folder was meant), log in with "
+                f"`hf auth login` if the repository is gated, or pass a local checkpoint folder") from None
         raise CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): "
                                       f"{_get_help(repo_id)}") from None
     folder = Path(folder)
@@ -231,7 +235,10 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
     ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) never touches the network. Raises
     :class:`CheckpointNotFoundError` (a ``ValueError``) naming what is missing and how to get it.
     """
-    if isinstance(path, Path) or not isinstance(path, str):
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointNotFoundError(f"the checkpoint must be a folder path or a Hub id like {DEFAULT_MODEL_ID!r} "
+                                      f"(a str or os.PathLike), got {path!r}")
+    if not isinstance(path, str):
         path = os.fspath(path)
     folder = Path(path).expanduser()
     if folder.is_dir():

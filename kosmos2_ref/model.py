@@ -7,18 +7,19 @@ Inputs are validated here, at the boundary, so the stage functions below never s
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend, get_backend, to_numpy
+from .backend import Backend, get_backend, get_xp, to_numpy
 from .cache import KVCache
-from .config import Kosmos2Config
+from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
-from .weights import STORAGE_DTYPES, WeightsError, load_flat, unflatten
+from .weights import STORAGE_DTYPES, load_flat, unflatten
 
 
 @dataclass
@@ -37,14 +38,53 @@ class Kosmos2Output:
     vision_model_output: VisionOutput | None = None
 
 
+def _as_array(name: str, a, expected: str):
+    """``a`` itself when it is a NumPy array or a device array, else made into a host array (nested lists, a CPU
+    torch tensor, ...); a ValueError naming ``name`` when it cannot be one (rows of different lengths)."""
+    if type(a) is np.ndarray or get_xp(a) is not np:
+        return a
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be an array of shape {expected}, got a {type(a).__name__} that does not "
+                         f"make one (rows of different lengths?)") from None
+
+
+def _float_array(name: str, a, expected: str):
+    """A float array (array-likes converted, see :func:`_as_array`), or a ValueError naming ``name``."""
+    a = _as_array(name, a, expected)
+    if not np.issubdtype(np.dtype(a.dtype.name), np.floating):
+        raise ValueError(f"{name} must be a float array of shape {expected}, got dtype {a.dtype}")
+    return a
+
+
+def _finite_float32(name: str, a, xp):
+    """Float array ``a`` as float32 on ``xp``; a ValueError naming ``name`` when a host array holds NaN or ±inf.
+
+    Why look: one NaN in an image or an embedding makes every logit NaN, and argmax over NaN is token 0, so
+    ``generate`` would return token 0 at every step without a word. The look is taken on the host, where inputs
+    arrive from: after the cast to float32 (float64 values beyond its range become inf there), before the upload,
+    one pass per call and never per token. An array already on the device is taken as it is: looking would cost a
+    device->host sync on every call, and in practice it is the model's own ``encode_image`` output.
+    """
+    if type(a) is not np.ndarray:
+        return xp.asarray(a, dtype=xp.float32)
+    with np.errstate(over="ignore"):          # an overflow becomes inf, which is refused just below
+        a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        n = int((~np.isfinite(a)).sum())
+        raise ValueError(f"{name} holds {n} non-finite value(s) (NaN or inf) among its {a.size}: expected finite "
+                         f"numbers")
+    return xp.asarray(a)
+
+
 def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     """A host integer array of ``ndim`` dims, or a ValueError naming ``name``."""
-    a = to_numpy(a)
     try:
-        a = np.asarray(a)
-    except Exception:
-        raise ValueError(f"{name} must be an integer array of shape [batch, tokens], got {type(a).__name__}") \
-            from None
+        a = np.asarray(to_numpy(a))      # nested lists of different lengths fail here
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be an integer array of shape [batch, tokens], got a {type(a).__name__} "
+                         f"that does not make one (rows of different lengths?)") from None
     if a.dtype == bool:
         a = a.astype(np.int64)
     if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
@@ -91,8 +131,11 @@ class Kosmos2:
         if gpath.is_file():
             try:
                 gen = json.loads(gpath.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise WeightsError(f"{gpath}: not valid JSON ({exc})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{gpath}: not valid JSON ({exc})") from None
+            if not isinstance(gen, dict):       # its settings are read by name (generation.py)
+                raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "
+                                  f"{type(gen).__name__}")
         model = cls(config, params, be, dtype, gen, str(path))
         model.folder = folder        # where the files are (a Hub id resolves into the Hugging Face cache)
         return model
@@ -104,8 +147,7 @@ class Kosmos2:
         if pixel_values is None:
             return None
         xp = self.xp
-        if not hasattr(pixel_values, "shape"):
-            pixel_values = np.asarray(pixel_values)
+        pixel_values = _as_array("pixel_values", pixel_values, "[batch, 3, height, width]")
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.vision_config.num_channels:
             raise ValueError(f"pixel_values must have shape [batch, {self.config.vision_config.num_channels}, "
                              f"height, width], got {tuple(pixel_values.shape)}")
@@ -116,7 +158,7 @@ class Kosmos2:
         if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
             raise ValueError(f"pixel_values of size {pixel_values.shape[2]}x{pixel_values.shape[3]} is smaller than "
                              f"one {p}x{p} patch")
-        return xp.asarray(pixel_values, dtype=xp.float32)
+        return _finite_float32("pixel_values", pixel_values, xp)
 
     def encode_image(self, pixel_values, *, output_hidden_states: bool = False, output_attentions: bool = False,
                      interpolate_pos_encoding: bool = False):
@@ -138,6 +180,13 @@ class Kosmos2:
     # ----------------------------------------------------------------------------------------------------------
     # Input checks shared by forward and generate
 
+    def check_float_input(self, name: str, a):
+        """An embedding the caller gives (``image_embeds`` or ``inputs_embeds``) as float32 on the backend: nested
+        lists are accepted; a non-float dtype, NaN or ±inf raise a ValueError naming ``name``."""
+        C = self.config.text_config.embed_dim
+        rows = self.config.latent_query_num if name == "image_embeds" else "tokens"
+        return _finite_float32(name, _float_array(name, a, f"[batch, {rows}, {C}]"), self.xp)
+
     def check_text_inputs(self, input_ids=None, attention_mask=None, image_embeds_position_mask=None,
                           image_embeds=None, labels=None, position_ids=None, inputs_embeds=None, past_length=0):
         """Validate the text-side inputs; return them as host int64 arrays (image_embeds on the device)."""
@@ -155,6 +204,7 @@ class Kosmos2:
             if lo < 0 or hi >= tc.vocab_size:
                 raise ValueError(f"input_ids holds ids outside [0, {tc.vocab_size - 1}] (min {lo}, max {hi})")
         else:
+            inputs_embeds = _float_array("inputs_embeds", inputs_embeds, f"[batch, tokens, {tc.embed_dim}]")
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != tc.embed_dim:
                 raise ValueError(f"inputs_embeds must have shape [batch, tokens, {tc.embed_dim}], "
                                  f"got {tuple(inputs_embeds.shape)}")
@@ -181,6 +231,7 @@ class Kosmos2:
                 raise ValueError(f"labels holds values outside [0, {tc.vocab_size - 1}] that are not -100")
         if image_embeds is not None and past_length == 0:
             Q = self.config.latent_query_num
+            image_embeds = _float_array("image_embeds", image_embeds, f"[{B}, {Q}, {tc.embed_dim}]")
             if image_embeds.ndim != 3 or tuple(image_embeds.shape) != (B, Q, tc.embed_dim):
                 raise ValueError(f"image_embeds must have shape [{B}, {Q}, {tc.embed_dim}], "
                                  f"got {tuple(image_embeds.shape)}")
@@ -210,9 +261,17 @@ class Kosmos2:
 
         Give a :class:`KVCache` as ``past_key_values`` to append to it (see :meth:`new_cache`); after the first
         step the image inputs are not needed. ``compute_logits=False`` stops before the LM head and returns the
-        base model's ``last_hidden_state`` only.
+        base model's ``last_hidden_state`` only. ``logits_to_keep`` = k > 0 computes logits for the last k
+        positions only; 0 keeps them all.
         """
+        k = logits_to_keep
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {k!r}")
         past = past_key_values.length if past_key_values is not None else 0
+        if image_embeds is not None and past == 0:            # lists accepted, NaN/inf refused
+            image_embeds = self.check_float_input("image_embeds", image_embeds)
+        if inputs_embeds is not None:
+            inputs_embeds = self.check_float_input("inputs_embeds", inputs_embeds)
         if image_embeds is None and pixel_values is None and past == 0:
             raise ValueError("You have to specify either pixel_values or image_embeds")
         vout = probs = None

@@ -261,6 +261,9 @@ def _open_checkpoint_files(folder: Path) -> dict[str, SafetensorsFile]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise WeightsError(f"index file {str(index)!r} is corrupt: expected JSON with a 'weight_map' "
                                f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightsError(f"index file {str(index)!r} is corrupt: its 'weight_map' must be a JSON object "
+                               f"mapping each weight name to a shard file name, got {str(weight_map)[:80]}")
         files: dict[str, SafetensorsFile] = {}
         out: dict[str, SafetensorsFile] = {}
         for key, fname in weight_map.items():

@@ -269,6 +269,9 @@ BAD = [
     (dict(num_beams=2, streamer=gen.TextStreamer(None)), "streamer"),
     (dict(num_beams=2, callback=print), "callback"),
     (dict(callback=3), "callback"),
+    (dict(do_sample=True, seed=-1), r"seed must be None"),
+    (dict(do_sample=True, seed="abc"), r"seed must be None"),
+    (dict(do_sample=True, seed=1.5), r"seed must be None"),
 ]
 
 
@@ -304,6 +307,35 @@ def test_bad_inputs_raise_naming_the_argument(model):
         model.generate(pixel_values=pv, **{**kw, "input_ids": ids[0]})
     with pytest.raises(ValueError, match="image_embeds_position_mask is required"):
         model.generate(pixel_values=pv, **{**kw, "image_embeds_position_mask": None})
+
+
+def test_non_finite_images_are_refused(model):
+    """A NaN image used to give NaN logits, and then token 0 at every step without a word."""
+    pv, ids, att, img = make_inputs([[5, 6]])
+    kw = dict(input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=2)
+    emb = model.get_image_features(pv)
+    bad = pv.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"pixel_values holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        model.generate(pixel_values=bad, **kw)
+    bad = emb.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"image_embeds holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        model.generate(image_embeds=bad, **kw)
+
+
+def test_nested_lists_are_accepted_or_named(model):
+    pv, ids, att, img = make_inputs([[5, 6], [7, 8]], side="right")
+    emb = model.get_image_features(pv)
+    kw = dict(attention_mask=att, image_embeds_position_mask=img, max_new_tokens=2)
+    want = model.generate(image_embeds=emb, input_ids=ids, **kw)
+    np.testing.assert_array_equal(model.generate(image_embeds=emb.tolist(), input_ids=ids.tolist(), **kw), want)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer array .*rows of different lengths"):
+        model.generate(pixel_values=pv, input_ids=[ids[0].tolist(), ids[1, :-1].tolist()], **kw)
+    with pytest.raises(ValueError, match=r"image_embeds_position_mask must be an integer array .*different lengths"):
+        model.generate(pixel_values=pv, input_ids=ids, **{**kw, "image_embeds_position_mask": [[1], [1, 1]]})
+    with pytest.raises(ValueError, match=r"pixel_values must be an array of shape .*rows of different lengths"):
+        model.generate(pixel_values=[pv[0].tolist(), [[[0.0]]]], input_ids=ids, **kw)
 
 
 def test_outputs_are_int64_prompt_plus_new_and_float32_scores(model):

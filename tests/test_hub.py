@@ -72,6 +72,12 @@ def test_local_folder_errors(tmp_path):
         resolve_checkpoint("./not/here")
 
 
+@pytest.mark.parametrize("path", [None, 3, b"models/x"])
+def test_path_must_be_a_str_or_path(path):
+    with pytest.raises(CheckpointNotFoundError, match=rf"must be a folder path or a Hub id .*, got {path!r}"):
+        Kosmos2.from_pretrained(path)
+
+
 def test_is_hub_id():
     assert hub.is_hub_id(REPO)
     assert hub.is_hub_id("org/name.v2")
@@ -308,3 +314,29 @@ def test_reachability_probe_is_bounded(monkeypatch):
 def test_proxy_skips_probe(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert hub._endpoint_reachable(timeout=0.1) == (True, "")
+
+
+# ---------------------------------------------------------------------------------------------- a mistyped path
+
+TYPO = "modles/kosmos2"      # meant ./models/kosmos2, but it reads as a Hub id
+
+
+@pytest.mark.parametrize("reachable, offline, expect", [
+    ((True, ""), False, "is not a local folder and could not be fetched from the Hugging Face Hub"),
+    ((False, "gaierror: Name or service not known"), False, "is neither a local folder nor in the Hugging Face cache"),
+    ((True, ""), True, "is neither a local folder nor in the Hugging Face cache"),
+])
+def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch, reachable, offline, expect):
+    """Online or not, the error says there is no local folder of that name, not only that the Hub lacks it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "kosmos2").mkdir(parents=True)         # the folder that was meant
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    not_found = type("RepositoryNotFoundError", (Exception,), {})("401 Client Error: Repository Not Found")
+    _install_fake(monkeypatch, FakeHub(None, not_found), reachable=reachable)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        Kosmos2.from_pretrained(TYPO)
+    msg = str(info.value)
+    _one_sentence(msg)
+    assert msg.startswith(repr(TYPO)) and expect in msg, msg

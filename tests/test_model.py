@@ -84,3 +84,77 @@ def test_loss_ignores_minus_100(model):
     all_ignored = np.full_like(ids, -100)
     out = model(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img, labels=all_ignored)
     assert np.isnan(out.loss)       # the mean over no target, as torch gives
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NaN/inf, nested lists, logits_to_keep: each refused (or converted) at the boundary, naming the input
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_image_inputs_are_refused(model, bad):
+    """One NaN would make every logit NaN (and generate return token 0 at every step): refused, naming the input."""
+    pv, ids, img = _inputs()
+    pv_bad = pv.copy()
+    pv_bad[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"pixel_values holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        model(pixel_values=pv_bad, input_ids=ids, image_embeds_position_mask=img)
+    with pytest.raises(ValueError, match=r"pixel_values holds 1 non-finite"):
+        model.get_image_features(pv_bad)
+    emb = model.get_image_features(pv)
+    emb[0, 5, 6] = bad
+    with pytest.raises(ValueError, match=r"image_embeds holds 1 non-finite"):
+        model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img)
+    emb = model.get_image_features(pv)
+    tokens = np.zeros((1, ids.shape[1], 32), np.float32)
+    tokens[0, -1, 0] = bad
+    with pytest.raises(ValueError, match=r"inputs_embeds holds 1 non-finite"):
+        model(inputs_embeds=tokens, image_embeds=emb, image_embeds_position_mask=img)
+
+
+def test_float64_pixels_beyond_float32_range_are_refused(model):
+    pv, ids, img = _inputs()
+    pv = pv.astype(np.float64)
+    pv[0, 0, 0, 0] = 1e300            # finite in float64, inf once cast to the float32 the model computes in
+    with pytest.raises(ValueError, match=r"pixel_values holds 1 non-finite"):
+        model.get_image_features(pv)
+
+
+def test_ragged_lists_name_the_input(model):
+    pv, ids, img = _inputs(2)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer array .*rows of different lengths"):
+        model(pixel_values=pv, input_ids=[[0, 1, 2], [0, 1]])
+    with pytest.raises(ValueError, match=r"attention_mask must be an integer array .*rows of different lengths"):
+        model(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img, attention_mask=[[1] * 70, [1]])
+    with pytest.raises(ValueError, match=r"pixel_values must be an array of shape .*rows of different lengths"):
+        model.get_image_features([[[[0.0] * 14] * 14] * 3, [[[0.0]]]])
+    with pytest.raises(ValueError, match=r"image_embeds must be an array of shape .*rows of different lengths"):
+        model(input_ids=ids, image_embeds=[[[0.0] * 32] * 64, [[0.0]]], image_embeds_position_mask=img)
+
+
+def test_embeddings_as_nested_lists_are_accepted(model):
+    pv, ids, img = _inputs()
+    emb = model.get_image_features(pv)
+    want = model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img).logits
+    got = model(input_ids=ids, image_embeds=emb.tolist(), image_embeds_position_mask=img).logits
+    np.testing.assert_array_equal(got, want)
+    tokens = np.random.default_rng(1).standard_normal((1, ids.shape[1], 32)).astype(np.float32)
+    want = model(inputs_embeds=tokens, image_embeds=emb, image_embeds_position_mask=img).logits
+    got = model(inputs_embeds=tokens.tolist(), image_embeds=emb, image_embeds_position_mask=img).logits
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"image_embeds must be a float array of shape \[batch, 64, 32\], got dtype"):
+        model(input_ids=ids, image_embeds=np.zeros((1, 64, 32), np.int64).tolist(), image_embeds_position_mask=img)
+
+
+@pytest.mark.parametrize("bad", ["1", -1, 1.5, True, None])
+def test_logits_to_keep_must_be_a_non_negative_int(model, bad):
+    pv, ids, img = _inputs()
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an integer >= 0 \(0 keeps every position\)"):
+        model(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img, logits_to_keep=bad)
+
+
+def test_logits_to_keep_zero_keeps_all_and_k_the_last_k(model):
+    pv, ids, img = _inputs()
+    emb = model.get_image_features(pv)
+    full = model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img, logits_to_keep=0).logits
+    last2 = model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img, logits_to_keep=np.int64(2)).logits
+    assert full.shape == (1, ids.shape[1], 65037) and last2.shape == (1, 2, 65037)
+    np.testing.assert_allclose(last2, full[:, -2:], rtol=0, atol=1e-5)

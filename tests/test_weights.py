@@ -71,6 +71,25 @@ def test_config_bad_value(ckpt):
         Kosmos2.from_pretrained(ckpt)
 
 
+def test_config_bad_typed_value_names_the_file(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["text_config"]["pad_token_id"] = 999999      # would shift every position silently: must be a real id
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: text_config\.pad_token_id must be a token id, an integer in "
+                                          r"\[0, 65036\] \(below vocab_size\), got 999999"):
+        Kosmos2.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("[1]", r"generation_config\.json: expected a JSON object of generation settings, got a JSON list"),
+    ("{oops", r"generation_config\.json: not valid JSON"),
+])
+def test_generation_config_not_an_object(ckpt, text, msg):
+    (ckpt / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        Kosmos2.from_pretrained(ckpt)
+
+
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match=r"has no model\.safetensors and no model\.safetensors\.index\.json"):
@@ -176,6 +195,16 @@ def test_sharded_index_pointing_to_wrong_file(tiny_checkpoint, tmp_path):
     index["weight_map"][key] = files[1]
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(WeightsError, match=rf"says key '{key}' is in '{files[1]}', but that file has no such key"):
+        Kosmos2.from_pretrained(sharded)
+
+
+@pytest.mark.parametrize("weight_map", [["x"], {"text_model.model.layer_norm.weight": 3}])
+def test_sharded_index_weight_map_not_an_object(tiny_checkpoint, tmp_path, weight_map):
+    _, hf = tiny_checkpoint
+    sharded = fm.save_checkpoint(hf, tmp_path / "sharded", max_shard_size="3MB")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(WeightsError, match=r"index\.json' is corrupt: its 'weight_map' must be a JSON object mapping "
+                                           r"each weight name to a shard file name"):
         Kosmos2.from_pretrained(sharded)
 
 
