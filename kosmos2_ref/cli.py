@@ -214,7 +214,8 @@ def cmd_caption(args) -> int:
 
     image_path = _check_image_path(args.image)
     model = _load_model(args)
-    result, streamed = _caption_result(args, model, image_path, args.prompt or DEFAULT_CAPTION_PROMPT)
+    prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt     # "" is a prompt too: the image alone
+    result, streamed = _caption_result(args, model, image_path, prompt)
     drawn = _draw(image_path, result.entities, args.draw) if args.draw else None
     if args.json:
         _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,

@@ -350,6 +350,9 @@ class Kosmos2:
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows and up to ``capacity`` tokens (it grows if exceeded)."""
+        for name, v in (("batch", batch), ("capacity", capacity)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"new_cache: {name} must be a positive integer, got {v!r}")
         tc = self.config.text_config
         return KVCache(tc.layers, batch, tc.attention_heads, tc.head_dim, capacity, self.xp)
 

@@ -93,6 +93,14 @@ def test_caption_text_output_and_options_after_the_command(capsys, ckpt):
     assert lines[1].startswith("  ")        # the entities (or "(no grounded phrases)")
 
 
+def test_caption_with_an_empty_prompt_uses_it(capsys, ckpt):
+    """--prompt "" is a prompt (the image alone), not a request for the default one."""
+    d = run_json(capsys, "--model", ckpt, "--max-new-tokens", "3", "caption", DOGS, "--prompt", "")
+    assert not d["text"].startswith("<grounding>")
+    d = run_json(capsys, "--model", ckpt, "--max-new-tokens", "3", "caption", DOGS)
+    assert d["text"].startswith("<grounding> An image of")
+
+
 def test_caption_streams_on_a_terminal(capsys, ckpt, monkeypatch):
     expected = run_json(capsys, "--model", ckpt, "--max-new-tokens", "8", "caption", DOGS)["caption"]
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)

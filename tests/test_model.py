@@ -144,6 +144,14 @@ def test_embeddings_as_nested_lists_are_accepted(model):
         model(input_ids=ids, image_embeds=np.zeros((1, 64, 32), np.int64).tolist(), image_embeds_position_mask=img)
 
 
+@pytest.mark.parametrize("batch, capacity, name", [(1, -5, "capacity"), (0, 8, "batch"), (1, 2.5, "capacity"),
+                                                   ("2", 8, "batch")])
+def test_new_cache_needs_positive_sizes(model, batch, capacity, name):
+    with pytest.raises(ValueError, match=rf"new_cache: {name} must be a positive integer, got"):
+        model.new_cache(batch, capacity)
+    assert model.new_cache(2, 3).capacity == 3
+
+
 @pytest.mark.parametrize("bad", ["1", -1, 1.5, True, None])
 def test_logits_to_keep_must_be_a_non_negative_int(model, bad):
     pv, ids, img = _inputs()
