@@ -78,6 +78,13 @@ def _finite_float32(name: str, a, xp):
     return xp.asarray(a)
 
 
+def _check_flags(**flags) -> None:
+    """Switches must be True or False: a string such as "false" would otherwise count as True."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     """A host integer array of ``ndim`` dims, or a ValueError naming ``name``."""
     try:
@@ -163,6 +170,8 @@ class Kosmos2:
     def encode_image(self, pixel_values, *, output_hidden_states: bool = False, output_attentions: bool = False,
                      interpolate_pos_encoding: bool = False):
         """pixel_values [B, 3, H, W] -> (image_embeds [B, 64, C], projection_attentions, VisionOutput)."""
+        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     interpolate_pos_encoding=interpolate_pos_encoding)
         pv = self._pixel_values(pixel_values)
         vc = self.config.vision_config
         vout = vision_forward(pv, self.params["vision_model"]["model"], vc,
@@ -264,6 +273,8 @@ class Kosmos2:
         base model's ``last_hidden_state`` only. ``logits_to_keep`` = k > 0 computes logits for the last k
         positions only; 0 keeps them all.
         """
+        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     interpolate_pos_encoding=interpolate_pos_encoding, compute_logits=compute_logits)
         k = logits_to_keep
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
             raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {k!r}")

@@ -230,3 +230,11 @@ def test_tag_regex_does_not_cross_newlines():
     assert post_process_generation("<a\nb> c")[0] == "<a\nb> c"
     assert grounding.strip_tags("x<y>z") == "xz"
     assert re.fullmatch(r".*", post_process_generation("")[0])
+
+
+def test_post_process_generation_needs_a_boolean_switch():
+    from kosmos2_ref.processing.grounding import post_process_generation
+
+    with pytest.raises(ValueError, match="cleanup_and_extract must be True or False, got 'false'"):
+        post_process_generation("</image> a cat", cleanup_and_extract="false")
+    assert post_process_generation("</image> a cat", cleanup_and_extract=False) == " a cat"

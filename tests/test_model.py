@@ -144,6 +144,19 @@ def test_embeddings_as_nested_lists_are_accepted(model):
         model(input_ids=ids, image_embeds=np.zeros((1, 64, 32), np.int64).tolist(), image_embeds_position_mask=img)
 
 
+@pytest.mark.parametrize("flag", ["interpolate_pos_encoding", "output_hidden_states", "output_attentions",
+                                  "compute_logits"])
+def test_switches_must_be_booleans(model, flag):
+    """A string like "false" is truthy: refused by name instead of silently switching the option on."""
+    pv = np.zeros((1, 3, 224, 224), np.float32)
+    ids = np.array([[0, 10, 11]])
+    with pytest.raises(ValueError, match=rf"{flag} must be True or False, got 'false'"):
+        model(pixel_values=pv, input_ids=ids, image_embeds_position_mask=np.zeros_like(ids), **{flag: "false"})
+    if flag != "compute_logits":
+        with pytest.raises(ValueError, match=rf"{flag} must be True or False, got 'no'"):
+            model.encode_image(pv, **{flag: "no"})
+
+
 @pytest.mark.parametrize("batch, capacity, name", [(1, -5, "capacity"), (0, 8, "batch"), (1, 2.5, "capacity"),
                                                    ("2", 8, "batch")])
 def test_new_cache_needs_positive_sizes(model, batch, capacity, name):

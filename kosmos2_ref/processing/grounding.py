@@ -254,6 +254,8 @@ def post_process_generation(text: str, cleanup_and_extract: bool = True, num_pat
     (Kosmos2Processor.post_process_generation, spec §11)."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if not isinstance(cleanup_and_extract, bool):          # the string "false" would count as True
+        raise ValueError(f"cleanup_and_extract must be True or False, got {cleanup_and_extract!r}")
     caption = text.split(EOI_TOKEN)[-1]
     if not cleanup_and_extract:
         return caption
