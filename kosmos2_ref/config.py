@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
 
+from .checks import is_int, is_real
+
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a Kosmos-2 model."""
@@ -45,21 +47,17 @@ def _build(cls, d: dict, aliases: dict[str, str], where: str):
 # negative eps gives NaN logits, the string "false" is truthy, an out-of-range pad id shifts every position), so
 # each is refused at load, naming the key. Keys we only carry along (dropout rates, dtype names, ...) are not checked.
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)       # JSON true/false arrive as bool, a subclass of int
-
-
 def _check_positive_ints(obj, names, where):
     for n in names:
         v = getattr(obj, n)
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
 
 
 def _check_eps(obj, where):
     """LayerNorm's eps: a positive finite number (0 divides by zero on a constant row, < 0 takes sqrt of < 0)."""
     v = obj.layer_norm_eps
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+    if not is_real(v) or not math.isfinite(v) or v <= 0:
         raise ConfigError(f"{where}.layer_norm_eps must be a positive finite number (like 1e-05), got {v!r}")
 
 
@@ -74,7 +72,7 @@ def _check_token_id(v, name, vocab_size, where, optional: bool):
     """A token id indexes the embedding table: an integer in [0, vocab_size); null where ``optional``."""
     if v is None and optional:
         return
-    if not _is_int(v) or not 0 <= v < vocab_size:
+    if not is_int(v) or not 0 <= v < vocab_size:
         also = " or null" if optional else ""
         raise ConfigError(f"{where}.{name} must be a token id, an integer in [0, {vocab_size - 1}] "
                           f"(below vocab_size){also}, got {v!r}")

@@ -45,7 +45,7 @@ def image_to_text(vision_last_hidden_state, post_layernorm, p, num_heads: int, e
     e = layer_norm(vision_last_hidden_state, **post_layernorm, eps=eps)    # [B, 1+N, Cv]
     e = l2_normalize(e)                                                    # unit length per token
     f = linear(e, **p["dense"])                                            # [B, 1+N, C]
-    B, C = f.shape[0], f.shape[-1]
+    B = f.shape[0]
     latent = xp.broadcast_to(as_float32(p["latent_query"]), (B,) + p["latent_query"].shape)   # [B, Q, C]
     kv = xp.concatenate([f, latent], axis=1)                               # [B, 1+N+Q, C]: image, then queries
     return cross_attention(latent, kv, p["x_attn"], num_heads)

@@ -19,13 +19,13 @@ a left-padded row by its pad count. Both agree on rows without padding.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .backend import get_xp, to_numpy
+from .checks import is_int, is_real
 from .layers import softmax
 from .model import _as_array, _host_int_array
 from .text import position_ids_from_input_ids
@@ -94,19 +94,11 @@ def checkpoint_generation_defaults(model) -> dict:
     return d
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _as_eos(v, vocab_size: int) -> tuple[int, ...]:
     if v is None:
         return ()
-    ids = [v] if _is_int(v) else list(v) if isinstance(v, (list, tuple, np.ndarray)) else None
-    if ids is None or not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+    ids = [v] if is_int(v) else list(v) if isinstance(v, (list, tuple, np.ndarray)) else None
+    if ids is None or not all(is_int(i) and 0 <= i < vocab_size for i in ids):
         raise ValueError(f"eos_token_id must be a token id or a list of ids in [0, {vocab_size - 1}], got {v!r}")
     return tuple(int(i) for i in ids)
 
@@ -128,48 +120,48 @@ def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSetting
     max_new = pick("max_new_tokens")
     if max_new is None and "max_length" in ckpt:          # generation_config.json's total length
         ml = ckpt["max_length"]
-        if not _is_int(ml) or ml - prompt_length < 1:
+        if not is_int(ml) or ml - prompt_length < 1:
             raise ValueError(f"generation_config.json sets max_length={ml!r}, which leaves no room after the "
                              f"{prompt_length}-token prompt; pass max_new_tokens")
         max_new = ml - prompt_length
     if max_new is None:
         max_new = DEFAULT_MAX_NEW_TOKENS
-    if not _is_int(max_new) or max_new < 1:
+    if not is_int(max_new) or max_new < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
     min_new = pick("min_new_tokens")
-    if not _is_int(min_new) or min_new < 0:
+    if not is_int(min_new) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new!r}")
     num_beams = pick("num_beams")
-    if not _is_int(num_beams) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     do_sample = pick("do_sample")
     if not isinstance(do_sample, (bool, np.bool_)):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     temperature = pick("temperature")
-    if not _is_real(temperature) or not math.isfinite(temperature) or (do_sample and temperature <= 0):
+    if not is_real(temperature) or not math.isfinite(temperature) or (do_sample and temperature <= 0):
         raise ValueError(f"temperature must be a number > 0 when sampling (do_sample=True), got {temperature!r}; "
                          f"for greedy decoding set do_sample=False")
     top_k = pick("top_k")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
     top_p = pick("top_p")
-    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
+    if not is_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     rep = pick("repetition_penalty")
-    if not _is_real(rep) or not math.isfinite(rep) or rep <= 0:
+    if not is_real(rep) or not math.isfinite(rep) or rep <= 0:
         raise ValueError(f"repetition_penalty must be a number > 0 (1.0 = none), got {rep!r}")
     ngram = pick("no_repeat_ngram_size")
-    if not _is_int(ngram) or ngram < 0:
+    if not is_int(ngram) or ngram < 0:
         raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 disables it), got {ngram!r}")
     lp = pick("length_penalty")
-    if not _is_real(lp) or not math.isfinite(lp):
+    if not is_real(lp) or not math.isfinite(lp):
         raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
     es = pick("early_stopping")
     if es is not True and es is not False and es != "never":
         raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
     eos = _as_eos(pick("eos_token_id"), vocab)
     pad = pick("pad_token_id")
-    if pad is not None and (not _is_int(pad) or not 0 <= pad < vocab):
+    if pad is not None and (not is_int(pad) or not 0 <= pad < vocab):
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab - 1}], got {pad!r}")
     if pad is None and eos:
         pad = eos[0]            # transformers does the same (with a warning): finished rows need a filler
@@ -696,7 +688,7 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
     """
     if seed is not None and rng is not None:
         raise ValueError("pass either seed or rng, not both")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise ValueError(f"seed must be None or an integer >= 0 (it seeds numpy.random.default_rng), got {seed!r}")
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")

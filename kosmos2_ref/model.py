@@ -7,7 +7,6 @@ Inputs are validated here, at the boundary, so the stage functions below never s
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from .backend import Backend, get_backend, get_xp, to_numpy
 from .cache import KVCache
+from .checks import is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
 from .text import TextOutput, causal_lm_loss, text_forward
@@ -276,7 +276,7 @@ class Kosmos2:
         _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                      interpolate_pos_encoding=interpolate_pos_encoding, compute_logits=compute_logits)
         k = logits_to_keep
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        if not is_int(k) or k < 0:
             raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {k!r}")
         past = past_key_values.length if past_key_values is not None else 0
         if image_embeds is not None and past == 0:            # lists accepted, NaN/inf refused
@@ -362,7 +362,7 @@ class Kosmos2:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows and up to ``capacity`` tokens (it grows if exceeded)."""
         for name, v in (("batch", batch), ("capacity", capacity)):
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"new_cache: {name} must be a positive integer, got {v!r}")
         tc = self.config.text_config
         return KVCache(tc.layers, batch, tc.attention_heads, tc.head_dim, capacity, self.xp)

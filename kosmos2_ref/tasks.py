@@ -18,7 +18,6 @@ Generation is ``Kosmos2.generate``: greedy with the checkpoint's defaults unless
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import PIL.Image
 
 from .backend import to_numpy
+from .checks import is_int
 
 DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -266,7 +266,7 @@ def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generat
 
 
 def _check_max_new_tokens(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
     return int(n)
 
@@ -353,7 +353,7 @@ def embed(model, processor=None, images=None, *, batch_size: int = 8,
     images = list(images)
     if not images:
         raise ValueError("embed needs at least one image")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)]
     embeds, pooled = [], []

@@ -7,7 +7,7 @@ checkpoint: ``embeddings``, ``pre_layrnorm`` (sic), ``encoder.layers[i]``, ``pos
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

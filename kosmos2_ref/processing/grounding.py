@@ -17,6 +17,7 @@ import numbers
 import re
 from typing import Sequence
 
+from ..checks import is_int, is_real
 from .text import (
     BOO_TOKEN,
     BOP_TOKEN,
@@ -52,16 +53,8 @@ def num_patches_per_side(num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -
 
 
 # ---------------------------------------------------------------------------------------------- boxes ↔ indices
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _is_float(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) -> tuple[int, int]:
@@ -105,7 +98,7 @@ def patch_indices_to_box(upper_left: int, lower_right: int, num_patches_per_side
 def _check_box(box, where: str, num_patch_index_tokens: int) -> None:
     """One box: a tuple of 2 ints (patch indices in range, the lower-right cell not above or left of the
     upper-left one) or of 4 floats (checked when converted)."""
-    if isinstance(box, tuple) and len(box) == 2 and all(_is_int(v) for v in box):
+    if isinstance(box, tuple) and len(box) == 2 and all(is_int(v) for v in box):
         for v in box:
             if not 0 <= v < num_patch_index_tokens:
                 raise ValueError(
@@ -267,7 +260,7 @@ def entities_to_pixel_boxes(entities: Sequence[Entity], image_size: tuple[int, i
 
     Each coordinate becomes int(coordinate · side), as the original demo draws them; names and spans are kept.
     """
-    if len(image_size) != 2 or not all(_is_int(v) and v > 0 for v in image_size):
+    if len(image_size) != 2 or not all(is_int(v) and v > 0 for v in image_size):
         raise ValueError(f"image_size must be (width, height) as positive ints, got {image_size!r}")
     width, height = image_size
     out = []
@@ -284,7 +277,7 @@ def _check_entity(entity, i: int) -> None:
     if not isinstance(entity, (tuple, list)) or len(entity) != 3 or not isinstance(entity[2], (list, tuple)):
         raise ValueError(f"entities[{i}] must be (name, (start, end), [(x1, y1, x2, y2), ...]), got {entity!r}"[:300])
     for j, box in enumerate(entity[2]):
-        finite = isinstance(box, (tuple, list)) and all(_is_real(v) and math.isfinite(v) for v in box)
+        finite = isinstance(box, (tuple, list)) and all(is_real(v) and math.isfinite(v) for v in box)
         if not finite or len(box) != 4:
             raise ValueError(
                 f"entities[{i}] ({entity[0]!r}): box {j} must be (x1, y1, x2, y2), four finite numbers, got {box!r}"

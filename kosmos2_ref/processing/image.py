@@ -30,6 +30,7 @@ import PIL.Image
 import PIL.ImageMode
 import PIL.ImageOps
 
+from ..checks import is_int, is_real
 from ._files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,23 +49,14 @@ def _json_bool(value, name: str) -> bool:
     return bool(value)
 
 
-def _is_int(value) -> bool:
-    """An int, but not a bool (JSON true is not the number 1)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value) -> bool:
-    return _is_int(value) or isinstance(value, (float, np.floating))
-
-
 def _positive_int(value, name: str) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
 def _positive_number(value, name: str) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -72,9 +64,9 @@ def _positive_number(value, name: str) -> float:
 def _channel_values(value, name: str, positive: bool) -> tuple:
     """image_mean / image_std: one number for all channels or one per RGB channel, finite (std also > 0, as it
     divides)."""
-    if _is_number(value):
+    if is_real(value):
         value = [value] * 3
-    if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(is_real(v) for v in value):
         raise ValueError(f"{name} must be a number or a list of 3 numbers (one per RGB channel), got {value!r}")
     if len(value) != 3:
         raise ValueError(f"{name} must have 3 values (one per RGB channel), got {value!r}")
@@ -88,7 +80,7 @@ def _size_dict(size, name: str, default_to_square: bool) -> dict:
     """Normalise a size argument as transformers' ``get_size_dict`` does: an int is a shortest edge (or a square
     when ``default_to_square``), a pair is (height, width), a dict keeps height/width or shortest_edge. Every
     side must be a positive int."""
-    if _is_int(size):
+    if is_int(size):
         side = _positive_int(size, name)
         return {"height": side, "width": side} if default_to_square else {"shortest_edge": side}
     if isinstance(size, (list, tuple)) and len(size) == 2:
@@ -145,7 +137,7 @@ class ImageProcessorConfig:
             kwargs["crop_size"] = _size_dict(given["crop_size"], "crop_size", default_to_square=True)
         if "resample" in given:
             resample = given["resample"]
-            if not _is_int(resample) or resample not in {int(r) for r in PIL.Image.Resampling}:
+            if not is_int(resample) or resample not in {int(r) for r in PIL.Image.Resampling}:
                 raise ValueError(f"resample must be a PIL resampling filter id (0-5), got {resample!r}")
             kwargs["resample"] = int(resample)
         if "rescale_factor" in given:
