@@ -1,0 +1,49 @@
+"""Export a training checkpoint as the shipped miniature: a normal Hugging Face folder (dev tool).
+
+    python training/export_mini.py training/runs/main/ckpt.pt kosmos2_ref/assets/mini
+
+Writes ``config.json`` and ``model.safetensors`` with transformers' ``save_pretrained`` (weights stored as
+float16: both loaders widen them to float32), ``generation_config.json``, and ``mini.json`` (what it is, how it
+was trained). The auxiliary heads of training are not part of the model and are dropped. The tokenizer and
+image-processor files already in the folder (``make_mini_tokenizer.py``) are kept.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_mini  # noqa: E402
+
+GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+def export(ckpt_path: str, folder: str) -> Path:
+    from transformers import AutoTokenizer
+
+    out = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(train_mini.TOKENIZER_DIR)
+    state = torch.load(ckpt_path, weights_only=False)
+    run = Path(ckpt_path).parent
+    args = json.loads((run / "args.json").read_text()) if (run / "args.json").is_file() else {}
+    model = train_mini.build_model(len(tokenizer), 0, args.get("size", "base"))
+    model.load_state_dict(state["model"])
+    model = model.to(torch.float16)
+    model.config.dtype = "float16"
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (out / "model.safetensors").chmod(0o644)
+    info = {"what": "a miniature Kosmos-2 trained on synthetic shapes (kosmos2_ref.world), not on photos",
+            "steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "recipe": {k: v for k, v in args.items() if k not in ("run", "threads")}}
+    (out / "mini.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"{out}: step {state['step']}, {info['parameters'] / 1e6:.2f} M parameters")
+    return out
+
+
+if __name__ == "__main__":
+    export(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "kosmos2_ref/assets/mini")
