@@ -1,13 +1,15 @@
 """The command line: ``kosmos2-ref`` (also ``python -m kosmos2_ref``).
 
     kosmos2-ref demo                                    caption the packaged photo and draw its boxes
+                                                        (offline: the miniature on a generated scene)
     kosmos2-ref caption IMAGE [--prompt P]              grounded caption: phrases and their boxes
     kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
     kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
     kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
 
 Global options (before or after the command): ``--model PATH_OR_ID`` (default ``$KOSMOS2_REF_MODEL``, else
-``microsoft/kosmos-2-patch14-224``, found in the Hugging Face cache or downloaded), ``--backend numpy|cupy``,
+``microsoft/kosmos-2-patch14-224``, found in the Hugging Face cache or downloaded; ``mini`` is the packaged
+miniature trained on synthetic shapes), ``--backend numpy|cupy``,
 ``--dtype float32|float16|bfloat16``, ``--max-new-tokens N``, ``--json``, ``--draw OUT.png``.
 
 Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be found) print one line
@@ -50,8 +52,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     g = parser.add_argument_group("model and output options")
     g.add_argument("--model", metavar="PATH_OR_ID", default=d(None),
-                   help="checkpoint folder or Hugging Face id (default: $KOSMOS2_REF_MODEL, else "
-                        "microsoft/kosmos-2-patch14-224 from the HF cache, downloaded if online)")
+                   help="checkpoint folder, Hugging Face id, or 'mini' (the packaged miniature trained on "
+                        "synthetic shapes) (default: $KOSMOS2_REF_MODEL, else microsoft/kosmos-2-patch14-224 "
+                        "from the HF cache, downloaded if online)")
     g.add_argument("--backend", choices=["numpy", "cupy"], default=d(None),
                    help="array backend (default: $KOSMOS2_BACKEND, else numpy)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=d("float32"),
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(p, suppress=True)
 
     p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
-                                    "available, else a small random-weight model, clearly labelled)")
+                                    "available; else the miniature, trained on synthetic shapes, captions a "
+                                    "generated scene)")
     p.add_argument("--image", default=None, help="caption this image instead of the packaged one")
     _global_options(p, suppress=True)
     return parser
@@ -198,13 +202,14 @@ def _emit_json(obj) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Commands
 
-def _caption_result(args, model, image_path: Path, prompt: str, label: str = ""):
+def _caption_result(args, model, image, prompt: str, label: str = ""):
+    """Caption ``image`` (a path or a PIL image), streaming to a terminal."""
     from . import tasks
 
     stream = _stream_to_stdout(args)
     if stream is not None and label:
         sys.stdout.write(label + " ")
-    result = tasks.caption(model, None, str(image_path), prompt=prompt,
+    result = tasks.caption(model, None, str(image) if isinstance(image, Path) else image, prompt=prompt,
                            max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS), on_text=stream)
     return result, stream is not None
 
@@ -410,9 +415,12 @@ def demo_image() -> Path:
     return Path(__file__).resolve().parent / "assets" / "two_dogs.jpg"
 
 
+DEMO_SCENE_SEED = 3      # the generated scene the miniature captions in the demo
+DEMO_SCENE_SIZE = 224
+
+
 def cmd_demo(args) -> int:
-    from .demo import demo_checkpoint
-    from .hub import CheckpointNotFoundError, resolve_checkpoint
+    from .hub import MINI_MODEL, CheckpointNotFoundError, is_miniature, resolve_checkpoint
     from .tasks import DEFAULT_CAPTION_PROMPT
 
     image_path = _check_image_path(args.image) if args.image else demo_image()
@@ -421,7 +429,6 @@ def cmd_demo(args) -> int:
     if not args.draw:                   # main() checked a --draw given; check the default before the slow part
         _check_output("--draw", DEFAULT_DEMO_DRAW, "an image file to write (choose another with --draw)",
                       subject=f"the demo's output {DEFAULT_DEMO_DRAW!r} (the --draw default)")
-    random_weights = False
     explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
     if explicit:
         model = _load_model(args, explicit)          # the user asked for it: failing is an error
@@ -429,24 +436,42 @@ def cmd_demo(args) -> int:
         try:
             folder = resolve_checkpoint(_default_model())
         except CheckpointNotFoundError as exc:
-            print(f"{PROG}: real weights unavailable ({_one_line(exc)}); running the same pipeline on a small "
-                  f"RANDOM-weight model instead, so the caption and boxes below are noise", file=sys.stderr)
-            folder, random_weights = demo_checkpoint(), True
+            why = _one_line(exc).split(": ")[0]          # what is missing, without the how-to-get-it advice
+            print(f"{PROG}: real weights unavailable ({why}); showing the miniature instead: a small Kosmos-2 "
+                  f"trained on synthetic shapes, on a generated scene", file=sys.stderr)
+            folder = resolve_checkpoint(MINI_MODEL)
         model = _load_model(args, str(folder))
-    label = "[random weights]" if random_weights else ""
-    result, streamed = _caption_result(args, model, image_path, DEFAULT_CAPTION_PROMPT, label)
-    drawn = _draw(image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW)
+    miniature = is_miniature(getattr(model, "folder", None))
+    scene = None
+    if miniature and not args.image:    # the miniature knows shapes, not photos: show it a scene of its world
+        from . import world
+
+        scene = world.make_scene(DEMO_SCENE_SEED, image_size=DEMO_SCENE_SIZE)
+        image = world.render(scene)
+        shown = f"a generated scene (seed {DEMO_SCENE_SEED})"
+    else:
+        image, shown = image_path, image_path.name
+    label = "[miniature]" if miniature else ""
+    result, streamed = _caption_result(args, model, image, DEFAULT_CAPTION_PROMPT, label)
+    drawn = _draw(image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW,
+                  image=image if scene is not None else None)
     if args.json:
-        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
-                    "random_weights": random_weights, "drawn": str(drawn)})
+        where = {"image": None, "scene": _scene_dict(scene)} if scene is not None else {"image": str(image_path)}
+        _emit_json({**result.to_dict(), **where, "model": model.name_or_path, "miniature": miniature,
+                    "drawn": str(drawn)})
         return 0
     if streamed:
         print()
     else:
         print(f"{label} {result.caption}" if label else result.caption)
     _print_entities(result.entities, sys.stdout)
-    print(f"{'[random weights] ' if random_weights else ''}boxes drawn on {image_path.name} -> {drawn}")
+    print(f"{label + ' ' if label else ''}boxes drawn on {shown} -> {drawn}")
     return 0
+
+
+def _scene_dict(scene) -> dict:
+    return {"seed": scene.seed, "size": scene.image_size,
+            "objects": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in scene.objects]}
 
 
 COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,

@@ -25,6 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_MODEL_ID = "microsoft/kosmos-2-patch14-224"
+MINI_MODEL = "mini"     # the miniature trained on synthetic shapes, shipped in kosmos2_ref/assets/mini
+MINI_FOLDER = Path(__file__).resolve().parent / "assets" / "mini"
 
 # The files of a Hub checkpoint this package reads; the 6.6 GB pytorch_model.bin is not among them.
 ALLOW_PATTERNS = [
@@ -227,6 +229,22 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point
 
+def mini_folder() -> Path:
+    """The packaged miniature's folder (weights, config, tokenizer and image settings). The name ``"mini"``
+    always means it; a local folder called mini is ``"./mini"``."""
+    folder = MINI_FOLDER
+    missing = missing_files(folder) if folder.is_dir() else ["the folder"]
+    if missing:
+        raise CheckpointNotFoundError(f"the miniature model {MINI_MODEL!r} is incomplete in this installation: "
+                                      f"{str(folder)!r} lacks {', '.join(missing)}; reinstall kosmos2-ref")
+    return folder
+
+
+def is_miniature(folder) -> bool:
+    """Whether ``folder`` holds the miniature (its ``mini.json`` says what it is and how it was trained)."""
+    return folder is not None and (Path(folder) / "mini.json").is_file()
+
+
 def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Path | None = None,
                        local_files_only: bool = False, token: str | bool | None = None) -> Path:
     """A local folder holding ``config.json``, or a Hub id -> the checkpoint folder (see the module docstring).
@@ -240,6 +258,8 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
                                       f"(a str or os.PathLike), got {path!r}")
     if not isinstance(path, str):
         path = os.fspath(path)
+    if path == MINI_MODEL:
+        return mini_folder()
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():

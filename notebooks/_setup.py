@@ -190,7 +190,7 @@ def demo_image() -> tuple[PIL.Image.Image, str]:
 @dataclass
 class Setup:
     folder: Path                 # the checkpoint both libraries read
-    kind: str                    # "real", "random (transformers)" or "random (numpy)"
+    kind: str                    # "real", "mini", "random (transformers)" or "random (numpy)"
     model: object                # kosmos2_ref.Kosmos2
     processor: object            # kosmos2_ref.processing.Kosmos2Processor
     image: PIL.Image.Image
@@ -292,16 +292,48 @@ def _build_tiny(seed: int) -> tuple[Path, str]:
     return Path(build_demo_checkpoint(folder, seed)), "random (numpy)"
 
 
-def setup(seed: int = 0) -> Setup:
-    """The checkpoint, model, processor and image for a lesson (built once per kernel)."""
-    if seed in _CACHE:
-        return _CACHE[seed]
+WORLD_SEED = 3          # the generated scene the miniature's lessons look at (the demo's scene)
+
+
+def world_image() -> tuple[PIL.Image.Image, str]:
+    """A scene of the synthetic world (kosmos2_ref.world) at 224 px; it is registered in :data:`SCENES` as
+    ``"world"``, with the caption and boxes the miniature was trained to write for it."""
+    from kosmos2_ref import world
+
+    scene = world.make_scene(WORLD_SEED, image_size=224)
+    phrases = world.caption_phrases(scene)
+    template = "An image of" + " and".join(f" {{{phrase}}}" for phrase, _ in phrases)
+    SCENES["world"] = (template, {phrase: [tuple(b) for b in boxes] for phrase, boxes in phrases})
+    return world.render(scene), "world"
+
+
+def _mini() -> tuple[Path, str]:
+    from kosmos2_ref.hub import resolve_checkpoint
+
+    return resolve_checkpoint("mini"), "mini"
+
+
+def setup(seed: int = 0, model: str = "tiny") -> Setup:
+    """The checkpoint, model, processor and image for a lesson (built once per kernel).
+
+    ``model="tiny"``: a tiny random checkpoint with the real model's counts (224-pixel images, 257 vision tokens,
+    65037 ids) and the packaged photo; ``model="mini"``: the packaged miniature trained on synthetic shapes and a
+    scene of its world, so captions, boxes and attention maps mean something. ``$KOSMOS2_WEIGHTS`` (the real
+    weights) overrides both.
+    """
+    if model not in ("tiny", "mini"):
+        raise ValueError(f"model must be 'tiny' or 'mini', got {model!r}")
+    key = (seed, model)
+    if key in _CACHE:
+        return _CACHE[key]
     from kosmos2_ref import Kosmos2
     from kosmos2_ref.processing import Kosmos2Processor
 
     found = _resolve_weights()
+    if found is None and model == "mini":
+        found = _mini()
     folder, kind = found if found is not None else _build_tiny(seed)
-    if kind == "real":
+    if kind in ("real", "mini"):
         try:
             processor = Kosmos2Processor.from_pretrained(folder)
         except ValueError:
@@ -310,10 +342,10 @@ def setup(seed: int = 0) -> Setup:
         processor = Kosmos2Processor.default()
         if not (folder / "tokenizer.json").is_file():
             processor.save_pretrained(folder)          # so transformers' AutoProcessor reads the same tokenizer
-    model = Kosmos2.from_pretrained(folder)
-    image, scene = demo_image()
-    s = Setup(folder=folder, kind=kind, model=model, processor=processor, image=image, scene=scene)
-    _CACHE[seed] = s
+    net = Kosmos2.from_pretrained(folder)
+    image, scene = world_image() if kind == "mini" else demo_image()
+    s = Setup(folder=folder, kind=kind, model=net, processor=processor, image=image, scene=scene)
+    _CACHE[key] = s
     return s
 
 

@@ -353,13 +353,12 @@ def test_demo_offline_on_a_fresh_machine(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     note = proc.stderr.strip().splitlines()
-    assert len(note) == 1 and "real weights unavailable" in note[0] and "RANDOM-weight" in note[0]
+    assert len(note) == 1 and "real weights unavailable" in note[0] and "trained on synthetic shapes" in note[0]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("[random weights] An image of")
-    assert lines[-1].endswith("-> kosmos2-demo.png") and "[random weights]" in lines[-1]
-    assert PIL.Image.open(work / "kosmos2-demo.png").size == (1200, 602)
-    demo_dirs = list((tmp_path / "home" / ".cache" / "kosmos2_ref").iterdir())
-    assert [p.name for p in demo_dirs] == [f"demo-tiny-{__import__('kosmos2_ref').__version__}"]
+    assert lines[0].startswith("[miniature] An image of")
+    assert lines[-1].endswith("-> kosmos2-demo.png") and "[miniature]" in lines[-1] and "generated scene" in lines[-1]
+    assert PIL.Image.open(work / "kosmos2-demo.png").size == (224, 224)          # the scene, boxes drawn
+    assert not (tmp_path / "home" / ".cache" / "kosmos2_ref").exists()          # the miniature is packaged
 
     # again, now cached, with --json and --draw
     proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "4", "demo",
@@ -367,8 +366,8 @@ def test_demo_offline_on_a_fresh_machine(tmp_path):
                           cwd=work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
-    assert d["random_weights"] is True and d["drawn"] == "out.png" and set(d) >= {"text", "caption", "entities"}
-    assert d["image"].endswith("two_dogs.jpg")
+    assert d["miniature"] is True and d["drawn"] == "out.png" and set(d) >= {"text", "caption", "entities"}
+    assert d["image"] is None and d["scene"]["seed"] == 3 and 1 <= len(d["scene"]["objects"]) <= 4
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path, ckpt):
@@ -387,7 +386,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path, ckpt):
 def test_demo_uses_real_weights_when_given(capsys, ckpt):
     code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "demo")
     assert code == 0, err
-    assert "[random weights]" not in out and err == ""
+    assert "[miniature]" not in out and err == ""
     assert Path("kosmos2-demo.png").is_file()
 
 
@@ -395,7 +394,7 @@ def test_demo_falls_back_in_process(capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)          # the streaming path, labelled too
     code, out, err = run(capsys, "--max-new-tokens", "4", "demo")
     assert code == 0, err
-    assert out.startswith("[random weights] An image of")
+    assert out.startswith("[miniature] An image of")
     assert "HF_HUB_OFFLINE=1" in err and len(err.strip().splitlines()) == 1
 
 

@@ -99,39 +99,50 @@ def init_structured(model, first_location_id: int, loc_scale: float, pos_scale: 
 
 
 @torch.no_grad()
-def init_connector(model, processor, n: int = 16, sharpness: float = 4.0, out_norm: float = 10.0) -> dict:
+def init_connector(model, processor, n: int = 16, sharpness: float = 4.0, out_norm: float = 10.0) -> tuple:
     """Start the connector as "latent query i looks at patch i, and passes it on, loud enough to be heard".
 
     At transformers' initialisation every latent query attends almost uniformly, so the 64 image embeddings
     are 64 copies of one average (cosine ~0.99 between them), and 100 times smaller than the decoder's
     position embeddings: the decoder cannot see where anything is, and a first trial spent its first few hundred
-    steps learning just that. Here, from the vision tower's features of ``n`` scenes: each patch's mean feature
-    (minus the mean over patches) is its position code p_j; latent query i is ε·p̂_i, q_proj a scale that makes
-    the query-key scores of slot i spread with std ``sharpness`` over the patches (peaked at patch i), k_proj and
-    v_proj identities, out_proj a scale giving image embeddings of norm ``out_norm``.
+    steps learning just that. Here, from the vision tower's features of ``n`` scenes:
+
+    * ``dense`` (vision width Dv -> C) maps into a Dv-dimensional subspace of the C dims; the latent queries live
+      in its orthogonal complement (orthonormal vectors u_i, C - Dv >= 64 of them), so as keys they match no
+      query (k_proj projects them out) and every slot's attention goes to the image;
+    * each patch's mean feature minus the mean over patches is its position code p_j; q_proj maps u_i to
+      a·p̂_i, with ``a`` giving slot i's scores over the patches a spread of std ``sharpness`` (peaked at patch i);
+    * v_proj is the identity, out_proj a scale that gives image embeddings of norm ``out_norm``.
+    Returns (a report, the slots' position codes [Q, C] in the decoder's space).
     """
     proj = model.image_to_text_projection
+    att = proj.x_attn
+    Q, C = proj.latent_query.shape
+    Dv = proj.dense.in_features
+    H = att.num_heads
+    D = C // H
+    assert C - Dv >= Q, "the latent queries need a complement of the dense map's range"
     pixels = image_batch(processor, [900_000_000 + i for i in range(n)])["pixel_values"]
     feats = model.vision_model.model.post_layernorm(model.vision_model(pixel_values=pixels)[0])
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(C, C, generator=g))             # [C, C] orthonormal columns
+    image_space, latent_space = basis[:, :Dv], basis[:, Dv:Dv + Q]         # [C, Dv], [C, Q]
+    proj.dense.weight.copy_(image_space * 3.0)                              # unit features -> norm 3
+    proj.dense.bias.zero_()
     h = proj.dense(F.normalize(feats, dim=-1))                              # [n, 1 + P, C]
     pos = h[:, 1:].mean(0)
     pos = pos - pos.mean(0, keepdim=True)                                   # [P, C]
     p_hat = F.normalize(pos, dim=-1)
-    att = proj.x_attn
-    C, H = p_hat.shape[1], att.num_heads
-    D = C // H
-    eps = 1e-2
-    eye = torch.eye(C)
-    for lin in (att.k_proj, att.v_proj):
-        lin.weight.copy_(eye)
+    proj.latent_query.copy_(latent_space.T)                                 # u_i: [Q, C]
+    keep_image = image_space @ image_space.T                                # projector onto the image space
+    att.k_proj.weight.copy_(keep_image)
+    att.v_proj.weight.copy_(torch.eye(C))
+    for lin in (att.k_proj, att.v_proj, att.q_proj, att.out_proj):
         lin.bias.zero_()
     scores = torch.einsum("phd,nqhd->nhpq", p_hat.reshape(-1, H, D), h.reshape(n, -1, H, D)) / math.sqrt(D)
-    scale = sharpness / scores.std(-1).mean().item()
-    att.q_proj.weight.copy_(eye * scale / eps)
-    att.q_proj.bias.zero_()
-    proj.latent_query.copy_(eps * p_hat)
-    att.out_proj.weight.copy_(eye)
-    att.out_proj.bias.zero_()
+    a = sharpness / scores.std(-1).mean().item()
+    att.q_proj.weight.copy_(a * p_hat.T @ latent_space.T)                   # u_i -> a p̂_i
+    att.out_proj.weight.copy_(torch.eye(C))
     embeds, _ = proj(F.normalize(feats, dim=-1))                            # [n, Q, C]
     att.out_proj.weight.mul_(out_norm / embeds.norm(dim=-1).mean().item())
     embeds = embeds * (out_norm / embeds.norm(dim=-1).mean().item())
@@ -140,7 +151,7 @@ def init_connector(model, processor, n: int = 16, sharpness: float = 4.0, out_no
     slots = F.normalize(embeds, dim=-1)
     codes = embeds.mean(0)
     codes = F.normalize(codes - codes.mean(0, keepdim=True), dim=-1)        # [Q, C]: what says "slot i"
-    return {"slot_attends_own_patch": round(hits, 3),
+    return {"slot_attends_own_patch": round(hits, 3), "q_scale": round(a, 1),
             "slot_cosine": round((slots @ slots.transpose(1, 2)).mean().item(), 3)}, codes
 
 

@@ -76,13 +76,13 @@ class Kosmos2Processor:
         ``tokenizer_config.json``, ``special_tokens_map.json``, ``processor_config.json``.
 
         ``folder`` may also be a Hub id such as ``"microsoft/kosmos-2-patch14-224"``, found in the Hugging Face
-        cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it. ``padding_side`` (and other tokenizer
+        cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it, or ``"mini"``, the packaged miniature. ``padding_side`` (and other tokenizer
         settings such as ``truncation_side``) override the files.
         """
-        from ..hub import is_hub_id, resolve_checkpoint
+        from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
 
         name = folder
-        folder = Path(folder)
+        folder = Path(folder) if name != MINI_MODEL else MINI_FOLDER
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
             folder = resolve_checkpoint(name)
         if not folder.is_dir():
