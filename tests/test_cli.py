@@ -1,4 +1,4 @@
-"""The command line, end to end on a tiny random checkpoint and the real photos in ../shared/data/images.
+"""The command line, end to end on a tiny random checkpoint and the real photos in tests/data/images.
 
 Most runs call ``cli.main([...])`` in-process (fast); a few run ``python -m kosmos2_ref`` as a user would.
 Random weights write random text: the tests check the structure, and where boxes matter a scripted generator
@@ -19,9 +19,8 @@ import pytest
 from kosmos2_ref import cli, draw, tasks
 from kosmos2_ref.processing import Kosmos2Processor
 
-from fixtures_tokenizer import SHARED_DATA
+from fixtures_tokenizer import IMAGES
 
-IMAGES = SHARED_DATA / "images"
 DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
 SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]

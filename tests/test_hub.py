@@ -206,9 +206,9 @@ def test_offline_cli_one_line_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO_ROOT)}
     env.pop("KOSMOS2_REF_MODEL", None)
-    from fixtures_tokenizer import SHARED_DATA
+    from fixtures_tokenizer import IMAGES
 
-    image = str(SHARED_DATA / "images" / "two_dogs.jpg")
+    image = str(IMAGES / "two_dogs.jpg")
     proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "caption", image], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

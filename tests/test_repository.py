@@ -1,0 +1,116 @@
+"""The repository stands alone: a clone with nothing beside it has every file its tests, notebooks and docs read.
+
+Three checks: no tracked file names a path outside the repository; the shipped third-party data is the data its
+provenance table describes (sha256); and a copy of the tracked files, put in an empty folder, runs the tests that
+read the real data there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fixtures_tokenizer as ft
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".toml", ".json", ".txt", ".cfg", ".ini", ".yml", ".yaml", ".sh", ""}
+
+# Written in two pieces so that this file does not match itself.
+OUTSIDE_PATTERNS = [
+    re.compile(r"\.\./" + r"shared"),
+    re.compile(r"/work/" + r"shared"),
+    re.compile(r"shared/" + r"data"),
+    re.compile(r"KOSMOS2_" + r"SHARED"),
+    re.compile(r"parents\[1\]\.parent"),
+]
+
+
+def tracked_files() -> list[Path]:
+    """The files git tracks (every file but the ignored ones when there is no git checkout)."""
+    if (REPO / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        return [REPO / name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
+    skip = {".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "build", "dist"}
+    return [p for p in REPO.rglob("*") if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)]
+
+
+def test_no_tracked_file_reads_outside_the_repository():
+    hits = []
+    for path in tracked_files():
+        if path.suffix not in TEXT_SUFFIXES and path.name not in {"run"}:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for pattern in OUTSIDE_PATTERNS:
+            for m in pattern.finditer(text):
+                line = text.count("\n", 0, m.start()) + 1
+                hits.append(f"{path.relative_to(REPO)}:{line}: {m.group(0)}")
+    assert not hits, "paths outside the repository:\n" + "\n".join(hits)
+
+
+def test_data_paths_lie_inside_the_repository():
+    for path in (ft.REAL_SPM_MODEL, ft.IMAGES, ft.TEST_DATA):
+        assert path.exists(), path
+        assert path.resolve().is_relative_to(REPO), f"{path} is outside {REPO}"
+
+
+def provenance_rows(table: Path) -> list[tuple[str, int, str]]:
+    """(file, bytes, sha256) for each row of a provenance table whose cells hold a size and a sha256."""
+    rows = []
+    for line in table.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        sha = [c for c in cells if re.fullmatch(r"[0-9a-f]{64}", c)]
+        size = [c for c in cells if re.fullmatch(r"\d+", c)]
+        if sha and size:
+            rows.append((cells[0], int(size[0]), sha[0]))
+    return rows
+
+
+def test_test_data_matches_its_provenance():
+    rows = provenance_rows(ft.TEST_DATA / "PROVENANCE.md")
+    listed = {name for name, _, _ in rows}
+    on_disk = {str(p.relative_to(ft.TEST_DATA)) for p in ft.TEST_DATA.rglob("*") if p.is_file()} - {"PROVENANCE.md"}
+    assert listed == on_disk, f"files without a provenance row or rows without a file: {listed ^ on_disk}"
+    for name, size, sha in rows:
+        data = (ft.TEST_DATA / name).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha, name
+
+
+def test_packaged_assets_match_their_provenance():
+    assets = REPO / "kosmos2_ref" / "assets"
+    for name in ("sentencepiece.bpe.model", "two_dogs.jpg"):
+        readme = (assets / "README.md").read_text(encoding="utf-8")
+        sha = hashlib.sha256((assets / name).read_bytes()).hexdigest()
+        assert sha in readme, f"{name}: sha256 {sha} is not the one kosmos2_ref/assets/README.md gives"
+
+
+def test_license_and_third_party_notices_exist():
+    assert "MIT License" in (REPO / "LICENSE").read_text(encoding="utf-8")
+    notices = (REPO / "THIRD_PARTY_NOTICES.md").read_text(encoding="utf-8")
+    assert "microsoft/unilm" in notices and "Copyright (c) Microsoft Corporation" in notices
+
+
+def test_a_copy_in_an_empty_folder_runs_the_real_data_tests(tmp_path):
+    """Copy the tracked files alone into tmp/lonely/repo (nothing beside them) and run tests that read the data."""
+    clone = tmp_path / "lonely" / "repo"
+    for path in tracked_files():
+        target = clone / path.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    assert sorted(p.name for p in clone.parent.iterdir()) == ["repo"]
+    tests = ["tests/test_processing_text.py::test_real_snowman_ids",
+             "tests/test_processing_image.py", "tests/test_repository.py::test_test_data_matches_its_provenance"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=clone,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "error" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    # The copy's own package was tested, not the one installed from this checkout.
+    probe = subprocess.run([sys.executable, "-c", "import kosmos2_ref, sys; print(kosmos2_ref.__file__)"],
+                           cwd=clone, env=env, capture_output=True, text=True, timeout=60)
+    assert Path(probe.stdout.strip()).resolve().is_relative_to(clone.resolve()), probe.stdout
