@@ -7,6 +7,7 @@ Inputs are validated here, at the boundary, so the stage functions below never s
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,15 @@ def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
+_PROCESSOR_LOCK = threading.Lock()     # builds a model's processor once when threads ask for it together
+
+
 class Kosmos2:
-    """The KOSMOS-2 model in NumPy (or CuPy). Build it with :meth:`from_pretrained`."""
+    """The KOSMOS-2 model in NumPy (or CuPy). Build it with :meth:`from_pretrained`.
+
+    One model may be shared by threads: the parameters are only read, and every call makes its own cache and
+    buffers (``layers``' scratch buffers are per thread).
+    """
 
     def __init__(self, config: Kosmos2Config, params: dict, backend: Backend | str | None = None,
                  dtype: str = "float32", generation_config: dict | None = None, name_or_path: str | None = None):
@@ -328,7 +336,9 @@ class Kosmos2:
         if getattr(self, "_processor", None) is None:
             from .tasks import processor_for
 
-            self._processor = processor_for(self)
+            with _PROCESSOR_LOCK:
+                if getattr(self, "_processor", None) is None:
+                    self._processor = processor_for(self)
         return self._processor
 
     @processor.setter

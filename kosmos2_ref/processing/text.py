@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -179,6 +180,10 @@ class Kosmos2Tokenizer:
     Holds the backend tokenizer, the names of the special tokens and the padding/truncation defaults. The
     Kosmos-2 tag and patch tokens are added on construction (as ``Kosmos2Processor.__init__`` does in
     transformers); tokens already present keep their ids.
+
+    Safe to share between threads: padding and truncation are settings *of the backend tokenizer*, switched on
+    for one call and off after it, so every call that changes the backend (or reads those settings, as saving
+    does) holds ``self._lock``; otherwise one thread's padding would leak into another thread's call.
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class Kosmos2Tokenizer:
         add_kosmos2_tokens: bool = True,
     ):
         self._tokenizer = backend
+        self._lock = threading.RLock()      # held while the backend's settings are changed and used
         # Padding and truncation are set per call (as transformers does); start from a clean state.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -254,7 +260,8 @@ class Kosmos2Tokenizer:
 
     def add_kosmos2_tokens(self, num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> int:
         """Add the tag and patch tokens not yet in the vocabulary (appended in order); return how many were new."""
-        return self._tokenizer.add_tokens(kosmos2_added_tokens(num_patch_index_tokens))
+        with self._lock:
+            return self._tokenizer.add_tokens(kosmos2_added_tokens(num_patch_index_tokens))
 
     # ------------------------------------------------------------------------------------------------- vocabulary
     def __len__(self) -> int:
@@ -348,28 +355,29 @@ class Kosmos2Tokenizer:
         side = self.padding_side if padding_side is None else _check_side("padding_side", padding_side)
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
-        try:
-            if trunc != "do_not_truncate":
-                self._tokenizer.enable_truncation(
-                    max_length, stride=0, strategy=trunc, direction=self.truncation_side
-                )
-            if pad != "do_not_pad":
-                self._tokenizer.enable_padding(
-                    direction=side,
-                    pad_id=self.pad_token_id,
-                    pad_type_id=0,
-                    pad_token=self.pad_token,
-                    length=max_length if pad == "max_length" else None,
-                    pad_to_multiple_of=pad_to_multiple_of,
-                )
-            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        except Exception as err:
-            if isinstance(err, ValueError):
-                raise
-            raise ValueError(f"tokenisation failed: {err}") from err
-        finally:
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
+        with self._lock:        # the settings below belong to the shared backend: one call at a time
+            try:
+                if trunc != "do_not_truncate":
+                    self._tokenizer.enable_truncation(
+                        max_length, stride=0, strategy=trunc, direction=self.truncation_side
+                    )
+                if pad != "do_not_pad":
+                    self._tokenizer.enable_padding(
+                        direction=side,
+                        pad_id=self.pad_token_id,
+                        pad_type_id=0,
+                        pad_token=self.pad_token,
+                        length=max_length if pad == "max_length" else None,
+                        pad_to_multiple_of=pad_to_multiple_of,
+                    )
+                encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            except Exception as err:
+                if isinstance(err, ValueError):
+                    raise
+                raise ValueError(f"tokenisation failed: {err}") from err
+            finally:
+                self._tokenizer.no_truncation()
+                self._tokenizer.no_padding()
         return [list(e.ids) for e in encodings], [list(e.attention_mask) for e in encodings]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -429,7 +437,8 @@ class Kosmos2Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "special_tokens_map.json"]
-        self._tokenizer.save(str(paths[0]))
+        with self._lock:        # not while another thread's call has padding switched on
+            self._tokenizer.save(str(paths[0]))
         special = {
             "bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
             "sep_token": self.eos_token, "cls_token": self.bos_token,
