@@ -6,7 +6,9 @@ Mirrors transformers 5.23 as ``Kosmos2ForConditionalGeneration.generate`` reache
 and the streamer protocol of ``generation/streamers.py``. docs/generation.md explains the choices.
 
 How a call runs. The image is encoded once. The prompt is run once (the *prefill*) into a :class:`KVCache` sized
-for prompt + ``max_new_tokens``; each later step feeds one token per row with ``logits_to_keep=1``. The last
+for prompt + ``max_new_tokens``, or for the positions the model was trained on when that is less
+(:func:`initial_length`: the buffers then double as the tokens come, so an early EOS costs nothing of a huge
+``max_new_tokens``); each later step feeds one token per row with ``logits_to_keep=1``. The last
 position's logits [N, V] go through the processors, then a token is chosen. Arrays stay on the backend (``xp``);
 the host sees the chosen ids each step ([N] ints; for beams the 2·num_beams candidates per input) and, only when
 ``output_scores`` is asked for, the processed scores. Bookkeeping (sequences, beam scores) lives on the host.
@@ -481,6 +483,36 @@ def _decode_step(model, cache, seq: np.ndarray, att: np.ndarray, cur_len: int):
     return out.logits[:, -1]                                                       # [N, V]
 
 
+def initial_length(model, prompt_length: int, max_length: int) -> int:
+    """How many tokens (prompt included) the buffers of one call are first made for: all ``max_length`` when they
+    fit in the positions the model was trained on (``max_position_embeddings``), else the larger of those and the
+    prompt + 1; past that the buffers double as needed (:func:`with_room`, :meth:`KVCache.update`)."""
+    trained = model.config.text_config.max_position_embeddings
+    return min(max_length, max(trained, prompt_length + 1))
+
+
+def with_room(a: np.ndarray, length: int, fill) -> np.ndarray:
+    """``a`` [..., L] when L >= ``length``, else a copy with room for twice L (at least ``length``) along the
+    last axis, the new columns set to ``fill``."""
+    if a.shape[-1] >= length:
+        return a
+    out = np.full(a.shape[:-1] + (max(length, 2 * a.shape[-1]),), fill, a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
+def _out_of_memory(model, s: GenerationSettings, batch: int, prompt_length: int) -> MemoryError:
+    """The MemoryError of a call whose buffers do not fit, saying what was asked for and what it needs."""
+    tc = model.config.text_config
+    rows, length = batch * s.num_beams, initial_length(model, prompt_length, prompt_length + s.max_new_tokens)
+    kv = 2 * tc.layers * rows * tc.attention_heads * length * tc.head_dim * 4            # keys and values, float32
+    logits = rows * tc.vocab_size * 4
+    return MemoryError(
+        f"generate ran out of memory: {batch} prompt(s) × {s.num_beams} beam(s) = {rows} rows with room for {length} "
+        f"tokens need {kv / 2 ** 30:.1f} GiB for the KV cache and {logits / 2 ** 30:.1f} GiB per step for the "
+        f"logits, more than this machine can allocate; use fewer prompts, beams or new tokens")
+
+
 def _prefill(model, ids, att, img, image_embeds, capacity: int):
     """Run the prompt once into a new cache; return (cache, last-position logits [B, V])."""
     cache = model.new_cache(ids.shape[0], capacity)
@@ -499,14 +531,16 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
     every row is finished or ``max_new_tokens`` are made. ids, att, img: host [B, T]."""
     B, T = ids.shape
     max_len = T + s.max_new_tokens
-    seq = np.full((B, max_len), s.pad_token_id if s.pad_token_id is not None else 0, np.int64)
+    width = initial_length(model, T, max_len)       # the buffers' length; they double when it is reached
+    fill = s.pad_token_id if s.pad_token_id is not None else 0
+    seq = np.full((B, width), fill, np.int64)
     seq[:, :T] = ids
-    att_all = np.ones((B, max_len), np.int64)      # generated tokens are always attended (as transformers)
+    att_all = np.ones((B, width), np.int64)        # generated tokens are always attended (as transformers)
     att_all[:, :T] = att
     skip = (att != 0).argmax(axis=1)               # left-padding length per row
     procs = build_processors(s, T, skip)
     eos = np.asarray(s.eos_token_id, np.int64)
-    cache, logits = _prefill(model, ids, att, img, image_embeds, max_len)
+    cache, logits = _prefill(model, ids, att, img, image_embeds, width)
     if streamer is not None:
         streamer.put(ids.copy())
     unfinished = np.ones(B, bool)
@@ -519,6 +553,7 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
         tok = sample_next_tokens(scores, rng) if s.do_sample else greedy_next_tokens(scores)   # host [B]
         if len(eos):
             tok = np.where(unfinished, tok, s.pad_token_id)    # finished rows get pad
+        seq, att_all = with_room(seq, cur_len + 1, fill), with_room(att_all, cur_len + 1, 1)
         seq[:, cur_len] = tok
         if streamer is not None:
             streamer.put(tok.copy())
@@ -581,12 +616,13 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
     K = s.num_beams
     N = B * K
     max_len = T + s.max_new_tokens
+    width = initial_length(model, T, max_len)           # the buffers' length; they double when it is reached
     kk = max(2, 1 + len(s.eos_token_id)) * K            # candidates kept per input
     fill = s.pad_token_id if s.pad_token_id is not None else (s.eos_token_id[0] if s.eos_token_id else -1)
     eos = np.asarray(s.eos_token_id, np.int64)
     lp, es = s.length_penalty, s.early_stopping
 
-    run_seq = np.full((B, K, max_len), fill, np.int64)
+    run_seq = np.full((B, K, width), fill, np.int64)
     run_seq[:, :, :T] = ids[:, None, :]
     run_scores = np.zeros((B, K), np.float32)
     run_scores[:, 1:] = BEAM_NEG
@@ -597,20 +633,20 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
     improvable = np.ones(B, bool)                      # transformers' is_early_stop_heuristic_unsatisfied
     top_mask = np.arange(kk) < K                       # only the first K candidates may finish
 
-    att_all = np.ones((N, max_len), np.int64)
+    att_all = np.ones((N, width), np.int64)
     att_all[:, :T] = np.repeat(att, K, axis=0)
     skip = np.repeat((att != 0).argmax(axis=1), K)
     procs = build_processors(s, T, skip)
 
     # The prompt runs once per input; the cache is then copied to its K beams (rows b·K … b·K+K-1).
-    cache, logits = _prefill(model, ids, att, img, image_embeds, max_len)
+    cache, logits = _prefill(model, ids, att, img, image_embeds, width)
     cache.reorder(np.repeat(np.arange(B), K))
     logits = xp.repeat(logits, K, axis=0)                                          # [N, V]
     scores_out = []
     cur_len = T
     while True:
         logp = log_softmax(logits)                                                 # [N, V]
-        logp = apply_processors(procs, run_seq.reshape(N, max_len)[:, :cur_len], logp)
+        logp = apply_processors(procs, run_seq.reshape(N, -1)[:, :cur_len], logp)
         if output_scores:
             scores_out.append(_host(logp))
         V = logp.shape[-1]
@@ -621,7 +657,10 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
             keys = acc + xp.asarray(-np.log(-np.log(u)))                              # + Gumbel noise
         cand, cand_scores = _top_candidates(acc, kk, keys)                          # host [B, kk]
         parent, tok = cand // V, cand % V
-        cand_seq = np.take_along_axis(run_seq, parent[:, :, None], axis=1)          # [B, kk, max_len]
+        if cur_len >= run_seq.shape[-1]:                                           # full: double the buffers
+            run_seq, att_all = with_room(run_seq, cur_len + 1, fill), with_room(att_all, cur_len + 1, 1)
+            done_seq = with_room(done_seq, cur_len + 1, fill)
+        cand_seq = np.take_along_axis(run_seq, parent[:, :, None], axis=1)          # [B, kk, width]
         cand_seq[:, :, cur_len] = tok
         finished = np.isin(tok, eos) | (cur_len + 1 >= max_len)                      # [B, kk]
 
@@ -657,7 +696,7 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
         if not go_on:
             break
         cache.reorder(beam_src)
-        logits = _decode_step(model, cache, run_seq.reshape(N, max_len), att_all, cur_len - 1)
+        logits = _decode_step(model, cache, run_seq.reshape(N, -1), att_all, cur_len - 1)
 
     out_len = T + int(done_len[:, 0].max())
     return GenerateOutput(done_seq[:, 0, :out_len].copy(), tuple(scores_out) if output_scores else None,
@@ -711,8 +750,11 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
                                          image_embeds_position_mask, image_embeds)
     if rng is None:
         rng = np.random.default_rng(seed)
-    if s.num_beams > 1:
-        out = _beam_search(model, s, ids, att, img, emb, rng, output_scores)
-    else:
-        out = _greedy_or_sample(model, s, ids, att, img, emb, rng, output_scores, streamer, callback)
+    try:
+        if s.num_beams > 1:
+            out = _beam_search(model, s, ids, att, img, emb, rng, output_scores)
+        else:
+            out = _greedy_or_sample(model, s, ids, att, img, emb, rng, output_scores, streamer, callback)
+    except MemoryError:
+        raise _out_of_memory(model, s, *ids.shape) from None
     return out if return_dict_in_generate else out.sequences
