@@ -471,24 +471,46 @@ def _token_name(value) -> str | None:
 
 
 def _read_tokenizer_settings(folder: Path) -> dict:
-    """Special tokens and defaults from special_tokens_map.json then tokenizer_config.json (the latter wins)."""
+    """Special tokens and defaults from special_tokens_map.json then tokenizer_config.json (the latter wins).
+
+    A value of the wrong kind raises a ValueError naming the file and the key: a string ``"false"`` is not a
+    boolean (it would read as true), and ``model_max_length`` must be a whole number.
+    """
     settings: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if not path.is_file():
             continue
         data = read_json_object(path)
+
+        def refuse(key, expected):
+            return ValueError(f"{str(path)!r}: {key} must be {expected}, got {data[key]!r}")
+
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             if key in data and _token_name(data[key]) is not None:
+                if not isinstance(_token_name(data[key]), str):
+                    raise refuse(key, "a token (a string, or an object with a string 'content')")
                 settings[key] = _token_name(data[key])
         for key in ("padding_side", "truncation_side"):
             if key in data:
+                if data[key] not in ("right", "left"):
+                    raise refuse(key, "'right' or 'left'")
                 settings[key] = data[key]
-        if "model_max_length" in data and data["model_max_length"] is not None:
-            settings["model_max_length"] = int(data["model_max_length"])
+        if data.get("model_max_length") is not None:
+            value = data["model_max_length"]
+            # a whole number; transformers writes its "no limit" 1e30 as an int, some files as the float 1e+30
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_whole(value) or value < 1:
+                raise refuse("model_max_length", "a positive whole number of tokens")
+            settings["model_max_length"] = int(value)
         if "clean_up_tokenization_spaces" in data:
-            settings["clean_up_tokenization_spaces"] = bool(data["clean_up_tokenization_spaces"])
+            if not isinstance(data["clean_up_tokenization_spaces"], bool):
+                raise refuse("clean_up_tokenization_spaces", "true or false (a JSON boolean, not a string)")
+            settings["clean_up_tokenization_spaces"] = data["clean_up_tokenization_spaces"]
     return settings
+
+
+def _is_whole(value: int | float) -> bool:
+    return isinstance(value, int) or (value == value and abs(value) != float("inf") and value == int(value))
 
 
 def default_tokenizer(**kwargs) -> Kosmos2Tokenizer:
