@@ -105,15 +105,42 @@ def _as_eos(v, vocab_size: int) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def setting_source(model, name: str) -> str | None:
+    """The file a checkpoint's generation setting ``name`` is read from (as :func:`checkpoint_generation_defaults`
+    reads it: generation_config.json wins over config.json's text_config), or None when neither sets it."""
+    folder = getattr(model, "folder", None)
+    where = (lambda file: str(folder / file)) if folder is not None else (lambda file: file)
+    if (model.generation_config or {}).get(name) is not None:
+        return where("generation_config.json")
+    tc = model.config.text_config
+    if tc.extra.get(name) is not None or name in ("eos_token_id", "pad_token_id"):
+        return where("config.json") + " (its text_config)"
+    return None
+
+
 def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSettings:
     """Merge explicit arguments (those not None) over :func:`checkpoint_generation_defaults` over transformers'
-    defaults, and validate them: a bad value raises ValueError naming the argument."""
+    defaults, and validate them: a bad value raises ValueError naming the argument, and the file it was read
+    from when it was not an argument."""
+    picked: list[str] = []          # the settings in the order they are read; each is checked once read
+    try:
+        return _resolve_settings(model, prompt_length, explicit, picked)
+    except ValueError as err:
+        name = picked[-1] if picked else None
+        source = setting_source(model, name) if name and explicit.get(name) is None else None
+        if source is None:
+            raise
+        raise ValueError(f"{err} (read from {source})") from None
+
+
+def _resolve_settings(model, prompt_length: int, explicit: dict, picked: list) -> GenerationSettings:
     unknown = set(explicit) - set(GENERATION_KEYS)
     if unknown:
         raise TypeError(f"unknown generation settings {sorted(unknown)}")
     ckpt = checkpoint_generation_defaults(model)
 
     def pick(name):
+        picked.append(name)
         if explicit.get(name) is not None:
             return explicit[name]
         return ckpt.get(name, HF_DEFAULTS.get(name))

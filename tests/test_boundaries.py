@@ -46,3 +46,54 @@ def test_tokenizer_config_booleans_and_lengths_that_are_fine(tmp_path):
     folder, _ = _tokenizer_folder(tmp_path / "b", clean_up_tokenization_spaces=True, model_max_length=77)
     tokenizer = Kosmos2Tokenizer.from_pretrained(folder)
     assert tokenizer.clean_up_tokenization_spaces is True and tokenizer.model_max_length == 77
+
+
+# ------------------------------------------------------------------------------------- generation_config.json
+
+def _checkpoint_copy(tiny_checkpoint, tmp_path, generation_config=None, text_config_changes=None):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    if text_config_changes:
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"].update(text_config_changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _tiny_prompt():
+    import numpy as np
+
+    import fixtures_model as fm
+
+    ids, att, img = fm.padded_batch([fm.image_prompt_ids([712, 1648, 9], 64)])
+    pv = np.zeros((1, 3, 224, 224), np.float32)
+    return dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img)
+
+
+@pytest.mark.parametrize("file, key, value", [
+    ("generation_config.json", "top_k", -1),
+    ("generation_config.json", "do_sample", "false"),
+    ("generation_config.json", "max_new_tokens", 0),
+    ("config.json", "no_repeat_ngram_size", -3),
+])
+def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint, tmp_path, file, key, value):
+    from kosmos2_ref import Kosmos2
+
+    if file == "generation_config.json":
+        folder = _checkpoint_copy(tiny_checkpoint, tmp_path, generation_config={key: value})
+    else:
+        folder = _checkpoint_copy(tiny_checkpoint, tmp_path, text_config_changes={key: value})
+    model = Kosmos2.from_pretrained(folder)
+    with pytest.raises(ValueError) as info:
+        model.generate(**_tiny_prompt(), max_new_tokens=None if key == "max_new_tokens" else 2)
+    message = str(info.value)
+    print(message)
+    assert message.startswith(key) and str(folder / file) in message
+    # the same value given as an argument is the caller's: no file is named
+    with pytest.raises(ValueError) as info:
+        model.generate(**_tiny_prompt(), **{key: value})
+    assert str(folder) not in str(info.value)
