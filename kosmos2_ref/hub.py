@@ -14,7 +14,9 @@ snapshot that holds a complete checkpoint. When the id is not cached it download
 (:data:`ALLOW_PATTERNS`, not the PyTorch ``.bin``) with ``huggingface_hub.snapshot_download`` -- an optional
 dependency, ``pip install 'kosmos2-ref[hub]'`` -- unless ``HF_HUB_OFFLINE=1``. Every way of failing raises
 :class:`CheckpointNotFoundError` with one sentence saying what is missing and how to get it; network attempts are
-bounded by short timeouts, so nothing hangs.
+bounded by short timeouts, so nothing hangs: a TCP probe (skipped behind a proxy), then the repository-info request
+that resolves the revision to a commit (``model_info``, :data:`INFO_TIMEOUT_S`), then the download of that commit,
+whose requests time out after ``etag_timeout`` and ``HF_HUB_DOWNLOAD_TIMEOUT``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ ALLOW_PATTERNS = [
     "processor_config.json", "sentencepiece.bpe.model",
 ]
 CONNECT_TIMEOUT_S = 5.0     # the reachability probe, DNS included
+INFO_TIMEOUT_S = 10.0       # the repository-info request that resolves the revision (model_info)
 ETAG_TIMEOUT_S = 10.0       # huggingface_hub's metadata request; reads time out after HF_HUB_DOWNLOAD_TIMEOUT
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -203,12 +206,19 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
     print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} (safetensors weights, "
           f"config and tokenizer files only)", file=sys.stderr)
     try:
+        # snapshot_download would resolve the revision with no timeout; resolved here first, it skips that request
+        commit = huggingface_hub.model_info(repo_id, revision=revision, token=token, timeout=INFO_TIMEOUT_S).sha
         folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, cache_dir=str(cache), allow_patterns=ALLOW_PATTERNS,
+            repo_id, revision=commit, cache_dir=str(cache), allow_patterns=ALLOW_PATTERNS,
             etag_timeout=ETAG_TIMEOUT_S, token=token, library_name="kosmos2-ref")
     except Exception as exc:   # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
         kind = type(exc).__name__
         first = _first_sentence(exc)
+        if "Timeout" in kind:      # httpx's ReadTimeout, ConnectTimeout, ...
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            raise CheckpointNotFoundError(
+                f"{where} and the Hugging Face Hub ({endpoint}) did not answer in time ({kind}: {first}): "
+                f"{_get_help(repo_id)}") from None
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
             raise CheckpointNotFoundError(
                 f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
@@ -217,11 +227,22 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
         raise CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): "
                                       f"{_get_help(repo_id)}") from None
     folder = Path(folder)
+    _write_ref(repo_folder(repo_id, cache), revision or "main", commit)
     lacking = missing_files(folder)
     if lacking:
         raise CheckpointNotFoundError(f"{repo_id!r} was downloaded to {folder} but has no {', '.join(lacking)}: "
                                       f"it is not a safetensors Kosmos-2 checkpoint this package can read")
     return folder
+
+
+def _write_ref(repo: Path, revision: str, commit: str) -> None:
+    """``refs/<revision>`` -> ``commit``, as snapshot_download writes it for a branch or tag (a download by commit
+    writes none), so that the cache lookup finds this snapshot under the name it was asked by."""
+    if revision == commit or not commit:
+        return
+    ref = repo / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -221,10 +222,14 @@ def test_offline_cli_one_line_no_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------- download
 
 class FakeHub:
-    """Stands in for huggingface_hub.snapshot_download: records the call, writes a snapshot."""
+    """Stands in for huggingface_hub.model_info and snapshot_download: records the download, writes a snapshot."""
 
     def __init__(self, source: Path | None, error: Exception | None = None):
         self.source, self.error, self.calls = source, error, []
+
+    def model_info(self, repo_id, **kwargs):
+        assert kwargs["timeout"] <= 30
+        return types.SimpleNamespace(sha="f" * 40)
 
     def snapshot_download(self, repo_id, **kwargs):
         self.calls.append((repo_id, kwargs))
@@ -234,9 +239,8 @@ class FakeHub:
 
 
 def _install_fake(monkeypatch, fake, reachable=(True, "")):
-    import types
-
     module = types.ModuleType("huggingface_hub")
+    module.model_info = fake.model_info
     module.snapshot_download = fake.snapshot_download
     monkeypatch.setitem(sys.modules, "huggingface_hub", module)
     monkeypatch.setattr(hub, "_endpoint_reachable", lambda *a, **k: reachable)
@@ -261,6 +265,63 @@ def test_download_when_not_cached(tiny_checkpoint, tmp_path, monkeypatch):
     assert not any(p.endswith(".bin") for p in patterns)
     # now cached: a second call does not download
     assert resolve_checkpoint(REPO) == got and len(fake.calls) == 1
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a Hub endpoint that hangs)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held = []          # accepted connections, kept open and unanswered
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:     # closed
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_a_hub_that_never_answers_fails_in_one_line(tmp_path, proxy):
+    """The endpoint accepts the connection (the reachability probe passes, or is skipped behind a proxy) and then
+    says nothing: the command fails with one line, well before the subprocess limit (the metadata request used to
+    wait forever)."""
+    pytest.importorskip("huggingface_hub")
+    from fixtures_tokenizer import IMAGES
+
+    server = SilentServer()
+    try:
+        endpoint = f"http://127.0.0.1:{server.port}"
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(HF_HUB_CACHE=str(tmp_path / "empty"), HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO_ROOT),
+                   NO_PROXY="", HF_HUB_DISABLE_TELEMETRY="1")
+        env.pop("KOSMOS2_REF_MODEL", None)
+        if proxy:   # the probe is skipped; the http:// endpoint itself is still reached directly
+            env["HTTPS_PROXY"] = endpoint
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "caption", str(IMAGES / "two_dogs.jpg"),
+                               "--model", "org/never-answers"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
+        took = time.monotonic() - t
+    finally:
+        server.close()
+    print(f"failed after {took:.1f} s: {proc.stderr.strip()}")
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("kosmos2-ref: downloading")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kosmos2-ref: error: ") and "did not answer in time" in lines[0]
+    assert endpoint in lines[0] and "org/never-answers" in lines[0]
 
 
 @pytest.mark.parametrize("error, expect", [
