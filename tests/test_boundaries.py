@@ -97,3 +97,51 @@ def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint
     with pytest.raises(ValueError) as info:
         model.generate(**_tiny_prompt(), **{key: value})
     assert str(folder) not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------- post-processing, linear
+
+def test_tag_scan_equals_the_regex_and_transformers_on_random_text():
+    import random
+
+    from transformers.models.kosmos2 import processing_kosmos2 as hf
+
+    from kosmos2_ref.processing import grounding
+
+    pieces = ["<", ">", "\n", "a", " b", "<phrase>", "</phrase>", "<object>", "</object>", "<patch_index_0044>",
+              "<patch_index_0863>", "</delimiter_of_multi_objects/>", "<grounding>", " "]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert grounding.tag_spans(text) == [m.span() for m in re.finditer("<.*?>", text)], text
+        assert grounding.strip_tags(text) == re.sub("<.*?>", "", text), text
+        ours = grounding.clean_text_and_extract_entities_with_bboxes(text)
+        theirs = hf.clean_text_and_extract_entities_with_bboxes(text)
+        assert ours == (theirs[0], [(n, s, [tuple(b) for b in bs]) for n, s, bs in theirs[1]]), text
+
+
+LARGE_INPUTS = """
+import sys
+from kosmos2_ref.processing import grounding
+
+n = 200_000
+caption, entities = grounding.post_process_generation("x<" * n)           # quadratic: ~10 minutes
+assert caption == ("x<" * n).strip() and entities == [], "unmatched <"
+lines = grounding.post_process_generation(("<" * 1000 + "\\n") * 200 + "<b>c")   # every line fails, then a tag
+assert lines[0] == ("<" * 1000 + "\\n") * 200 + "c"
+one = "<phrase> a dog</phrase><object><patch_index_0000><patch_index_1023></object> and"
+caption, entities = grounding.post_process_generation(one * 20_000)   # per-entity prefixes: ~minutes
+assert len(entities) == 20_000 and caption == ("a dog and " * 20_000).strip()
+assert entities[-1] == ("a dog", (len(caption) - 9, len(caption) - 4), [(0.015625, 0.015625, 0.984375, 0.984375)])
+print("ok")
+"""
+
+
+def test_post_processing_is_linear_in_unmatched_brackets_and_entities(tmp_path):
+    """Inputs that take the quadratic algorithm minutes finish well inside the subprocess limit (no timing is
+    asserted beyond that limit), with the right answer."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LARGE_INPUTS], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
