@@ -145,3 +145,53 @@ def test_post_processing_is_linear_in_unmatched_brackets_and_entities(tmp_path):
 
     proc = subprocess.run([sys.executable, "-c", LARGE_INPUTS], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------- patch indices off the grid
+
+def test_a_patch_index_off_the_grid_never_becomes_a_box_outside_the_image():
+    from transformers.models.kosmos2 import processing_kosmos2 as hf
+
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    processor = Kosmos2Processor.default()
+    text = ("<image></image><grounding><phrase> a dog</phrase><object><patch_index_9999><patch_index_1023></object>"
+            " and<phrase> a cat</phrase><object><patch_index_0044><patch_index_0863></object>"
+            "</delimiter_of_multi_objects/><patch_index_1024><patch_index_1050></object>"
+            " near<object><patch_index_0000><patch_index_2000></object>")
+    caption, entities = processor.post_process_generation(text)
+    assert caption == "a dog and a cat near"
+    # the dog's only box and the unnamed box are off the grid: those entities go; the cat keeps its good box
+    assert entities == [("a cat", (10, 15), [(0.390625, 0.046875, 0.984375, 0.828125)])]
+    for _, _, boxes in entities:
+        assert all(0.0 <= v <= 1.0 for box in boxes for v in box)
+    # transformers turns the same text into boxes far outside [0, 1] (the difference docs/parity.md names)
+    _, theirs = hf.clean_text_and_extract_entities_with_bboxes(text.split("</image>")[-1])
+    print("transformers:", theirs)
+    assert max(v for _, _, boxes in theirs for box in boxes for v in box) > 1.0
+
+
+# ------------------------------------------------------------------------------------- float images of 0 and 1
+
+def test_a_float_image_of_only_zeros_and_ones_is_intensities(tmp_path):
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder = ft.write_tokenizer_files(tmp_path, "synthetic")
+    ours = Kosmos2Processor.from_pretrained(folder)
+    theirs = AutoProcessor.from_pretrained(folder, backend="pil").image_processor
+    checker = (np.indices((40, 30)).sum(axis=0) % 2)[:, :, None].repeat(3, axis=2)       # [40, 30, 3] 0/1
+    as_float, as_levels = checker.astype(np.float32), (checker * 255).astype(np.uint8)
+    got = ours(images=as_float)["pixel_values"]
+    # the docstring's rule: floats in [0, 1] are intensities, so 1.0 is white, as 255 is
+    np.testing.assert_array_equal(got, ours(images=as_levels)["pixel_values"])
+    hf = lambda image: theirs(image, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+    np.testing.assert_array_equal(got, hf(as_levels))
+    # transformers reads the float array as levels 0 and 1 of 255: nearly black (docs/parity.md)
+    dark = hf(as_float)
+    print(f"mean pixel value: ours {got.mean():.3f}, transformers on the float array {dark.mean():.3f}")
+    assert dark.mean() < got.mean() - 1.0
+    # a float array of levels (values above 1) is still read as levels
+    np.testing.assert_array_equal(ours(images=as_levels.astype(np.float64))["pixel_values"], got)

@@ -270,14 +270,17 @@ def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity
 def clean_text_and_extract_entities_with_bboxes(text: str, num_patches_per_side: int = 32):
     """(caption without tags, [(name, (start, end), [(x1, y1, x2, y2), …]), …]) for the text after ``</image>``.
 
-    Spans index the returned caption (spec §11, checked example there). Never raises.
+    Spans index the returned caption (spec §11, checked example there). Never raises. A box naming a cell
+    outside the n × n grid (``<patch_index_9999>``) is left out, and so is an entity left without boxes:
+    transformers turns it into a box outside the image (docs/parity.md).
     """
     entities = []
     position_without_tags = _PositionsWithoutTags(text)
+    cells = num_patches_per_side * num_patches_per_side
     for name, (start, end), pairs in extract_entities_with_patch_indices(text):
-        span = (position_without_tags(start), position_without_tags(end))
-        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs]
-        entities.append((name, span, boxes))
+        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs if a < cells and b < cells]
+        if boxes:
+            entities.append((name, (position_without_tags(start), position_without_tags(end)), boxes))
     return _cleanup_spaces(strip_tags(text), entities)
 
 
