@@ -20,6 +20,7 @@ whose requests time out after ``etag_timeout`` and ``HF_HUB_DOWNLOAD_TIMEOUT``.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import threading
@@ -79,22 +80,37 @@ def repo_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Looking in the cache
 
+def _named(folder: Path, name: str) -> str:
+    """``name`` as a missing file is named in messages: "(a broken symbolic link)" added when it is one, so that a
+    message never says a folder has no file that a listing of it shows."""
+    path = folder / name
+    return f"{name} (a broken symbolic link to {os.readlink(path)!r})" if path.is_symlink() else name
+
+
+def broken_links(folder: Path) -> list[str]:
+    """The files of ``folder`` that this package reads (:data:`ALLOW_PATTERNS`) and that are broken symbolic
+    links."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [_named(folder, p.name) for p in entries if p.is_symlink() and not p.exists()
+            and any(fnmatch.fnmatch(p.name, pattern) for pattern in ALLOW_PATTERNS)]
+
+
 def missing_files(folder: Path) -> list[str]:
     """The files a checkpoint folder lacks: ``config.json`` and the weights (one file, or an index and its
     shards). Empty when the folder is complete."""
-    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    missing = [] if (folder / "config.json").is_file() else [_named(folder, "config.json")]
     if (folder / "model.safetensors").is_file():
         return missing
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
-        return missing + ["model.safetensors"]
+        return missing + [_named(folder, "model.safetensors")]
     import json
 
     try:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return missing   # a corrupt index is reported by the weights loader, with the file named
-    return missing + [s for s in shards if not (folder / s).is_file()]
+    return missing + [_named(folder, s) for s in shards if not (folder / s).is_file()]
 
 
 def _snapshot_named(repo: Path, revision: str) -> Path | None:
@@ -263,6 +279,10 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
         path = os.fspath(path)
     folder = Path(path).expanduser()
     if folder.is_dir():
+        broken = broken_links(folder)
+        if broken:
+            raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} holds broken symbolic links: "
+                                          f"{', '.join(broken)}; fetch those files again or remove the links")
         if not (folder / "config.json").is_file():
             raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} has no config.json")
         return folder

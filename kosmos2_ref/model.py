@@ -18,6 +18,7 @@ from .cache import KVCache
 from .checks import is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
+from .files import file_present, read_text
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, load_flat, unflatten
@@ -143,10 +144,11 @@ class Kosmos2:
         params = unflatten({k: be.to_device(v) for k, v in flat.items()})
         gen = {}
         gpath = folder / "generation_config.json"
-        if gpath.is_file():
+        if file_present(gpath):
+            text = read_text(gpath)
             try:
-                gen = json.loads(gpath.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                gen = json.loads(text)
+            except json.JSONDecodeError as exc:
                 raise ConfigError(f"{gpath}: not valid JSON ({exc})") from None
             if not isinstance(gen, dict):       # its settings are read by name (generation.py)
                 raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "

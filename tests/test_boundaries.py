@@ -195,3 +195,101 @@ def test_a_float_image_of_only_zeros_and_ones_is_intensities(tmp_path):
     assert dark.mean() < got.mean() - 1.0
     # a float array of levels (values above 1) is still read as levels
     np.testing.assert_array_equal(ours(images=as_levels.astype(np.float64))["pixel_values"], got)
+
+
+# ------------------------------------------------------------------------------------- unreadable files
+
+def _link_to_nothing(path):
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.parent / "gone" / path.name)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json", "preprocessor_config.json"])
+def test_a_broken_link_in_a_processor_folder_is_named_as_one(tmp_path, name):
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder = ft.write_tokenizer_files(tmp_path, "synthetic")
+    _link_to_nothing(folder / name)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}' is a broken symbolic link: it points to") as info:
+        Kosmos2Processor.from_pretrained(folder)
+    assert "not a valid" not in str(info.value) and "no tokenizer" not in str(info.value)
+
+
+def test_a_folder_or_a_pipe_where_a_file_belongs_is_named(tmp_path):
+    import os
+
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder = ft.write_tokenizer_files(tmp_path, "synthetic")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").mkdir()
+    with pytest.raises(ValueError, match=r"tokenizer.json' is a folder; expected a file"):
+        Kosmos2Processor.from_pretrained(folder)
+    (folder / "tokenizer.json").rmdir()
+    ft.write_tokenizer_files(folder, "synthetic")
+    (folder / "preprocessor_config.json").unlink()
+    os.mkfifo(folder / "preprocessor_config.json")          # reading it would wait for a writer forever
+    with pytest.raises(ValueError, match=r"preprocessor_config.json' is a named pipe \(FIFO\); expected a file"):
+        Kosmos2Processor.from_pretrained(folder)
+
+
+def _refuse_to_open(monkeypatch, target):
+    """Opening ``target`` raises PermissionError, as it would for a file without read permission (the tests run
+    as root, for whom chmod 000 stops nothing); every other file opens as usual."""
+    import pathlib
+
+    real_open = pathlib.Path.open
+
+    def open_(self, *args, **kwargs):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+
+
+def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch, tiny_checkpoint):
+    import shutil
+
+    from kosmos2_ref import Kosmos2
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder = ft.write_tokenizer_files(tmp_path / "p", "synthetic")
+    _refuse_to_open(monkeypatch, folder / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"tokenizer.json' cannot be read: Permission denied") as info:
+        Kosmos2Processor.from_pretrained(folder)
+    assert "not a valid" not in str(info.value)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], ckpt)
+    (ckpt / "generation_config.json").write_text("{}")
+    for name in ("generation_config.json", "config.json"):
+        _refuse_to_open(monkeypatch, ckpt / name)
+        with pytest.raises(ValueError, match=rf"{name}' cannot be read: Permission denied"):
+            Kosmos2.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_broken_link_in_a_checkpoint_folder_is_named_as_one(tmp_path, tiny_checkpoint, name):
+    import shutil
+
+    from kosmos2_ref import Kosmos2
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], ckpt)
+    _link_to_nothing(ckpt / name)
+    with pytest.raises(ValueError, match=rf"broken symbolic links: {re.escape(name)} \(a broken symbolic link") as info:
+        Kosmos2.from_pretrained(ckpt)
+    assert f"has no {name}" not in str(info.value)
+
+
+def test_a_cached_snapshot_with_a_broken_link_is_named_as_one(tmp_path, tiny_checkpoint, monkeypatch):
+    from test_hub import REPO, make_snapshot
+
+    from kosmos2_ref.hub import CheckpointNotFoundError, resolve_checkpoint
+
+    cache = tmp_path / "hf"
+    snap = make_snapshot(cache, tiny_checkpoint[0], "a" * 40)
+    (snap / "model.safetensors").resolve().unlink()         # the blob is gone, the link stays
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(CheckpointNotFoundError, match=r"without model.safetensors \(a broken symbolic link to"):
+        resolve_checkpoint(REPO, local_files_only=True)

@@ -31,6 +31,7 @@ import PIL.ImageMode
 import PIL.ImageOps
 
 from ..checks import is_int, is_real
+from ..files import file_present
 from ._files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -222,7 +223,11 @@ def load_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
     Raises ValueError naming the path when it is missing, not an image, corrupt, or not 8-bit.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        present = file_present(path)
+    except ValueError as err:              # a broken link, a folder, a pipe
+        raise ValueError(f"{name}: {err}") from None
+    if not present:
         raise ValueError(f"{name}: image file not found: {str(path)!r}")
     try:
         with PIL.Image.open(path) as opened:

@@ -25,6 +25,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+from ..files import file_present, read_text
 from ._files import read_json_object
 from .sentencepiece_model import read_sentencepiece_model
 
@@ -240,9 +241,10 @@ class Kosmos2Tokenizer:
         settings.update(overrides)
         tokenizer_json = folder / "tokenizer.json"
         spm_file = folder / "sentencepiece.bpe.model"
-        if tokenizer_json.is_file():
+        if file_present(tokenizer_json):
+            text = read_text(tokenizer_json)        # unreadable: says so, rather than "not a valid file"
             try:
-                backend = Tokenizer.from_file(str(tokenizer_json))
+                backend = Tokenizer.from_str(text)
             except Exception as err:  # the Rust side raises a bare Exception on malformed files
                 raise ValueError(f"{str(tokenizer_json)!r} is not a valid tokenizers JSON file: {err}") from err
             # A tokenizer.json may carry padding/truncation settings; transformers reads their sides as defaults.
@@ -250,7 +252,7 @@ class Kosmos2Tokenizer:
                 settings.setdefault("padding_side", backend.padding["direction"])
             if backend.truncation is not None:
                 settings.setdefault("truncation_side", backend.truncation["direction"])
-        elif spm_file.is_file():
+        elif file_present(spm_file):
             backend = build_tokenizer_from_sentencepiece(spm_file, add_kosmos2_tokens=False)
         else:
             raise ValueError(
@@ -479,7 +481,7 @@ def _read_tokenizer_settings(folder: Path) -> dict:
     settings: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
-        if not path.is_file():
+        if not file_present(path):
             continue
         data = read_json_object(path)
 
