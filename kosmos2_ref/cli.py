@@ -16,9 +16,12 @@ Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 PROG = "kosmos2-ref"
@@ -327,8 +330,8 @@ def _save_outputs(option: str, value: str, outputs) -> None:
     try:
         for current, write in outputs:
             tmp = current.with_name(f".{current.name}.partial")
+            staged.append((tmp, current))           # before the file exists: a signal after open leaves none
             with open(tmp, "wb") as f:
-                staged.append((tmp, current))
                 write(f)
         for tmp, current in staged[:-1]:            # the last one moved needs no way back
             if current.is_file():
@@ -453,10 +456,37 @@ COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_descri
             "demo": cmd_demo}
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived. Raised in the main thread so that cleanup runs as for Ctrl-C (a half-written output's
+    temporary file is removed), where the default action would end the process at once and leave it behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (main thread only; the old handler is put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0, or 2 for an error reported in one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -470,6 +500,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143                      # 128 + SIGTERM, as a shell reports a command ended by it
     except BrokenPipeError:             # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so Python's final flush of stdout does not fail again

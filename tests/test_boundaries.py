@@ -293,3 +293,54 @@ def test_a_cached_snapshot_with_a_broken_link_is_named_as_one(tmp_path, tiny_che
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     with pytest.raises(CheckpointNotFoundError, match=r"without model.safetensors \(a broken symbolic link to"):
         resolve_checkpoint(REPO, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------- SIGTERM during a write
+
+SLOW_WRITE = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from kosmos2_ref import cli
+
+def slow_save(f, array, *args, **kwargs):       # half an array, then a long wait: the write is in progress
+    f.write(b"\\x93NUMPY" + bytes(4096))
+    f.flush()
+    Path(sys.argv[1]).write_text("writing")
+    time.sleep(120)
+
+np.save = slow_save
+sys.exit(cli.main(["embed", sys.argv[2], "--model", sys.argv[3], "--out", sys.argv[4]]))
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, signum):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fixtures_tokenizer import IMAGES
+
+    marker, out_dir = tmp_path / "marker", tmp_path / "out"
+    out_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), str(IMAGES / "two_dogs.jpg"),
+                              str(tiny_checkpoint[0]), str(out_dir / "emb.npy")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):                     # wait (at most 2 minutes) until the write has begun
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), child.communicate()[1][-2000:]
+        assert [p.name for p in out_dir.iterdir()] == [".emb.npy.partial"]      # mid-write
+        child.send_signal(getattr(signal, signum))
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    print(signum, child.returncode, stderr.strip())
+    assert child.returncode == (143 if signum == "SIGTERM" else 130)
+    assert list(out_dir.iterdir()) == []                                      # nothing half-written is left
+    assert stderr.strip().splitlines()[-1] == ("kosmos2-ref: terminated" if signum == "SIGTERM"
+                                               else "kosmos2-ref: interrupted")
