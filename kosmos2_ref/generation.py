@@ -21,6 +21,7 @@ a left-padded row by its pad count. Both agree on rows without padding.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -197,6 +198,48 @@ def _resolve_settings(model, prompt_length: int, explicit: dict, picked: list) -
     return GenerationSettings(int(max_new), int(min_new), bool(do_sample), float(temperature), int(top_k),
                               float(top_p), int(num_beams), float(lp), es, int(ngram), float(rep), eos,
                               None if pad is None else int(pad))
+
+
+# ==============================================================================================================
+# Warnings where transformers warns (GenerationConfig.validate, MaxLengthCriteria)
+
+# settings that only one decoding mode reads, with the value that changes nothing
+SAMPLING_ONLY = (("temperature", 1.0), ("top_p", 1.0), ("top_k", 50))
+BEAM_ONLY = (("early_stopping", False), ("length_penalty", 1.0))
+
+
+def _should_warn(mode_switch: str, name: str, user_set: set) -> bool:
+    """transformers' rule: stay quiet about a setting inherited from the checkpoint when the caller chose the
+    mode explicitly (do_sample=False with a temperature from generation_config.json is harmless)."""
+    return not (mode_switch in user_set and name not in user_set)
+
+
+def warn_ignored_settings(s: GenerationSettings, user_set: set) -> None:
+    """One UserWarning naming the settings this call ignores: sampling settings under greedy decoding or plain
+    beam search, beam settings with one beam (as ``GenerationConfig.validate`` warns). ``user_set``: the names the
+    caller passed."""
+    ignored = []
+    if not s.do_sample:
+        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in SAMPLING_ONLY
+                    if getattr(s, name) != neutral and _should_warn("do_sample", name, user_set)]
+    if s.num_beams == 1:
+        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in BEAM_ONLY
+                    if getattr(s, name) != neutral and _should_warn("num_beams", name, user_set)]
+    if ignored:
+        warnings.warn(f"generate ignores {', '.join(ignored)}: temperature, top_p and top_k are used only when "
+                      f"sampling (do_sample=True), early_stopping and length_penalty only by beam search "
+                      f"(num_beams > 1); set the mode that uses them, or leave them unset", UserWarning, stacklevel=4)
+
+
+def warn_past_trained_positions(model, cur_len: int, prompt_length: int) -> None:
+    """A UserWarning, once per call, when the sequence first grows past ``max_position_embeddings`` while decoding
+    goes on (transformers' MaxLengthCriteria reminder). The sinusoidal positions go on, but the model never saw
+    them in training."""
+    trained = model.config.text_config.max_position_embeddings
+    if cur_len == max(trained, prompt_length) + 1:
+        warnings.warn(f"generate: the sequence ({cur_len} tokens) is now longer than the {trained} positions the "
+                      f"model was trained on (max_position_embeddings); the text may degrade from here",
+                      UserWarning, stacklevel=5)
 
 
 # ==============================================================================================================
@@ -590,6 +633,7 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
         cur_len += 1
         if cur_len >= max_len or not unfinished.any():
             break
+        warn_past_trained_positions(model, cur_len, T)
         logits = _decode_step(model, cache, seq, att_all, cur_len - 1)
     if streamer is not None:
         streamer.end()
@@ -722,6 +766,7 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
         go_on = improvable.any() and not (done_flag.all() and es is True) and not finished.all()
         if not go_on:
             break
+        warn_past_trained_positions(model, cur_len, T)
         cache.reorder(beam_src)
         logits = _decode_step(model, cache, run_seq.reshape(N, -1), att_all, cur_len - 1)
 
@@ -773,6 +818,9 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if s.num_beams > 1 and (streamer is not None or callback is not None):
         raise ValueError("streamer and callback need num_beams=1: beam search settles its tokens only at the end")
+    explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                    length_penalty=length_penalty, early_stopping=early_stopping)
+    warn_ignored_settings(s, {name for name, value in explicit.items() if value is not None})
     ids, att, img, emb = _prepare_inputs(model, s, pixel_values, input_ids, attention_mask,
                                          image_embeds_position_mask, image_embeds)
     if rng is None:

@@ -344,3 +344,77 @@ def test_a_signal_during_a_write_leaves_no_partial_file(tmp_path, tiny_checkpoin
     assert list(out_dir.iterdir()) == []                                      # nothing half-written is left
     assert stderr.strip().splitlines()[-1] == ("kosmos2-ref: terminated" if signum == "SIGTERM"
                                                else "kosmos2-ref: interrupted")
+
+
+# ------------------------------------------------------------------------------------- warnings, as transformers
+
+def _hf_flagged(**kwargs) -> set:
+    """The settings transformers' GenerationConfig.validate names as ignored, for ``kwargs`` set by the caller."""
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig(**kwargs).validate(strict=True, user_set_attributes=set(kwargs))
+    except ValueError as err:
+        return set(re.findall(r"- `(\w+)`:", str(err)))
+    return set()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=0.7),
+    dict(do_sample=False, top_p=0.9, top_k=5),
+    dict(num_beams=1, length_penalty=2.0),
+    dict(early_stopping=True),
+    dict(do_sample=True, temperature=0.7, top_k=5),     # nothing ignored
+    dict(num_beams=2, length_penalty=2.0),              # nothing ignored
+])
+def test_ignored_settings_warn_once_as_transformers_does(tiny_checkpoint, kwargs):
+    import warnings
+
+    from kosmos2_ref import Kosmos2
+
+    model = Kosmos2.from_pretrained(tiny_checkpoint[0])
+    theirs = _hf_flagged(**kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(**_tiny_prompt(), max_new_tokens=1, seed=0, **kwargs)
+    ours = [w for w in caught if "generate ignores" in str(w.message)]
+    print(kwargs, "transformers:", sorted(theirs), "ours:", [str(w.message)[:80] for w in ours])
+    if theirs:
+        assert len(ours) == 1                                    # one warning naming them all
+        named = set(re.findall(r"(\w+)=", str(ours[0].message).split(":")[0]))
+        assert named == theirs
+    else:
+        assert ours == []
+
+
+def test_a_checkpoint_temperature_under_an_explicit_greedy_call_is_not_named(tiny_checkpoint, tmp_path):
+    import warnings
+
+    from kosmos2_ref import Kosmos2
+
+    model = Kosmos2.from_pretrained(_checkpoint_copy(tiny_checkpoint, tmp_path, generation_config={"top_p": 0.5}))
+    with pytest.warns(UserWarning, match=r"generate ignores top_p=0.5"):
+        model.generate(**_tiny_prompt(), max_new_tokens=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)            # do_sample=False chosen: quiet, as in transformers
+        model.generate(**_tiny_prompt(), max_new_tokens=1, do_sample=False)
+    assert _hf_flagged(do_sample=False) == set()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_growing_past_the_trained_positions_warns_once(tiny_checkpoint, num_beams):
+    import warnings
+
+    from kosmos2_ref import Kosmos2
+
+    model = Kosmos2.from_pretrained(tiny_checkpoint[0])        # trained on 64 positions; the prompt has 70
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(**_tiny_prompt(), max_new_tokens=5, num_beams=num_beams, eos_token_id=[])
+    past = [str(w.message) for w in caught if "positions the model was trained on" in str(w.message)]
+    assert out.shape[1] == 70 + 5
+    assert past == ["generate: the sequence (71 tokens) is now longer than the 64 positions the model was trained "
+                    "on (max_position_embeddings); the text may degrade from here"]
+    with warnings.catch_warnings():                            # one new token: the sequence ends there, no warning
+        warnings.simplefilter("error", UserWarning)
+        model.generate(**_tiny_prompt(), max_new_tokens=1, num_beams=num_beams)
