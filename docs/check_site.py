@@ -31,7 +31,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 def build(site: Path = SITE) -> None:
     """``mkdocs build --strict``: any warning (a broken link, a missing page, a bad docstring) is an error."""
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})   # Material's end-of-life banner
     if proc.returncode != 0:
         raise SystemExit(f"mkdocs build --strict failed:\n{proc.stdout}{proc.stderr}")
 
