@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -142,6 +143,14 @@ class Run:
 Emit = Callable[[str, dict], None]              # (event name, data): how a run reports progress
 
 
+def _short_name(name_or_path: str | None) -> str:
+    """A Hub id as it is; a checkpoint folder by its own name (the page need not show where the disk keeps it)."""
+    if not name_or_path:
+        return "model"
+    path = Path(name_or_path)
+    return path.name if path.is_dir() else name_or_path
+
+
 class ModelService:
     """One model and its processor behind a lock, with a bounded queue; the page's operations as methods that
     return JSON-ready dicts (or raise RequestError)."""
@@ -151,7 +160,7 @@ class ModelService:
                  images: ImageStore | None = None):
         self.model = model
         self.processor = processor if processor is not None else model.processor
-        self.name = name or getattr(model, "name_or_path", None) or "model"
+        self.name = name or _short_name(getattr(model, "name_or_path", None))
         self.random_weights = random_weights
         self.max_new_tokens_limit = max_new_tokens_limit
         self.images = images or ImageStore()
@@ -213,25 +222,34 @@ class ModelService:
             entry["prob"] = float(prob)
         return entry
 
+    def _stream_hooks(self, inputs: dict, image_positions: list[int], emit: Emit):
+        """(streamer, callback) for ``generate`` that report a run as it goes: "prompt" (every prompt token), "text"
+        (the prompt's own words), then one "token" per generated token with the text it adds to the caption.
+
+        The streamer (tasks.CaptionStreamer) decodes the caption so far, tags stripped; ``generate`` calls it and
+        then the callback at each step, so the callback sends the token together with the piece it produced.
+        """
+        prompt_ids = [int(i) for i in inputs["input_ids"][0]]
+        T = len(prompt_ids)
+        emit("prompt", {"tokens": [self._token(t, i) for i, t in enumerate(prompt_ids)],
+                        "image_positions": image_positions})
+        piece = {"text": ""}
+        streamer = CaptionStreamer(self.processor, inputs["input_ids"], lambda s: piece.update(text=s))
+        streamer.start()
+        if piece["text"]:
+            emit("text", {"text": piece["text"]})
+
+        def callback(step: int, token_ids) -> None:
+            emit("token", {**self._token(int(token_ids[0]), T + step), "text": piece["text"]})
+            piece["text"] = ""
+        return streamer, callback
+
     def _run(self, img, prompt: str, bboxes, max_new_tokens: int, emit: Emit | None) -> Run:
         """Generate after ``prompt`` (greedy, the checkpoint's settings) keeping each step's scores."""
         inputs = self.processor(text=prompt, images=img, bboxes=bboxes)
-        prompt_ids = [int(i) for i in inputs["input_ids"][0]]
+        T = inputs["input_ids"].shape[1]
         image_positions = [int(i) for i in np.flatnonzero(inputs["image_embeds_position_mask"][0])]
-        T = len(prompt_ids)
-        streamer = callback = None
-        if emit is not None:
-            emit("prompt", {"tokens": [self._token(t, i) for i, t in enumerate(prompt_ids)],
-                            "image_positions": image_positions})
-            piece = {"text": ""}
-            streamer = CaptionStreamer(self.processor, inputs["input_ids"], lambda s: piece.update(text=s))
-            streamer.start()
-            if piece["text"]:
-                emit("text", {"text": piece["text"]})
-
-            def callback(step: int, token_ids) -> None:
-                emit("token", {**self._token(int(token_ids[0]), T + step), "text": piece["text"]})
-                piece["text"] = ""
+        streamer, callback = self._stream_hooks(inputs, image_positions, emit) if emit else (None, None)
         out = self.model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
                                   attention_mask=inputs["attention_mask"],
                                   image_embeds_position_mask=inputs["image_embeds_position_mask"],
@@ -312,8 +330,8 @@ class ModelService:
         return item.attention
 
     def attention(self, image_id) -> dict:
-        """Each latent query's attention over the image patches, mean over heads: [Q][side·side], rows summing to
-        the share of its attention that went to the image (the rest went to CLS and the latent keys)."""
+        """Each latent query's attention over the image patches, mean over heads: Q rows of side² weights, each
+        summing to the share of its attention that went to the image (the rest went to CLS and the latent keys)."""
         from .draw import attention_map
 
         item = self.images.get(image_id)

@@ -122,7 +122,8 @@ def test_caption_stream_sends_each_token_as_it_is_made(server, image_id):
 
 def test_a_grounded_phrase_in_the_prompt_comes_back_as_a_box(server, image_id):
     """Random weights rarely ground anything; a prompt that already holds a grounded phrase gives a known box
-    (cells 44 = row 1, column 12 and 863 = row 26, column 31 of the 32 x 32 grid), whose location tokens were given, so it has no confidence."""
+    (cells 44 = row 1, column 12 and 863 = row 26, column 31 of the 32 x 32 grid), whose location tokens were
+    given, so it has no confidence."""
     status, r = server.json("POST", "/api/caption", {"image_id": image_id, "prompt": GROUNDED_PROMPT,
                                                      "max_new_tokens": 4})
     assert status == 200, r

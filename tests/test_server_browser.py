@@ -173,3 +173,21 @@ def test_an_upload_that_is_no_image_is_reported_and_the_page_goes_on(page, tmp_p
     page.click("#sample-btn")                                                   # the page still works
     wait_done(page, "uploading")
     assert page.get_attribute("#stage", "data-image-id")
+
+
+def test_the_readme_screenshot_script_runs(tmp_path):
+    """docs/screenshot_page.py (the README's picture) on the demo checkpoint, into a temporary file."""
+    import subprocess
+    import sys
+
+    import PIL.Image
+    from kosmos2_ref.demo import demo_checkpoint
+    from web_server import REPO
+
+    out = tmp_path / "page.png"
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "screenshot_page.py"), "--model",
+                           str(demo_checkpoint(tmp_path / "cache")), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "random weights" in done.stdout
+    assert PIL.Image.open(out).size == (1280, 960)

@@ -334,6 +334,7 @@ function showHeat(q) {
   ctx.putImageData(pixels, 0, 0);
   canvas.hidden = false;
   canvas.dataset.query = String(q);
+  $("hover-info").textContent = `heat map: latent query ${q}'s attention over the ${a.side}×${a.side} patches (min–max scaled)`;
   $("query").value = q;
   document.querySelectorAll("#queries button").forEach((b, i) => b.classList.toggle("active", i === q));
   const png = $("heat-png");
