@@ -174,6 +174,8 @@ class Handler(BaseHTTPRequestHandler):
             self._answer_error(exc.status, str(exc))
         except (ClientGone, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except ValueError as exc:                      # the library refused an input (its messages name it)
+            self._answer_error(400, " ".join(str(exc).split())[:500])
         except Exception as exc:                       # a bug: say so, log it, keep serving
             traceback.print_exc(file=sys.stderr)
             self._answer_error(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")

@@ -250,6 +250,19 @@ def test_concurrent_requests_get_the_answer_one_request_alone_gets(server, image
     assert server.alive()
 
 
+def test_a_browser_that_leaves_mid_stream_frees_the_model(server, image_id):
+    """Close the connection after the first event of a long caption; the next request is answered in full."""
+    body = json.dumps({"image_id": image_id, "max_new_tokens": 128}).encode()
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(b"POST /api/caption?stream=1 HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        first = sock.recv(4096)
+    assert b"event: prompt" in first or b"200" in first
+    status, r = server.json("POST", "/api/caption", {"image_id": image_id, "max_new_tokens": 3})
+    assert status == 200 and len(r["generated_tokens"]) == 3
+    assert server.alive()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The queue, in-process (no timing: the test holds the model itself)
 

@@ -164,6 +164,24 @@ def test_ground_and_the_location_grid(page):
     assert "<patch_index_0016>" in page.inner_text("#hover-info")               # row 0, column 16
 
 
+def test_an_image_dropped_on_the_page_is_uploaded(page):
+    """A drop carries a File in its DataTransfer, as a file dragged from the desktop does."""
+    before = image_id(page)
+    page.evaluate("""async () => {
+        const blob = await (await fetch('/samples/two_dogs.jpg')).blob();
+        const small = await createImageBitmap(blob, { resizeWidth: 120, resizeHeight: 60 });
+        const canvas = new OffscreenCanvas(120, 60);
+        canvas.getContext('2d').drawImage(small, 0, 0);
+        const file = new File([await canvas.convertToBlob({ type: 'image/png' })], 'dropped.png');
+        const data = new DataTransfer();
+        data.items.add(file);
+        document.getElementById('stage').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));
+    }""")
+    wait_done(page, "uploading")
+    assert image_id(page) != before
+    assert page.evaluate("document.getElementById('photo').naturalWidth") == 120
+
+
 def test_an_upload_that_is_no_image_is_reported_and_the_page_goes_on(page, tmp_path):
     fake = tmp_path / "photo.jpg"
     fake.write_text("not an image, whatever the name says")
