@@ -158,9 +158,26 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
+    def _check_origin(self) -> None:
+        """On a loopback address, answer only requests addressed to this machine by name (the Host header) and
+        sent from this page (the Origin header, which browsers add to cross-site requests): a web page elsewhere
+        can then neither read the API through a DNS name that points at 127.0.0.1 nor make the browser run the
+        model for it."""
+        allowed = self.server.allowed_hosts
+        if allowed is None:                              # --host chose to serve the network: its own choice
+            return
+        host = self.headers.get("Host", "")
+        if host not in allowed:
+            raise RequestError(f"requests must be addressed to this machine (Host {sorted(allowed)[0]!r} or "
+                               f"similar), not {host[:100]!r}", 403)
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.removeprefix("http://") not in allowed:
+            raise RequestError(f"requests from another site ({origin[:100]!r}) are refused", 403)
+
     def _dispatch(self, routes: dict) -> None:
         path = urlsplit(self.path).path
         try:
+            self._check_origin()
             if path in routes:
                 routes[path]()
             elif self.command in ("GET", "HEAD") and path in STATIC:
@@ -265,6 +282,10 @@ class Kosmos2Server(ThreadingHTTPServer):
         self.max_upload_bytes = max_upload_bytes
         self.quiet = quiet
         super().__init__(address, Handler)
+        port = self.server_address[1]
+        # On loopback, the names this machine answers to (see Handler._check_origin); elsewhere, any.
+        self.allowed_hosts = ({f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+                              if is_loopback(host) else None)
 
     @property
     def url(self) -> str:

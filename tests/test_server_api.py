@@ -179,7 +179,7 @@ def test_bad_uploads(server, data, status, words):
 def test_upload_without_length(server):
     """A body of unknown length (http.client always sends one, so the request is written by hand)."""
     with socket.create_connection((server.host, server.port), timeout=30) as sock:
-        sock.sendall(b"POST /api/images HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.sendall(f"POST /api/images HTTP/1.0\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
         reply = b"".join(iter(lambda: sock.recv(65536), b""))
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.split()[1] == b"411", head
@@ -219,6 +219,18 @@ def test_bad_requests(server, image_id, path, payload, status, words):
     assert server.alive()
 
 
+@pytest.mark.parametrize("headers, words", [
+    ({"Host": "attacker.example:80"}, "addressed to this machine"),          # a DNS name pointed at 127.0.0.1
+    ({"Origin": "http://attacker.example"}, "another site"),                 # another page's fetch
+])
+def test_requests_from_elsewhere_are_refused(server, headers, words):
+    status, body = server.json("GET", "/api/info", headers=headers)
+    assert status == 403 and words in body["error"]
+    status, body = server.json("POST", "/api/caption", {"image_id": "x"}, headers=headers)
+    assert status == 403
+    assert server.alive()
+
+
 def test_bad_query_and_method(server, image_id):
     assert server.json("GET", f"/api/heatmap?image_id={image_id}&query=64")[0] == 400
     assert server.json("GET", f"/api/heatmap?image_id={image_id}&query=x")[0] == 400
@@ -254,8 +266,8 @@ def test_a_browser_that_leaves_mid_stream_frees_the_model(server, image_id):
     """Close the connection after the first event of a long caption; the next request is answered in full."""
     body = json.dumps({"image_id": image_id, "max_new_tokens": 128}).encode()
     with socket.create_connection((server.host, server.port), timeout=60) as sock:
-        sock.sendall(b"POST /api/caption?stream=1 HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(f"POST /api/caption?stream=1 HTTP/1.0\r\nHost: 127.0.0.1:{server.port}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         first = sock.recv(4096)
     assert b"event: prompt" in first or b"200" in first
     status, r = server.json("POST", "/api/caption", {"image_id": image_id, "max_new_tokens": 3})
@@ -292,10 +304,11 @@ def test_requests_beyond_the_queue_are_refused_at_once(checkpoint):
 # ----------------------------------------------------------------------------------------------------------------
 # Starting and stopping
 
-def test_ctrl_c_stops_the_server_cleanly(checkpoint):
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_server_cleanly(checkpoint, how):
     with running_server(checkpoint, "--quiet") as s:
         assert s.alive()
-        s.process.send_signal(signal.SIGINT)
+        s.process.send_signal(how)
         assert s.process.wait(30) == 0
     assert any("stopped" in line for line in s.output), s.output
 
