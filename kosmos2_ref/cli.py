@@ -466,7 +466,7 @@ def cmd_serve(args) -> int:
     from .demo import demo_checkpoint, is_demo_checkpoint
     from .hub import CheckpointNotFoundError, resolve_checkpoint
     from .server import serve
-    from .service import ModelService
+    from .service import DEFAULT_MAX_NEW_TOKENS, ModelService
 
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be from 0 to 65535, got {args.port}")
@@ -486,7 +486,7 @@ def cmd_serve(args) -> int:
             folder = demo_checkpoint()
         model = _load_model(args, str(folder))
     service = ModelService(model, random_weights=is_demo_checkpoint(getattr(model, "folder", None)),
-                           max_waiting=args.queue)
+                           max_waiting=args.queue, default_max_new_tokens=_max_new(args, DEFAULT_MAX_NEW_TOKENS))
     try:
         serve(service, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.quiet)
     except OSError as exc:              # the port is taken, the address is not this machine's, ...

@@ -157,12 +157,14 @@ class ModelService:
 
     def __init__(self, model, processor=None, *, name: str | None = None, random_weights: bool = False,
                  max_waiting: int = 4, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+                 default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  images: ImageStore | None = None):
         self.model = model
         self.processor = processor if processor is not None else model.processor
         self.name = name or _short_name(getattr(model, "name_or_path", None))
         self.random_weights = random_weights
-        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_new_tokens_limit = max(max_new_tokens_limit, default_max_new_tokens)
+        self.default_max_new_tokens = default_max_new_tokens       # caption and describe, unless a request says
         self.images = images or ImageStore()
         self.tags = TagIds.from_tokenizer(self.processor.tokenizer, self.processor.num_patch_index_tokens)
         self.max_waiting = max_waiting
@@ -198,6 +200,7 @@ class ModelService:
                 "latent_queries": cfg.latent_query_num, "patch_grid": vc.image_size // vc.patch_size,
                 "location_grid": self.processor.num_patches_per_side, "image_size": vc.image_size,
                 "default_prompt": DEFAULT_CAPTION_PROMPT, "max_new_tokens": self.max_new_tokens_limit,
+                "default_max_new_tokens": self.default_max_new_tokens,
                 "max_upload_bytes": MAX_UPLOAD_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS}
 
     def upload(self, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> dict:
@@ -280,7 +283,7 @@ class ModelService:
         prompt = DEFAULT_CAPTION_PROMPT if prompt is None else prompt
         if not isinstance(prompt, str) or len(prompt) > 2000:
             raise RequestError(f"prompt must be a string of at most 2000 characters, got {str(prompt)[:80]!r}")
-        n = self._max_new(max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
+        n = self._max_new(max_new_tokens, self.default_max_new_tokens)
         with self.turn():
             run = self._run(item.image, prompt, None, n, emit)
         return {"task": "caption", "prompt": prompt, **self._run_dict(run, item.image)}
@@ -315,7 +318,7 @@ class ModelService:
             raise RequestError(str(exc)) from None
         if not all(0.0 <= v <= 1.0 for v in norm):
             raise RequestError(f"box {box} lies outside the image")
-        n = self._max_new(max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
+        n = self._max_new(max_new_tokens, self.default_max_new_tokens)
         with self.turn():
             run = self._run(item.image, "<grounding><phrase> It</phrase>", [norm], n, None)
         return {"task": "describe", "box": list(norm), "pixel_box": list(to_pixels(norm, item.image.size)),

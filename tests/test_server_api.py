@@ -313,6 +313,14 @@ def test_ctrl_c_stops_the_server_cleanly(checkpoint, how):
     assert any("stopped" in line for line in s.output), s.output
 
 
+def test_max_new_tokens_sets_the_default_length(checkpoint):
+    with running_server(checkpoint, "--quiet", "--max-new-tokens", "5") as s:
+        image_id = s.upload(png_bytes())[1]["image_id"]
+        status, r = s.json("POST", "/api/caption", {"image_id": image_id})
+        assert status == 200 and len(r["generated_tokens"]) <= 5
+        assert s.json("GET", "/api/info")[1]["default_max_new_tokens"] == 5
+
+
 def test_bad_serve_options_are_one_line_errors(checkpoint, capsys):
     from kosmos2_ref.cli import main
 

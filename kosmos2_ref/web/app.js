@@ -416,6 +416,7 @@ async function start() {
   $("random-banner").hidden = !state.info.random_weights;
   $("prompt").value = state.info.default_prompt;
   $("max-new").max = state.info.max_new_tokens;
+  $("max-new").value = state.info.default_max_new_tokens;
   buildQueryButtons();
 
   $("file").addEventListener("change", (e) => {
