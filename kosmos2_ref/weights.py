@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import is_int
 from .config import Kosmos2Config
 
 SINGLE_FILE = "model.safetensors"
@@ -107,23 +108,52 @@ class SafetensorsFile:
         data_len = size - self.data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int, str]] = {}
         for key, info in header.items():
-            try:
-                tag, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise WeightsError(f"weights file {str(self.path)!r} is corrupt: bad header entry for key {key!r}") \
-                    from None
-            if tag not in _ST_DTYPES:
-                raise WeightsError(f"weights file {str(self.path)!r}: key {key!r} has unsupported dtype {tag!r}")
-            dt = _ST_DTYPES[tag]
-            nbytes = math.prod(shape) * dt.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise WeightsError(f"weights file {str(self.path)!r} is corrupt: key {key!r} has shape {list(shape)} "
-                                   f"({nbytes} bytes) but a byte range of {end - begin}")
-            if end > data_len:
-                raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} needs bytes up to "
-                                   f"{end} of the data section but the file holds only {data_len}")
-            self._entries[key] = (dt, shape, begin, end, tag)
+            self._entries[key] = self._parse_entry(key, info, data_len)
+        self._check_tiling(data_len)
         self._map = None
+
+    def _parse_entry(self, key: str, info, data_len: int):
+        """One header entry -> (NumPy dtype, shape, begin, end, tag), every field checked, the key named."""
+        where = f"weights file {str(self.path)!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise WeightsError(f"{where} is corrupt: bad header entry for key {key!r}: expected an object with "
+                               f"dtype, shape and data_offsets, got {str(info)[:80]}")
+        tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
+            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {shape!r}: expected a list of "
+                               f"non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+            raise WeightsError(f"{where} is corrupt: key {key!r} has data_offsets {offsets!r}: expected two integers "
+                               f"[begin, end]")
+        if tag not in _ST_DTYPES:
+            raise WeightsError(f"{where}: key {key!r} has unsupported dtype {tag!r}")
+        dt, shape, (begin, end) = _ST_DTYPES[tag], tuple(shape), offsets
+        nbytes = math.prod(shape) * dt.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {list(shape)} ({nbytes} bytes) but a "
+                               f"byte range of {end - begin}")
+        if end > data_len:
+            raise WeightsError(f"{where} is truncated: key {key!r} needs bytes up to {end} of the data section but "
+                               f"the file holds only {data_len}")
+        return dt, shape, begin, end, tag
+
+    def _check_tiling(self, data_len: int) -> None:
+        """The byte ranges must tile the data section: no two tensors share a byte, no byte is left over. This is
+        what the safetensors library checks ("invalid offset", "incomplete metadata"); a file that breaks it was not
+        written by it, and two tensors reading the same bytes would load silently as equal."""
+        where = f"weights file {str(self.path)!r}"
+        pos, prev = 0, None
+        for key, (_, _, begin, end, _) in sorted(self._entries.items(), key=lambda kv: kv[1][2:4]):
+            if begin < pos:
+                raise WeightsError(f"{where} is corrupt: key {key!r} (bytes {begin}..{end}) overlaps key {prev!r} "
+                                   f"(which ends at byte {pos}): tensors may not share bytes")
+            if begin > pos:
+                raise WeightsError(f"{where} is corrupt: {begin - pos} byte(s) before key {key!r} (at {begin}) "
+                                   f"belong to no tensor: the header's data_offsets must tile the data section")
+            pos, prev = end, key
+        if pos != data_len:
+            raise WeightsError(f"{where} is corrupt: {data_len - pos} byte(s) after the last tensor belong to no "
+                               f"tensor: the header's data_offsets must tile the data section")
 
     def keys(self):
         return self._entries.keys()
@@ -149,25 +179,32 @@ class SafetensorsFile:
         The memory map is not touched, so the source bytes never become part of this process's resident memory:
         loading a float32 file into 2-byte storage peaks near the 2-byte copy plus one chunk, not near both copies.
         """
-        dt, shape, begin, end, tag = self._entries[key]
-        out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
-        flat = out.reshape(-1)
-        per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
-        chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + begin)
-            for i in range(0, flat.size, per_chunk):
-                part = chunk[:min(per_chunk, flat.size - i)]
-                view = memoryview(part).cast("B")
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} ends early")
-                    got += n
-                flat[i:i + part.size] = convert_storage(part, tag, storage)
-        out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
-        return out
+        dt, shape, begin, _, tag = self._entries[key]
+        return read_converted_range(self.path, self.data_start + begin, dt, shape, tag, storage, key)
+
+
+def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int, ...], tag: str, storage: str,
+                         key: str) -> np.ndarray:
+    """The contiguous tensor of ``shape`` and raw dtype ``dt`` at byte ``offset`` of ``path``, converted to
+    ``storage`` with ordinary file reads of :data:`CONVERT_CHUNK_BYTES` at a time into a new read-only array."""
+    out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
+    flat = out.reshape(-1)
+    per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
+    chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        for i in range(0, flat.size, per_chunk):
+            part = chunk[:min(per_chunk, flat.size - i)]
+            view = memoryview(part).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise WeightsError(f"weights file {str(path)!r} is truncated: key {key!r} ends early")
+                got += n
+            flat[i:i + part.size] = convert_storage(part, tag, storage)
+    out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
+    return out
 
 
 # safetensors dtype tag -> the storage name that holds it unchanged
