@@ -96,35 +96,6 @@ def test_converted_reads_equal_torch_conversion(tmp_path, storage):
 # ---------------------------------------------------------------------------------------------------------------
 # Whole checkpoints saved as .bin
 
-def save_bin(model, folder: Path, max_shard_bytes: int | None = None) -> Path:
-    """Write ``model`` as transformers 4.x's ``save_pretrained(safe_serialization=False)`` did (5.x writes only
-    safetensors): config.json, and torch.save of the whole state dict -- the tied head included, a second view of
-    the embedding's storage -- in one pytorch_model.bin, or in shards pytorch_model-0000i-of-0000n.bin with a
-    pytorch_model.bin.index.json."""
-    folder = Path(folder)
-    model.save_pretrained(folder)                     # config.json (+ generation_config.json) ...
-    for f in folder.glob("*.safetensors*"):           # ... and no safetensors
-        f.unlink()
-    sd = model.state_dict()
-    if max_shard_bytes is None:
-        torch.save(sd, folder / "pytorch_model.bin")
-        return folder
-    shards, size = [{}], 0
-    for k, v in sd.items():
-        if shards[-1] and size + v.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += v.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
-        torch.save(shard, folder / name)
-        weight_map.update({k: name for k in shard})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}, indent=2))
-    return folder
-
 @pytest.fixture(scope="module")
 def saved_pair(tiny_checkpoint, tmp_path_factory):
     """The tiny model saved twice, as safetensors (save_pretrained) and as .bin (torch.save), in fp32/fp16/bf16."""
@@ -137,8 +108,8 @@ def saved_pair(tiny_checkpoint, tmp_path_factory):
         model = copy.deepcopy(hf).to(tdt)
         st = root / f"{name}-st"
         model.save_pretrained(st, safe_serialization=True)
-        pt = save_bin(model, root / f"{name}-bin")
-        sharded = save_bin(model, root / f"{name}-bin-sharded", max_shard_bytes=2_000_000 // model.dtype.itemsize)
+        pt = fm.save_bin_checkpoint(model, root / f"{name}-bin")
+        sharded = fm.save_bin_checkpoint(model, root / f"{name}-bin-sharded", max_shard_bytes=2_000_000 // model.dtype.itemsize)
         out[name] = (st, pt, sharded)
     return out
 
