@@ -383,16 +383,15 @@ def _resolve_tied_head(folder: Path, where: dict[str, Any], cfg: Kosmos2Config) 
     return source
 
 
-def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Read and check every weight of the checkpoint in ``folder``: key -> NumPy array in the storage dtype.
+def plan_weights(folder: str | Path, cfg: Kosmos2Config) -> dict[str, tuple[Any, str]]:
+    """Open and check the checkpoint in ``folder`` without reading any tensor: every weight key of ``cfg`` ->
+    (the open file that holds it, its key in that file), in :func:`expected_shapes` order.
 
-    Raises :class:`WeightsError` for a missing folder/file, a corrupt or truncated file, a missing key or a shape
-    that does not match ``cfg``; warns about unexpected keys. ``text_model.lm_head.weight`` is in the result only
-    when it is a matrix of its own (untied, or tied but stored with different values: see
-    :func:`_resolve_tied_head`).
+    Raises :class:`WeightsError` for a missing folder/file, a corrupt or truncated file, a missing key, a shape
+    that does not match ``cfg`` or a tensor that is not a float; warns about unexpected keys.
+    ``text_model.lm_head.weight`` is in the plan only when it is a matrix of its own (untied, or tied but stored
+    with different values: see :func:`_resolve_tied_head`).
     """
-    if dtype not in STORAGE_DTYPES:
-        raise WeightsError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES}")
     folder = Path(folder)
     source = _resolve_tied_head(folder, _open_checkpoint_files(folder), cfg)
     expected = expected_shapes(cfg)
@@ -408,18 +407,29 @@ def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") ->
     unexpected = [k for k in source if k not in expected and k not in _DERIVED_BUFFERS]
     if unexpected:
         warnings.warn(f"checkpoint {str(folder)!r} has {len(unexpected)} unexpected key(s), ignored: "
-                      f"{unexpected[:5]}", stacklevel=3)
-    flat: dict[str, np.ndarray] = {}
+                      f"{unexpected[:5]}", stacklevel=4)
+    plan: dict[str, tuple[Any, str]] = {}
     for key, shape in expected.items():
         f, fkey = source[key]
         if f.shape(fkey) != shape:
             raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has shape {list(f.shape(fkey))}, "
                                f"but config.json implies {list(shape)}")
-        tag = f.st_dtype(fkey)
-        if tag not in ("F32", "F16", "BF16", "F64"):
-            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has dtype {tag}, expected a float type")
-        storage = dtype if len(shape) >= 2 else "float32"
-        if _ZERO_COPY.get(tag) == storage:
+        if f.st_dtype(fkey) not in ("F32", "F16", "BF16", "F64"):
+            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has dtype {f.st_dtype(fkey)}, expected "
+                               f"a float type")
+        plan[key] = (f, fkey)
+    return plan
+
+
+def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Read and check every weight of the checkpoint in ``folder``: key -> NumPy array in the storage dtype
+    (matrices in ``dtype``, vectors in float32). The checks are :func:`plan_weights`'."""
+    if dtype not in STORAGE_DTYPES:
+        raise WeightsError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES}")
+    flat: dict[str, np.ndarray] = {}
+    for key, (f, fkey) in plan_weights(folder, cfg).items():
+        storage = dtype if len(f.shape(fkey)) >= 2 else "float32"
+        if _ZERO_COPY.get(f.st_dtype(fkey)) == storage:
             flat[key] = _contiguous(f.raw(fkey))       # a view of the memory map: no copy, no time
         else:
             flat[key] = f.read_converted(fkey, storage)
