@@ -141,3 +141,20 @@ def test_bad_source_fails_before_writing(tiny_checkpoint, tmp_path):
     with pytest.raises(WeightsError, match=r"missing key 'text_model\.model\.layer_norm\.bias'"):
         convert.convert_checkpoint(src, out)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["src"]
+
+
+def test_hub_era_bin_converts_and_transformers_reads_the_result(tmp_path):
+    """The pytorch_model.bin transformers 4.37.2 wrote (tests/data/hub_era) -> safetensors: the same bits as the
+    safetensors 4.37 wrote beside it, and transformers 5.23 reads the converted folder."""
+    from hub_era import hub_era_folder
+    from transformers import Kosmos2ForConditionalGeneration
+
+    src = hub_era_folder(tmp_path / "src", weights="bin")
+    dst = convert.convert_checkpoint(src, tmp_path / "dst")
+    ref = load_file(hub_era_folder(tmp_path / "st", weights="safetensors") / "model.safetensors")
+    got = load_file(dst / "model.safetensors")
+    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    hf = Kosmos2ForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, attn_implementation="eager")
+    print()
+    fm.check("logits, converted 4.37 .bin (ours vs transformers)", _logits(Kosmos2.from_pretrained(dst)),
+             _logits(hf.eval(), torch_side=True))

@@ -324,3 +324,19 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
             z.writestr(n, b)
     with pytest.raises(WeightsError, match=r"reaches element 10 of storage '0', which holds 10"):
         TorchBinFile(path)
+
+
+def test_bin_storage_is_memory_mapped_not_copied(saved_pair):
+    """float32 weights of a float32 .bin are views of the file map (no copy); a 2-byte load converts with file
+    reads and owns its memory, as for safetensors."""
+    _, pt, _ = saved_pair["float32"]
+    model = Kosmos2.from_pretrained(pt)
+    w = model.params["text_model"]["model"]["embed_tokens"]["weight"]
+    assert w.dtype == np.float32 and not w.flags.owndata and not w.flags.writeable
+    base = w
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    assert isinstance(base, __import__("mmap").mmap)                     # the mapped file itself
+    low = Kosmos2.from_pretrained(pt, dtype="bfloat16")
+    w = low.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"]
+    assert w.dtype == np.uint16 and w.flags.owndata and not w.flags.writeable
