@@ -1,4 +1,6 @@
-"""Checkpoint weights: safetensors file(s) -> a parameter tree named by the Hugging Face keys (spec §8).
+"""Checkpoint weights: safetensors or PyTorch ``.bin`` file(s) -> a parameter tree named by the Hugging Face keys
+(spec §8). The ``.bin`` reader is :mod:`kosmos2_ref.torch_pickle`; :data:`WEIGHT_FILES` says which file a folder
+holding several is read from; docs/checkpoints.md lists what loads.
 
 The tree is the key split on dots, with numeric parts as list indices, so
 ``text_model.model.layers.3.self_attn.q_proj.weight`` is ``params["text_model"]["model"]["layers"][3]
@@ -14,7 +16,8 @@ shape and byte range, then the raw little-endian data), so we read it ourselves 
 * a storage dtype that differs from the file's (a float32 file held in bfloat16, say) is converted with ordinary
   file reads one 1 MiB chunk at a time, never through the memory map, so the 4-byte source never becomes resident
   in this process beside its 2-byte copy;
-* a truncated or corrupt file is caught from the header before any data is touched, with the file and key named.
+* a truncated or corrupt file is caught from the header before any data is touched, with the file and key named;
+  so is a header whose byte ranges overlap or leave gaps, as the safetensors library refuses it.
 
 Storage dtype (``dtype=``) applies to matrices (ndim >= 2); vectors (biases, LayerNorm parameters) are always held
 in float32. Compute is always float32.

@@ -54,7 +54,7 @@ def refill_tokenizer_json(stripped: dict, spm_model: Path = SPM_MODEL) -> dict:
 def hub_era_folder(dst: Path, weights: str = "safetensors", old_metaspace: bool = False) -> Path:
     """A copy of the Hub-era folder in ``dst`` with a full tokenizer.json; ``weights`` keeps "safetensors",
     "bin" or "both" of the two weight files 4.37 wrote. ``old_metaspace`` removes ``prepend_scheme`` from the
-    Metaspace pre-tokenizer and decoder, as tokenizers < 0.14 wrote them (0.15.2 writes it beside
+    Metaspace pre-tokenizer and decoder, as older tokenizers releases wrote them (0.15.2 writes it beside
     ``add_prefix_space``): an edit by hand, the one thing here no old tool wrote."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
