@@ -26,7 +26,15 @@ The storages are memory-mapped: a zip member stored uncompressed is a plain byte
 local file header, so a tensor is a NumPy view of the mapped file (bfloat16 as its ``uint16`` bits, as for
 safetensors files) and a 6.66 GB checkpoint is never copied into memory.
 
-The legacy format (torch < 1.6: pickles one after another, not a zip) is refused with a clear error.
+The **legacy format** (``torch.save(..., _use_new_zipfile_serialization=False)``, the only one before torch 1.6) is
+not a zip but pickles one after another, then the storages' bytes::
+
+    pickle: the magic number 0x1950a86a20f9469cfc6c     pickle: the protocol version 1001
+    pickle: {"little_endian": True, "type_sizes": ...}  pickle: the state dict (the same tensor calls; persistent ids
+                                                                 ("storage", type, key, location, numel, None))
+    pickle: the storage keys, sorted                    then per key: int64 numel, numel elements of raw bytes
+
+It is read the same way: restricted unpickling, then the byte offset of each storage, then memory-mapped views.
 """
 from __future__ import annotations
 
@@ -165,10 +173,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         return found
 
     def persistent_load(self, pid):
-        # torch's zip format: ("storage", storage type, member key, location, number of elements)
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        # torch's zip format: ("storage", storage type, member key, location, number of elements); the legacy
+        # format adds a sixth entry, view metadata, None unless the storage was a view of another (torch < 1.0)
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise _Error(f"unknown persistent id {str(pid)[:80]}: expected ('storage', type, key, location, numel)")
-        _, stype, key, _location, numel = pid
+        if len(pid) == 6 and pid[5] is not None:
+            raise _Error(f"storage {pid[2]!r} is a view of another storage (torch < 1.0 files): not supported")
+        _, stype, key, _location, numel = pid[:5]
         if not isinstance(stype, StorageType) or not isinstance(key, str) or not is_int(numel) or numel < 0:
             raise _Error(f"malformed storage id {str(pid)[:80]}")
         return StorageRef(stype, key, int(numel))
@@ -192,17 +203,20 @@ def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
 
 
 def is_legacy_format(path: Path) -> bool:
-    """A torch < 1.6 file: not a zip, but pickles whose first one is :data:`LEGACY_MAGIC`."""
+    """A legacy-format file: not a zip, but pickles whose first one is :data:`LEGACY_MAGIC`.
+
+    Even this first look unpickles with :class:`RestrictedUnpickler`: 32 bytes are enough for a pickle that calls
+    ``os.system``."""
     with open(path, "rb") as f:
         head = f.read(32)
     try:
-        return pickle.Unpickler(io.BytesIO(head)).load() == LEGACY_MAGIC
-    except Exception:     # anything at all that is not that number: not a legacy file (nothing is resolved here)
+        return RestrictedUnpickler(io.BytesIO(head)).load() == LEGACY_MAGIC
+    except Exception:     # anything at all that is not that number (a refused name included): not a legacy file
         return False
 
 
 class TorchBinFile:
-    """A ``pytorch_model.bin`` (torch's zip format) opened without torch: the same interface as
+    """A ``pytorch_model.bin`` (torch's zip format, or its legacy format) opened without torch: the same interface as
     :class:`~kosmos2_ref.weights.SafetensorsFile` -- ``keys()``, ``shape(key)``, ``st_dtype(key)``, ``raw(key)``
     (a zero-copy view of the memory-mapped file) and ``read_converted(key, storage)``."""
 
@@ -214,11 +228,11 @@ class TorchBinFile:
         if not self.path.is_file():
             raise WeightsError(f"{where} does not exist")
         if not zipfile.is_zipfile(self.path):
-            if is_legacy_format(self.path):
-                raise WeightsError(f"{where} is in PyTorch's legacy (pre-1.6) format, which this package does not "
-                                   f"read: re-save it with torch >= 1.6 (torch.save(torch.load(f), f)) or convert "
-                                   f"it to safetensors")
-            raise WeightsError(f"{where} is not a PyTorch checkpoint: expected a zip archive written by torch.save")
+            if not is_legacy_format(self.path):
+                raise WeightsError(f"{where} is not a PyTorch checkpoint: expected a zip archive written by "
+                                   f"torch.save (or torch's legacy format)")
+            self._open_legacy(where)
+            return
         try:
             with zipfile.ZipFile(self.path) as z:
                 infos = {i.filename: i for i in z.infolist()}
@@ -238,13 +252,65 @@ class TorchBinFile:
             # TypeError: one of our functions called with the wrong arguments by a crafted pickle; the others: a
             # damaged archive or pickle. Either way nothing from the file has been executed.
             raise WeightsError(f"{where} is corrupt: {type(exc).__name__}: {exc}") from None
+        self._check_state(state, where)
+        self._storage_offsets = self._locate_storages(infos, where)
+        self._map = None
+
+    def _open_legacy(self, where: str) -> None:
+        """The legacy format: four pickles, the storage keys, then each storage as int64 numel + raw bytes."""
+        from .weights import WeightsError
+
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                magic, version, sys_info = (RestrictedUnpickler(f).load() for _ in range(3))
+                if magic != LEGACY_MAGIC or not is_int(version):
+                    raise _Error("its first pickles are not torch's magic number and protocol version")
+                if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+                    raise _Error(f"it was written on a big-endian machine ({str(sys_info)[:80]}); only little-endian "
+                                 f"files are supported")
+                state = RestrictedUnpickler(f).load()
+                keys = RestrictedUnpickler(f).load()
+                pos = f.tell()                                  # the first storage's 8-byte length starts here
+                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    raise _Error("the list of storage keys after the state dict is malformed")
+                self._check_state(state, where)
+                types = {t.storage.key: t.storage for t in self._tensors.values()}
+                self._storage_offsets = {}
+                for key in keys:
+                    f.seek(pos)
+                    head = f.read(8)
+                    if len(head) != 8:
+                        raise _Error(f"storage {key!r} starts past the end of the file")
+                    (numel,) = struct.unpack("<q", head)
+                    ref = types.get(key)
+                    itemsize = ref.type.dtype.itemsize if ref is not None else 1
+                    if ref is not None and numel != ref.numel:
+                        raise _Error(f"storage {key!r} holds {numel} elements, but the pickle says {ref.numel}")
+                    self._storage_offsets[key] = pos + 8
+                    pos += 8 + numel * itemsize
+                    if numel < 0 or pos > size:
+                        raise WeightsError(f"{where} is truncated: storage {key!r} ({numel} elements) ends past the "
+                                           f"end of the file")
+        except _Error as exc:
+            raise WeightsError(f"{where}: {exc}") from None
+        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, TypeError, AttributeError, IndexError,
+                KeyError, struct.error) as exc:
+            raise WeightsError(f"{where} is corrupt: {type(exc).__name__}: {exc}") from None
+        missing = sorted({t.storage.key for t in self._tensors.values()} - self._storage_offsets.keys())
+        if missing:
+            raise WeightsError(f"{where} is corrupt: storage {missing[0]!r} is used by a tensor but not stored")
+        self._map = None
+
+    def _check_state(self, state, where: str) -> None:
+        """The unpickled object must be a dict of name -> tensor record; kept as ``self._tensors``."""
+        from .weights import WeightsError
+
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, TensorRef)
                                                   for k, v in state.items()):
             raise WeightsError(f"{where} does not hold a state dict: expected a dict of name -> tensor, got "
                                f"{type(state).__name__}")
         self._tensors: dict[str, TensorRef] = dict(state)
-        self._storage_offsets = self._locate_storages(infos, where)
-        self._map = None
 
     def _locate_storages(self, infos: dict[str, zipfile.ZipInfo], where: str) -> dict[str, int]:
         """storage key -> file offset of its bytes; checks each member is stored (not compressed) and long

@@ -267,10 +267,56 @@ def test_any_other_global_is_refused(tmp_path, module, name):
         TorchBinFile(path)
 
 
-def test_legacy_format_gets_a_clear_error(tmp_path):
+def test_legacy_format_bit_for_bit(tmp_path):
+    """torch's legacy (pre-1.6) format: pickles then raw storages, read the same way, every tensor equal."""
+    zoo = _tensor_zoo()
     path = tmp_path / "old.bin"
-    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(WeightsError, match=r"legacy \(pre-1\.6\) format"):
+    torch.save(zoo, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    f = TorchBinFile(path)
+    for key, t in zoo.items():
+        assert _same_bits(f.raw(key), t), key
+    assert np.shares_memory(f.raw("f32"), f.raw("f32.transposed"))
+
+
+def test_legacy_format_checkpoint_loads(saved_pair, tmp_path):
+    st, pt, _ = saved_pair["bfloat16"]
+    folder = tmp_path / "legacy"
+    shutil.copytree(pt, folder)
+    sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save(sd, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    cfg = Kosmos2Config.from_pretrained(st)
+    ref, ours = load_flat(st, cfg, "bfloat16"), load_flat(folder, cfg, "bfloat16")
+    assert all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+def test_legacy_format_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.ones(2), "evil": _RunsACommand(f"touch {marker}")}, path,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match=r"its pickle names (posix|os)\.system"):
+        TorchBinFile(path)
+    assert not marker.exists()
+
+
+def test_a_short_malicious_pickle_is_not_run_by_the_format_sniffing(tmp_path):
+    """A file that is not a zip is first unpickled to see whether it is the legacy format: that look is restricted
+    too (this 27-byte pickle calls os.system)."""
+    marker = tmp_path / "ran"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    path = tmp_path / "short.bin"
+    path.write_bytes(payload)
+    with pytest.raises(WeightsError, match=r"is not a PyTorch checkpoint"):
+        TorchBinFile(path)
+    assert not marker.exists()
+
+
+def test_truncated_legacy_file(tmp_path):
+    path = tmp_path / "t.bin"
+    torch.save({"w": torch.ones(1000)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=r"t\.bin' is truncated: storage '\w+' \(1000 elements\) ends past"):
         TorchBinFile(path)
 
 
