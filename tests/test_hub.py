@@ -342,7 +342,7 @@ def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch,
     assert msg.startswith(repr(TYPO)) and expect in msg, msg
 
 
-# ---------------------------------------------------------------------------------------------- .bin snapshots, processor-only caches
+# ---------------------------------------------------------------------------------------------- .bin, processor only
 
 @pytest.fixture(scope="module")
 def bin_only_folder(tiny_checkpoint, tmp_path_factory):

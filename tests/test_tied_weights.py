@@ -1,17 +1,17 @@
 """Tied-weight and naming variants of a checkpoint: each one loads as transformers 5.23 loads the same folder (the
 logits compared), or gets a clear error.
 
-| variant (tie_word_embeddings true unless said)        | transformers 5.23           | kosmos2_ref                   |
-|--------------------------------------------------------|-----------------------------|-------------------------------|
-| embed_tokens only (what save_pretrained writes)        | tied                        | tied                          |
-| lm_head only (some .bin -> safetensors conversions)    | the head read as embedding  | the same                      |
-| both, equal                                            | tied                        | tied, one matrix              |
-| both, different                                        | not tied, warns             | not tied, warns; logits use lm_head |
-| derived buffers (position_ids, embed_positions.weights)| ignored                     | ignored silently              |
-| an unknown extra key                                   | ignored, reported           | ignored, warns                |
-| no __metadata__ in the safetensors header              | loads                       | loads                         |
-| untied config, lm_head missing                         | random head, a report       | WeightsError naming the key   |
-| untied config, both keys                               | untied                      | untied                        |
+| variant (tie_word_embeddings true unless said)         | transformers 5.23          | kosmos2_ref                 |
+|---------------------------------------------------------|----------------------------|-----------------------------|
+| embed_tokens only (what save_pretrained writes)         | tied                       | tied                        |
+| lm_head only (some .bin -> safetensors conversions)     | the head read as embedding | the same                    |
+| both, equal                                             | tied                       | tied, one matrix            |
+| both, different                                         | not tied, warns            | the same; lm_head -> logits |
+| derived buffers (position_ids, embed_positions.weights) | ignored                    | ignored silently            |
+| an unknown extra key                                    | ignored, reported          | ignored, warns              |
+| no __metadata__ in the safetensors header               | loads                      | loads                       |
+| untied config, lm_head missing                          | random head, a report      | WeightsError naming the key |
+| untied config, both keys                                | untied                     | untied                      |
 """
 from __future__ import annotations
 

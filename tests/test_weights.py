@@ -93,7 +93,8 @@ def test_generation_config_not_an_object(ckpt, text, msg):
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match=r"has no weights: expected one of model\.safetensors, "
-                                          r"model\.safetensors\.index\.json, pytorch_model\.bin, pytorch_model\.bin\.index\.json"):
+                                          r"model\.safetensors\.index\.json, pytorch_model\.bin, "
+                                          r"pytorch_model\.bin\.index\.json"):
         Kosmos2.from_pretrained(ckpt)
 
 

@@ -109,7 +109,8 @@ def saved_pair(tiny_checkpoint, tmp_path_factory):
         st = root / f"{name}-st"
         model.save_pretrained(st, safe_serialization=True)
         pt = fm.save_bin_checkpoint(model, root / f"{name}-bin")
-        sharded = fm.save_bin_checkpoint(model, root / f"{name}-bin-sharded", max_shard_bytes=2_000_000 // model.dtype.itemsize)
+        sharded = fm.save_bin_checkpoint(model, root / f"{name}-bin-sharded",
+                                         max_shard_bytes=2_000_000 // model.dtype.itemsize)
         out[name] = (st, pt, sharded)
     return out
 

@@ -107,8 +107,8 @@ def test_the_old_bin_and_safetensors_hold_the_same_bits(tmp_path):
 
 
 def test_old_metaspace_without_prepend_scheme(tmp_path):
-    """A tokenizer.json as older tokenizers releases wrote it (Metaspace with add_prefix_space and no prepend_scheme): the same
-    ids as transformers 5.23 on the same folder."""
+    """A tokenizer.json as older tokenizers releases wrote it (Metaspace with add_prefix_space and no
+    prepend_scheme): the same ids as transformers 5.23 on the same folder."""
     from transformers import AutoProcessor
 
     folder = hub_era_folder(tmp_path / "old_metaspace", old_metaspace=True)
