@@ -69,8 +69,16 @@ class _Error(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # What the pickle describes: storage types, storages, tensors (plain records, nothing is read yet)
 
+class _Record:
+    """Base of the records below: the pickle's BUILD opcode (set an object's state) is refused on them, so a record
+    cannot be changed after it was checked."""
+
+    def __setstate__(self, state):
+        raise _Error("its pickle tries to change a tensor or storage record after building it (a BUILD opcode); "
+                     "torch.save never does")
+
 @dataclass(frozen=True)
-class StorageType:
+class StorageType(_Record):
     """Stands for ``torch.FloatStorage`` and friends: only the element type matters to us."""
 
     name: str
@@ -85,7 +93,7 @@ class StorageType:
 
 
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Record):
     """A persistent id resolved: the member ``data/<key>`` holds ``numel`` elements of ``type``."""
 
     type: StorageType
@@ -94,7 +102,7 @@ class StorageRef:
 
 
 @dataclass(frozen=True)
-class TensorRef:
+class TensorRef(_Record):
     """A tensor as ``_rebuild_tensor_v2`` describes it: a strided view of a storage (all counts in elements)."""
 
     storage: StorageRef
@@ -303,13 +311,22 @@ class TorchBinFile:
         self._map = None
 
     def _check_state(self, state, where: str) -> None:
-        """The unpickled object must be a dict of name -> tensor record; kept as ``self._tensors``."""
+        """The unpickled object must be a dict of name -> tensor record; kept as ``self._tensors``. A storage key
+        must be declared the same way (element type and length) by every tensor that uses it: the bounds checks
+        rely on it."""
         from .weights import WeightsError
 
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, TensorRef)
                                                   for k, v in state.items()):
             raise WeightsError(f"{where} does not hold a state dict: expected a dict of name -> tensor, got "
                                f"{type(state).__name__}")
+        declared: dict[str, StorageRef] = {}
+        for name, t in state.items():
+            first = declared.setdefault(t.storage.key, t.storage)
+            if first != t.storage:
+                raise WeightsError(f"{where} is corrupt: tensor {name!r} declares storage {t.storage.key!r} as "
+                                   f"{t.storage.numel} x {t.storage.type.name}, another tensor as {first.numel} x "
+                                   f"{first.type.name}")
         self._tensors: dict[str, TensorRef] = dict(state)
 
     def _locate_storages(self, infos: dict[str, zipfile.ZipInfo], where: str) -> dict[str, int]:
@@ -371,6 +388,11 @@ class TorchBinFile:
             n = math.prod(t.shape)
             return storage[t.offset:t.offset + n].reshape(t.shape)
         base = storage[t.offset:]
+        reach = sum((n - 1) * s for n, s in zip(t.shape, t.stride)) + 1 if all(t.shape) else 0
+        if reach > base.size:       # as_strided does not check bounds: make sure, whatever was checked before
+            from .weights import WeightsError
+
+            raise WeightsError(f"weights file {str(self.path)!r}: tensor {key!r} reaches past its storage")
         return np.lib.stride_tricks.as_strided(base, shape=t.shape, strides=[s * dt.itemsize for s in t.stride],
                                                writeable=False)
 

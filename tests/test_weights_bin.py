@@ -268,6 +268,40 @@ def test_any_other_global_is_refused(tmp_path, module, name):
         TorchBinFile(path)
 
 
+def _rewrite_pickle(path, edit):
+    """Rewrite the data.pkl member of a torch.save zip with ``edit(bytes) -> bytes``, the rest kept."""
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl] = edit(members[pkl])
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+
+
+def test_a_record_changed_after_its_checks_is_refused(tmp_path):
+    """BUILD (set state) on a tensor record would change its offset after the bounds check: refused."""
+    path = tmp_path / "b.bin"
+    torch.save({"w": torch.ones(10)}, path)
+    # before the dict's SETITEM(S), BUILD the tensor with {"offset": 10**6}: EMPTY_DICT, "offset", int, SETITEM, BUILD
+    evil = b"}X\x06\x00\x00\x00offsetJ@B\x0f\x00sb"
+    _rewrite_pickle(path, lambda p: p.replace(b"R.", b"R" + evil + b".", 1) if p.endswith(b"R.") else
+                    p[:-2] + evil + p[-2:])
+    with pytest.raises(WeightsError, match=r"tries to change a tensor or storage record after building it"):
+        TorchBinFile(path)
+
+
+def test_one_storage_declared_twice_differently_is_refused(tmp_path):
+    """Two tensors naming storage '0' with different element types would defeat the size check of the second."""
+    path = tmp_path / "d.bin"
+    torch.save({"a": torch.ones(10), "b": torch.ones(10, dtype=torch.float64)}, path)
+    # make the float64 tensor claim storage '0' (the float32 one's, 40 bytes) instead of its own '1'
+    _rewrite_pickle(path, lambda p: p.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000", 1))
+    with pytest.raises(WeightsError, match=r"declares storage '0' as 10 x (Double|Float)Storage, another tensor as "
+                                           r"10 x (Float|Double)Storage"):
+        TorchBinFile(path)
+
+
 def test_legacy_format_bit_for_bit(tmp_path):
     """torch's legacy (pre-1.6) format: pickles then raw storages, read the same way, every tensor equal."""
     zoo = _tensor_zoo()
