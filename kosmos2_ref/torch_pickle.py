@@ -159,7 +159,9 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-# (module, name) -> what it resolves to. Nothing else can be named by the pickle.
+# (module, name) -> what it resolves to. Nothing else can be named by the pickle. Not here on purpose:
+# torch.storage._load_from_bytes, which plain pickle.dumps(tensor) writes (torch.save never does): it calls torch.load
+# on bytes inside the pickle, and so would need all of this again, recursively, for no checkpoint that exists.
 ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,     # the state dict itself, and empty hook dicts
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,  # every tensor
