@@ -5,6 +5,7 @@
     kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
     kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
     kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
+    kosmos2-ref convert SRC DST [--dtype bfloat16]      any loadable checkpoint (.bin too) -> a safetensors folder
     kosmos2-ref serve [--host H] [--port P]             a local web page for all of these (docs/web.md)
 
 Global options (before or after the command): ``--model PATH_OR_ID`` (default ``$KOSMOS2_REF_MODEL``, else
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "with arrays image_embeds, pooled and names")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
     _global_options(p, suppress=True)
+
+    p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
+                                       "loads (safetensors or pytorch_model.bin, a folder or a Hub id)")
+    p.add_argument("src", help="checkpoint folder or Hugging Face id")
+    p.add_argument("dst", help="the new folder to write (must not exist; it appears only when complete)")
+    p.add_argument("--dtype", dest="convert_dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="convert every tensor to this dtype (default: keep each as stored)")
 
     p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
                                     "available, else a small random-weight model, clearly labelled)")
@@ -497,8 +505,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, args.convert_dtype)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    print(f"wrote {dst} ({size / 1e6:.1f} MB): {', '.join(sorted(f.name for f in dst.iterdir()))}")
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
-            "demo": cmd_demo, "serve": cmd_serve}
+            "demo": cmd_demo, "serve": cmd_serve, "convert": cmd_convert}
 
 
 class Terminated(BaseException):

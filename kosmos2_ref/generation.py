@@ -88,7 +88,8 @@ def checkpoint_generation_defaults(model) -> dict:
     ``no_repeat_ngram_size = 3``, as the original demo used; transformers 5.x drops them, 4.x honoured them), then
     ``generation_config.json``, which wins where both set a key. ``max_length`` is read from
     ``generation_config.json`` only: a ``max_length: 20`` in an old ``text_config`` is a serialised default, which
-    no image prompt (≥ 67 tokens) fits.
+    no image prompt (≥ 67 tokens) fits (one in generation_config.json that leaves no room is replaced by the
+    default 20 new tokens, with a warning: :func:`_new_tokens_from_max_length`).
     """
     tc = model.config.text_config
     d = {"eos_token_id": tc.eos_token_id, "pad_token_id": tc.pad_token_id}
@@ -118,6 +119,26 @@ def setting_source(model, name: str) -> str | None:
     if tc.extra.get(name) is not None or name in ("eos_token_id", "pad_token_id"):
         return where("config.json") + " (its text_config)"
     return None
+
+
+def _new_tokens_from_max_length(max_length, prompt_length: int) -> int:
+    """New tokens for a checkpoint's ``max_length``: a total length, the prompt included, as in transformers.
+
+    Old checkpoints serialise the default ``max_length: 20``, which no image prompt (>= 67 tokens) fits. transformers
+    5.23 generates Kosmos-2 through its text model, whose generation config never reads generation_config.json, so
+    on such a checkpoint it generates its default 20 new tokens (and warns about relying on a default). We do the
+    same, with a warning that says why; a ``max_length`` that leaves room is honoured as a total.
+    """
+    if not is_int(max_length) or max_length < 1:
+        raise ValueError(f"generation_config.json sets max_length={max_length!r}: expected a positive integer (the "
+                         f"total length, prompt included)")
+    if max_length > prompt_length:
+        return max_length - prompt_length
+    warnings.warn(f"generation_config.json sets max_length={max_length}, a total length that leaves no room after "
+                  f"the {prompt_length}-token prompt; generating transformers' default {DEFAULT_MAX_NEW_TOKENS} new "
+                  f"tokens instead, as transformers does on this checkpoint. Pass max_new_tokens to choose",
+                  UserWarning, stacklevel=6)
+    return DEFAULT_MAX_NEW_TOKENS
 
 
 def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSettings:
@@ -150,11 +171,7 @@ def _resolve_settings(model, prompt_length: int, explicit: dict, picked: list) -
     vocab = model.config.text_config.vocab_size
     max_new = pick("max_new_tokens")
     if max_new is None and "max_length" in ckpt:          # generation_config.json's total length
-        ml = ckpt["max_length"]
-        if not is_int(ml) or ml - prompt_length < 1:
-            raise ValueError(f"generation_config.json sets max_length={ml!r}, which leaves no room after the "
-                             f"{prompt_length}-token prompt; pass max_new_tokens")
-        max_new = ml - prompt_length
+        max_new = _new_tokens_from_max_length(ckpt["max_length"], prompt_length)
     if max_new is None:
         max_new = DEFAULT_MAX_NEW_TOKENS
     if not is_int(max_new) or max_new < 1:

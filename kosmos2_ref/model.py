@@ -127,7 +127,7 @@ class Kosmos2:
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str | Backend | None = None, dtype: str = "float32",
                         **hub_kwargs) -> "Kosmos2":
-        """Load ``config.json`` + ``model.safetensors`` (or shards) from a folder or a Hub id found locally.
+        """Load ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (or shards) from a folder or a Hub id.
 
         ``backend`` is ``"numpy"`` (default) or ``"cupy"``, overridable with ``$KOSMOS2_BACKEND`` when not given;
         ``dtype`` is the storage dtype of the weight matrices (``"float32"``, ``"float16"``, ``"bfloat16"``);

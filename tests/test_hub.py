@@ -401,3 +401,111 @@ def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch,
     msg = str(info.value)
     _one_sentence(msg)
     assert msg.startswith(repr(TYPO)) and expect in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------- .bin, processor only
+
+@pytest.fixture(scope="module")
+def bin_only_folder(tiny_checkpoint, tmp_path_factory):
+    """The tiny model as transformers 4.x saved it without safetensors: config.json + pytorch_model.bin."""
+    import fixtures_model as fm
+
+    folder = fm.save_bin_checkpoint(tiny_checkpoint[1], tmp_path_factory.mktemp("bin_only"))
+    assert not list(folder.glob("*.safetensors*"))
+    return folder
+
+
+def test_bin_only_snapshot_is_found_in_the_cache_when_online(bin_only_folder, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """The cache's .bin-only snapshot is complete: it loads, online, without trying to download."""
+    import fixtures_model as fm
+
+    cache = tmp_path / "hf"
+    snap = make_snapshot(cache, bin_only_folder, "b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("must not download"))
+    assert resolve_checkpoint(REPO) == snap
+    model = Kosmos2.from_pretrained(REPO)
+    ref = Kosmos2.from_pretrained(tiny_checkpoint[0])
+    emb = np.random.default_rng(0).standard_normal((1, 64, 32)).astype(np.float32)
+    ids, img = fm.image_prompt_ids([712, 1648], 64)
+    kw = dict(input_ids=np.array([ids]), image_embeds_position_mask=np.array([img]), image_embeds=emb)
+    assert np.array_equal(model(**kw).logits, ref(**kw).logits)
+
+
+def test_processor_only_cache_loads_the_processor(tiny_checkpoint, tmp_path, monkeypatch):
+    """A snapshot with the tokenizer and image files but no weights: the processor loads from it (the model does
+    not, and says which files are missing)."""
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder, _ = tiny_checkpoint
+    cache = tmp_path / "hf"
+    processor_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "preprocessor_config.json"]
+    make_snapshot(cache, folder, "c" * 40, files=processor_files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = Kosmos2Processor.from_pretrained(REPO)
+    ref = Kosmos2Processor.from_pretrained(folder)
+    a, b = ours(text="<grounding> An image of"), ref(text="<grounding> An image of")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointNotFoundError, match=r"without config\.json, model\.safetensors \(or "
+                                                      r"pytorch_model\.bin\)"):
+        Kosmos2.from_pretrained(REPO)
+
+
+def test_weights_only_cache_does_not_satisfy_the_processor(tiny_checkpoint, tmp_path, monkeypatch):
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    cache = tmp_path / "hf"
+    make_snapshot(cache, tiny_checkpoint[0], "d" * 40, files=["config.json", "model.safetensors"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotFoundError, match=r"without tokenizer\.json \(or sentencepiece\.bpe\.model\), "
+                                                      r"preprocessor_config\.json"):
+        Kosmos2Processor.from_pretrained(REPO)
+
+
+class PatternHub(FakeHub):
+    """A fake snapshot_download that, like the real one, fetches only the files its allow_patterns match."""
+
+    def snapshot_download(self, repo_id, **kwargs):
+        import fnmatch
+
+        self.calls.append((repo_id, kwargs))
+        files = [f.name for f in self.source.iterdir() if any(fnmatch.fnmatch(f.name, p)
+                                                              for p in kwargs["allow_patterns"])]
+        return str(make_snapshot(Path(kwargs["cache_dir"]), self.source, "f" * 40, repo=repo_id, files=files))
+
+
+def test_download_fetches_the_bin_only_when_there_is_no_safetensors(bin_only_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(bin_only_folder)
+    _install_fake(monkeypatch, fake)
+    got = resolve_checkpoint(REPO)
+    assert (got / "pytorch_model.bin").is_file()
+    (_, first), (_, second) = fake.calls
+    assert not any(p.endswith(".bin") for p in first["allow_patterns"])
+    assert second["allow_patterns"] == hub.BIN_PATTERNS
+
+
+def test_download_with_safetensors_never_fetches_the_bin(tiny_checkpoint, bin_only_folder, tmp_path, monkeypatch):
+    both = tmp_path / "both"
+    shutil.copytree(tiny_checkpoint[0], both)
+    shutil.copy(bin_only_folder / "pytorch_model.bin", both)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(both)
+    _install_fake(monkeypatch, fake)
+    got = resolve_checkpoint(REPO)
+    assert len(fake.calls) == 1 and not (got / "pytorch_model.bin").exists()
+
+
+def test_processor_download_fetches_processor_files_only(tiny_checkpoint, tmp_path, monkeypatch):
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(tiny_checkpoint[0])
+    _install_fake(monkeypatch, fake)
+    Kosmos2Processor.from_pretrained(REPO)
+    (_, kwargs), = fake.calls
+    assert kwargs["allow_patterns"] == hub.PROCESSOR_PATTERNS

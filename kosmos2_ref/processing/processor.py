@@ -85,7 +85,7 @@ class Kosmos2Processor:
         name = folder
         folder = Path(folder)
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
-            folder = resolve_checkpoint(name)
+            folder = resolve_checkpoint(name, need="processor")     # weights not needed
         if not folder.is_dir():
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
