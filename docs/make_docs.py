@@ -339,7 +339,7 @@ def measure_parity() -> str:
             same(f"generate, {label}: token ids", a.shape == b.shape and np.array_equal(a, b),
                  f"`{_fmt_shape(a.shape)}`")
 
-        # left padding: a padded row against the same row alone (spec §7.3)
+        # left padding: a padded row against the same row alone (docs/numerics.md §7.3)
         texts = ["<grounding> An image of", "<grounding> Describe this image in detail:"]
         batch = proc(text=texts, images=[image, image], padding_side="left")
         alone = proc(text=texts[0], images=image)
@@ -413,7 +413,8 @@ API = [
     ("Checkpoints", [
         "kosmos2_ref.hub.resolve_checkpoint", "kosmos2_ref.hub.find_in_cache", "kosmos2_ref.hub.download",
         "kosmos2_ref.demo.demo_checkpoint", "kosmos2_ref.demo.build_demo_checkpoint",
-        "kosmos2_ref.weights.load_flat", "kosmos2_ref.weights.expected_shapes",
+        "kosmos2_ref.weights.load_flat", "kosmos2_ref.weights.plan_weights", "kosmos2_ref.weights.expected_shapes",
+        "kosmos2_ref.torch_pickle.TorchBinFile", "kosmos2_ref.convert.convert_checkpoint",
     ]),
     ("Backends and the cache", [
         "kosmos2_ref.get_backend", "kosmos2_ref.to_numpy", "kosmos2_ref.backend.cupy_available",

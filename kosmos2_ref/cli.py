@@ -6,6 +6,8 @@
     kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
     kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
     kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
+    kosmos2-ref convert SRC DST [--dtype bfloat16]      any loadable checkpoint (.bin too) -> a safetensors folder
+    kosmos2-ref serve [--host H] [--port P]             a local web page for all of these (docs/web.md)
 
 Global options (before or after the command): ``--model PATH_OR_ID`` (default ``$KOSMOS2_REF_MODEL``, else
 ``microsoft/kosmos-2-patch14-224``, found in the Hugging Face cache or downloaded; ``mini`` is the packaged
@@ -18,9 +20,12 @@ Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 PROG = "kosmos2-ref"
@@ -102,10 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
     _global_options(p, suppress=True)
 
+    p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
+                                       "loads (safetensors or pytorch_model.bin, a folder or a Hub id)")
+    p.add_argument("src", help="checkpoint folder or Hugging Face id")
+    p.add_argument("dst", help="the new folder to write (must not exist; it appears only when complete)")
+    p.add_argument("--dtype", dest="convert_dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="convert every tensor to this dtype (default: keep each as stored)")
+
     p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
                                     "available; else the miniature, trained on synthetic shapes, captions a "
                                     "generated scene)")
     p.add_argument("--image", default=None, help="caption this image instead of the packaged one")
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("serve", help="a local web page and JSON API: caption, ground, describe a drawn box, the "
+                                     "connector's attention (docs/web.md)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                   help="largest image upload accepted (default 10)")
+    p.add_argument("--queue", type=int, default=4, metavar="N",
+                   help="requests that may wait for the model; more get 503 (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     _global_options(p, suppress=True)
     return parser
 
@@ -332,8 +356,8 @@ def _save_outputs(option: str, value: str, outputs) -> None:
     try:
         for current, write in outputs:
             tmp = current.with_name(f".{current.name}.partial")
+            staged.append((tmp, current))           # before the file exists: a signal after open leaves none
             with open(tmp, "wb") as f:
-                staged.append((tmp, current))
                 write(f)
         for tmp, current in staged[:-1]:            # the last one moved needs no way back
             if current.is_file():
@@ -474,14 +498,82 @@ def _scene_dict(scene) -> dict:
             "objects": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in scene.objects]}
 
 
+def cmd_serve(args) -> int:
+    from .demo import demo_checkpoint, is_demo_checkpoint
+    from .hub import CheckpointNotFoundError, resolve_checkpoint
+    from .server import serve
+    from .service import DEFAULT_MAX_NEW_TOKENS, ModelService
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be from 0 to 65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise CLIError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.queue < 0:
+        raise CLIError(f"--queue must be 0 or more, got {args.queue}")
+    explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
+    if explicit:
+        model = _load_model(args, explicit)
+    else:                               # as `demo` does: the real weights, else a labelled random model
+        try:
+            folder = resolve_checkpoint(_default_model())
+        except CheckpointNotFoundError as exc:
+            print(f"{PROG}: real weights unavailable ({_one_line(exc)}); serving a small RANDOM-weight model "
+                  f"instead (its captions are noise; pass --model to choose one)", file=sys.stderr)
+            folder = demo_checkpoint()
+        model = _load_model(args, str(folder))
+    service = ModelService(model, random_weights=is_demo_checkpoint(getattr(model, "folder", None)),
+                           max_waiting=args.queue, default_max_new_tokens=_max_new(args, DEFAULT_MAX_NEW_TOKENS))
+    try:
+        serve(service, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.quiet)
+    except OSError as exc:              # the port is taken, the address is not this machine's, ...
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or _one_line(exc)}") from exc
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, args.convert_dtype)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    print(f"wrote {dst} ({size / 1e6:.1f} MB): {', '.join(sorted(f.name for f in dst.iterdir()))}")
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "serve": cmd_serve, "convert": cmd_convert}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. Raised in the main thread so that cleanup runs as for Ctrl-C (a half-written output's
+    temporary file is removed), where the default action would end the process at once and leave it behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (main thread only; the old handler is put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0, or 2 for an error reported in one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -495,6 +587,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143                      # 128 + SIGTERM, as a shell reports a command ended by it
     except BrokenPipeError:             # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so Python's final flush of stdout does not fail again

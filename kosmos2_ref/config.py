@@ -1,6 +1,6 @@
 """Model configuration, read from a Hugging Face ``config.json``.
 
-Mirrors ``transformers/models/kosmos2/configuration_kosmos2.py`` (spec §1). Defaults equal
+Mirrors ``transformers/models/kosmos2/configuration_kosmos2.py`` (docs/numerics.md §2). Defaults equal
 ``microsoft/kosmos-2-patch14-224``. Keys we do not model are kept in ``extra`` (not fatal), so generation keys
 such as ``text_config.no_repeat_ngram_size`` stay available to :mod:`kosmos2_ref.generation`.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import is_int, is_real
+from .files import file_present, read_text
 
 
 class ConfigError(ValueError):
@@ -80,7 +81,7 @@ def _check_token_id(v, name, vocab_size, where, optional: bool):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The CLIP ViT-L/14 tower (spec §1.2)."""
+    """The CLIP ViT-L/14 tower (docs/numerics.md §2)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -118,7 +119,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The 24-layer causal decoder (spec §1.1)."""
+    """The 24-layer causal decoder (docs/numerics.md §2)."""
 
     vocab_size: int = 65037
     max_position_embeddings: int = 2048
@@ -146,7 +147,8 @@ class TextConfig:
             raise ConfigError(f"text_config.activation_function={self.activation_function!r}: expected 'gelu'")
         _check_eps(self, "text_config")
         _check_flags(self, ["scale_embedding", "use_cache", "tie_word_embeddings"], "text_config")
-        # pad_token_id is also the padding index of the sinusoidal positions, so it must be a real id (spec §5.2)
+        # pad_token_id is also the padding index of the sinusoidal positions, so it must be a real id
+        # (docs/numerics.md §6.2)
         _check_token_id(self.pad_token_id, "pad_token_id", self.vocab_size, "text_config", optional=False)
         _check_token_id(self.bos_token_id, "bos_token_id", self.vocab_size, "text_config", optional=True)
         several = isinstance(self.eos_token_id, list)                  # generation accepts one id or a list
@@ -170,7 +172,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class Kosmos2Config:
-    """The whole model: text decoder, vision tower and the 64 latent queries of the connector (spec §1.3)."""
+    """The whole model: text decoder, vision tower and the 64 latent queries of the connector
+    (docs/numerics.md §2)."""
 
     text_config: TextConfig = field(default_factory=TextConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)
@@ -194,11 +197,17 @@ class Kosmos2Config:
     def from_json(cls, path: str | Path) -> "Kosmos2Config":
         """Read a ``config.json`` file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if not file_present(path):
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            text = read_text(path)
+        except ConfigError:
+            raise
+        except ValueError as exc:              # a broken link, not a file, unreadable, not UTF-8
+            raise ConfigError(f"config file {exc}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
         try:
             return cls.from_dict(d)

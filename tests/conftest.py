@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -42,10 +43,13 @@ def tiny_odd_checkpoint(tmp_path_factory):
 def full_checkpoint(tmp_path_factory):
     """(folder, hf_model) for the full default config (1.66 B parameters, 6.66 GB in float32) with random weights.
 
-    Built once per session; about 14 GB peak with our memory-mapped copy beside torch's.
+    Built once per session; about 14 GB peak with our memory-mapped copy beside torch's. The 6.7 GB folder is
+    deleted when the session ends (pytest keeps its last temp folders, which would otherwise pile up).
     """
     folder = tmp_path_factory.mktemp("full_ckpt")
     model = fm.build_hf_model(fm.FULL, seed=2024)
     fm.save_checkpoint(model, folder)
     _with_tokenizer(folder)
-    return folder, model
+    yield folder, model
+    del model
+    shutil.rmtree(folder, ignore_errors=True)

@@ -9,9 +9,8 @@ import pytest
 
 from kosmos2_ref import draw
 
-from fixtures_tokenizer import SHARED_DATA
+from fixtures_tokenizer import IMAGES
 
-IMAGES = SHARED_DATA / "images"
 
 
 def grey(w=400, h=300):

@@ -14,9 +14,8 @@ import pytest
 from kosmos2_ref import Kosmos2, tasks
 from kosmos2_ref.processing import Kosmos2Processor
 
-from fixtures_tokenizer import SHARED_DATA
+from fixtures_tokenizer import IMAGES
 
-IMAGES = SHARED_DATA / "images"
 DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
 SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
 

@@ -4,7 +4,8 @@ Mirrors transformers 5.23 ``models/kosmos2/processing_kosmos2.py`` (``_check_bbo
 ``_insert_patch_index_tokens``, ``coordinate_to_patch_index``, ``patch_index_to_coordinate``,
 ``extract_entities_with_patch_indices``, ``adjust_entity_positions``, ``_cleanup_spaces``,
 ``clean_text_and_extract_entities_with_bboxes``), which in turn follows the original demo's
-``kosmos-2/demo/decode_string.py`` (microsoft/unilm). Spec §10.3 (boxes → tokens) and §11 (post-processing).
+``kosmos-2/demo/decode_string.py`` (microsoft/unilm). docs/numerics.md §10.3 (boxes → tokens) and §11
+(post-processing).
 
 The image is a grid of n × n cells (n = 32 for 1024 patch tokens); cell k is row k // n, column k % n. A box is
 named by the cells of its upper-left and lower-right corners.
@@ -12,6 +13,8 @@ named by the cells of its upper-left and lower-right corners.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import numbers
 import re
@@ -32,9 +35,8 @@ from .text import (
 Box = tuple  # (x1, y1, x2, y2) normalised floats, or (upper_left, lower_right) patch indices
 Entity = tuple  # (name, (start, end), [(x1, y1, x2, y2), ...])
 
-# Any tag: a "<", the fewest characters other than a newline, then ">" (Python's "." stops at "\n"; kept as is so
-# spans agree with transformers on every string).
-_TAG = re.compile(r"<.*?>")
+# Tags are what transformers removes with re.sub("<.*?>", "", text): a "<", the fewest characters other than a
+# newline, then ">". tag_spans finds the same ones in linear time (the regex is quadratic in unmatched "<").
 _PHRASE_SPAN = re.compile(r"<phrase>.+?</phrase>")
 _PATCH = r"<patch_index_\d+>"
 _PAIR = _PATCH + _PATCH
@@ -58,7 +60,7 @@ def _is_float(x) -> bool:
 
 
 def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) -> tuple[int, int]:
-    """(x1, y1, x2, y2) normalised to [0, 1] → (upper-left cell, lower-right cell) (spec §10.3).
+    """(x1, y1, x2, y2) normalised to [0, 1] → (upper-left cell, lower-right cell) (docs/numerics.md §10.3).
 
     ul = floor(y1·n)·n + floor(x1·n); lr = ceil(y2·n − 1)·n + ceil(x2·n − 1) (coordinate_to_patch_index).
     Raises ValueError unless x2 > x1, y2 > y1 and all four lie in [0, 1].
@@ -79,7 +81,8 @@ def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) 
 
 
 def patch_indices_to_box(upper_left: int, lower_right: int, num_patches_per_side: int = 32) -> tuple[float, ...]:
-    """(upper-left cell, lower-right cell) → normalised (x1, y1, x2, y2) (patch_index_to_coordinate, spec §11.4).
+    """(upper-left cell, lower-right cell) → normalised (x1, y1, x2, y2) (patch_index_to_coordinate,
+    docs/numerics.md §11.4).
 
     A box spanning one row, one column or one cell uses the outer cell edges; any other box joins the cell
     centres. Never raises: indices beyond the grid give coordinates beyond [0, 1], as in transformers.
@@ -129,7 +132,7 @@ def check_bboxes_for_single_text(
     bboxes, where: str = "", num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS
 ) -> None:
     """Validate the boxes of one text: None, or a list with one entry per ``<phrase>…</phrase>``, each entry None,
-    a box tuple, or a list of box tuples (a ``None`` inside such a list is an error). Spec §10.3."""
+    a box tuple, or a list of box tuples (a ``None`` inside such a list is an error). docs/numerics.md §10.3."""
     if bboxes is None:
         return
     if not isinstance(bboxes, list):
@@ -158,7 +161,7 @@ def _box_tokens(box: tuple, num_patch_index_tokens: int) -> str:
 
 
 def insert_patch_index_tokens(text: str, bboxes, num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> str:
-    """Append ``<object> A B </object>`` after each ``<phrase>…</phrase>`` of ``text`` (spec §10.3).
+    """Append ``<object> A B </object>`` after each ``<phrase>…</phrase>`` of ``text`` (docs/numerics.md §10.3).
 
     Several boxes for one phrase are joined by ``</delimiter_of_multi_objects/>``; a phrase whose entry is None or
     [] gets nothing. The spaces between the tokens are absorbed by the tags' lstrip when tokenising.
@@ -187,13 +190,39 @@ def insert_patch_index_tokens(text: str, bboxes, num_patch_index_tokens: int = N
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
+def tag_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) of every tag of ``text``: the matches of ``re.finditer("<.*?>", text)``, in one pass.
+
+    The regex, at a "<", takes the first ">" after it unless a newline comes first. If a newline (or the end)
+    does come first, every "<" before that newline fails the same way, so the scan jumps past the newline; the
+    regex instead retries at each of them, which makes "x<" * n cost n² steps.
+    """
+    spans, i = [], text.find("<")
+    while i != -1:
+        close, newline = text.find(">", i), text.find("\n", i)
+        if close != -1 and (newline == -1 or close < newline):
+            spans.append((i, close + 1))
+            i = text.find("<", close + 1)
+        elif newline != -1:
+            i = text.find("<", newline + 1)
+        else:
+            break
+    return spans
+
+
 def strip_tags(text: str) -> str:
-    """Remove every ``<…>`` (non-greedy, not across newlines)."""
-    return _TAG.sub("", text)
+    """Remove every ``<…>`` (non-greedy, not across newlines), as ``re.sub("<.*?>", "", text)`` does."""
+    pieces, position = [], 0
+    for start, end in tag_spans(text):
+        pieces.append(text[position:start])
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 def extract_entities_with_patch_indices(text: str) -> list[Entity]:
-    """Entities of ``text`` with their boxes as (ul, lr) index pairs and spans in the raw ``text`` (spec §11.1).
+    """Entities of ``text`` with their boxes as (ul, lr) index pairs and spans in the raw ``text``
+    (docs/numerics.md §11.1).
 
     With a phrase: (phrase, span of the phrase, [pairs]). Without: one entity per pair, named
     ``<patch_index_{a}><patch_index_{b}>`` with unpadded integers and the empty span at ``<object>``.
@@ -212,13 +241,26 @@ def extract_entities_with_patch_indices(text: str) -> list[Entity]:
     return entities
 
 
-def _position_without_tags(text: str, index: int) -> int:
-    """Where ``index`` of ``text`` lands once the tags are removed: len(strip_tags(text[:index])) (spec §11.2)."""
-    return len(strip_tags(text[:index]))
+class _PositionsWithoutTags:
+    """Where an index of ``text`` lands once the tags are removed: ``len(strip_tags(text[:index]))``
+    (docs/numerics.md §11.2), for many indices without stripping each prefix (which is quadratic in the number of entities).
+
+    The tags of a prefix are the tags of ``text`` that end inside it (the scan is the same up to there, and a tag
+    cut by the prefix end has lost its ">"), so the answer is ``index`` less the length of those tags.
+    """
+
+    def __init__(self, text: str):
+        spans = tag_spans(text)
+        self.ends = [end for _, end in spans]
+        self.removed = [0] + list(itertools.accumulate(end - start for start, end in spans))   # before tag k
+
+    def __call__(self, index: int) -> int:
+        return index - self.removed[bisect.bisect_right(self.ends, index)]
 
 
 def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
-    """Strip the caption, shift spans by its leading whitespace, and trim each name with its span (spec §11.3)."""
+    """Strip the caption, shift spans by its leading whitespace, and trim each name with its span
+    (docs/numerics.md §11.3)."""
     leading = len(text) - len(text.lstrip())
     cleaned = []
     for name, (start, end), boxes in entities:
@@ -232,19 +274,23 @@ def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity
 def clean_text_and_extract_entities_with_bboxes(text: str, num_patches_per_side: int = 32):
     """(caption without tags, [(name, (start, end), [(x1, y1, x2, y2), …]), …]) for the text after ``</image>``.
 
-    Spans index the returned caption (spec §11, checked example there). Never raises.
+    Spans index the returned caption (docs/numerics.md §11, worked example in §11.4). Never raises. A box naming a cell
+    outside the n × n grid (``<patch_index_9999>``) is left out, and so is an entity left without boxes:
+    transformers turns it into a box outside the image (docs/parity.md).
     """
     entities = []
+    position_without_tags = _PositionsWithoutTags(text)
+    cells = num_patches_per_side * num_patches_per_side
     for name, (start, end), pairs in extract_entities_with_patch_indices(text):
-        span = (_position_without_tags(text, start), _position_without_tags(text, end))
-        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs]
-        entities.append((name, span, boxes))
+        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs if a < cells and b < cells]
+        if boxes:
+            entities.append((name, (position_without_tags(start), position_without_tags(end)), boxes))
     return _cleanup_spaces(strip_tags(text), entities)
 
 
 def post_process_generation(text: str, cleanup_and_extract: bool = True, num_patches_per_side: int = 32):
     """The caption after the last ``</image>``; with ``cleanup_and_extract`` also cleaned and its entities
-    (Kosmos2Processor.post_process_generation, spec §11)."""
+    (Kosmos2Processor.post_process_generation, docs/numerics.md §11)."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     if not isinstance(cleanup_and_extract, bool):          # the string "false" would count as True

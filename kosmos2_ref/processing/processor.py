@@ -1,8 +1,8 @@
 """``Kosmos2Processor``: text, images and boxes → model inputs; generated ids → caption and entities.
 
 Mirrors transformers 5.23 ``models/kosmos2/processing_kosmos2.py`` (``Kosmos2Processor.__call__``,
-``preprocess_examples``, ``post_process_generation``, ``post_process_image_text_to_text``). Spec §10 (prompt
-layout, batching, boxes) and §11 (post-processing).
+``preprocess_examples``, ``post_process_generation``, ``post_process_image_text_to_text``). docs/numerics.md
+§10 (prompt layout, batching, boxes) and §11 (post-processing).
 
 With an image, each text becomes ``<s> <image> [64 image slots] </image> text``: the 64 slots are tokenised as
 ``<image>`` and then overwritten with the ids ``first_image_token_id … +63`` (4…67 by default), and
@@ -19,6 +19,7 @@ import numpy as np
 
 from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
+from ..files import file_present
 from ._files import read_json_object
 from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
@@ -84,13 +85,13 @@ class Kosmos2Processor:
         name = folder
         folder = Path(folder) if name != MINI_MODEL else MINI_FOLDER
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
-            folder = resolve_checkpoint(name)
+            folder = resolve_checkpoint(name, need="processor")     # weights not needed
         if not folder.is_dir():
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
-        if (folder / "processor_config.json").is_file():
+        if file_present(folder / "processor_config.json"):
             processor_config = read_json_object(folder / "processor_config.json")
-        if (folder / "preprocessor_config.json").is_file():
+        if file_present(folder / "preprocessor_config.json"):
             image_config = ImageProcessorConfig.from_json_file(folder / "preprocessor_config.json")
         elif isinstance(processor_config.get("image_processor"), dict):
             source = f"{str(folder / 'processor_config.json')!r} (its 'image_processor' entry)"
@@ -110,7 +111,7 @@ class Kosmos2Processor:
     @classmethod
     def default(cls, padding_side: str = "right", **tokenizer_kwargs) -> "Kosmos2Processor":
         """The Kosmos-2 processor without a checkpoint folder: the real tokenizer from the SentencePiece model
-        shipped in ``kosmos2_ref/assets`` and the spec §12.1 image settings."""
+        shipped in ``kosmos2_ref/assets`` and the image settings of docs/numerics.md §12.1."""
         tokenizer = default_tokenizer(padding_side=padding_side, **tokenizer_kwargs)
         return cls(tokenizer, ImageProcessorConfig())
 
@@ -315,7 +316,8 @@ class Kosmos2Processor:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
 
     def post_process_generation(self, text: str, cleanup_and_extract: bool = True):
-        """Caption after ``</image>``; with ``cleanup_and_extract``: (clean caption, entities) (spec §11).
+        """Caption after ``</image>``; with ``cleanup_and_extract``: (clean caption, entities)
+        (docs/numerics.md §11).
 
         Boxes are decoded on the 32 × 32 grid whatever ``num_patch_index_tokens`` is, as transformers 5.23 does
         (its post_process_generation never passes the grid size on); only 1024 patch tokens exist in practice.
