@@ -170,8 +170,8 @@ def _draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: Box, side: int, 
 def render(scene: Scene) -> PIL.Image.Image:
     """The scene as an RGB image of ``scene.image_size`` pixels square.
 
-    The shapes are drawn an integer factor larger (at least ``DRAW_SIDE`` pixels) (colour, and coverage in a mask) and box-reduced, then laid
-    on the ground by their coverage: edges are smooth at any size.
+    The shapes are drawn an integer factor larger (at least ``DRAW_SIDE`` pixels; colour, and coverage in a
+    mask), box-reduced, then laid on the ground by their coverage: edges are smooth at any size.
     """
     s = scene.image_size
     big = s * max(1, -(-DRAW_SIDE // s))

@@ -135,8 +135,9 @@ def best_fixed_box(n_train: int = 2000, step: float = 1 / 16) -> tuple[tuple, fl
                       for y1 in edges for y2 in edges if y2 > y1])                            # [K, 4]
     best, best_rate = None, -1.0
     for chunk in np.array_split(cands, max(1, len(cands) // 2000)):
-        iw = np.clip(np.minimum(chunk[:, None, 2], truth[None, :, 2]) - np.maximum(chunk[:, None, 0], truth[None, :, 0]), 0, None)
-        ih = np.clip(np.minimum(chunk[:, None, 3], truth[None, :, 3]) - np.maximum(chunk[:, None, 1], truth[None, :, 1]), 0, None)
+        c, t = chunk[:, None, :], truth[None, :, :]                                           # [k, 1, 4], [1, M, 4]
+        iw = np.clip(np.minimum(c[..., 2], t[..., 2]) - np.maximum(c[..., 0], t[..., 0]), 0, None)   # [k, M]
+        ih = np.clip(np.minimum(c[..., 3], t[..., 3]) - np.maximum(c[..., 1], t[..., 1]), 0, None)
         inter = iw * ih
         area_c = (chunk[:, 2] - chunk[:, 0]) * (chunk[:, 3] - chunk[:, 1])
         area_t = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])

@@ -3,8 +3,8 @@
     python training/export_mini.py training/runs/main/ckpt.pt kosmos2_ref/assets/mini
 
 Writes ``config.json`` and ``model.safetensors`` with transformers' ``save_pretrained`` (weights stored as
-float16 when every weight fits its range, else float32; config dtype float32: both loaders compute in float32), ``generation_config.json``, and ``mini.json`` (what it is, how it
-was trained). The auxiliary heads of training are not part of the model and are dropped. The tokenizer and
+float16 when every weight fits its range, else float32; config dtype float32: both loaders compute in float32),
+``generation_config.json``, and ``mini.json`` (what it is, how it was trained). The auxiliary heads of training are not part of the model and are dropped. The tokenizer and
 image-processor files already in the folder (``make_mini_tokenizer.py``) are kept.
 """
 from __future__ import annotations

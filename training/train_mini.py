@@ -4,7 +4,11 @@ The model is transformers' own ``Kosmos2ForConditionalGeneration`` at a small si
 transformers' ``AutoProcessor`` from the miniature's tokenizer files, exactly as inference makes them; the loss is
 ours, on its logits. See docs/miniature.md for the recipe and why.
 
-    python training/train_mini.py --run training/runs/main --minutes 100        # resumes if the run exists
+    python training/train_mini.py --run training/runs/v5 --minutes 46 --schedule-minutes 46 --warmup 60 \
+        --curriculum 600 --phases 300 --pos-scale 1.0 --slot-loc-scale 0.5      # the shipped run; resumes it
+
+The learning-rate cosine runs over ``--schedule-minutes`` of training time rather than a step count: on a
+shared machine the steps per minute vary threefold.
 
 Every step draws fresh scenes from seeds ``step * batch + i`` (training seeds stay below EVAL_SEED_BASE), so a
 resumed run sees exactly the data it would have seen. A checkpoint (model, optimizer, auxiliary head, step) is
@@ -223,8 +227,11 @@ def max_objects_at(step: int, curriculum: int, phases: int = 0) -> int:
     return 3 if step < 2 * curriculum else 4
 
 
-def task_weights(step: int, curriculum: int) -> list[float]:
-    """(caption, ground, describe) shares: referring first, captions grow in."""
+def task_weights(step: int, curriculum: int, override: str = "") -> list[float]:
+    """(caption, ground, describe) shares: referring first, captions grow in; ``override`` "c,g,d" fixes them."""
+    if override:
+        shares = [float(v) for v in override.split(",")]
+        return [v / sum(shares) for v in shares]
     return [0.15, 0.7, 0.15] if step < curriculum else [0.45, 0.35, 0.2]
 
 
@@ -234,7 +241,7 @@ def example(seed: int, step: int, args) -> tuple[world.Scene, str, str]:
     n = int(rng.integers(1, max_objects_at(step, args.curriculum, args.phases) + 1))
     size = int(rng.choice([112, 112, 224]))
     scene = world.make_scene(seed, num_objects=n, image_size=size)
-    task = rng.choice(3, p=task_weights(step, args.curriculum))
+    task = rng.choice(3, p=task_weights(step, args.curriculum, args.task_weights))
     if task == 0:
         return scene, "<grounding> An image of", world.caption_text(scene)
     if task == 1:
@@ -471,6 +478,7 @@ def main(argv=None) -> None:
     p.add_argument("--image-steps", type=int, default=0,
                    help="stage 0: this many first steps train only the vision tower, connector and aux heads")
     p.add_argument("--image-batch", type=int, default=32)
+    p.add_argument("--task-weights", default="", help='"c,g,d": fixed caption/ground/describe shares')
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=96)
     p.add_argument("--save-every", type=float, default=180.0, help="seconds between checkpoints")
@@ -544,7 +552,8 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        for k, v in {"loss": lm.item(), "aux_cls": float(aux_cls), "aux_box": float(aux_box), **parts}.items():
+        scalars = {"loss": lm.item(), "aux_cls": float(aux_cls.detach()), "aux_box": float(aux_box.detach())}
+        for k, v in {**scalars, **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
         elapsed = base_elapsed + time.time() - start
