@@ -386,8 +386,9 @@ def _embed_npz(args, out: Path) -> int:
 
     _check_output("--out", args.out, "a .npz file to write")        # before the slow part
     jobs.check_batch_arguments(args)
-    if args.resume:
-        raise CLIError(f"--resume needs --out FILE.npy (streamed row by row); {args.out!r} is written at the end")
+    if args.resume or args.engine != "local":
+        raise CLIError(f"--resume and --engine ray need --out FILE.npy (streamed row by row); {args.out!r} is "
+                       f"written at the end")
     paths = jobs.collect_inputs(args.images, args.recursive, args.list)
     model = _load_model(args)
     result = tasks.embed(model, None, paths, batch_size=args.batch_size)

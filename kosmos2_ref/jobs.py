@@ -43,6 +43,7 @@ import numpy as np
 from .backend import to_numpy
 
 ON_ERROR_CHOICES = ("record", "stop")
+ENGINES = ("local", "ray")
 TEXT_BATCH_SIZE = 4             # generation keeps a KV cache per row: smaller batches than embed
 EMBED_BATCH_SIZE = 8
 INDEX_FORMAT = "kosmos2-ref embed index 1"
@@ -614,6 +615,30 @@ def error_record(job: str, path: str, message: str) -> dict:
     return {"path": path, "status": "error", "job": job, "error": message}
 
 
+def text_batch_records(model, processor, job: TextJob, chunk: list[str], on_error: str = "record",
+                       annotate: Callable[[dict, int, object], None] | None = None) -> list[dict]:
+    """The records of one batch of image paths, in their order (errors in their place). ``processor`` must be
+    a processor (see :func:`kosmos2_ref.tasks.processor_for`). Used by the local loop and by the Ray workers."""
+    t0 = time.perf_counter()
+    batch = load_batch(chunk, on_error, job.prepare)
+    good = [item for item in batch if item.error is None]
+    by_path = {}
+    if good:
+        decoded, out = _generate_batch(model, processor, job, good)
+        for row, record in enumerate(_text_records(processor, job, good, decoded)):
+            if annotate is not None:
+                annotate(record, row, out)
+            by_path[record["path"]] = record
+    share = (time.perf_counter() - t0) / len(batch)
+    records = []
+    for item in batch:
+        record = by_path.get(item.path) or error_record(job.name, item.path, item.error)
+        if record["status"] == "ok":
+            record["seconds"] = round(share, 4)
+        records.append(record)
+    return records
+
+
 def run_text_job(model, processor, job: TextJob, paths: list[str], records: RecordFile, *,
                  batch_size: int = TEXT_BATCH_SIZE, on_error: str = "record", progress: Progress | None = None,
                  stop: StopOnInterrupt | None = None,
@@ -632,32 +657,27 @@ def run_text_job(model, processor, job: TextJob, paths: list[str], records: Reco
     outcome = JobOutcome(total=len(paths), done=len(paths) - len(pending), errors=0)
     start = time.perf_counter()
     for chunk in _batches(pending, batch_size):
-        t0 = time.perf_counter()
-        batch = load_batch(chunk, on_error, job.prepare)
-        good = [item for item in batch if item.error is None]
-        by_path = {}
-        if good:
-            decoded, out = _generate_batch(model, processor, job, good)
-            for row, record in enumerate(_text_records(processor, job, good, decoded)):
-                if annotate is not None:
-                    annotate(record, row, out)
-                by_path[record["path"]] = record
-        share = (time.perf_counter() - t0) / len(batch)
-        for item in batch:                             # input order, errors in their place
-            record = by_path.get(item.path) or error_record(job.name, item.path, item.error)
-            if record["status"] == "ok":
-                record["seconds"] = round(share, 4)
+        batch_records = text_batch_records(model, processor, job, chunk, on_error, annotate)
+        for record in batch_records:
             records.write(record)
-        errors = len(batch) - len(good)
-        outcome.done += len(batch)
-        outcome.errors += errors
-        if progress is not None:
-            progress.update(len(batch), errors)
-        if stop is not None and stop.requested:
-            outcome.interrupted = outcome.done < outcome.total
+        if _count_batch(outcome, batch_records, progress, stop):
             break
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _count_batch(outcome: JobOutcome, batch_records: list[dict], progress: Progress | None,
+                 stop: StopOnInterrupt | None) -> bool:
+    """Count a written batch; True when the job should stop here (Ctrl-C asked for it)."""
+    errors = sum(r["status"] == "error" for r in batch_records)
+    outcome.done += len(batch_records)
+    outcome.errors += errors
+    if progress is not None:
+        progress.update(len(batch_records), errors)
+    if stop is not None and stop.requested:
+        outcome.interrupted = outcome.done < outcome.total
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,6 +687,33 @@ def embedding_row_shapes(model) -> tuple[tuple[int, int], tuple[int]]:
     """([Q, C], [D]): one image's embeddings (latent queries × text width) and its pooled CLIP vector."""
     cfg = model.config
     return (cfg.latent_query_num, cfg.text_config.embed_dim), (cfg.vision_config.hidden_size,)
+
+
+def embed_batch(model, processor, chunk: list[str], on_error: str = "record"):
+    """One batch of image paths -> (entries, embeds [b, Q, C], pooled [b, D]), float32, one row per entry of
+    ``chunk`` in its order: an entry is {"path", "status"} (and "error"); error rows are zeros."""
+    batch = load_batch(chunk, on_error)
+    good = [i for i, item in enumerate(batch) if item.error is None]
+    (q, c), (d,) = embedding_row_shapes(model)
+    embeds = np.zeros((len(batch), q, c), dtype=np.float32)
+    pooled = np.zeros((len(batch), d), dtype=np.float32)
+    if good:
+        pixel_values = processor(images=[batch[i].image for i in good])["pixel_values"]
+        e, _, vision = model.encode_image(pixel_values)
+        embeds[good] = np.asarray(to_numpy(e), dtype=np.float32)
+        pooled[good] = np.asarray(to_numpy(vision.pooler_output), dtype=np.float32)
+    entries = [{"path": item.path, "status": "ok"} if item.error is None else
+               {"path": item.path, "status": "error", "error": item.error} for item in batch]
+    return entries, embeds, pooled
+
+
+def write_embed_rows(files: EmbeddingFiles, rows: list[int], entries: list[dict], embeds, pooled) -> None:
+    """Write a computed batch: each row's values, then its index record (in row order, errors in their place)."""
+    for j, (row, entry) in enumerate(zip(rows, entries)):
+        if entry["status"] == "ok":
+            files.write_ok(row, entry["path"], embeds[j], pooled[j])
+        else:
+            files.write_error(row, entry["path"], entry["error"])
 
 
 def run_embed_job(model, processor, paths: list[str], files: EmbeddingFiles, *,
@@ -681,27 +728,9 @@ def run_embed_job(model, processor, paths: list[str], files: EmbeddingFiles, *,
     outcome = JobOutcome(total=len(paths), done=len(paths) - len(pending), errors=files.errors)
     start = time.perf_counter()
     for rows in _batches(pending, batch_size):
-        batch = load_batch([paths[r] for r in rows], on_error)
-        good = [(row, item) for row, item in zip(rows, batch) if item.error is None]
-        if good:
-            pixel_values = processor(images=[item.image for _, item in good])["pixel_values"]
-            embeds, _, vision = model.encode_image(pixel_values)
-            embeds = np.asarray(to_numpy(embeds), dtype=np.float32)                  # [b, Q, C]
-            pooled = np.asarray(to_numpy(vision.pooler_output), dtype=np.float32)   # [b, D]
-        j = 0
-        for row, item in zip(rows, batch):                # the index in row order, errors in their place
-            if item.error is None:
-                files.write_ok(row, item.path, embeds[j], pooled[j])
-                j += 1
-            else:
-                files.write_error(row, item.path, item.error)
-        errors = len(batch) - len(good)
-        outcome.done += len(batch)
-        outcome.errors += errors
-        if progress is not None:
-            progress.update(len(batch), errors)
-        if stop is not None and stop.requested:
-            outcome.interrupted = outcome.done < outcome.total
+        entries, embeds, pooled = embed_batch(model, processor, [paths[r] for r in rows], on_error)
+        write_embed_rows(files, rows, entries, embeds, pooled)
+        if _count_batch(outcome, entries, progress, stop):
             break
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -724,6 +753,13 @@ def add_batch_arguments(parser, batch_size: int, out_help: str, out_required: bo
                    help="an image that cannot be read: write an error record and go on (default), or stop")
     g.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
                    help=f"images per forward pass (default {batch_size})")
+    g.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this process (default); ray: a pool of Ray workers, each loading the model once "
+                        "(pip install 'kosmos2-ref[ray]'); the outputs are the same files")
+    g.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: workers (default 2)")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="--engine ray: the cluster to join (auto: the one `ray start` runs here); default: start "
+                        "Ray on this machine")
 
 
 def wants_batch(args) -> bool:
@@ -736,6 +772,10 @@ def wants_batch(args) -> bool:
 def check_batch_arguments(args) -> None:
     if args.batch_size < 1:
         raise JobError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 1:
+        raise JobError(f"--workers must be at least 1, got {args.workers}")
+    if args.engine != "ray" and args.address is not None:
+        raise JobError("--address is for --engine ray")
     if not args.images and not args.list:
         raise JobError("no images given: pass IMAGE... (files or folders) or --list FILE")
     if getattr(args, "draw", None):
@@ -754,13 +794,26 @@ def run_text_command(args, job: TextJob, load_model: Callable, check_output: Cal
     if args.out:
         check_output("--out", args.out, "a .jsonl file to write")
     paths = collect_inputs(args.images, args.recursive, args.list)
+    if args.engine == "ray":
+        from .ray_jobs import import_ray
+
+        import_ray()                                    # installed? say so before anything is written
     records = RecordFile(args.out, args.resume, job.name, job.prompt)
     try:
-        model = load_model()
         progress = Progress(job.name, len(paths), already_done=sum(p in records.done for p in paths))
-        with StopOnInterrupt() as stop:
-            outcome = run_text_job(model, None, job, paths, records, batch_size=args.batch_size,
-                                   on_error=args.on_error, progress=progress, stop=stop)
+        if args.engine == "ray":
+            from . import ray_jobs
+
+            with StopOnInterrupt() as stop:
+                outcome = ray_jobs.run_text_job(
+                    _model_id(args), job, paths, records, backend=args.backend, dtype=args.dtype,
+                    batch_size=args.batch_size, workers=args.workers, address=args.address,
+                    on_error=args.on_error, progress=progress, stop=stop)
+        else:
+            model = load_model()
+            with StopOnInterrupt() as stop:
+                outcome = run_text_job(model, None, job, paths, records, batch_size=args.batch_size,
+                                       on_error=args.on_error, progress=progress, stop=stop)
     finally:
         records.close()
     progress.finish(outcome.interrupted)
@@ -777,14 +830,26 @@ def run_embed_command(args, load_model: Callable, check_output: Callable) -> tup
         subject = None if path == Path(args.out).expanduser() else f"--out {args.out!r}: its file {str(path)!r}"
         check_output("--out", args.out, f"{what} to write", path, subject)
     paths = collect_inputs(args.images, args.recursive, args.list)
-    model = load_model()
+    if args.engine == "ray":
+        from .ray_jobs import import_ray
+
+        import_ray()
+    model = load_model()                # memory-mapped: cheap, and it gives the shapes (ray: the workers compute)
     embeds_row, pooled_row = embedding_row_shapes(model)
     files = EmbeddingFiles(args.out, paths, embeds_row, pooled_row, resume=args.resume)
     try:
         progress = Progress("embed", len(paths), already_done=len(files.done))
         with StopOnInterrupt() as stop:
-            outcome = run_embed_job(model, None, paths, files, batch_size=args.batch_size, on_error=args.on_error,
-                                    progress=progress, stop=stop)
+            if args.engine == "ray":
+                from . import ray_jobs
+
+                outcome = ray_jobs.run_embed_job(
+                    _model_id(args), paths, files, backend=args.backend, dtype=args.dtype,
+                    batch_size=args.batch_size, workers=args.workers, address=args.address,
+                    on_error=args.on_error, progress=progress, stop=stop)
+            else:
+                outcome = run_embed_job(model, None, paths, files, batch_size=args.batch_size,
+                                        on_error=args.on_error, progress=progress, stop=stop)
     finally:
         files.close()
     progress.finish(outcome.interrupted)
@@ -796,3 +861,9 @@ def run_embed_command(args, load_model: Callable, check_output: Callable) -> tup
         print(interrupted_message(outcome), file=sys.stderr)
         return 130, summary
     return 0, summary
+
+
+def _model_id(args) -> str:
+    from .cli import _default_model
+
+    return args.model or _default_model()
