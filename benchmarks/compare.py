@@ -233,6 +233,44 @@ def load_time(side: str, folder: Path, dtype: str) -> float:
                           "print(time.perf_counter() - t0)"))
 
 
+RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The processor as the kernel reports it: model name, logical cores, cache sizes per level, and the ISA flags
+    that decide which BLAS kernels run (AVX2, AVX-512, AMX). Figures are only comparable on the same processor."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / n).read_text().strip() for n in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size      # per core (L1d, L2) or shared (L3)
+    return {"cpu_model": model, "cpu_flags": [f for f in RELEVANT_FLAGS if f in flags], "cpu_caches": caches}
+
+
+def blas_kernels() -> list[dict]:
+    """The BLAS libraries loaded in this process and the kernel each chose (threadpoolctl's ``architecture``:
+    e.g. OpenBLAS "Zen" or "SkylakeX"), after numpy and torch are imported."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl is not installed (pip install threadpoolctl)"}]
+    keep = ("user_api", "internal_api", "version", "architecture", "threading_layer", "num_threads")
+    return [{k: info[k] for k in keep if k in info} | {"library": Path(info.get("filepath", "")).name}
+            for info in threadpool_info()]
+
+
 def machine(gpu: bool = False) -> dict:
     import numpy
     import torch
@@ -249,12 +287,25 @@ def machine(gpu: bool = False) -> dict:
     except OSError:
         commit = None
     return {"commit": commit, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            **cpu_info(), "blas_kernels": blas_kernels(),
             "python": platform.python_version(), "numpy": numpy.__version__, "numpy_blas": blas,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": __import__("transformers").__version__,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
             **(gpu_info() if gpu else {})}
+
+
+def describe_machine(m: dict) -> str:
+    """One sentence naming the processor, its caches and ISA flags, and the BLAS kernels in use."""
+    cpu = m.get("cpu_model") or m["cpu"]
+    caches = ", ".join(f"{k} {v}" for k, v in m.get("cpu_caches", {}).items())
+    flags = ", ".join(m.get("cpu_flags", [])) or "none of AVX2/AVX-512/AMX"
+    kernels = "; ".join(f"{k.get('internal_api', '?')} {k.get('version', '')} kernel {k.get('architecture', '?')} "
+                        f"({k.get('num_threads', '?')} threads, {k.get('library', '')})"
+                        for k in m.get("blas_kernels", []) if k.get("user_api") == "blas")
+    return (f"Processor: {cpu}, {m['cores']} logical cores" + (f" ({caches})" if caches else "") +
+            f"; ISA flags: {flags}" + (f". BLAS kernels: {kernels}" if kernels else "") + ".")
 
 
 def gpu_info() -> dict:
@@ -271,6 +322,7 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
     gpu = backend != "numpy"
     folder = checkpoint(size)
     res: dict = {"size": size, "backend": backend, "machine": machine(gpu), "repeats": repeats, "rows": []}
+    print(describe_machine(res["machine"]), flush=True)
 
     def row(metric, ours, hf, unit="s"):
         r = {"metric": metric, "ours": ours, "transformers": hf, "ratio": ours / hf if hf else None, "unit": unit}
@@ -341,9 +393,31 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
         res.setdefault("storage_error", {})[dt] = err
         print(f"  last-token logits max|Δ| vs our float32: {err:.3e}")
 
+    if not gpu:
+        tf_bfloat16_peer(res, row, folder, dtypes, repeats, n_steps, (pv, ids, att, img))
     if scaling:
         res["scaling"] = scaling_table(folder, repeats, backend)
     return res
+
+
+def tf_bfloat16_peer(res, row, folder, dtypes, repeats, n_steps, batch):
+    """transformers in bfloat16 as a peer (on CPUs with AMX/AVX-512 BF16, oneDNN makes it the fast choice):
+    image encoding against ours in float32 (ours computes in float32 whatever the storage), per-token decode and
+    peak RSS against ours with bfloat16 storage when measured (else float32). Ratios are reported as they are;
+    no target is attached to these rows."""
+    pv, ids, att, img = batch
+    ours_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
+    print(f"[{res['size']}] transformers bfloat16 as a peer (ours {ours_dtype} storage for decode and memory)")
+    hf16, ours32 = HF(folder, "bfloat16"), Ours(folder, "float32")
+    t = alternate([ours32, hf16], lambda s: (lambda: s.encode(pv)), repeats)
+    row("tf bfloat16 peer: image encoding, ours float32", t["kosmos2-ref"], t["transformers"])
+    del ours32
+    ours = Ours(folder, ours_dtype)
+    per_tok = decode_times([ours, hf16], repeats, n_steps)
+    row(f"tf bfloat16 peer: per-token decode, ours {ours_dtype}", per_tok["kosmos2-ref"], per_tok["transformers"])
+    del ours, hf16
+    row(f"tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours {ours_dtype}",
+        peak_memory("ours", folder, ours_dtype, 4), peak_memory("hf", folder, "bfloat16", 4), "GB")
 
 
 def to_host(a):
@@ -491,7 +565,8 @@ def write_docs(results_dir: Path, out: Path):
         where = (f"GPU: {m['gpu']} ({m['gpu_memory_gb']} GB), CuPy {m['cupy']}, torch CUDA {m['torch_cuda']}; "
                  "both sides on the GPU, transformers with eager attention. " if backend == "cupy" else "")
         lines += [f"## {f.stem}", "",
-                  where + f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, NumPy {m['numpy']} "
+                  where + describe_machine(m) + " "
+                  f"Python {m['python']}, NumPy {m['numpy']} "
                   f"(BLAS: {m['numpy_blas']}), torch {m['torch']} ({m['torch_threads']} threads), transformers "
                   f"{m['transformers']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}, "
                   f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up."

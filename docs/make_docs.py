@@ -339,7 +339,7 @@ def measure_parity() -> str:
             same(f"generate, {label}: token ids", a.shape == b.shape and np.array_equal(a, b),
                  f"`{_fmt_shape(a.shape)}`")
 
-        # left padding: a padded row against the same row alone (spec §7.3)
+        # left padding: a padded row against the same row alone (docs/numerics.md §7.3)
         texts = ["<grounding> An image of", "<grounding> Describe this image in detail:"]
         batch = proc(text=texts, images=[image, image], padding_side="left")
         alone = proc(text=texts[0], images=image)

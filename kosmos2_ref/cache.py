@@ -1,4 +1,4 @@
-"""The KV cache: per layer keys and values [B, H, S, D], preallocated and filled in place (spec §5.7).
+"""The KV cache: per layer keys and values [B, H, S, D], preallocated and filled in place (docs/numerics.md §7.2).
 
 Mirrors what transformers keeps in its ``DynamicCache`` (keys after k_proj/v_proj with their biases, unscaled,
 before any LayerNorm), but laid out like llama2.c's ``run.c``: one buffer per layer sized for the whole

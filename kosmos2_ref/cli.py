@@ -5,6 +5,7 @@
     kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
     kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
     kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
+    kosmos2-ref serve [--host H] [--port P]             a local web page for all of these (docs/web.md)
 
 Many images: ``caption``, ``ground``, ``describe`` and ``embed`` take files, folders (``--recursive``) and
 ``--list FILE`` and run them in batches, writing as they go (JSON Lines, or .npy files filled row by row);
@@ -116,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
                                     "available, else a small random-weight model, clearly labelled)")
     p.add_argument("--image", default=None, help="caption this image instead of the packaged one")
+    _global_options(p, suppress=True)
+
+    p = sub.add_parser("serve", help="a local web page and JSON API: caption, ground, describe a drawn box, the "
+                                     "connector's attention (docs/web.md)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                   help="largest image upload accepted (default 10)")
+    p.add_argument("--queue", type=int, default=4, metavar="N",
+                   help="requests that may wait for the model; more get 503 (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     _global_options(p, suppress=True)
     return parser
 
@@ -449,8 +462,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .demo import demo_checkpoint, is_demo_checkpoint
+    from .hub import CheckpointNotFoundError, resolve_checkpoint
+    from .server import serve
+    from .service import DEFAULT_MAX_NEW_TOKENS, ModelService
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be from 0 to 65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise CLIError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.queue < 0:
+        raise CLIError(f"--queue must be 0 or more, got {args.queue}")
+    explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
+    if explicit:
+        model = _load_model(args, explicit)
+    else:                               # as `demo` does: the real weights, else a labelled random model
+        try:
+            folder = resolve_checkpoint(_default_model())
+        except CheckpointNotFoundError as exc:
+            print(f"{PROG}: real weights unavailable ({_one_line(exc)}); serving a small RANDOM-weight model "
+                  f"instead (its captions are noise; pass --model to choose one)", file=sys.stderr)
+            folder = demo_checkpoint()
+        model = _load_model(args, str(folder))
+    service = ModelService(model, random_weights=is_demo_checkpoint(getattr(model, "folder", None)),
+                           max_waiting=args.queue, default_max_new_tokens=_max_new(args, DEFAULT_MAX_NEW_TOKENS))
+    try:
+        serve(service, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.quiet)
+    except OSError as exc:              # the port is taken, the address is not this machine's, ...
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or _one_line(exc)}") from exc
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

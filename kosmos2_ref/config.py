@@ -1,6 +1,6 @@
 """Model configuration, read from a Hugging Face ``config.json``.
 
-Mirrors ``transformers/models/kosmos2/configuration_kosmos2.py`` (spec §1). Defaults equal
+Mirrors ``transformers/models/kosmos2/configuration_kosmos2.py`` (docs/numerics.md §2). Defaults equal
 ``microsoft/kosmos-2-patch14-224``. Keys we do not model are kept in ``extra`` (not fatal), so generation keys
 such as ``text_config.no_repeat_ngram_size`` stay available to :mod:`kosmos2_ref.generation`.
 """
@@ -80,7 +80,7 @@ def _check_token_id(v, name, vocab_size, where, optional: bool):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The CLIP ViT-L/14 tower (spec §1.2)."""
+    """The CLIP ViT-L/14 tower (docs/numerics.md §2)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -118,7 +118,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The 24-layer causal decoder (spec §1.1)."""
+    """The 24-layer causal decoder (docs/numerics.md §2)."""
 
     vocab_size: int = 65037
     max_position_embeddings: int = 2048
@@ -146,7 +146,8 @@ class TextConfig:
             raise ConfigError(f"text_config.activation_function={self.activation_function!r}: expected 'gelu'")
         _check_eps(self, "text_config")
         _check_flags(self, ["scale_embedding", "use_cache", "tie_word_embeddings"], "text_config")
-        # pad_token_id is also the padding index of the sinusoidal positions, so it must be a real id (spec §5.2)
+        # pad_token_id is also the padding index of the sinusoidal positions, so it must be a real id
+        # (docs/numerics.md §6.2)
         _check_token_id(self.pad_token_id, "pad_token_id", self.vocab_size, "text_config", optional=False)
         _check_token_id(self.bos_token_id, "bos_token_id", self.vocab_size, "text_config", optional=True)
         several = isinstance(self.eos_token_id, list)                  # generation accepts one id or a list
@@ -170,7 +171,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class Kosmos2Config:
-    """The whole model: text decoder, vision tower and the 64 latent queries of the connector (spec §1.3)."""
+    """The whole model: text decoder, vision tower and the 64 latent queries of the connector
+    (docs/numerics.md §2)."""
 
     text_config: TextConfig = field(default_factory=TextConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)

@@ -1,4 +1,4 @@
-"""The image-to-text connector: 257 vision tokens -> 64 image embeddings (spec §4).
+"""The image-to-text connector: 257 vision tokens -> 64 image embeddings (docs/numerics.md §5).
 
 Mirrors the image path of ``Kosmos2ForConditionalGeneration.forward`` (post_layernorm over *all* tokens, then
 ``F.normalize``) and ``Kosmos2ImageToTextProjection`` in ``transformers/models/kosmos2/modeling_kosmos2.py``.

@@ -8,7 +8,7 @@
 * :func:`attention_map`, :func:`attention_heatmap` and :func:`attention_grid` show where each of the 64 latent
   queries of the image-to-text connector looks: its attention (mean over heads) over the 16 × 16 patch grid,
   i.e. keys 1…256 of the 257 image tokens (the CLS key and the 64 latent-query keys are dropped), upsampled and
-  blended over the image (spec §4).
+  blended over the image (docs/numerics.md §5).
 
 Pillow only; fonts are PIL's built-in default (scalable where Pillow was built with FreeType).
 """

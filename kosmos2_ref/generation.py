@@ -1,9 +1,10 @@
 """Decoding with a KV cache: greedy search, multinomial sampling and beam search, the logits processors, streaming.
 
-Mirrors transformers 5.23 as ``Kosmos2ForConditionalGeneration.generate`` reaches it (spec §7): the loops of
-``generation/utils.py`` (``GenerationMixin._sample``, ``_beam_search`` and its helpers ``_get_top_k_continuations``,
-``_update_finished_beams``, ``_check_early_stop_heuristic``), the processors of ``generation/logits_process.py``
-and the streamer protocol of ``generation/streamers.py``. docs/generation.md explains the choices.
+Mirrors transformers 5.23 as ``Kosmos2ForConditionalGeneration.generate`` reaches it (docs/numerics.md §7): the
+loops of ``generation/utils.py`` (``GenerationMixin._sample``, ``_beam_search`` and its helpers
+``_get_top_k_continuations``, ``_update_finished_beams``, ``_check_early_stop_heuristic``), the processors of
+``generation/logits_process.py`` and the streamer protocol of ``generation/streamers.py``. docs/generation.md
+explains the choices.
 
 How a call runs. The image is encoded once. The prompt is run once (the *prefill*) into a :class:`KVCache` sized
 for prompt + ``max_new_tokens``; each later step feeds one token per row with ``logits_to_keep=1``. The last
@@ -11,7 +12,7 @@ position's logits [N, V] go through the processors, then a token is chosen. Arra
 the host sees the chosen ids each step ([N] ints; for beams the 2·num_beams candidates per input) and, only when
 ``output_scores`` is asked for, the processed scores. Bookkeeping (sequences, beam scores) lives on the host.
 
-One deliberate difference from transformers 5.x (DESIGN.md §5, spec §7.3): positions while decoding are
+One deliberate difference from transformers 5.x (docs/numerics.md §7.3): positions while decoding are
 *pad-aware*, the 4.37 behaviour. The token fed at a step gets position 1 + (number of non-pad ids so far,
 itself included), so a left-padded row decodes exactly as it would alone. 5.x uses past_length + 2, which shifts
 a left-padded row by its pad count. Both agree on rows without padding.
@@ -78,7 +79,7 @@ class GenerationSettings:
 
 
 def checkpoint_generation_defaults(model) -> dict:
-    """The generation settings a checkpoint carries (DESIGN.md §5, spec §7.4).
+    """The generation settings a checkpoint carries (docs/numerics.md §7.4).
 
     Read from the generation keys of ``config.json``'s ``text_config`` (where the released checkpoint keeps
     ``no_repeat_ngram_size = 3``, as the original demo used; transformers 5.x drops them, 4.x honoured them), then
@@ -469,8 +470,8 @@ def _decode_step(model, cache, seq: np.ndarray, att: np.ndarray, cur_len: int):
     """Feed the tokens at column ``cur_len`` of ``seq`` [N, Lmax] (one per row) through the cached model;
     return the next logits [N, V].
 
-    Pad-aware position (spec §7.3, 4.37): 1 + number of non-pad ids in the row so far, this token included (pad
-    ids get the zero row), exactly the prefill's rule continued, so left padding changes nothing.
+    Pad-aware position (docs/numerics.md §7.3, 4.37): 1 + number of non-pad ids in the row so far, this token
+    included (pad ids get the zero row), exactly the prefill's rule continued, so left padding changes nothing.
     """
     pad_idx = model.config.text_config.pad_token_id
     pos = position_ids_from_input_ids(seq[:, :cur_len + 1], pad_idx)[:, -1:]      # [N, 1]
@@ -676,10 +677,10 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
     """Generate after the prompt; return prompt + new ids [B, T + new] (int64, pad after EOS), or a
     :class:`GenerateOutput` when ``return_dict_in_generate``.
 
-    Like ``Kosmos2ForConditionalGeneration.generate`` (spec §7.1): an image is required (``pixel_values``
-    [B, 3, H, W] or ``image_embeds`` [B, Q, C]); ``image_embeds_position_mask`` marks the Q image slots of each
-    row. Settings left None come from the checkpoint (:func:`checkpoint_generation_defaults`), then transformers'
-    defaults: greedy, 20 new tokens. ``do_sample`` draws from a NumPy Generator: ``rng``, or
+    Like ``Kosmos2ForConditionalGeneration.generate`` (docs/numerics.md §7.1): an image is required
+    (``pixel_values`` [B, 3, H, W] or ``image_embeds`` [B, Q, C]); ``image_embeds_position_mask`` marks the Q image
+    slots of each row. Settings left None come from the checkpoint (:func:`checkpoint_generation_defaults`), then
+    transformers' defaults: greedy, 20 new tokens. ``do_sample`` draws from a NumPy Generator: ``rng``, or
     ``np.random.default_rng(seed)``. ``num_beams`` > 1 runs beam search (beam sampling with ``do_sample``).
     ``output_scores`` keeps each step's processed scores [B·num_beams, V] (log-probabilities under beam search).
     ``streamer.put(ids)`` receives the prompt [B, T] and then each step's tokens [B], and ``streamer.end()``

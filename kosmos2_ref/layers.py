@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import erfc, get_xp
 
-NEG_INF_F32 = float(np.finfo(np.float32).min)   # the additive "masked" value transformers uses (spec §5.3)
+NEG_INF_F32 = float(np.finfo(np.float32).min)   # transformers' additive "masked" value (docs/numerics.md §6.3)
 
 
 def as_float32(w):

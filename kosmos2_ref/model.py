@@ -1,4 +1,4 @@
-"""``Kosmos2``: config + parameters + backend, and the user entry points (DESIGN.md §2).
+"""``Kosmos2``: config + parameters + backend, and the user entry points (docs/api.md).
 
 Mirrors ``Kosmos2ForConditionalGeneration`` in ``transformers/models/kosmos2/modeling_kosmos2.py``:
 pixel_values -> vision tower -> connector -> image_embeds; input_ids (+ image_embeds) -> decoder -> logits.

@@ -6,11 +6,12 @@ come back both normalised to [0, 1] (``boxes``) and in pixels of the image given
 ``int(coordinate · side)`` as the original demo draws them).
 
 * :func:`caption` -- grounded captioning: the prompt ``"<grounding> An image of"`` makes the model wrap the
-  phrases it names in ``<phrase>…</phrase><object>…</object>`` (spec §11).
+  phrases it names in ``<phrase>…</phrase><object>…</object>`` (docs/numerics.md §11).
 * :func:`ground` -- referring expression comprehension: the prompt ``"<grounding><phrase> a snowman</phrase>"``
   makes the model emit the ``<object>`` of that phrase; its boxes are the answer.
 * :func:`describe` -- referring expression generation: the prompt ``"<grounding><phrase> It</phrase>"`` with the
-  box given as its ``<object>`` (the processor inserts it, spec §10.3); the model continues the sentence.
+  box given as its ``<object>`` (the processor inserts it, docs/numerics.md §10.3); the model continues the
+  sentence.
 * :func:`embed` -- the image embeddings the decoder reads [N, 64, 2048] and the pooled CLIP vector [N, 1024].
 
 Generation is ``Kosmos2.generate``: greedy with the checkpoint's defaults unless keyword arguments say otherwise.

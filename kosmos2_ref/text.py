@@ -1,5 +1,5 @@
 """The text decoder: embeddings with image rows spliced in, sinusoidal positions, 24 sub-LN decoder blocks,
-final LayerNorm and the tied LM head (spec §5).
+final LayerNorm and the tied LM head (docs/numerics.md §6).
 
 Mirrors ``Kosmos2TextSinusoidalPositionalEmbedding``, ``KosmosTextAttention``, ``Kosmos2TextFFN``,
 ``Kosmos2TextBlock``, ``Kosmos2TextTransformer`` and ``Kosmos2TextForCausalLM`` in
@@ -31,8 +31,8 @@ class TextOutput:
 # Positions
 
 def position_ids_from_input_ids(input_ids: np.ndarray, padding_idx: int, past_length: int = 0) -> np.ndarray:
-    """Pad-aware position ids (spec §5.2), on the host: real tokens count 2, 3, 4, … over non-pad tokens only,
-    offset by ``past_length``; pad tokens get ``padding_idx`` (= 1), whose sinusoid row is all zeros.
+    """Pad-aware position ids (docs/numerics.md §6.2), on the host: real tokens count 2, 3, 4, … over non-pad
+    tokens only, offset by ``past_length``; pad tokens get ``padding_idx`` (= 1), whose sinusoid row is all zeros.
 
     input_ids [B, T] int -> [B, T] int64.
     """
@@ -47,7 +47,7 @@ def sinusoidal_positions(position_ids, dim: int, padding_idx: int | None, xp):
     f_j = exp(−j·ln(10000)/(h−1)) — sin and cos halves concatenated, not interleaved; row ``padding_idx`` is zero.
     transformers builds this table in float32; we follow its roundings (f_j rounded to float32, the angle p·f_j
     formed in float32, sin/cos of it evaluated exactly and rounded) so the rows agree to ~1e-7, where a pure
-    float64 table would differ by up to 1.6e-4 at p ≈ 2000 (spec §5.2).
+    float64 table would differ by up to 1.6e-4 at p ≈ 2000 (docs/numerics.md §6.2).
 
     position_ids [B, T] host ints -> [B, T, dim] float32 on ``xp``.
     """
@@ -69,7 +69,7 @@ def sinusoidal_positions(position_ids, dim: int, padding_idx: int | None, xp):
 # Masks
 
 def decoder_attention_mask(attention_mask, batch: int, T: int, past: int, xp):
-    """The additive mask of spec §5.3: [B or 1, 1, T, past+T] float32, or None when nothing is masked.
+    """The additive mask of docs/numerics.md §6.3: [B or 1, 1, T, past+T] float32, or None when nothing is masked.
 
     Causal part (only when T > 1): key j is hidden from query i when j > past + i. Padding part (when an
     ``attention_mask`` [B, past+T] of 1/0 is given): keys with 0 are hidden. A hidden key gets float32 min; a key
@@ -105,7 +105,7 @@ def decoder_attention_mask(attention_mask, batch: int, T: int, past: int, xp):
 
 def embed(input_ids, p, cfg: TextConfig, xp, image_embeds=None, image_embeds_position_mask=None,
           inputs_embeds=None):
-    """Token embeddings with the image rows spliced in, then × √C (spec §5.1). -> [B, T, C] float32.
+    """Token embeddings with the image rows spliced in, then × √C (docs/numerics.md §6.1). -> [B, T, C] float32.
 
     The rows where ``image_embeds_position_mask`` is 1 are overwritten, in row-major order, with the 64 image
     embeddings of that sample; the √C scale applies to them too. ``inputs_embeds`` (unscaled) replaces the
@@ -162,7 +162,8 @@ def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, n
 
 
 def lm_head(h, p, cfg: TextConfig):
-    """logits = h Wᵀ with W the token embedding itself when tied (spec §5.4). [B, T, C] -> [B, T, V]."""
+    """logits = h Wᵀ with W the token embedding itself when tied (docs/numerics.md §6.5).
+    [B, T, C] -> [B, T, V]."""
     w = p["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else p["lm_head"]["weight"]
     xp = get_xp(h)
     # Row-major logits: a softmax or log-sum-exp over 65k float32 entries sums pairwise (accurately) only along a
@@ -221,7 +222,8 @@ def text_forward(p, cfg: TextConfig, xp, *, input_ids=None, inputs_embeds=None, 
 
 
 def causal_lm_loss(logits, labels, xp, ignore_index: int = -100):
-    """Mean next-token cross-entropy (spec §6): position t predicts labels[t+1]; targets equal to -100 are skipped.
+    """Mean next-token cross-entropy (docs/numerics.md §6.7): position t predicts labels[t+1]; targets equal to
+    -100 are skipped.
 
     logits [B, T, V] float32, labels [B, T] host ints -> a 0-d float32 array. NaN when no target remains, as
     torch's mean over nothing gives.

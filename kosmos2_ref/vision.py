@@ -1,4 +1,4 @@
-"""The vision tower: a CLIP ViT-L/14 encoder (spec §3).
+"""The vision tower: a CLIP ViT-L/14 encoder (docs/numerics.md §4).
 
 Mirrors ``Kosmos2VisionEmbeddings``, ``Kosmos2VisionEncoderLayer`` and ``Kosmos2VisionTransformer`` in
 ``transformers/models/kosmos2/modeling_kosmos2.py``. Parameters are the subtree ``vision_model.model`` of the
@@ -73,7 +73,7 @@ def cubic_weights_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def position_embeddings(pos_weight, height: int, width: int, patch_size: int):
-    """The [1+N, C] position vectors for an image of height × width (spec §3.3).
+    """The [1+N, C] position vectors for an image of height × width (docs/numerics.md §4.3).
 
     The table is trained for a square grid of g×g patches. For another grid (``interpolate_pos_encoding``) the
     g×g patch vectors are resized with PyTorch-style bicubic interpolation to (H//P)×(W//P); the CLS vector

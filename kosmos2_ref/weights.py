@@ -1,4 +1,5 @@
-"""Checkpoint weights: safetensors file(s) -> a parameter tree named by the Hugging Face keys (spec §8).
+"""Checkpoint weights: safetensors file(s) -> a parameter tree named by the Hugging Face keys
+(docs/numerics.md §8).
 
 The tree is the key split on dots, with numeric parts as list indices, so
 ``text_model.model.layers.3.self_attn.q_proj.weight`` is ``params["text_model"]["model"]["layers"][3]
@@ -197,7 +198,7 @@ def convert_storage(raw: np.ndarray, st_dtype: str, storage: str) -> np.ndarray:
 # The expected key set of Kosmos2ForConditionalGeneration
 
 def expected_shapes(cfg: Kosmos2Config) -> dict[str, tuple[int, ...]]:
-    """Every weight key of ``Kosmos2ForConditionalGeneration`` and its shape, for ``cfg`` (spec §8).
+    """Every weight key of ``Kosmos2ForConditionalGeneration`` and its shape, for ``cfg`` (docs/numerics.md §8).
 
     The tied ``text_model.lm_head.weight`` is listed only when ``tie_word_embeddings`` is False.
     """

@@ -223,7 +223,8 @@ class Setup:
 
     def hf_processor(self):
         """transformers' Kosmos2Processor on :attr:`folder`, with the PIL image path (the one we match bit for bit;
-        the torchvision path differs by a level in a few pixels, spec §12.4). Raises ImportError without them."""
+        the torchvision path differs by a level in a few pixels, docs/numerics.md §12.4). Raises ImportError
+        without them."""
         if "processor" not in self._hf:
             from transformers import AutoProcessor
 

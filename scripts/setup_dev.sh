@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh Debian/Ubuntu machine: the system packages (Chromium for the
-# documentation site's browser check, fonts for the figures), a virtual environment .venv, and the package with
-# its dev extra (torch CPU, transformers, the docs tools). Run from anywhere; safe to run again.
+# documentation site's browser check and the web page's tests, which Playwright drives as it is: no browser
+# download; fonts for the figures), a virtual environment .venv, and the package with its dev extra (torch CPU,
+# transformers, the docs tools, Playwright). Run from anywhere; safe to run again.
 #   bash scripts/setup_dev.sh && . .venv/bin/activate && python -m pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."

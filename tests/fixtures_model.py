@@ -81,7 +81,7 @@ def save_checkpoint(model, folder: Path, max_shard_size=None) -> Path:
 
 
 def image_prompt_ids(text_ids, num_image_tokens: int, bos: bool = True, first_image_token_id: int = 4):
-    """The processor's layout (spec §10.1): <s> <image> [Q slots] </image> text; and the image mask."""
+    """The processor's layout (docs/numerics.md §10.1): <s> <image> [Q slots] </image> text; and the image mask."""
     ids = ([0] if bos else []) + [64003] + list(range(first_image_token_id, first_image_token_id + num_image_tokens)) \
         + [64004] + list(text_ids)
     mask = ([0] if bos else []) + [0] + [1] * num_image_tokens + [0] + [0] * len(text_ids)

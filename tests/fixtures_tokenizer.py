@@ -5,9 +5,9 @@ preprocessor_config.json such that both ``transformers.AutoProcessor.from_pretra
 ``kosmos2_ref.processing.Kosmos2Processor.from_pretrained(folder)`` load the folder.
 
 * ``kind="synthetic"``: a small Unigram vocabulary (ASCII characters and a few hundred English words) padded with
-  dummy pieces to the Kosmos-2 id layout, so every id up to 65036 exists (spec §9): ``<s> <pad> </s> <unk>`` at
-  0..3, pieces at 4..64000, ``<mask>`` at 64001, the 11 tags at 64002..64012, the 1024 patch tokens at
-  64013..65036. Built with ``tokenizers`` only; the heavy part is cached.
+  dummy pieces to the Kosmos-2 id layout, so every id up to 65036 exists (docs/numerics.md §9):
+  ``<s> <pad> </s> <unk>`` at 0..3, pieces at 4..64000, ``<mask>`` at 64001, the 11 tags at 64002..64012, the
+  1024 patch tokens at 64013..65036. Built with ``tokenizers`` only; the heavy part is cached.
 * ``kind="real"``: the real Kosmos-2 tokenizer, built from the SentencePiece model the package ships in
   ``kosmos2_ref/assets`` (our own reader; tests/parity checks it against transformers' converter and against
   sentencepiece itself).
@@ -51,7 +51,7 @@ person man woman child street water sea beach mountain snow white black yellow p
 next to near front behind left right top bottom two three one some many people group table chair book
 """.split()
 
-# spec §12.1: the Hub preprocessor_config.json of microsoft/kosmos-2-patch14-224 (inferred there, 534 bytes).
+# docs/numerics.md §12.1: the preprocessor_config.json of microsoft/kosmos-2-patch14-224 (534 bytes on the Hub).
 PREPROCESSOR_CONFIG = {
     "crop_size": {"height": 224, "width": 224},
     "do_center_crop": True,

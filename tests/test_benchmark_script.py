@@ -31,7 +31,10 @@ def test_tiny_run_measures_every_row(compare, tiny_checkpoint, monkeypatch):
                      "time to first token (image + 71-token prefill)",
                      "per-token decode (KV cache, mean of 16 steps)", "generate 4 new tokens (end to end)",
                      "peak RSS, load + generate (GB)", "per-token decode, bfloat16 storage vs tf float32",
-                     "peak RSS, bfloat16 storage vs tf float32 (GB)"]
+                     "peak RSS, bfloat16 storage vs tf float32 (GB)",
+                     "tf bfloat16 peer: image encoding, ours float32",
+                     "tf bfloat16 peer: per-token decode, ours bfloat16",
+                     "tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours bfloat16"]
     for r in res["rows"]:
         assert r["ours"] > 0 and r["transformers"] > 0, r
         assert r["ratio"] == pytest.approx(r["ours"] / r["transformers"])
@@ -42,6 +45,11 @@ def test_tiny_run_measures_every_row(compare, tiny_checkpoint, monkeypatch):
     print(f"\n  tiny bfloat16 storage: last-token logits max|Δ| vs float32 = {err:.3e}")
     assert 0 < err < 1                   # the rounding is real, and small
     assert res["backend"] == "numpy" and res["machine"]["cores"] >= 1
+    # the processor and the BLAS kernel are named (#23): every figure is only comparable on the same processor
+    m = res["machine"]
+    assert m["cpu_model"] and isinstance(m["cpu_flags"], list) and m["cpu_caches"], m
+    assert any(k.get("user_api") == "blas" and k.get("architecture") for k in m["blas_kernels"]), m["blas_kernels"]
+    assert all(compare.target_for(r["metric"]) is None for r in res["rows"][8:])   # peer rows carry no target
 
 
 def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
@@ -70,6 +78,7 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
     assert text.index("## full\n") < text.index("## full-cupy\n")
     gpu_part = text[text.index("## full-cupy"):]
     assert "GPU: NVIDIA H100 80GB HBM3" in gpu_part and "eager attention" in gpu_part
+    assert "Processor: x86_64, 16 logical cores" in gpu_part
     assert "| 1.200 | ≤ 1.5 met |" in gpu_part                      # image encoding: the GPU target is 1.5
     assert "| 1.300 | ≤ 1.2 **not met** |" in gpu_part               # decode: 1.2
     cpu_part = text[text.index("## full\n"):text.index("## full-cupy")]

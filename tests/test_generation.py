@@ -2,8 +2,9 @@
 
 Processors against transformers' own processor classes (run here) and hand-computed cases; the cache reorder;
 settings taken from the checkpoint; bad arguments; streaming; seeded sampling; and the hypothesis properties of
-DESIGN.md §4: cached decoding equals an uncached forward at every step, and a left-padded row decodes exactly as
-it does alone. Last, generation runs on the strict stand-in device namespace (backend neutrality).
+docs/numerics.md §7.2 and §7.3: cached decoding equals an uncached forward at every step, and a left-padded row
+decodes exactly as it does alone. Last, generation runs on the strict stand-in device namespace (backend
+neutrality).
 """
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ def test_sampling_with_top_k_1_is_greedy(model):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Properties (DESIGN.md §4)
+# Properties (docs/numerics.md §7.2, §7.3)
 
 texts_st = st.lists(st.lists(st.integers(3, 64000), min_size=0, max_size=7), min_size=1, max_size=3)
 

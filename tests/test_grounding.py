@@ -1,7 +1,8 @@
-"""Boxes ↔ patch-index tokens and post-processing (kosmos2_ref.processing.grounding). Spec §10.3, §11.
+"""Boxes ↔ patch-index tokens and post-processing (kosmos2_ref.processing.grounding).
+docs/numerics.md §10.3, §11.
 
-Parity with transformers on the same functions lives in tests/parity/test_processor_parity.py; here the spec's
-worked examples, properties (hypothesis) and every error message.
+Parity with transformers on the same functions lives in tests/parity/test_processor_parity.py; here the worked
+examples of docs/numerics.md §10.3 and §11.4, properties (hypothesis) and every error message.
 """
 
 import re
@@ -23,14 +24,14 @@ from kosmos2_ref.processing.grounding import (
 CELL = 1.0 / 32
 
 
-# ----------------------------------------------------------------------------------------------- spec examples
+# ----------------------------------------------------------------------------------- docs/numerics.md examples
 def test_spec_box_to_indices_example():
-    # spec §10.3: (0.390625, 0.046875, 0.984375, 0.828125) -> (44, 863)
+    # docs/numerics.md §10.3: (0.390625, 0.046875, 0.984375, 0.828125) -> (44, 863)
     assert box_to_patch_indices((0.390625, 0.046875, 0.984375, 0.828125)) == (44, 863)
 
 
 def test_spec_indices_to_box_example():
-    # spec §11.4: (44, 863) -> cell centres (12/32+1/64, 1/32+1/64, 31/32+1/64, 26/32+1/64)
+    # docs/numerics.md §11.4: (44, 863) -> cell centres (12/32+1/64, 1/32+1/64, 31/32+1/64, 26/32+1/64)
     assert patch_indices_to_box(44, 863) == (0.390625, 0.046875, 0.984375, 0.828125)
 
 

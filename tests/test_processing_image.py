@@ -1,4 +1,4 @@
-"""Image preprocessing (kosmos2_ref.processing.image). Spec §12.
+"""Image preprocessing (kosmos2_ref.processing.image). docs/numerics.md §12.
 
 Bit-exact parity with transformers' ``CLIPImageProcessorPil`` over modes, sizes and input kinds is in
 tests/parity/test_processor_parity.py; here the configuration, the input contract and every error.
@@ -29,7 +29,7 @@ def _image(mode, size=(13, 7), seed=0):
 
 
 def test_spec_preprocessor_config_is_534_bytes():
-    # spec §12.1: the Hub file is 534 bytes, json indent=2 with sorted keys and a trailing newline.
+    # docs/numerics.md §12.1: the Hub file is 534 bytes, json indent=2 with sorted keys and a trailing newline.
     text = json.dumps(ImageProcessorConfig().to_dict(), indent=2, sort_keys=True) + "\n"
     assert len(text.encode()) == 534
     assert ImageProcessorConfig().to_dict() == ft.PREPROCESSOR_CONFIG
@@ -39,7 +39,7 @@ def test_config_round_trip_and_use_square_size():
     config = ImageProcessorConfig.from_dict(ft.PREPROCESSOR_CONFIG)
     assert config == ImageProcessorConfig()
     assert config.resize_target(600, 1200) == (224, 224)  # aspect ratio ignored
-    # 5.x quirk (spec §12.4): with use_square_size the resize is to 224 whatever size says.
+    # 5.x quirk (docs/numerics.md §12.4): with use_square_size the resize is to 224 whatever size says.
     assert ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "size": {"shortest_edge": 180}}).resize_target(9, 9) == (224, 224)
     plain = ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "use_square_size": False})
     assert plain.resize_target(600, 1200) == (224, 448) and plain.resize_target(1000, 300) == (746, 224)

@@ -1,4 +1,4 @@
-"""Kosmos2Processor: prompt layout, batching, boxes and errors at the boundary. Spec §10.
+"""Kosmos2Processor: prompt layout, batching, boxes and errors at the boundary. docs/numerics.md §10.
 
 Parity with transformers' AutoProcessor on the same folders is in tests/parity/test_processor_parity.py.
 """
@@ -14,7 +14,7 @@ import fixtures_tokenizer as ft
 from kosmos2_ref.processing import Kosmos2Processor
 
 IMAGE = PIL.Image.new("RGB", (30, 20), (120, 30, 200))
-SLOTS = list(range(4, 68))  # spec §10.1: the 64 image slots hold ids 4…67
+SLOTS = list(range(4, 68))  # docs/numerics.md §10.1: the 64 image slots hold ids 4…67
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def synthetic(tmp_path_factory):
 
 
 def test_spec_prompt_layout(real):
-    # spec §10.1: [0, 64003, 4…67, 64004, <text ids>], text from index 67; mask [0, 0, 1×64, 0, 0…]
+    # docs/numerics.md §10.1: [0, 64003, 4…67, 64004, <text ids>], text from index 67;
+    # mask [0, 0, 1×64, 0, 0…]
     out = real(text="<grounding> An image of", images=IMAGE)
     assert out["input_ids"].tolist() == [[0, 64003] + SLOTS + [64004, 64012, 712, 1648, 9]]
     assert out["image_embeds_position_mask"].tolist() == [[0, 0] + [1] * 64 + [0] * 5]
@@ -59,7 +60,7 @@ def test_boxes_become_tokens(real):
 
 
 def test_images_pad_rows_even_without_padding(real):
-    # spec §10.2: with images, rows of unequal length are padded to the longest even with padding=False
+    # docs/numerics.md §10.2: with images, rows of unequal length are padded to the longest even with padding=False
     out = real(text=["a", "an image of a snowman"], images=[IMAGE, IMAGE])
     assert out["input_ids"].shape == (2, 72)
     assert out["input_ids"][0, -4:].tolist() == [1, 1, 1, 1]

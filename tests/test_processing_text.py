@@ -1,7 +1,8 @@
-"""The tokenizer (kosmos2_ref.processing.text) and the SentencePiece reader. Spec §9, §10.2.
+"""The tokenizer (kosmos2_ref.processing.text) and the SentencePiece reader.
+docs/numerics.md §9, §10.2.
 
-Expected ids come from the spec and PROVENANCE.md (checked there against the released tokenizer) and from the
-``sentencepiece`` library itself; parity with transformers is in tests/parity/test_processor_parity.py.
+Expected ids come from docs/numerics.md §9 and PROVENANCE.md (checked there against the released tokenizer) and
+from the ``sentencepiece`` library itself; parity with transformers is in tests/parity/test_processor_parity.py.
 """
 
 import hashlib
@@ -96,7 +97,7 @@ def test_real_snowman_ids(real):
 
 
 def test_real_layout_ids(real):
-    # spec §9 table
+    # docs/numerics.md §9, the id table
     assert len(real) == 65037
     expected = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 64001, "</doc>": 64002, "<image>": 64003,
                 "</image>": 64004, "</chunk>": 64005, "</line>": 64006, "<phrase>": 64007, "</phrase>": 64008,
@@ -108,7 +109,7 @@ def test_real_layout_ids(real):
 
 
 def test_real_spec_token_ids(real):
-    # spec §9 "Text tokens seen in the tests"
+    # docs/numerics.md §9: the pieces the tests pin
     words = {"▁An": 712, "▁image": 1648, "▁of": 9, "▁a": 10, "▁snowman": 43867, "▁warming": 5950,
              "▁himself": 597, "▁by": 32, "▁fire": 646, ".": 4, ",": 6, "▁the": 5, "▁and": 8, "▁in": 12,
              "▁Two": 1264, "▁puppies": 17772, "▁sit": 1357, "▁field": 770, "▁grass": 4464, "▁": 106,
@@ -119,7 +120,7 @@ def test_real_spec_token_ids(real):
 
 
 def test_real_prompt_ids(real):
-    # spec §10.1 (text part) and §9: "<grounding>An" and "<grounding> An" tokenise identically
+    # docs/numerics.md §10.1 (text part) and §9: "<grounding>An" and "<grounding> An" tokenise identically
     ids = real.encode("<s><grounding> An image of", add_special_tokens=False)
     assert ids == [0, 64012, 712, 1648, 9]
     assert real.encode("<s><grounding>An image of", add_special_tokens=False) == ids

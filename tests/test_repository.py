@@ -1,8 +1,9 @@
 """The repository stands alone: a clone with nothing beside it has every file its tests, notebooks and docs read.
 
-Three checks: no tracked file names a path outside the repository; the shipped third-party data is the data its
-provenance table describes (sha256); and a copy of the tracked files, put in an empty folder, runs the tests that
-read the real data there.
+Four checks: no tracked file names a path outside the repository; every reference to the numerics reference
+(docs/numerics.md) names a section it has, and none points at a document that is not in the repository; the shipped
+third-party data is the data its provenance table describes (sha256); and a copy of the tracked files, put in an
+empty folder, runs the tests that read the real data there.
 """
 from __future__ import annotations
 
@@ -51,6 +52,90 @@ def test_no_tracked_file_reads_outside_the_repository():
                 line = text.count("\n", 0, m.start()) + 1
                 hits.append(f"{path.relative_to(REPO)}:{line}: {m.group(0)}")
     assert not hits, "paths outside the repository:\n" + "\n".join(hits)
+
+
+# Documents the project was once built from, which are not in the repository (in pieces, as above).
+ABSENT_DOCUMENT_PATTERNS = [
+    re.compile(r"spec" + r"\s*\(?§", re.IGNORECASE),      # the word, then a section sign (any case)
+    re.compile(r"DESIGN" + r"\.md"),
+    re.compile(r"KOSMOS2_" + r"SPEC"),
+]
+NUMERICS = REPO / "docs" / "numerics.md"
+SECTION = r"§(\d+(?:\.\d+)?)"
+# "docs/numerics.md §6.2", "`docs/numerics.md` §7.3", "docs/numerics.md §10.3 and §11", "numerics.md §9, §10.2"
+SECTION_REFS = re.compile(r"numerics\.md`?\s+§\d+(?:\.\d+)?(?:(?:,\s*|,?\s+(?:and|or)\s+)§\d+(?:\.\d+)?)*")
+# "(numerics.md#62-sinusoidal-positions-with-the-padding-offset)", or "(#9-token-layout)" inside numerics.md
+ANCHOR_LINKS = re.compile(r"\[([^\]]*)\]\((?:[^)\s#]*numerics\.md)?#([\w-]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def numerics_sections() -> dict[str, str]:
+    """Section number ("6", "6.2") -> anchor, for every numbered heading of docs/numerics.md."""
+    sections = {}
+    for line in NUMERICS.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"#{2,3} (\d+(?:\.\d+)?)\.? \S", line)
+        if m:
+            sections[m.group(1)] = github_anchor(line.lstrip("#"))
+    return sections
+
+
+def test_numerics_reference_has_numbered_sections():
+    sections = numerics_sections()
+    assert {"2", "4.3", "5", "6.2", "7.3", "8", "9", "10.1", "11.4", "12", "13", "14"} <= set(sections)
+    anchors = list(sections.values())
+    assert len(anchors) == len(set(anchors)), "two sections of docs/numerics.md share an anchor"
+    assert sections["9"] == "9-token-layout"
+
+
+def _line(path: Path, text: str, pos: int) -> str:
+    return f"{path.relative_to(REPO)}:{text.count(chr(10), 0, pos) + 1}"
+
+
+def test_references_to_numerics_md_name_existing_sections():
+    sections = numerics_sections()
+    bad, seen = [], 0
+    for path in tracked_files():
+        if path.suffix not in TEXT_SUFFIXES:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in SECTION_REFS.finditer(text):
+            for number in re.findall(SECTION, m.group(0)):
+                seen += 1
+                if number not in sections:
+                    bad.append(f"{_line(path, text, m.start())}: {m.group(0)!r} has no section {number}")
+        for m in ANCHOR_LINKS.finditer(text):
+            if "numerics.md#" not in m.group(0) and path != NUMERICS:
+                continue                                     # "(#…)" on another page is that page's own anchor
+            seen += 1
+            label, anchor = m.groups()
+            if anchor not in sections.values():
+                bad.append(f"{_line(path, text, m.start())}: #{anchor} is no heading of docs/numerics.md")
+            for number in re.findall(SECTION, label):        # "[numerics.md §6.2](…#62-…)": label and anchor agree
+                if sections.get(number) != anchor:
+                    bad.append(f"{_line(path, text, m.start())}: the label says §{number}, the link #{anchor}")
+        if path == NUMERICS:                                 # its own "(§6.2)" cross-references
+            for m in re.finditer(SECTION, text):
+                seen += 1
+                if m.group(1) not in sections:
+                    bad.append(f"{_line(path, text, m.start())}: §{m.group(1)} is no section")
+    assert not bad, "references to missing sections of docs/numerics.md:\n" + "\n".join(bad)
+    assert seen > 100, f"only {seen} references to docs/numerics.md found: do the patterns still match them?"
+
+
+def test_no_tracked_file_cites_a_document_outside_the_repository():
+    hits = []
+    for path in tracked_files():
+        if path.suffix not in TEXT_SUFFIXES and path.name not in {"run"}:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for pattern in ABSENT_DOCUMENT_PATTERNS:
+            hits += [f"{_line(path, text, m.start())}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert not hits, "references to documents that are not in the repository (use docs/numerics.md):\n" + \
+        "\n".join(hits)
 
 
 def test_data_paths_lie_inside_the_repository():

@@ -167,7 +167,7 @@ def test_key_set_matches_transformers(tiny_checkpoint):
 
 
 def test_full_config_key_count_and_parameters():
-    """Spec §8: 886 keys with the tied head (885 stored), 1,664,485,376 unique parameters."""
+    """docs/numerics.md §8: 886 keys with the tied head (885 stored), 1,664,485,376 unique parameters."""
     from kosmos2_ref.config import Kosmos2Config
 
     shapes = expected_shapes(Kosmos2Config())

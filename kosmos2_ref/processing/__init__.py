@@ -1,7 +1,7 @@
 """Processing for KOSMOS-2: images → pixel_values, text and boxes → ids and masks, ids → caption and entities.
 
-It knows nothing of the model (DESIGN.md §1). Mirrors transformers 5.23 ``Kosmos2Processor`` with the
-``CLIPImageProcessorPil`` image path; spec §9–§12.
+It knows nothing of the model (docs/architecture.md). Mirrors transformers 5.23 ``Kosmos2Processor`` with the
+``CLIPImageProcessorPil`` image path; docs/numerics.md §9, §10, §11 and §12.
 """
 
 from .grounding import (

@@ -4,7 +4,8 @@ Mirrors transformers 5.23 ``models/kosmos2/processing_kosmos2.py`` (``_check_bbo
 ``_insert_patch_index_tokens``, ``coordinate_to_patch_index``, ``patch_index_to_coordinate``,
 ``extract_entities_with_patch_indices``, ``adjust_entity_positions``, ``_cleanup_spaces``,
 ``clean_text_and_extract_entities_with_bboxes``), which in turn follows the original demo's
-``kosmos-2/demo/decode_string.py`` (microsoft/unilm). Spec §10.3 (boxes → tokens) and §11 (post-processing).
+``kosmos-2/demo/decode_string.py`` (microsoft/unilm). docs/numerics.md §10.3 (boxes → tokens) and §11
+(post-processing).
 
 The image is a grid of n × n cells (n = 32 for 1024 patch tokens); cell k is row k // n, column k % n. A box is
 named by the cells of its upper-left and lower-right corners.
@@ -58,7 +59,7 @@ def _is_float(x) -> bool:
 
 
 def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) -> tuple[int, int]:
-    """(x1, y1, x2, y2) normalised to [0, 1] → (upper-left cell, lower-right cell) (spec §10.3).
+    """(x1, y1, x2, y2) normalised to [0, 1] → (upper-left cell, lower-right cell) (docs/numerics.md §10.3).
 
     ul = floor(y1·n)·n + floor(x1·n); lr = ceil(y2·n − 1)·n + ceil(x2·n − 1) (coordinate_to_patch_index).
     Raises ValueError unless x2 > x1, y2 > y1 and all four lie in [0, 1].
@@ -79,7 +80,8 @@ def box_to_patch_indices(bbox: Sequence[float], num_patches_per_side: int = 32) 
 
 
 def patch_indices_to_box(upper_left: int, lower_right: int, num_patches_per_side: int = 32) -> tuple[float, ...]:
-    """(upper-left cell, lower-right cell) → normalised (x1, y1, x2, y2) (patch_index_to_coordinate, spec §11.4).
+    """(upper-left cell, lower-right cell) → normalised (x1, y1, x2, y2) (patch_index_to_coordinate,
+    docs/numerics.md §11.4).
 
     A box spanning one row, one column or one cell uses the outer cell edges; any other box joins the cell
     centres. Never raises: indices beyond the grid give coordinates beyond [0, 1], as in transformers.
@@ -129,7 +131,7 @@ def check_bboxes_for_single_text(
     bboxes, where: str = "", num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS
 ) -> None:
     """Validate the boxes of one text: None, or a list with one entry per ``<phrase>…</phrase>``, each entry None,
-    a box tuple, or a list of box tuples (a ``None`` inside such a list is an error). Spec §10.3."""
+    a box tuple, or a list of box tuples (a ``None`` inside such a list is an error). docs/numerics.md §10.3."""
     if bboxes is None:
         return
     if not isinstance(bboxes, list):
@@ -158,7 +160,7 @@ def _box_tokens(box: tuple, num_patch_index_tokens: int) -> str:
 
 
 def insert_patch_index_tokens(text: str, bboxes, num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> str:
-    """Append ``<object> A B </object>`` after each ``<phrase>…</phrase>`` of ``text`` (spec §10.3).
+    """Append ``<object> A B </object>`` after each ``<phrase>…</phrase>`` of ``text`` (docs/numerics.md §10.3).
 
     Several boxes for one phrase are joined by ``</delimiter_of_multi_objects/>``; a phrase whose entry is None or
     [] gets nothing. The spaces between the tokens are absorbed by the tags' lstrip when tokenising.
@@ -193,7 +195,8 @@ def strip_tags(text: str) -> str:
 
 
 def extract_entities_with_patch_indices(text: str) -> list[Entity]:
-    """Entities of ``text`` with their boxes as (ul, lr) index pairs and spans in the raw ``text`` (spec §11.1).
+    """Entities of ``text`` with their boxes as (ul, lr) index pairs and spans in the raw ``text``
+    (docs/numerics.md §11.1).
 
     With a phrase: (phrase, span of the phrase, [pairs]). Without: one entity per pair, named
     ``<patch_index_{a}><patch_index_{b}>`` with unpadded integers and the empty span at ``<object>``.
@@ -213,12 +216,14 @@ def extract_entities_with_patch_indices(text: str) -> list[Entity]:
 
 
 def _position_without_tags(text: str, index: int) -> int:
-    """Where ``index`` of ``text`` lands once the tags are removed: len(strip_tags(text[:index])) (spec §11.2)."""
+    """Where ``index`` of ``text`` lands once the tags are removed: len(strip_tags(text[:index]))
+    (docs/numerics.md §11.2)."""
     return len(strip_tags(text[:index]))
 
 
 def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
-    """Strip the caption, shift spans by its leading whitespace, and trim each name with its span (spec §11.3)."""
+    """Strip the caption, shift spans by its leading whitespace, and trim each name with its span
+    (docs/numerics.md §11.3)."""
     leading = len(text) - len(text.lstrip())
     cleaned = []
     for name, (start, end), boxes in entities:
@@ -232,7 +237,7 @@ def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity
 def clean_text_and_extract_entities_with_bboxes(text: str, num_patches_per_side: int = 32):
     """(caption without tags, [(name, (start, end), [(x1, y1, x2, y2), …]), …]) for the text after ``</image>``.
 
-    Spans index the returned caption (spec §11, checked example there). Never raises.
+    Spans index the returned caption (docs/numerics.md §11, worked example in §11.4). Never raises.
     """
     entities = []
     for name, (start, end), pairs in extract_entities_with_patch_indices(text):
@@ -244,7 +249,7 @@ def clean_text_and_extract_entities_with_bboxes(text: str, num_patches_per_side:
 
 def post_process_generation(text: str, cleanup_and_extract: bool = True, num_patches_per_side: int = 32):
     """The caption after the last ``</image>``; with ``cleanup_and_extract`` also cleaned and its entities
-    (Kosmos2Processor.post_process_generation, spec §11)."""
+    (Kosmos2Processor.post_process_generation, docs/numerics.md §11)."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     if not isinstance(cleanup_and_extract, bool):          # the string "false" would count as True

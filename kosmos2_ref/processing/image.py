@@ -4,7 +4,7 @@ Mirrors transformers 5.23 ``models/clip/image_processing_pil_clip.py`` (``CLIPIm
 ``use_square_size`` branch kept "for backwards compatibility of KOSMOS-2"), ``image_processing_backends.py``
 (``PilBackend.process_image`` / ``_preprocess``), ``image_transforms.py`` (``convert_to_rgb``, ``resize``,
 ``to_pil_image``, ``center_crop``, ``rescale``, ``normalize``) and ``image_utils.py`` (``load_image``).
-Spec §12.
+docs/numerics.md §12.
 
 Pipeline per image:
 1. RGB: a PIL image with an alpha band or transparency info is composited onto white with Pillow; other modes use
@@ -36,7 +36,7 @@ from ._files import read_json_object
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIPImageProcessorPil.size["shortest_edge"]: with use_square_size transformers 5.x resizes to this square,
-# whatever size the config names (spec §12.4 quirk).
+# whatever size the config names (docs/numerics.md §12.4).
 CLIP_DEFAULT_SHORTEST_EDGE = 224
 
 
@@ -94,7 +94,7 @@ def _size_dict(size, name: str, default_to_square: bool) -> dict:
 
 @dataclass(frozen=True)
 class ImageProcessorConfig:
-    """The settings of ``preprocessor_config.json`` (spec §12.1), defaulting to Kosmos-2's.
+    """The settings of ``preprocessor_config.json`` (docs/numerics.md §12.1), defaulting to Kosmos-2's.
 
     ``size`` and ``crop_size`` are kept as the file gives them (after ``get_size_dict`` normalisation); what the
     resize actually uses is ``resize_target``.
@@ -161,7 +161,8 @@ class ImageProcessorConfig:
         return cls.from_dict(data, source)
 
     def to_dict(self) -> dict:
-        """The preprocessor_config.json content (spec §12.1: 14 keys for the Kosmos-2 defaults)."""
+        """The preprocessor_config.json content (docs/numerics.md §12.1: 14 keys for the Kosmos-2
+        defaults)."""
         out = {
             "crop_size": dict(self.crop_size),
             "do_center_crop": self.do_center_crop,
@@ -346,7 +347,7 @@ def to_rgb_uint8(image, name: str = "image", do_convert_rgb: bool = True) -> np.
 
 # ------------------------------------------------------------------------------------------------- transforms
 def resize(image: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
-    """[H, W, 3] uint8 → [height, width, 3] uint8 with Pillow (spec §12.3 documents its BICUBIC exactly)."""
+    """[H, W, 3] uint8 → [height, width, 3] uint8 with Pillow (docs/numerics.md §12.3 describes its BICUBIC)."""
     resized = PIL.Image.fromarray(image).resize((width, height), resample=PIL.Image.Resampling(resample))
     return np.asarray(resized)
 

@@ -1,8 +1,8 @@
 """``Kosmos2Processor``: text, images and boxes → model inputs; generated ids → caption and entities.
 
 Mirrors transformers 5.23 ``models/kosmos2/processing_kosmos2.py`` (``Kosmos2Processor.__call__``,
-``preprocess_examples``, ``post_process_generation``, ``post_process_image_text_to_text``). Spec §10 (prompt
-layout, batching, boxes) and §11 (post-processing).
+``preprocess_examples``, ``post_process_generation``, ``post_process_image_text_to_text``). docs/numerics.md
+§10 (prompt layout, batching, boxes) and §11 (post-processing).
 
 With an image, each text becomes ``<s> <image> [64 image slots] </image> text``: the 64 slots are tokenised as
 ``<image>`` and then overwritten with the ids ``first_image_token_id … +63`` (4…67 by default), and
@@ -110,7 +110,7 @@ class Kosmos2Processor:
     @classmethod
     def default(cls, padding_side: str = "right", **tokenizer_kwargs) -> "Kosmos2Processor":
         """The Kosmos-2 processor without a checkpoint folder: the real tokenizer from the SentencePiece model
-        shipped in ``kosmos2_ref/assets`` and the spec §12.1 image settings."""
+        shipped in ``kosmos2_ref/assets`` and the image settings of docs/numerics.md §12.1."""
         tokenizer = default_tokenizer(padding_side=padding_side, **tokenizer_kwargs)
         return cls(tokenizer, ImageProcessorConfig())
 
@@ -315,7 +315,8 @@ class Kosmos2Processor:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
 
     def post_process_generation(self, text: str, cleanup_and_extract: bool = True):
-        """Caption after ``</image>``; with ``cleanup_and_extract``: (clean caption, entities) (spec §11).
+        """Caption after ``</image>``; with ``cleanup_and_extract``: (clean caption, entities)
+        (docs/numerics.md §11).
 
         Boxes are decoded on the 32 × 32 grid whatever ``num_patch_index_tokens`` is, as transformers 5.23 does
         (its post_process_generation never passes the grid size on); only 1024 patch tokens exist in practice.

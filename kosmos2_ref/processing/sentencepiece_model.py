@@ -6,8 +6,8 @@ character map. Everything else is skipped by its wire type, so the reader needs 
 ``protobuf``.
 
 The field numbers are those of ``sentencepiece_model.proto`` (the same schema transformers ships as
-``transformers/utils/sentencepiece_model_pb2.py``). Spec §9; PROVENANCE.md lists the facts checked on the real
-Kosmos-2 model.
+``transformers/utils/sentencepiece_model_pb2.py``). docs/numerics.md §9; PROVENANCE.md lists the facts checked on
+the real Kosmos-2 model.
 """
 
 from __future__ import annotations

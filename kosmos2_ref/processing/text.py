@@ -5,12 +5,12 @@ Mirrors transformers 5.23: ``tokenization_utils_tokenizers.py`` (``TokenizersBac
 decode), ``tokenization_utils_base.py`` (``_get_padding_truncation_strategies``, ``clean_up_tokenization``),
 ``models/xlm_roberta/tokenization_xlm_roberta.py`` and ``convert_slow_tokenizer.py`` (``XLMRobertaConverter``:
 how the fairseq id layout is built from the SentencePiece model), and the token additions of
-``models/kosmos2/processing_kosmos2.py``. Spec §9 (ids), §10.2 (padding).
+``models/kosmos2/processing_kosmos2.py``. docs/numerics.md §9 (ids), §10.2 (padding).
 
-Id layout (spec §9): ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3; SentencePiece piece k (k >= 3) gets id k + 1
-(SentencePiece's own ``<unk> <s> </s>`` at 0, 1, 2 are replaced by the fairseq specials); ``<mask>``=64001; the 11
-tag tokens 64002…64012 and ``<patch_index_0000>``…``<patch_index_1023>`` = 64013…65036, added with
-``lstrip=True, normalized=False`` and not special.
+Id layout (docs/numerics.md §9): ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3; SentencePiece piece k (k >= 3)
+gets id k + 1 (SentencePiece's own ``<unk> <s> </s>`` at 0, 1, 2 are replaced by the fairseq specials);
+``<mask>``=64001; the 11 tag tokens 64002…64012 and ``<patch_index_0000>``…``<patch_index_1023>`` =
+64013…65036, added with ``lstrip=True, normalized=False`` and not special.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ PACKAGED_SENTENCEPIECE_MODEL = Path(__file__).resolve().parent.parent / "assets"
 
 
 def patch_index_token(index: int) -> str:
-    """The token naming grid cell ``index``: ``<patch_index_0044>`` (zero-padded to 4 digits, spec §10.3)."""
+    """The token naming grid cell ``index``: ``<patch_index_0044>`` (zero-padded to 4 digits,
+    docs/numerics.md §10.3)."""
     return f"<patch_index_{index:04d}>"
 
 
@@ -61,7 +62,7 @@ def kosmos2_added_tokens(num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -
     """The 11 tags then the patch tokens, as the processor adds them: lstrip, not normalised, not special.
 
     lstrip makes whitespace just before a tag part of the tag, so ``"a <phrase>"`` and ``"a<phrase>"`` give the
-    same ids (spec §9).
+    same ids (docs/numerics.md §9).
     """
     names = list(TAG_TOKENS) + [patch_index_token(i) for i in range(num_patch_index_tokens)]
     return [AddedToken(name, lstrip=True, rstrip=False, normalized=False, special=False) for name in names]

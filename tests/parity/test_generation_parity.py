@@ -1,4 +1,5 @@
-"""Generation parity with transformers' ``Kosmos2ForConditionalGeneration.generate`` (spec §7).
+"""Generation parity with transformers' ``Kosmos2ForConditionalGeneration.generate``
+(docs/numerics.md §7).
 
 Both sides read one saved random checkpoint and transformers runs in the same test. Sequences must be equal
 token for token; the per-step processed scores must have the same −inf entries (banned tokens) and agree
@@ -338,7 +339,8 @@ def test_beam_sampling_first_step_matches_transformers(lively):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Left padding: pad-aware positions (ours, transformers 4.37) vs past_length + 2 (transformers 5.x), spec §7.3
+# Left padding: pad-aware positions (ours, transformers 4.37) vs past_length + 2 (transformers 5.x),
+# docs/numerics.md §7.3
 
 def test_left_padded_batch_generates_each_row_alone_unlike_transformers_5(lively):
     ours, hf, _ = lively
@@ -369,7 +371,7 @@ def test_left_padded_batch_generates_each_row_alone_unlike_transformers_5(lively
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Defaults from the checkpoint (DESIGN.md §5)
+# Defaults from the checkpoint (docs/numerics.md §7.4)
 
 def test_defaults_come_from_the_checkpoint(tiny, tmp_path):
     """text_config.no_repeat_ngram_size (as the released config.json has it) and generation_config.json's

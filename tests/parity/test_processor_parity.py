@@ -1,8 +1,9 @@
 """Parity of kosmos2_ref.processing with transformers 5.23 (``AutoProcessor`` → ``Kosmos2Processor`` with
-``CLIPImageProcessorPil``), both loading the same folders. Spec §9–§12.
+``CLIPImageProcessorPil``), both loading the same folders.
+docs/numerics.md §9, §10, §11 and §12.
 
-Every expected value comes from transformers run in the same test (or from the spec, checked against
-transformers too). Exact equality everywhere: ids and masks equal, pixel_values equal bit for bit.
+Every expected value comes from transformers run in the same test (or from docs/numerics.md, checked
+against transformers too). Exact equality everywhere: ids and masks equal, pixel_values equal bit for bit.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_processor_outputs_equal_transformers(loaded, kind, side, case):
 
 
 def test_spec_prompt_ids_with_transformers(loaded):
-    # spec §10.1 and §9: the real tokenizer
+    # docs/numerics.md §10.1 and §9: the real tokenizer
     ours, theirs = loaded("real")
     expected = [0, 64003] + list(range(4, 68)) + [64004, 64012, 712, 1648, 9]
     for processor, is_ours in ((ours, True), (theirs, False)):
