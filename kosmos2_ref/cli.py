@@ -265,6 +265,9 @@ def cmd_caption(args) -> int:
 def cmd_ground(args) -> int:
     from . import jobs, tasks
 
+    if not args.images and not args.list:      # argparse gave the only argument to the phrase
+        raise CLIError(f"ground needs images and a phrase: {PROG} ground IMAGE... PHRASE (got only "
+                       f"{args.phrase!r})")
     if jobs.wants_batch(args):
         job = jobs.TextJob.ground(args.phrase, _max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
         return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)

@@ -175,6 +175,18 @@ def test_batched_records_equal_one_image_runs(capsys, ckpt, model, tmp_path):
         assert {k: rec[k] for k in alone} == json.loads(json.dumps(alone))
 
 
+def test_progress_bar_on_a_terminal(capsys, ckpt, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "3", "embed", DOGS, SNOWMAN, "--out",
+                         "e.npy", "--batch-size", "1")
+    assert code == 0, err
+    bars = [part for part in err.split("\r") if part.startswith("embed [")]
+    assert len(bars) == 2 and "1/2" in bars[0] and "2/2" in bars[1]
+    assert all("images/s" in b and "left" in b for b in bars)
+    code, out, err = run(capsys, "--model", ckpt, "ground", DOGS)
+    assert code == 2 and "ground needs images and a phrase" in err
+
+
 def test_one_image_without_out_behaves_as_before(capsys, ckpt):
     code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "--json", "caption", DOGS)
     assert code == 0, err
