@@ -392,8 +392,13 @@ class EmbeddingFiles:
                 raise JobError(f"{where}: {key} {header.get(key)} but this model gives {self.header[key]}")
 
     def _append(self, record: dict) -> None:
-        self._index.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._index.flush()
+        try:
+            self._index.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._index.flush()
+        except OSError as exc:
+            raise JobError(f"--out: cannot write the index {str(self.index_path)!r}: "
+                           f"{exc.strerror or _one_line(exc)} (the rows it lists are complete; --resume continues)"
+                           ) from exc
 
     def write_ok(self, row: int, path: str, embeds: np.ndarray, pooled: np.ndarray) -> None:
         self.embeds.write(row, embeds)
