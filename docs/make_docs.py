@@ -413,7 +413,8 @@ API = [
     ("Checkpoints", [
         "kosmos2_ref.hub.resolve_checkpoint", "kosmos2_ref.hub.find_in_cache", "kosmos2_ref.hub.download",
         "kosmos2_ref.demo.demo_checkpoint", "kosmos2_ref.demo.build_demo_checkpoint",
-        "kosmos2_ref.weights.load_flat", "kosmos2_ref.weights.expected_shapes",
+        "kosmos2_ref.weights.load_flat", "kosmos2_ref.weights.plan_weights", "kosmos2_ref.weights.expected_shapes",
+        "kosmos2_ref.torch_pickle.TorchBinFile", "kosmos2_ref.convert.convert_checkpoint",
     ]),
     ("Backends and the cache", [
         "kosmos2_ref.get_backend", "kosmos2_ref.to_numpy", "kosmos2_ref.backend.cupy_available",

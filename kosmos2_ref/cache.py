@@ -1,9 +1,11 @@
 """The KV cache: per layer keys and values [B, H, S, D], preallocated and filled in place (docs/numerics.md §7.2).
 
 Mirrors what transformers keeps in its ``DynamicCache`` (keys after k_proj/v_proj with their biases, unscaled,
-before any LayerNorm), but laid out like llama2.c's ``run.c``: one buffer per layer sized for the whole
-generation up front, so a decoding step writes one column of each buffer and allocates nothing. If a caller
-writes past the capacity the buffers grow (doubling), so the cache is never a hard limit.
+before any LayerNorm), but laid out like llama2.c's ``run.c``: one buffer per layer sized up front, so a decoding
+step writes one column of each buffer and allocates nothing. If a caller writes past the capacity the buffers
+grow (doubling), so the cache is never a hard limit. ``generate`` sizes it for the whole generation, or for the
+model's ``max_position_embeddings`` when a huge ``max_new_tokens`` asks for more (an early EOS then costs
+nothing of what was not used).
 """
 from __future__ import annotations
 

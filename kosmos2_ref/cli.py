@@ -5,6 +5,7 @@
     kosmos2-ref ground IMAGE "a snowman"                where is it? (referring expression comprehension)
     kosmos2-ref describe IMAGE --box x1,y1,x2,y2        what is there? (referring expression generation)
     kosmos2-ref embed IMAGE... --out FILE.npy           image embeddings [N, 64, 2048] + pooled CLIP [N, 1024]
+    kosmos2-ref convert SRC DST [--dtype bfloat16]      any loadable checkpoint (.bin too) -> a safetensors folder
     kosmos2-ref serve [--host H] [--port P]             a local web page for all of these (docs/web.md)
 
 Many images: ``caption``, ``ground``, ``describe`` and ``embed`` take files, folders (``--recursive``) and
@@ -21,9 +22,12 @@ Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 PROG = "kosmos2-ref"
@@ -113,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "FILE.index.jsonl, all written row by row (memory stays flat; resumable); FILE.npz: one archive "
                  "with arrays image_embeds, pooled and names, held in memory and written at the end (small sets)")
     _global_options(p, suppress=True)
+
+    p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
+                                       "loads (safetensors or pytorch_model.bin, a folder or a Hub id)")
+    p.add_argument("src", help="checkpoint folder or Hugging Face id")
+    p.add_argument("dst", help="the new folder to write (must not exist; it appears only when complete)")
+    p.add_argument("--dtype", dest="convert_dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="convert every tensor to this dtype (default: keep each as stored)")
 
     p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
                                     "available, else a small random-weight model, clearly labelled)")
@@ -332,8 +343,8 @@ def _save_outputs(option: str, value: str, outputs) -> None:
     try:
         for current, write in outputs:
             tmp = current.with_name(f".{current.name}.partial")
+            staged.append((tmp, current))           # before the file exists: a signal after open leaves none
             with open(tmp, "wb") as f:
-                staged.append((tmp, current))
                 write(f)
         for tmp, current in staged[:-1]:            # the last one moved needs no way back
             if current.is_file():
@@ -497,14 +508,50 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, args.convert_dtype)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    print(f"wrote {dst} ({size / 1e6:.1f} MB): {', '.join(sorted(f.name for f in dst.iterdir()))}")
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
-            "demo": cmd_demo, "serve": cmd_serve}
+            "demo": cmd_demo, "serve": cmd_serve, "convert": cmd_convert}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. Raised in the main thread so that cleanup runs as for Ctrl-C (a half-written output's
+    temporary file is removed), where the default action would end the process at once and leave it behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (main thread only; the old handler is put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0, or 2 for an error reported in one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -518,6 +565,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143                      # 128 + SIGTERM, as a shell reports a command ended by it
     except BrokenPipeError:             # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so Python's final flush of stdout does not fail again

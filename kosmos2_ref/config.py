@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import is_int, is_real
+from .files import file_present, read_text
 
 
 class ConfigError(ValueError):
@@ -196,11 +197,17 @@ class Kosmos2Config:
     def from_json(cls, path: str | Path) -> "Kosmos2Config":
         """Read a ``config.json`` file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if not file_present(path):
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            text = read_text(path)
+        except ConfigError:
+            raise
+        except ValueError as exc:              # a broken link, not a file, unreadable, not UTF-8
+            raise ConfigError(f"config file {exc}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
         try:
             return cls.from_dict(d)

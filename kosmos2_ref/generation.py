@@ -7,7 +7,9 @@ loops of ``generation/utils.py`` (``GenerationMixin._sample``, ``_beam_search`` 
 explains the choices.
 
 How a call runs. The image is encoded once. The prompt is run once (the *prefill*) into a :class:`KVCache` sized
-for prompt + ``max_new_tokens``; each later step feeds one token per row with ``logits_to_keep=1``. The last
+for prompt + ``max_new_tokens``, or for the positions the model was trained on when that is less
+(:func:`initial_length`: the buffers then double as the tokens come, so an early EOS costs nothing of a huge
+``max_new_tokens``); each later step feeds one token per row with ``logits_to_keep=1``. The last
 position's logits [N, V] go through the processors, then a token is chosen. Arrays stay on the backend (``xp``);
 the host sees the chosen ids each step ([N] ints; for beams the 2·num_beams candidates per input) and, only when
 ``output_scores`` is asked for, the processed scores. Bookkeeping (sequences, beam scores) lives on the host.
@@ -20,6 +22,7 @@ a left-padded row by its pad count. Both agree on rows without padding.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -85,7 +88,8 @@ def checkpoint_generation_defaults(model) -> dict:
     ``no_repeat_ngram_size = 3``, as the original demo used; transformers 5.x drops them, 4.x honoured them), then
     ``generation_config.json``, which wins where both set a key. ``max_length`` is read from
     ``generation_config.json`` only: a ``max_length: 20`` in an old ``text_config`` is a serialised default, which
-    no image prompt (≥ 67 tokens) fits.
+    no image prompt (≥ 67 tokens) fits (one in generation_config.json that leaves no room is replaced by the
+    default 20 new tokens, with a warning: :func:`_new_tokens_from_max_length`).
     """
     tc = model.config.text_config
     d = {"eos_token_id": tc.eos_token_id, "pad_token_id": tc.pad_token_id}
@@ -104,15 +108,62 @@ def _as_eos(v, vocab_size: int) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def setting_source(model, name: str) -> str | None:
+    """The file a checkpoint's generation setting ``name`` is read from (as :func:`checkpoint_generation_defaults`
+    reads it: generation_config.json wins over config.json's text_config), or None when neither sets it."""
+    folder = getattr(model, "folder", None)
+    where = (lambda file: str(folder / file)) if folder is not None else (lambda file: file)
+    if (model.generation_config or {}).get(name) is not None:
+        return where("generation_config.json")
+    tc = model.config.text_config
+    if tc.extra.get(name) is not None or name in ("eos_token_id", "pad_token_id"):
+        return where("config.json") + " (its text_config)"
+    return None
+
+
+def _new_tokens_from_max_length(max_length, prompt_length: int) -> int:
+    """New tokens for a checkpoint's ``max_length``: a total length, the prompt included, as in transformers.
+
+    Old checkpoints serialise the default ``max_length: 20``, which no image prompt (>= 67 tokens) fits. transformers
+    5.23 generates Kosmos-2 through its text model, whose generation config never reads generation_config.json, so
+    on such a checkpoint it generates its default 20 new tokens (and warns about relying on a default). We do the
+    same, with a warning that says why; a ``max_length`` that leaves room is honoured as a total.
+    """
+    if not is_int(max_length) or max_length < 1:
+        raise ValueError(f"generation_config.json sets max_length={max_length!r}: expected a positive integer (the "
+                         f"total length, prompt included)")
+    if max_length > prompt_length:
+        return max_length - prompt_length
+    warnings.warn(f"generation_config.json sets max_length={max_length}, a total length that leaves no room after "
+                  f"the {prompt_length}-token prompt; generating transformers' default {DEFAULT_MAX_NEW_TOKENS} new "
+                  f"tokens instead, as transformers does on this checkpoint. Pass max_new_tokens to choose",
+                  UserWarning, stacklevel=6)
+    return DEFAULT_MAX_NEW_TOKENS
+
+
 def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSettings:
     """Merge explicit arguments (those not None) over :func:`checkpoint_generation_defaults` over transformers'
-    defaults, and validate them: a bad value raises ValueError naming the argument."""
+    defaults, and validate them: a bad value raises ValueError naming the argument, and the file it was read
+    from when it was not an argument."""
+    picked: list[str] = []          # the settings in the order they are read; each is checked once read
+    try:
+        return _resolve_settings(model, prompt_length, explicit, picked)
+    except ValueError as err:
+        name = picked[-1] if picked else None
+        source = setting_source(model, name) if name and explicit.get(name) is None else None
+        if source is None:
+            raise
+        raise ValueError(f"{err} (read from {source})") from None
+
+
+def _resolve_settings(model, prompt_length: int, explicit: dict, picked: list) -> GenerationSettings:
     unknown = set(explicit) - set(GENERATION_KEYS)
     if unknown:
         raise TypeError(f"unknown generation settings {sorted(unknown)}")
     ckpt = checkpoint_generation_defaults(model)
 
     def pick(name):
+        picked.append(name)
         if explicit.get(name) is not None:
             return explicit[name]
         return ckpt.get(name, HF_DEFAULTS.get(name))
@@ -120,11 +171,7 @@ def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSetting
     vocab = model.config.text_config.vocab_size
     max_new = pick("max_new_tokens")
     if max_new is None and "max_length" in ckpt:          # generation_config.json's total length
-        ml = ckpt["max_length"]
-        if not is_int(ml) or ml - prompt_length < 1:
-            raise ValueError(f"generation_config.json sets max_length={ml!r}, which leaves no room after the "
-                             f"{prompt_length}-token prompt; pass max_new_tokens")
-        max_new = ml - prompt_length
+        max_new = _new_tokens_from_max_length(ckpt["max_length"], prompt_length)
     if max_new is None:
         max_new = DEFAULT_MAX_NEW_TOKENS
     if not is_int(max_new) or max_new < 1:
@@ -169,6 +216,48 @@ def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSetting
     return GenerationSettings(int(max_new), int(min_new), bool(do_sample), float(temperature), int(top_k),
                               float(top_p), int(num_beams), float(lp), es, int(ngram), float(rep), eos,
                               None if pad is None else int(pad))
+
+
+# ==============================================================================================================
+# Warnings where transformers warns (GenerationConfig.validate, MaxLengthCriteria)
+
+# settings that only one decoding mode reads, with the value that changes nothing
+SAMPLING_ONLY = (("temperature", 1.0), ("top_p", 1.0), ("top_k", 50))
+BEAM_ONLY = (("early_stopping", False), ("length_penalty", 1.0))
+
+
+def _should_warn(mode_switch: str, name: str, user_set: set) -> bool:
+    """transformers' rule: stay quiet about a setting inherited from the checkpoint when the caller chose the
+    mode explicitly (do_sample=False with a temperature from generation_config.json is harmless)."""
+    return not (mode_switch in user_set and name not in user_set)
+
+
+def warn_ignored_settings(s: GenerationSettings, user_set: set) -> None:
+    """One UserWarning naming the settings this call ignores: sampling settings under greedy decoding or plain
+    beam search, beam settings with one beam (as ``GenerationConfig.validate`` warns). ``user_set``: the names the
+    caller passed."""
+    ignored = []
+    if not s.do_sample:
+        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in SAMPLING_ONLY
+                    if getattr(s, name) != neutral and _should_warn("do_sample", name, user_set)]
+    if s.num_beams == 1:
+        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in BEAM_ONLY
+                    if getattr(s, name) != neutral and _should_warn("num_beams", name, user_set)]
+    if ignored:
+        warnings.warn(f"generate ignores {', '.join(ignored)}: temperature, top_p and top_k are used only when "
+                      f"sampling (do_sample=True), early_stopping and length_penalty only by beam search "
+                      f"(num_beams > 1); set the mode that uses them, or leave them unset", UserWarning, stacklevel=4)
+
+
+def warn_past_trained_positions(model, cur_len: int, prompt_length: int) -> None:
+    """A UserWarning, once per call, when the sequence first grows past ``max_position_embeddings`` while decoding
+    goes on (transformers' MaxLengthCriteria reminder). The sinusoidal positions go on, but the model never saw
+    them in training."""
+    trained = model.config.text_config.max_position_embeddings
+    if cur_len == max(trained, prompt_length) + 1:
+        warnings.warn(f"generate: the sequence ({cur_len} tokens) is now longer than the {trained} positions the "
+                      f"model was trained on (max_position_embeddings); the text may degrade from here",
+                      UserWarning, stacklevel=5)
 
 
 # ==============================================================================================================
@@ -482,6 +571,36 @@ def _decode_step(model, cache, seq: np.ndarray, att: np.ndarray, cur_len: int):
     return out.logits[:, -1]                                                       # [N, V]
 
 
+def initial_length(model, prompt_length: int, max_length: int) -> int:
+    """How many tokens (prompt included) the buffers of one call are first made for: all ``max_length`` when they
+    fit in the positions the model was trained on (``max_position_embeddings``), else the larger of those and the
+    prompt + 1; past that the buffers double as needed (:func:`with_room`, :meth:`KVCache.update`)."""
+    trained = model.config.text_config.max_position_embeddings
+    return min(max_length, max(trained, prompt_length + 1))
+
+
+def with_room(a: np.ndarray, length: int, fill) -> np.ndarray:
+    """``a`` [..., L] when L >= ``length``, else a copy with room for twice L (at least ``length``) along the
+    last axis, the new columns set to ``fill``."""
+    if a.shape[-1] >= length:
+        return a
+    out = np.full(a.shape[:-1] + (max(length, 2 * a.shape[-1]),), fill, a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
+def _out_of_memory(model, s: GenerationSettings, batch: int, prompt_length: int) -> MemoryError:
+    """The MemoryError of a call whose buffers do not fit, saying what was asked for and what it needs."""
+    tc = model.config.text_config
+    rows, length = batch * s.num_beams, initial_length(model, prompt_length, prompt_length + s.max_new_tokens)
+    kv = 2 * tc.layers * rows * tc.attention_heads * length * tc.head_dim * 4            # keys and values, float32
+    logits = rows * tc.vocab_size * 4
+    return MemoryError(
+        f"generate ran out of memory: {batch} prompt(s) × {s.num_beams} beam(s) = {rows} rows with room for {length} "
+        f"tokens need {kv / 2 ** 30:.1f} GiB for the KV cache and {logits / 2 ** 30:.1f} GiB per step for the "
+        f"logits, more than this machine can allocate; use fewer prompts, beams or new tokens")
+
+
 def _prefill(model, ids, att, img, image_embeds, capacity: int):
     """Run the prompt once into a new cache; return (cache, last-position logits [B, V])."""
     cache = model.new_cache(ids.shape[0], capacity)
@@ -500,14 +619,16 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
     every row is finished or ``max_new_tokens`` are made. ids, att, img: host [B, T]."""
     B, T = ids.shape
     max_len = T + s.max_new_tokens
-    seq = np.full((B, max_len), s.pad_token_id if s.pad_token_id is not None else 0, np.int64)
+    width = initial_length(model, T, max_len)       # the buffers' length; they double when it is reached
+    fill = s.pad_token_id if s.pad_token_id is not None else 0
+    seq = np.full((B, width), fill, np.int64)
     seq[:, :T] = ids
-    att_all = np.ones((B, max_len), np.int64)      # generated tokens are always attended (as transformers)
+    att_all = np.ones((B, width), np.int64)        # generated tokens are always attended (as transformers)
     att_all[:, :T] = att
     skip = (att != 0).argmax(axis=1)               # left-padding length per row
     procs = build_processors(s, T, skip)
     eos = np.asarray(s.eos_token_id, np.int64)
-    cache, logits = _prefill(model, ids, att, img, image_embeds, max_len)
+    cache, logits = _prefill(model, ids, att, img, image_embeds, width)
     if streamer is not None:
         streamer.put(ids.copy())
     unfinished = np.ones(B, bool)
@@ -520,6 +641,7 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
         tok = sample_next_tokens(scores, rng) if s.do_sample else greedy_next_tokens(scores)   # host [B]
         if len(eos):
             tok = np.where(unfinished, tok, s.pad_token_id)    # finished rows get pad
+        seq, att_all = with_room(seq, cur_len + 1, fill), with_room(att_all, cur_len + 1, 1)
         seq[:, cur_len] = tok
         if streamer is not None:
             streamer.put(tok.copy())
@@ -529,6 +651,7 @@ def _greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds,
         cur_len += 1
         if cur_len >= max_len or not unfinished.any():
             break
+        warn_past_trained_positions(model, cur_len, T)
         logits = _decode_step(model, cache, seq, att_all, cur_len - 1)
     if streamer is not None:
         streamer.end()
@@ -582,12 +705,13 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
     K = s.num_beams
     N = B * K
     max_len = T + s.max_new_tokens
+    width = initial_length(model, T, max_len)           # the buffers' length; they double when it is reached
     kk = max(2, 1 + len(s.eos_token_id)) * K            # candidates kept per input
     fill = s.pad_token_id if s.pad_token_id is not None else (s.eos_token_id[0] if s.eos_token_id else -1)
     eos = np.asarray(s.eos_token_id, np.int64)
     lp, es = s.length_penalty, s.early_stopping
 
-    run_seq = np.full((B, K, max_len), fill, np.int64)
+    run_seq = np.full((B, K, width), fill, np.int64)
     run_seq[:, :, :T] = ids[:, None, :]
     run_scores = np.zeros((B, K), np.float32)
     run_scores[:, 1:] = BEAM_NEG
@@ -598,20 +722,20 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
     improvable = np.ones(B, bool)                      # transformers' is_early_stop_heuristic_unsatisfied
     top_mask = np.arange(kk) < K                       # only the first K candidates may finish
 
-    att_all = np.ones((N, max_len), np.int64)
+    att_all = np.ones((N, width), np.int64)
     att_all[:, :T] = np.repeat(att, K, axis=0)
     skip = np.repeat((att != 0).argmax(axis=1), K)
     procs = build_processors(s, T, skip)
 
     # The prompt runs once per input; the cache is then copied to its K beams (rows b·K … b·K+K-1).
-    cache, logits = _prefill(model, ids, att, img, image_embeds, max_len)
+    cache, logits = _prefill(model, ids, att, img, image_embeds, width)
     cache.reorder(np.repeat(np.arange(B), K))
     logits = xp.repeat(logits, K, axis=0)                                          # [N, V]
     scores_out = []
     cur_len = T
     while True:
         logp = log_softmax(logits)                                                 # [N, V]
-        logp = apply_processors(procs, run_seq.reshape(N, max_len)[:, :cur_len], logp)
+        logp = apply_processors(procs, run_seq.reshape(N, -1)[:, :cur_len], logp)
         if output_scores:
             scores_out.append(_host(logp))
         V = logp.shape[-1]
@@ -622,7 +746,10 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
             keys = acc + xp.asarray(-np.log(-np.log(u)))                              # + Gumbel noise
         cand, cand_scores = _top_candidates(acc, kk, keys)                          # host [B, kk]
         parent, tok = cand // V, cand % V
-        cand_seq = np.take_along_axis(run_seq, parent[:, :, None], axis=1)          # [B, kk, max_len]
+        if cur_len >= run_seq.shape[-1]:                                           # full: double the buffers
+            run_seq, att_all = with_room(run_seq, cur_len + 1, fill), with_room(att_all, cur_len + 1, 1)
+            done_seq = with_room(done_seq, cur_len + 1, fill)
+        cand_seq = np.take_along_axis(run_seq, parent[:, :, None], axis=1)          # [B, kk, width]
         cand_seq[:, :, cur_len] = tok
         finished = np.isin(tok, eos) | (cur_len + 1 >= max_len)                      # [B, kk]
 
@@ -657,8 +784,9 @@ def _beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng,
         go_on = improvable.any() and not (done_flag.all() and es is True) and not finished.all()
         if not go_on:
             break
+        warn_past_trained_positions(model, cur_len, T)
         cache.reorder(beam_src)
-        logits = _decode_step(model, cache, run_seq.reshape(N, max_len), att_all, cur_len - 1)
+        logits = _decode_step(model, cache, run_seq.reshape(N, -1), att_all, cur_len - 1)
 
     out_len = T + int(done_len[:, 0].max())
     return GenerateOutput(done_seq[:, 0, :out_len].copy(), tuple(scores_out) if output_scores else None,
@@ -708,12 +836,18 @@ def generate(model, pixel_values=None, input_ids=None, attention_mask=None, imag
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if s.num_beams > 1 and (streamer is not None or callback is not None):
         raise ValueError("streamer and callback need num_beams=1: beam search settles its tokens only at the end")
+    explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                    length_penalty=length_penalty, early_stopping=early_stopping)
+    warn_ignored_settings(s, {name for name, value in explicit.items() if value is not None})
     ids, att, img, emb = _prepare_inputs(model, s, pixel_values, input_ids, attention_mask,
                                          image_embeds_position_mask, image_embeds)
     if rng is None:
         rng = np.random.default_rng(seed)
-    if s.num_beams > 1:
-        out = _beam_search(model, s, ids, att, img, emb, rng, output_scores)
-    else:
-        out = _greedy_or_sample(model, s, ids, att, img, emb, rng, output_scores, streamer, callback)
+    try:
+        if s.num_beams > 1:
+            out = _beam_search(model, s, ids, att, img, emb, rng, output_scores)
+        else:
+            out = _greedy_or_sample(model, s, ids, att, img, emb, rng, output_scores, streamer, callback)
+    except MemoryError:
+        raise _out_of_memory(model, s, *ids.shape) from None
     return out if return_dict_in_generate else out.sequences

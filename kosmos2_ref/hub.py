@@ -10,14 +10,20 @@ layout ``huggingface_hub`` writes and transformers reads::
         snapshots/<hash>/         config.json, model.safetensors, tokenizer.json, ... (links into blobs/)
 
 It takes the snapshot ``refs/main`` names (or ``refs/<revision>``, or ``snapshots/<revision>``), else the newest
-snapshot that holds a complete checkpoint. When the id is not cached it downloads the files the package reads
-(:data:`ALLOW_PATTERNS`, not the PyTorch ``.bin``) with ``huggingface_hub.snapshot_download`` -- an optional
-dependency, ``pip install 'kosmos2-ref[hub]'`` -- unless ``HF_HUB_OFFLINE=1``. Every way of failing raises
+snapshot that holds a complete checkpoint: ``config.json`` and weights (safetensors, or a PyTorch ``.bin`` when the
+snapshot has no safetensors). ``need="processor"`` (what :meth:`Kosmos2Processor.from_pretrained` asks for) is
+satisfied by the tokenizer and image-processor files alone, with or without weights. When the id is not cached it
+downloads the files the package reads (:data:`ALLOW_PATTERNS`; the PyTorch ``.bin`` only for a repository without
+safetensors, :data:`BIN_PATTERNS`) with ``huggingface_hub.snapshot_download`` -- an optional dependency,
+``pip install 'kosmos2-ref[hub]'`` -- unless ``HF_HUB_OFFLINE=1``. Every way of failing raises
 :class:`CheckpointNotFoundError` with one sentence saying what is missing and how to get it; network attempts are
-bounded by short timeouts, so nothing hangs.
+bounded by short timeouts, so nothing hangs: a TCP probe (skipped behind a proxy), then the repository-info request
+that resolves the revision to a commit (``model_info``, :data:`INFO_TIMEOUT_S`), then the download of that commit,
+whose requests time out after ``etag_timeout`` and ``HF_HUB_DOWNLOAD_TIMEOUT``.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import threading
@@ -32,7 +38,14 @@ ALLOW_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
     "processor_config.json", "sentencepiece.bpe.model",
 ]
+# The PyTorch weights, fetched only when a repository has no safetensors (read by kosmos2_ref.torch_pickle).
+BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+# What a processor reads: the tokenizer (tokenizer.json, else the SentencePiece model) and the image settings.
+PROCESSOR_PATTERNS = ["tokenizer.json", "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "preprocessor_config.json", "processor_config.json"]
+NEEDS = ("model", "processor")
 CONNECT_TIMEOUT_S = 5.0     # the reachability probe, DNS included
+INFO_TIMEOUT_S = 10.0       # the repository-info request that resolves the revision (model_info)
 ETAG_TIMEOUT_S = 10.0       # huggingface_hub's metadata request; reads time out after HF_HUB_DOWNLOAD_TIMEOUT
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,22 +89,58 @@ def repo_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Looking in the cache
 
-def missing_files(folder: Path) -> list[str]:
-    """The files a checkpoint folder lacks: ``config.json`` and the weights (one file, or an index and its
-    shards). Empty when the folder is complete."""
-    missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    if (folder / "model.safetensors").is_file():
-        return missing
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return missing + ["model.safetensors"]
+def _named(folder: Path, name: str) -> str:
+    """``name`` as a missing file is named in messages: "(a broken symbolic link)" added when it is one, so that a
+    message never says a folder has no file that a listing of it shows."""
+    path = folder / name
+    return f"{name} (a broken symbolic link to {os.readlink(path)!r})" if path.is_symlink() else name
+
+
+def broken_links(folder: Path) -> list[str]:
+    """The files of ``folder`` that this package reads (:data:`ALLOW_PATTERNS`, :data:`BIN_PATTERNS`) and that are
+    broken symbolic links."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [_named(folder, p.name) for p in entries if p.is_symlink() and not p.exists()
+            and any(fnmatch.fnmatch(p.name, pattern) for pattern in ALLOW_PATTERNS + BIN_PATTERNS)]
+
+
+def _missing_weights(folder: Path) -> list[str]:
+    """The weight files ``folder`` lacks, looked for in the order the loader prefers them (weights.WEIGHT_FILES):
+    a single file, else an index and every shard it names; safetensors, else PyTorch ``.bin``."""
     import json
 
-    try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return missing   # a corrupt index is reported by the weights loader, with the file named
-    return missing + [s for s in shards if not (folder / s).is_file()]
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return []
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return []   # a corrupt index is reported by the weights loader, with the file named
+            return [_named(folder, s) for s in shards if not (folder / s).is_file()]
+    if (folder / "model.safetensors").is_symlink():        # there, but a broken link
+        return [_named(folder, "model.safetensors")]
+    return ["model.safetensors (or pytorch_model.bin)"]
+
+
+def _missing_processor_files(folder: Path) -> list[str]:
+    """What a processor folder lacks: a tokenizer and the image-processor settings."""
+    missing = []
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "sentencepiece.bpe.model")):
+        missing.append("tokenizer.json (or sentencepiece.bpe.model)")
+    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json")
+    return missing
+
+
+def missing_files(folder: Path, need: str = "model") -> list[str]:
+    """The files a snapshot lacks for ``need``: for ``"model"``, ``config.json`` and the weights (one file, or an
+    index and its shards); for ``"processor"``, the tokenizer and image-processor files. Empty when complete."""
+    if need == "processor":
+        return _missing_processor_files(folder)
+    missing = [] if (folder / "config.json").is_file() else [_named(folder, "config.json")]
+    return missing + _missing_weights(folder)
 
 
 def _snapshot_named(repo: Path, revision: str) -> Path | None:
@@ -106,23 +155,24 @@ def _snapshot_named(repo: Path, revision: str) -> Path | None:
 
 
 def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
-                  ) -> tuple[Path | None, Path | None]:
+                  need: str = "model") -> tuple[Path | None, Path | None]:
     """Look ``repo_id`` up in the cache: (a complete snapshot or None, an incomplete candidate or None).
 
     The snapshot named by ``refs/<revision or main>`` wins when complete; without a revision, the newest complete
     snapshot comes next. The second value is the best snapshot found that lacks files, to name them in errors.
+    Complete means complete for ``need`` (:func:`missing_files`).
     """
     repo = repo_folder(repo_id, cache_dir)
     snapshots = repo / "snapshots"
     named = _snapshot_named(repo, revision or "main")
-    if named is not None and not missing_files(named):
+    if named is not None and not missing_files(named, need):
         return named, None
     if revision is not None:
         return None, named
     candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
                         reverse=True) if snapshots.is_dir() else []
     for snap in candidates:
-        if not missing_files(snap):
+        if not missing_files(snap, need):
             return snap, None
     partial = named or next((s for s in candidates if (s / "config.json").is_file()), None)
     return None, partial
@@ -179,12 +229,14 @@ def _get_help(repo_id: str) -> str:
 
 
 def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
-             token: str | bool | None = None) -> Path:
+             token: str | bool | None = None, need: str = "model") -> Path:
     """Download the files of :data:`ALLOW_PATTERNS` of ``repo_id`` into the Hugging Face cache (with progress
     bars on stderr) and return the snapshot folder; :class:`CheckpointNotFoundError` when that cannot be done.
 
     :func:`resolve_checkpoint` calls it only once ``repo_id`` is known not to be a local folder, so the errors say
-    that too: an id like ``models/kosmos2`` may well be a mistyped relative path, not a Hub id.
+    that too: an id like ``models/kosmos2`` may well be a mistyped relative path, not a Hub id. For
+    ``need="processor"`` only :data:`PROCESSOR_PATTERNS` are fetched; for a model whose repository has no
+    safetensors, a second request fetches :data:`BIN_PATTERNS`.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     where = f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache})"
@@ -200,15 +252,30 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
                                       f"{_get_help(repo_id)}")
     import sys
 
-    print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} (safetensors weights, "
-          f"config and tokenizer files only)", file=sys.stderr)
+    what = "processor files" if need == "processor" else "safetensors weights, config and tokenizer files"
+    print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} ({what} only)", file=sys.stderr)
+
+    def fetch(patterns):
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=commit, cache_dir=str(cache), allow_patterns=patterns,
+            etag_timeout=ETAG_TIMEOUT_S, token=token, library_name="kosmos2-ref"))
+
     try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, cache_dir=str(cache), allow_patterns=ALLOW_PATTERNS,
-            etag_timeout=ETAG_TIMEOUT_S, token=token, library_name="kosmos2-ref")
+        # snapshot_download would resolve the revision with no timeout; resolved here first, it skips that request
+        commit = huggingface_hub.model_info(repo_id, revision=revision, token=token, timeout=INFO_TIMEOUT_S).sha
+        folder = fetch(PROCESSOR_PATTERNS if need == "processor" else ALLOW_PATTERNS)
+        if need == "model" and _missing_weights(folder) and not list(folder.glob("*.safetensors*")):
+            print(f"kosmos2-ref: {repo_id} has no safetensors weights; downloading its pytorch_model.bin",
+                  file=sys.stderr)
+            folder = fetch(BIN_PATTERNS)
     except Exception as exc:   # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
         kind = type(exc).__name__
         first = _first_sentence(exc)
+        if "Timeout" in kind:      # httpx's ReadTimeout, ConnectTimeout, ...
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            raise CheckpointNotFoundError(
+                f"{where} and the Hugging Face Hub ({endpoint}) did not answer in time ({kind}: {first}): "
+                f"{_get_help(repo_id)}") from None
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
             raise CheckpointNotFoundError(
                 f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
@@ -216,25 +283,39 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
                 f"`hf auth login` if the repository is gated, or pass a local checkpoint folder") from None
         raise CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): "
                                       f"{_get_help(repo_id)}") from None
-    folder = Path(folder)
-    lacking = missing_files(folder)
+    _write_ref(repo_folder(repo_id, cache), revision or "main", commit)
+    lacking = missing_files(folder, need)
     if lacking:
+        kind = "a Kosmos-2 processor" if need == "processor" else "a Kosmos-2 checkpoint"
         raise CheckpointNotFoundError(f"{repo_id!r} was downloaded to {folder} but has no {', '.join(lacking)}: "
-                                      f"it is not a safetensors Kosmos-2 checkpoint this package can read")
+                                      f"it is not {kind} this package can read")
     return folder
+
+
+def _write_ref(repo: Path, revision: str, commit: str) -> None:
+    """``refs/<revision>`` -> ``commit``, as snapshot_download writes it for a branch or tag (a download by commit
+    writes none), so that the cache lookup finds this snapshot under the name it was asked by."""
+    if revision == commit or not commit:
+        return
+    ref = repo / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point
 
 def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-                       local_files_only: bool = False, token: str | bool | None = None) -> Path:
+                       local_files_only: bool = False, token: str | bool | None = None, need: str = "model") -> Path:
     """A local folder holding ``config.json``, or a Hub id -> the checkpoint folder (see the module docstring).
 
     ``revision`` picks a branch, tag or commit of a Hub id; ``cache_dir`` overrides the cache folder;
     ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) never touches the network. Raises
-    :class:`CheckpointNotFoundError` (a ``ValueError``) naming what is missing and how to get it.
+    :class:`CheckpointNotFoundError` (a ``ValueError``) naming what is missing and how to get it. ``need`` is
+    ``"model"`` (config.json and weights) or ``"processor"`` (tokenizer and image-processor files).
     """
+    if need not in NEEDS:
+        raise ValueError(f"need must be one of {NEEDS}, got {need!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointNotFoundError(f"the checkpoint must be a folder path or a Hub id like {DEFAULT_MODEL_ID!r} "
                                       f"(a str or os.PathLike), got {path!r}")
@@ -242,6 +323,10 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
         path = os.fspath(path)
     folder = Path(path).expanduser()
     if folder.is_dir():
+        broken = broken_links(folder)
+        if broken:
+            raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} holds broken symbolic links: "
+                                          f"{', '.join(broken)}; fetch those files again or remove the links")
         if not (folder / "config.json").is_file():
             raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} has no config.json")
         return folder
@@ -251,17 +336,18 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
     if not is_hub_id(path):
         raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
 
-    found, partial = find_in_cache(path, revision, cache_dir)
+    found, partial = find_in_cache(path, revision, cache_dir, need)
     if found is not None:
         return found
     offline = local_files_only or is_offline()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     if offline:
         if partial is not None:
-            what = f"{path!r} is in the Hugging Face cache ({partial}) without {', '.join(missing_files(partial))}"
+            what = (f"{path!r} is in the Hugging Face cache ({partial}) without "
+                    f"{', '.join(missing_files(partial, need))}")
         else:
             what = (f"{path!r} is neither a local folder nor in the Hugging Face cache ({cache})"
                     + (f" at revision {revision!r}" if revision else ""))
         reason = "local_files_only=True" if local_files_only else _offline_reason()
         raise CheckpointNotFoundError(f"{what}, and {reason} forbids downloading it: {_get_help(path)}")
-    return download(path, revision=revision, cache_dir=cache_dir, token=token)
+    return download(path, revision=revision, cache_dir=cache_dir, token=token, need=need)

@@ -7,6 +7,7 @@ Inputs are validated here, at the boundary, so the stage functions below never s
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .cache import KVCache
 from .checks import is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
+from .files import file_present, read_text
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, load_flat, unflatten
@@ -99,8 +101,15 @@ def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
+_PROCESSOR_LOCK = threading.Lock()     # builds a model's processor once when threads ask for it together
+
+
 class Kosmos2:
-    """The KOSMOS-2 model in NumPy (or CuPy). Build it with :meth:`from_pretrained`."""
+    """The KOSMOS-2 model in NumPy (or CuPy). Build it with :meth:`from_pretrained`.
+
+    One model may be shared by threads: the parameters are only read, and every call makes its own cache and
+    buffers (``layers``' scratch buffers are per thread).
+    """
 
     def __init__(self, config: Kosmos2Config, params: dict, backend: Backend | str | None = None,
                  dtype: str = "float32", generation_config: dict | None = None, name_or_path: str | None = None):
@@ -118,7 +127,7 @@ class Kosmos2:
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str | Backend | None = None, dtype: str = "float32",
                         **hub_kwargs) -> "Kosmos2":
-        """Load ``config.json`` + ``model.safetensors`` (or shards) from a folder or a Hub id found locally.
+        """Load ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (or shards) from a folder or a Hub id.
 
         ``backend`` is ``"numpy"`` (default) or ``"cupy"``, overridable with ``$KOSMOS2_BACKEND`` when not given;
         ``dtype`` is the storage dtype of the weight matrices (``"float32"``, ``"float16"``, ``"bfloat16"``);
@@ -135,10 +144,11 @@ class Kosmos2:
         params = unflatten({k: be.to_device(v) for k, v in flat.items()})
         gen = {}
         gpath = folder / "generation_config.json"
-        if gpath.is_file():
+        if file_present(gpath):
+            text = read_text(gpath)
             try:
-                gen = json.loads(gpath.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                gen = json.loads(text)
+            except json.JSONDecodeError as exc:
                 raise ConfigError(f"{gpath}: not valid JSON ({exc})") from None
             if not isinstance(gen, dict):       # its settings are read by name (generation.py)
                 raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "
@@ -328,7 +338,9 @@ class Kosmos2:
         if getattr(self, "_processor", None) is None:
             from .tasks import processor_for
 
-            self._processor = processor_for(self)
+            with _PROCESSOR_LOCK:
+                if getattr(self, "_processor", None) is None:
+                    self._processor = processor_for(self)
         return self._processor
 
     @processor.setter

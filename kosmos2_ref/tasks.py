@@ -28,6 +28,7 @@ import PIL.Image
 
 from .backend import to_numpy
 from .checks import is_int
+from .files import file_present
 
 DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -191,8 +192,8 @@ def processor_for(model):
             folder = None
     if folder is not None:
         folder = Path(folder)
-        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "sentencepiece.bpe.model").is_file()
-        has_images = (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file()
+        has_tokenizer = file_present(folder / "tokenizer.json") or file_present(folder / "sentencepiece.bpe.model")
+        has_images = file_present(folder / "preprocessor_config.json") or file_present(folder / "processor_config.json")
         if has_tokenizer and has_images:
             return Kosmos2Processor.from_pretrained(folder)
         if has_tokenizer:

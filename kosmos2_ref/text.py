@@ -163,8 +163,12 @@ def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, n
 
 def lm_head(h, p, cfg: TextConfig):
     """logits = h Wᵀ with W the token embedding itself when tied (docs/numerics.md §6.5).
-    [B, T, C] -> [B, T, V]."""
-    w = p["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else p["lm_head"]["weight"]
+    [B, T, C] -> [B, T, V].
+
+    A tied checkpoint that stores a different ``lm_head`` gets it as a separate weight (weights._resolve_tied_head),
+    and then, as in transformers, the logits use it."""
+    head = p.get("lm_head")                 # present when untied, or tied but stored with different values
+    w = head["weight"] if head is not None else p["model"]["embed_tokens"]["weight"]
     xp = get_xp(h)
     # Row-major logits: a softmax or log-sum-exp over 65k float32 entries sums pairwise (accurately) only along a
     # contiguous axis, and linear() may hand back a column-major view (see layers._matmul_weight_first).

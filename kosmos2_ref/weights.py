@@ -1,5 +1,6 @@
-"""Checkpoint weights: safetensors file(s) -> a parameter tree named by the Hugging Face keys
-(docs/numerics.md §8).
+"""Checkpoint weights: safetensors or PyTorch ``.bin`` file(s) -> a parameter tree named by the Hugging Face keys
+(docs/numerics.md §8). The ``.bin`` reader is :mod:`kosmos2_ref.torch_pickle`; :data:`WEIGHT_FILES` says which
+file a folder holding several is read from; docs/checkpoints.md lists what loads.
 
 The tree is the key split on dots, with numeric parts as list indices, so
 ``text_model.model.layers.3.self_attn.q_proj.weight`` is ``params["text_model"]["model"]["layers"][3]
@@ -15,7 +16,8 @@ shape and byte range, then the raw little-endian data), so we read it ourselves 
 * a storage dtype that differs from the file's (a float32 file held in bfloat16, say) is converted with ordinary
   file reads one 1 MiB chunk at a time, never through the memory map, so the 4-byte source never becomes resident
   in this process beside its 2-byte copy;
-* a truncated or corrupt file is caught from the header before any data is touched, with the file and key named.
+* a truncated or corrupt file is caught from the header before any data is touched, with the file and key named;
+  so is a header whose byte ranges overlap or leave gaps, as the safetensors library refuses it.
 
 Storage dtype (``dtype=``) applies to matrices (ndim >= 2); vectors (biases, LayerNorm parameters) are always held
 in float32. Compute is always float32.
@@ -25,16 +27,20 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .checks import is_int
 from .config import Kosmos2Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"                     # torch.save's zip format, read by kosmos2_ref.torch_pickle
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 CONVERT_CHUNK_BYTES = 1 << 20       # source bytes read and converted at a time (cache-sized) when converting
 
@@ -108,23 +114,53 @@ class SafetensorsFile:
         data_len = size - self.data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int, str]] = {}
         for key, info in header.items():
-            try:
-                tag, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise WeightsError(f"weights file {str(self.path)!r} is corrupt: bad header entry for key {key!r}") \
-                    from None
-            if tag not in _ST_DTYPES:
-                raise WeightsError(f"weights file {str(self.path)!r}: key {key!r} has unsupported dtype {tag!r}")
-            dt = _ST_DTYPES[tag]
-            nbytes = math.prod(shape) * dt.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise WeightsError(f"weights file {str(self.path)!r} is corrupt: key {key!r} has shape {list(shape)} "
-                                   f"({nbytes} bytes) but a byte range of {end - begin}")
-            if end > data_len:
-                raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} needs bytes up to "
-                                   f"{end} of the data section but the file holds only {data_len}")
-            self._entries[key] = (dt, shape, begin, end, tag)
+            self._entries[key] = self._parse_entry(key, info, data_len)
+        self._check_tiling(data_len)
         self._map = None
+        self._map_lock = threading.Lock()     # two threads reading the first tensor map the file once
+
+    def _parse_entry(self, key: str, info, data_len: int):
+        """One header entry -> (NumPy dtype, shape, begin, end, tag), every field checked, the key named."""
+        where = f"weights file {str(self.path)!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise WeightsError(f"{where} is corrupt: bad header entry for key {key!r}: expected an object with "
+                               f"dtype, shape and data_offsets, got {str(info)[:80]}")
+        tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
+            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {shape!r}: expected a list of "
+                               f"non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+            raise WeightsError(f"{where} is corrupt: key {key!r} has data_offsets {offsets!r}: expected two integers "
+                               f"[begin, end]")
+        if tag not in _ST_DTYPES:
+            raise WeightsError(f"{where}: key {key!r} has unsupported dtype {tag!r}")
+        dt, shape, (begin, end) = _ST_DTYPES[tag], tuple(shape), offsets
+        nbytes = math.prod(shape) * dt.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {list(shape)} ({nbytes} bytes) but a "
+                               f"byte range of {end - begin}")
+        if end > data_len:
+            raise WeightsError(f"{where} is truncated: key {key!r} needs bytes up to {end} of the data section but "
+                               f"the file holds only {data_len}")
+        return dt, shape, begin, end, tag
+
+    def _check_tiling(self, data_len: int) -> None:
+        """The byte ranges must tile the data section: no two tensors share a byte, no byte is left over. This is
+        what the safetensors library checks ("invalid offset", "incomplete metadata"); a file that breaks it was not
+        written by it, and two tensors reading the same bytes would load silently as equal."""
+        where = f"weights file {str(self.path)!r}"
+        pos, prev = 0, None
+        for key, (_, _, begin, end, _) in sorted(self._entries.items(), key=lambda kv: kv[1][2:4]):
+            if begin < pos:
+                raise WeightsError(f"{where} is corrupt: key {key!r} (bytes {begin}..{end}) overlaps key {prev!r} "
+                                   f"(which ends at byte {pos}): tensors may not share bytes")
+            if begin > pos:
+                raise WeightsError(f"{where} is corrupt: {begin - pos} byte(s) before key {key!r} (at {begin}) "
+                                   f"belong to no tensor: the header's data_offsets must tile the data section")
+            pos, prev = end, key
+        if pos != data_len:
+            raise WeightsError(f"{where} is corrupt: {data_len - pos} byte(s) after the last tensor belong to no "
+                               f"tensor: the header's data_offsets must tile the data section")
 
     def keys(self):
         return self._entries.keys()
@@ -139,7 +175,9 @@ class SafetensorsFile:
         """The tensor as stored (BF16 as uint16 bits), a read-only view of the memory map: no copy."""
         dt, shape, begin, end, _ = self._entries[key]
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with self._map_lock:
+                if self._map is None:
+                    self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         buf = self._map[self.data_start + begin:self.data_start + end]
         return buf.view(dt).reshape(shape)
 
@@ -150,25 +188,32 @@ class SafetensorsFile:
         The memory map is not touched, so the source bytes never become part of this process's resident memory:
         loading a float32 file into 2-byte storage peaks near the 2-byte copy plus one chunk, not near both copies.
         """
-        dt, shape, begin, end, tag = self._entries[key]
-        out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
-        flat = out.reshape(-1)
-        per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
-        chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + begin)
-            for i in range(0, flat.size, per_chunk):
-                part = chunk[:min(per_chunk, flat.size - i)]
-                view = memoryview(part).cast("B")
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise WeightsError(f"weights file {str(self.path)!r} is truncated: key {key!r} ends early")
-                    got += n
-                flat[i:i + part.size] = convert_storage(part, tag, storage)
-        out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
-        return out
+        dt, shape, begin, _, tag = self._entries[key]
+        return read_converted_range(self.path, self.data_start + begin, dt, shape, tag, storage, key)
+
+
+def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int, ...], tag: str, storage: str,
+                         key: str) -> np.ndarray:
+    """The contiguous tensor of ``shape`` and raw dtype ``dt`` at byte ``offset`` of ``path``, converted to
+    ``storage`` with ordinary file reads of :data:`CONVERT_CHUNK_BYTES` at a time into a new read-only array."""
+    out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
+    flat = out.reshape(-1)
+    per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
+    chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        for i in range(0, flat.size, per_chunk):
+            part = chunk[:min(per_chunk, flat.size - i)]
+            view = memoryview(part).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise WeightsError(f"weights file {str(path)!r} is truncated: key {key!r} ends early")
+                got += n
+            flat[i:i + part.size] = convert_storage(part, tag, storage)
+    out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
+    return out
 
 
 # safetensors dtype tag -> the storage name that holds it unchanged
@@ -248,75 +293,164 @@ def expected_shapes(cfg: Kosmos2Config) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Folder -> flat dict -> tree
 
-def _open_checkpoint_files(folder: Path) -> dict[str, SafetensorsFile]:
-    """key -> the open file that holds it, for a single file or a sharded checkpoint with its index."""
+# The weight files a checkpoint folder may hold, in the order they are preferred (transformers' order too):
+# safetensors first, since reading them runs no unpickler at all; each single file before its sharded form.
+WEIGHT_FILES = (SINGLE_FILE, INDEX_FILE, BIN_FILE, BIN_INDEX_FILE)
+EMBED_KEY = "text_model.model.embed_tokens.weight"
+HEAD_KEY = "text_model.lm_head.weight"
+
+
+def _open_weights_file(path: Path):
+    """A safetensors file or a PyTorch zip checkpoint, by its name (``.bin``), both with the same interface."""
+    if path.name.endswith(".bin"):
+        from .torch_pickle import TorchBinFile
+
+        return TorchBinFile(path)
+    return SafetensorsFile(path)
+
+
+def weights_file_of(folder: Path) -> Path | None:
+    """The weight file (or index) :func:`load_flat` will read in ``folder``: the first of :data:`WEIGHT_FILES`."""
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: weight name -> shard file name."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise WeightsError(f"index file {str(index)!r} is corrupt: expected JSON with a 'weight_map' "
+                           f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise WeightsError(f"index file {str(index)!r} is corrupt: its 'weight_map' must be a JSON object "
+                           f"mapping each weight name to a shard file name, got {str(weight_map)[:80]}")
+    return weight_map
+
+
+def _open_checkpoint_files(folder: Path) -> dict[str, Any]:
+    """key -> the open file that holds it, for a single file or a sharded checkpoint with its index, safetensors
+    or PyTorch ``.bin`` (:data:`WEIGHT_FILES` says which wins when a folder holds several)."""
     if not folder.is_dir():
         raise WeightsError(f"checkpoint folder {str(folder)!r} does not exist")
-    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
-    if single.is_file():
-        f = SafetensorsFile(single)
+    chosen = weights_file_of(folder)
+    if chosen is None:
+        present = sorted(p.name for p in folder.iterdir())[:12]
+        raise WeightsError(f"checkpoint folder {str(folder)!r} has no weights: expected one of "
+                           f"{', '.join(WEIGHT_FILES)} (it holds: {present})")
+    if not chosen.name.endswith(".index.json"):
+        f = _open_weights_file(chosen)
         return {k: f for k in f.keys()}
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise WeightsError(f"index file {str(index)!r} is corrupt: expected JSON with a 'weight_map' "
-                               f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise WeightsError(f"index file {str(index)!r} is corrupt: its 'weight_map' must be a JSON object "
-                               f"mapping each weight name to a shard file name, got {str(weight_map)[:80]}")
-        files: dict[str, SafetensorsFile] = {}
-        out: dict[str, SafetensorsFile] = {}
-        for key, fname in weight_map.items():
-            if fname not in files:
-                files[fname] = SafetensorsFile(folder / fname)
-            if key not in files[fname].keys():
-                raise WeightsError(f"index file {str(index)!r} says key {key!r} is in {fname!r}, "
-                                   f"but that file has no such key")
-            out[key] = files[fname]
-        return out
-    present = sorted(p.name for p in folder.iterdir())[:12]
-    raise WeightsError(f"checkpoint folder {str(folder)!r} has no {SINGLE_FILE} and no {INDEX_FILE} "
-                       f"(it holds: {present}); a PyTorch .bin checkpoint is not supported, convert it to safetensors")
+    files: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for key, fname in _read_index(chosen).items():
+        if fname not in files:
+            files[fname] = _open_weights_file(folder / fname)
+        if key not in files[fname].keys():
+            raise WeightsError(f"index file {str(chosen)!r} says key {key!r} is in {fname!r}, "
+                               f"but that file has no such key")
+        out[key] = files[fname]
+    return out
+
+
+def _same_values(f1, k1: str, f2, k2: str) -> bool:
+    """Do two stored tensors hold the same numbers? Views of one ``.bin`` storage are the same without looking;
+    otherwise compared a block of rows at a time (no full-size temporary)."""
+    if f1 is f2 and hasattr(f1, "tensor_ref") and f1.tensor_ref(k1) == f2.tensor_ref(k2):
+        return True
+    if f1.shape(k1) != f2.shape(k2) or f1.st_dtype(k1) != f2.st_dtype(k2):
+        return False
+    a, b = f1.raw(k1), f2.raw(k2)
+    rows = max(1, CONVERT_CHUNK_BYTES // max(1, a[:1].nbytes))
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, max(len(a), 1), rows))
+
+
+def _resolve_tied_head(folder: Path, where: dict[str, Any], cfg: Kosmos2Config) -> dict[str, tuple[Any, str]]:
+    """key -> (file, key in that file), with the tied embedding found under either name, as transformers does.
+
+    With ``tie_word_embeddings`` the LM head *is* the token embedding, so a checkpoint may store it as
+    ``text_model.model.embed_tokens.weight`` (what save_pretrained writes), as ``text_model.lm_head.weight`` only
+    (what some .bin-to-safetensors conversions write: it is read as the embedding), or as both. Both with equal
+    values (a 4.x ``.bin`` holds two views of one storage) is one tensor. Both with different values: transformers
+    5.23 then does not tie them -- the embedding is read from ``embed_tokens`` and the logits from ``lm_head`` --
+    and warns; so do we (the head is loaded as a separate matrix).
+    """
+    source = {k: (f, k) for k, f in where.items()}
+    if not cfg.text_config.tie_word_embeddings:
+        return source
+    if EMBED_KEY not in where and HEAD_KEY in where:
+        source[EMBED_KEY] = source.pop(HEAD_KEY)
+    elif EMBED_KEY in where and HEAD_KEY in where:
+        if _same_values(where[EMBED_KEY], EMBED_KEY, where[HEAD_KEY], HEAD_KEY):
+            del source[HEAD_KEY]
+        else:
+            warnings.warn(f"checkpoint {str(folder)!r}: config.json ties {HEAD_KEY!r} to {EMBED_KEY!r}, but the "
+                          f"checkpoint holds both with different values, so they are not tied (as transformers "
+                          f"does): the logits use {HEAD_KEY!r}. Set text_config.tie_word_embeddings=false to say "
+                          f"so", stacklevel=4)
+    return source
+
+
+def plan_weights(folder: str | Path, cfg: Kosmos2Config) -> dict[str, tuple[Any, str]]:
+    """Open and check the checkpoint in ``folder`` without reading any tensor: every weight key of ``cfg`` ->
+    (the open file that holds it, its key in that file), in :func:`expected_shapes` order.
+
+    Raises :class:`WeightsError` for a missing folder/file, a corrupt or truncated file, a missing key, a shape
+    that does not match ``cfg`` or a tensor that is not a float; warns about unexpected keys.
+    ``text_model.lm_head.weight`` is in the plan only when it is a matrix of its own (untied, or tied but stored
+    with different values: see :func:`_resolve_tied_head`).
+    """
+    folder = Path(folder)
+    source = _resolve_tied_head(folder, _open_checkpoint_files(folder), cfg)
+    expected = expected_shapes(cfg)
+    if HEAD_KEY in source:
+        expected[HEAD_KEY] = expected[EMBED_KEY]
+    missing = [k for k in expected if k not in source]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        hint = " (tie_word_embeddings is false, so the LM head is a weight of its own)" \
+            if missing[0] == HEAD_KEY else ""
+        raise WeightsError(f"checkpoint {str(folder)!r} is missing key {missing[0]!r}{more}{hint}: "
+                           f"it does not match its config.json")
+    unexpected = [k for k in source if k not in expected and k not in _DERIVED_BUFFERS]
+    if unexpected:
+        warnings.warn(f"checkpoint {str(folder)!r} has {len(unexpected)} unexpected key(s), ignored: "
+                      f"{unexpected[:5]}", stacklevel=4)
+    plan: dict[str, tuple[Any, str]] = {}
+    for key, shape in expected.items():
+        f, fkey = source[key]
+        if f.shape(fkey) != shape:
+            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has shape {list(f.shape(fkey))}, "
+                               f"but config.json implies {list(shape)}")
+        if f.st_dtype(fkey) not in ("F32", "F16", "BF16", "F64"):
+            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has dtype {f.st_dtype(fkey)}, expected "
+                               f"a float type")
+        plan[key] = (f, fkey)
+    return plan
 
 
 def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Read and check every weight of the checkpoint in ``folder``: key -> NumPy array in the storage dtype.
-
-    Raises :class:`WeightsError` for a missing folder/file, a corrupt or truncated file, a missing key or a shape
-    that does not match ``cfg``; warns about unexpected keys.
-    """
+    """Read and check every weight of the checkpoint in ``folder``: key -> NumPy array in the storage dtype
+    (matrices in ``dtype``, vectors in float32). The checks are :func:`plan_weights`'."""
     if dtype not in STORAGE_DTYPES:
         raise WeightsError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES}")
-    folder = Path(folder)
-    where = _open_checkpoint_files(folder)
-    expected = expected_shapes(cfg)
-    missing = [k for k in expected if k not in where]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"checkpoint {str(folder)!r} is missing key {missing[0]!r}{more}: "
-                           f"it does not match its config.json")
-    tied_head = "text_model.lm_head.weight"
-    unexpected = [k for k in where if k not in expected and k not in _DERIVED_BUFFERS
-                  and not (k == tied_head and cfg.text_config.tie_word_embeddings)]
-    if unexpected:
-        warnings.warn(f"checkpoint {str(folder)!r} has {len(unexpected)} unexpected key(s), ignored: "
-                      f"{unexpected[:5]}", stacklevel=3)
     flat: dict[str, np.ndarray] = {}
-    for key, shape in expected.items():
-        f = where[key]
-        if f.shape(key) != shape:
-            raise WeightsError(f"weights file {str(f.path)!r}: key {key!r} has shape {list(f.shape(key))}, "
-                               f"but config.json implies {list(shape)}")
-        tag = f.st_dtype(key)
-        if tag not in ("F32", "F16", "BF16", "F64"):
-            raise WeightsError(f"weights file {str(f.path)!r}: key {key!r} has dtype {tag}, expected a float type")
-        storage = dtype if len(shape) >= 2 else "float32"
-        if _ZERO_COPY.get(tag) == storage:
-            flat[key] = f.raw(key)                     # a view of the memory map: no copy, no time
+    for key, (f, fkey) in plan_weights(folder, cfg).items():
+        storage = dtype if len(f.shape(fkey)) >= 2 else "float32"
+        if _ZERO_COPY.get(f.st_dtype(fkey)) == storage:
+            flat[key] = _contiguous(f.raw(fkey))       # a view of the memory map: no copy, no time
         else:
-            flat[key] = f.read_converted(key, storage)
+            flat[key] = f.read_converted(fkey, storage)
     return flat
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when row-major; a read-only row-major copy of a strided view (a ``.bin`` may store a weight as
+    the transpose of another tensor's storage)."""
+    if a.flags.c_contiguous:
+        return a
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
 
 
 def unflatten(flat: dict[str, Any]) -> dict:

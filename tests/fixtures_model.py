@@ -80,6 +80,40 @@ def save_checkpoint(model, folder: Path, max_shard_size=None) -> Path:
     return folder
 
 
+def save_bin_checkpoint(model, folder: Path, max_shard_bytes: int | None = None) -> Path:
+    """Write ``model`` as transformers 4.x's ``save_pretrained(safe_serialization=False)`` did (5.x writes only
+    safetensors): config.json, and torch.save of the whole state dict -- the tied head included, a second view of
+    the embedding's storage -- in one pytorch_model.bin, or in shards pytorch_model-0000i-of-0000n.bin with a
+    pytorch_model.bin.index.json."""
+    import json
+
+    import torch
+
+    folder = Path(folder)
+    model.save_pretrained(folder)                     # config.json (+ generation_config.json) ...
+    for f in folder.glob("*.safetensors*"):           # ... and no safetensors
+        f.unlink()
+    sd = model.state_dict()
+    if max_shard_bytes is None:
+        torch.save(sd, folder / "pytorch_model.bin")
+        return folder
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        if shards[-1] and size + v.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, folder / name)
+        weight_map.update({k: name for k in shard})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
 def image_prompt_ids(text_ids, num_image_tokens: int, bos: bool = True, first_image_token_id: int = 4):
     """The processor's layout (docs/numerics.md §10.1): <s> <image> [Q slots] </image> text; and the image mask."""
     ids = ([0] if bos else []) + [64003] + list(range(first_image_token_id, first_image_token_id + num_image_tokens)) \

@@ -240,8 +240,12 @@ def test_settings_come_from_the_checkpoint_and_explicit_arguments_win():
     m = _fake_model({"no_repeat_ngram_size": 3}, {"no_repeat_ngram_size": 4, "max_length": 80})
     s = gen.resolve_settings(m, prompt_length=70)
     assert s.no_repeat_ngram_size == 4 and s.max_new_tokens == 10
-    with pytest.raises(ValueError, match="max_length=60"):
-        gen.resolve_settings(_fake_model(generation_config={"max_length": 60}), prompt_length=70)
+    # a max_length that leaves no room (the serialised default 20, say): transformers' default 20, with a warning
+    with pytest.warns(UserWarning, match=r"max_length=60, a total length that leaves no room after the 70-token "
+                                         r"prompt; generating transformers' default 20 new tokens"):
+        assert gen.resolve_settings(_fake_model(generation_config={"max_length": 60}), 70).max_new_tokens == 20
+    with pytest.raises(ValueError, match=r"max_length='20': expected a positive integer"):
+        gen.resolve_settings(_fake_model(generation_config={"max_length": "20"}), prompt_length=70)
     s = gen.resolve_settings(_fake_model(generation_config={"pad_token_id": None}), 5, eos_token_id=[2, 7],
                              pad_token_id=None)
     assert s.eos_token_id == (2, 7) and s.pad_token_id == 1       # text_config's pad id

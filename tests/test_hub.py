@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -221,10 +222,14 @@ def test_offline_cli_one_line_no_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------- download
 
 class FakeHub:
-    """Stands in for huggingface_hub.snapshot_download: records the call, writes a snapshot."""
+    """Stands in for huggingface_hub.model_info and snapshot_download: records the download, writes a snapshot."""
 
     def __init__(self, source: Path | None, error: Exception | None = None):
         self.source, self.error, self.calls = source, error, []
+
+    def model_info(self, repo_id, **kwargs):
+        assert kwargs["timeout"] <= 30
+        return types.SimpleNamespace(sha="f" * 40)
 
     def snapshot_download(self, repo_id, **kwargs):
         self.calls.append((repo_id, kwargs))
@@ -234,9 +239,8 @@ class FakeHub:
 
 
 def _install_fake(monkeypatch, fake, reachable=(True, "")):
-    import types
-
     module = types.ModuleType("huggingface_hub")
+    module.model_info = fake.model_info
     module.snapshot_download = fake.snapshot_download
     monkeypatch.setitem(sys.modules, "huggingface_hub", module)
     monkeypatch.setattr(hub, "_endpoint_reachable", lambda *a, **k: reachable)
@@ -261,6 +265,63 @@ def test_download_when_not_cached(tiny_checkpoint, tmp_path, monkeypatch):
     assert not any(p.endswith(".bin") for p in patterns)
     # now cached: a second call does not download
     assert resolve_checkpoint(REPO) == got and len(fake.calls) == 1
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a Hub endpoint that hangs)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held = []          # accepted connections, kept open and unanswered
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:     # closed
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_a_hub_that_never_answers_fails_in_one_line(tmp_path, proxy):
+    """The endpoint accepts the connection (the reachability probe passes, or is skipped behind a proxy) and then
+    says nothing: the command fails with one line, well before the subprocess limit (the metadata request used to
+    wait forever)."""
+    pytest.importorskip("huggingface_hub")
+    from fixtures_tokenizer import IMAGES
+
+    server = SilentServer()
+    try:
+        endpoint = f"http://127.0.0.1:{server.port}"
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(HF_HUB_CACHE=str(tmp_path / "empty"), HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO_ROOT),
+                   NO_PROXY="", HF_HUB_DISABLE_TELEMETRY="1")
+        env.pop("KOSMOS2_REF_MODEL", None)
+        if proxy:   # the probe is skipped; the http:// endpoint itself is still reached directly
+            env["HTTPS_PROXY"] = endpoint
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "caption", str(IMAGES / "two_dogs.jpg"),
+                               "--model", "org/never-answers"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
+        took = time.monotonic() - t
+    finally:
+        server.close()
+    print(f"failed after {took:.1f} s: {proc.stderr.strip()}")
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("kosmos2-ref: downloading")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kosmos2-ref: error: ") and "did not answer in time" in lines[0]
+    assert endpoint in lines[0] and "org/never-answers" in lines[0]
 
 
 @pytest.mark.parametrize("error, expect", [
@@ -340,3 +401,111 @@ def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch,
     msg = str(info.value)
     _one_sentence(msg)
     assert msg.startswith(repr(TYPO)) and expect in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------- .bin, processor only
+
+@pytest.fixture(scope="module")
+def bin_only_folder(tiny_checkpoint, tmp_path_factory):
+    """The tiny model as transformers 4.x saved it without safetensors: config.json + pytorch_model.bin."""
+    import fixtures_model as fm
+
+    folder = fm.save_bin_checkpoint(tiny_checkpoint[1], tmp_path_factory.mktemp("bin_only"))
+    assert not list(folder.glob("*.safetensors*"))
+    return folder
+
+
+def test_bin_only_snapshot_is_found_in_the_cache_when_online(bin_only_folder, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """The cache's .bin-only snapshot is complete: it loads, online, without trying to download."""
+    import fixtures_model as fm
+
+    cache = tmp_path / "hf"
+    snap = make_snapshot(cache, bin_only_folder, "b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("must not download"))
+    assert resolve_checkpoint(REPO) == snap
+    model = Kosmos2.from_pretrained(REPO)
+    ref = Kosmos2.from_pretrained(tiny_checkpoint[0])
+    emb = np.random.default_rng(0).standard_normal((1, 64, 32)).astype(np.float32)
+    ids, img = fm.image_prompt_ids([712, 1648], 64)
+    kw = dict(input_ids=np.array([ids]), image_embeds_position_mask=np.array([img]), image_embeds=emb)
+    assert np.array_equal(model(**kw).logits, ref(**kw).logits)
+
+
+def test_processor_only_cache_loads_the_processor(tiny_checkpoint, tmp_path, monkeypatch):
+    """A snapshot with the tokenizer and image files but no weights: the processor loads from it (the model does
+    not, and says which files are missing)."""
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    folder, _ = tiny_checkpoint
+    cache = tmp_path / "hf"
+    processor_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "preprocessor_config.json"]
+    make_snapshot(cache, folder, "c" * 40, files=processor_files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = Kosmos2Processor.from_pretrained(REPO)
+    ref = Kosmos2Processor.from_pretrained(folder)
+    a, b = ours(text="<grounding> An image of"), ref(text="<grounding> An image of")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointNotFoundError, match=r"without config\.json, model\.safetensors \(or "
+                                                      r"pytorch_model\.bin\)"):
+        Kosmos2.from_pretrained(REPO)
+
+
+def test_weights_only_cache_does_not_satisfy_the_processor(tiny_checkpoint, tmp_path, monkeypatch):
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    cache = tmp_path / "hf"
+    make_snapshot(cache, tiny_checkpoint[0], "d" * 40, files=["config.json", "model.safetensors"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotFoundError, match=r"without tokenizer\.json \(or sentencepiece\.bpe\.model\), "
+                                                      r"preprocessor_config\.json"):
+        Kosmos2Processor.from_pretrained(REPO)
+
+
+class PatternHub(FakeHub):
+    """A fake snapshot_download that, like the real one, fetches only the files its allow_patterns match."""
+
+    def snapshot_download(self, repo_id, **kwargs):
+        import fnmatch
+
+        self.calls.append((repo_id, kwargs))
+        files = [f.name for f in self.source.iterdir() if any(fnmatch.fnmatch(f.name, p)
+                                                              for p in kwargs["allow_patterns"])]
+        return str(make_snapshot(Path(kwargs["cache_dir"]), self.source, "f" * 40, repo=repo_id, files=files))
+
+
+def test_download_fetches_the_bin_only_when_there_is_no_safetensors(bin_only_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(bin_only_folder)
+    _install_fake(monkeypatch, fake)
+    got = resolve_checkpoint(REPO)
+    assert (got / "pytorch_model.bin").is_file()
+    (_, first), (_, second) = fake.calls
+    assert not any(p.endswith(".bin") for p in first["allow_patterns"])
+    assert second["allow_patterns"] == hub.BIN_PATTERNS
+
+
+def test_download_with_safetensors_never_fetches_the_bin(tiny_checkpoint, bin_only_folder, tmp_path, monkeypatch):
+    both = tmp_path / "both"
+    shutil.copytree(tiny_checkpoint[0], both)
+    shutil.copy(bin_only_folder / "pytorch_model.bin", both)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(both)
+    _install_fake(monkeypatch, fake)
+    got = resolve_checkpoint(REPO)
+    assert len(fake.calls) == 1 and not (got / "pytorch_model.bin").exists()
+
+
+def test_processor_download_fetches_processor_files_only(tiny_checkpoint, tmp_path, monkeypatch):
+    from kosmos2_ref.processing import Kosmos2Processor
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    fake = PatternHub(tiny_checkpoint[0])
+    _install_fake(monkeypatch, fake)
+    Kosmos2Processor.from_pretrained(REPO)
+    (_, kwargs), = fake.calls
+    assert kwargs["allow_patterns"] == hub.PROCESSOR_PATTERNS

@@ -92,7 +92,9 @@ def test_generation_config_not_an_object(ckpt, text, msg):
 
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(WeightsError, match=r"has no model\.safetensors and no model\.safetensors\.index\.json"):
+    with pytest.raises(WeightsError, match=r"has no weights: expected one of model\.safetensors, "
+                                          r"model\.safetensors\.index\.json, pytorch_model\.bin, "
+                                          r"pytorch_model\.bin\.index\.json"):
         Kosmos2.from_pretrained(ckpt)
 
 
@@ -311,3 +313,51 @@ def test_tree_round_trip():
     tree = unflatten(flat)
     assert tree == {"a": {"b": [{"c": 1}, {"c": 2}], "d": 3}, "e": 4}
     assert flatten(tree) == flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The header's byte ranges must tile the data section exactly, as the safetensors library requires
+
+def _rewrite_header(path, edit):
+    """Rewrite ``path``'s JSON header with ``edit(header)``; the data section is kept byte for byte."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _two_biases(header):
+    """Two keys of the same small shape, in header order, with their entries."""
+    a, b = "text_model.model.layers.0.ffn.fc1.bias", "text_model.model.layers.1.ffn.fc1.bias"
+    return header[a], header[b], a, b
+
+
+def test_overlapping_tensors_are_refused(ckpt):
+    """Two tensors sharing bytes: safetensors refuses the file (InvalidOffset); so do we, naming file and key."""
+    def overlap(h):
+        ea, eb, _, _ = _two_biases(h)
+        eb["data_offsets"] = list(ea["data_offsets"])      # the second bias reads the first one's bytes
+    _rewrite_header(ckpt / "model.safetensors", overlap)
+    with pytest.raises(Exception, match="invalid offset"):   # what the safetensors library itself says
+        load_file(ckpt / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: key '[\w.]+' .*overlap"):
+        Kosmos2.from_pretrained(ckpt)
+
+
+def test_gap_after_the_last_tensor_is_refused(ckpt):
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 16)          # 16 bytes no tensor accounts for
+    with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: .*16 byte\(s\) after the last tensor"):
+        Kosmos2.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("offsets", [[0.0, 256.0], ["0", "256"], [0, None], [True, 256], [0]])
+def test_data_offsets_must_be_two_integers(ckpt, offsets):
+    def bad(h):
+        next(v for k, v in h.items() if k != "__metadata__")["data_offsets"] = offsets
+    _rewrite_header(ckpt / "model.safetensors", bad)
+    with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: key '[\w.]+' has data_offsets .* "
+                                           r"expected two integers"):
+        Kosmos2.from_pretrained(ckpt)

@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import read_text
+
 
 def read_json_object(path: Path) -> dict:
-    """The JSON object in ``path``, or a ValueError naming the file and what was wrong."""
+    """The JSON object in ``path``, or a ValueError naming the file and what was wrong (unreadable, a broken
+    link, not JSON, not an object)."""
+    text = read_text(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")

@@ -13,6 +13,8 @@ named by the cells of its upper-left and lower-right corners.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import numbers
 import re
@@ -33,9 +35,8 @@ from .text import (
 Box = tuple  # (x1, y1, x2, y2) normalised floats, or (upper_left, lower_right) patch indices
 Entity = tuple  # (name, (start, end), [(x1, y1, x2, y2), ...])
 
-# Any tag: a "<", the fewest characters other than a newline, then ">" (Python's "." stops at "\n"; kept as is so
-# spans agree with transformers on every string).
-_TAG = re.compile(r"<.*?>")
+# Tags are what transformers removes with re.sub("<.*?>", "", text): a "<", the fewest characters other than a
+# newline, then ">". tag_spans finds the same ones in linear time (the regex is quadratic in unmatched "<").
 _PHRASE_SPAN = re.compile(r"<phrase>.+?</phrase>")
 _PATCH = r"<patch_index_\d+>"
 _PAIR = _PATCH + _PATCH
@@ -189,9 +190,34 @@ def insert_patch_index_tokens(text: str, bboxes, num_patch_index_tokens: int = N
 
 
 # ---------------------------------------------------------------------------------------------- post-processing
+def tag_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) of every tag of ``text``: the matches of ``re.finditer("<.*?>", text)``, in one pass.
+
+    The regex, at a "<", takes the first ">" after it unless a newline comes first. If a newline (or the end)
+    does come first, every "<" before that newline fails the same way, so the scan jumps past the newline; the
+    regex instead retries at each of them, which makes "x<" * n cost n² steps.
+    """
+    spans, i = [], text.find("<")
+    while i != -1:
+        close, newline = text.find(">", i), text.find("\n", i)
+        if close != -1 and (newline == -1 or close < newline):
+            spans.append((i, close + 1))
+            i = text.find("<", close + 1)
+        elif newline != -1:
+            i = text.find("<", newline + 1)
+        else:
+            break
+    return spans
+
+
 def strip_tags(text: str) -> str:
-    """Remove every ``<…>`` (non-greedy, not across newlines)."""
-    return _TAG.sub("", text)
+    """Remove every ``<…>`` (non-greedy, not across newlines), as ``re.sub("<.*?>", "", text)`` does."""
+    pieces, position = [], 0
+    for start, end in tag_spans(text):
+        pieces.append(text[position:start])
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 def extract_entities_with_patch_indices(text: str) -> list[Entity]:
@@ -215,10 +241,21 @@ def extract_entities_with_patch_indices(text: str) -> list[Entity]:
     return entities
 
 
-def _position_without_tags(text: str, index: int) -> int:
-    """Where ``index`` of ``text`` lands once the tags are removed: len(strip_tags(text[:index]))
-    (docs/numerics.md §11.2)."""
-    return len(strip_tags(text[:index]))
+class _PositionsWithoutTags:
+    """Where an index of ``text`` lands once the tags are removed: ``len(strip_tags(text[:index]))``
+    (docs/numerics.md §11.2), for many indices without stripping each prefix (which is quadratic in the number of entities).
+
+    The tags of a prefix are the tags of ``text`` that end inside it (the scan is the same up to there, and a tag
+    cut by the prefix end has lost its ">"), so the answer is ``index`` less the length of those tags.
+    """
+
+    def __init__(self, text: str):
+        spans = tag_spans(text)
+        self.ends = [end for _, end in spans]
+        self.removed = [0] + list(itertools.accumulate(end - start for start, end in spans))   # before tag k
+
+    def __call__(self, index: int) -> int:
+        return index - self.removed[bisect.bisect_right(self.ends, index)]
 
 
 def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
@@ -237,13 +274,17 @@ def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity
 def clean_text_and_extract_entities_with_bboxes(text: str, num_patches_per_side: int = 32):
     """(caption without tags, [(name, (start, end), [(x1, y1, x2, y2), …]), …]) for the text after ``</image>``.
 
-    Spans index the returned caption (docs/numerics.md §11, worked example in §11.4). Never raises.
+    Spans index the returned caption (docs/numerics.md §11, worked example in §11.4). Never raises. A box naming a cell
+    outside the n × n grid (``<patch_index_9999>``) is left out, and so is an entity left without boxes:
+    transformers turns it into a box outside the image (docs/parity.md).
     """
     entities = []
+    position_without_tags = _PositionsWithoutTags(text)
+    cells = num_patches_per_side * num_patches_per_side
     for name, (start, end), pairs in extract_entities_with_patch_indices(text):
-        span = (_position_without_tags(text, start), _position_without_tags(text, end))
-        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs]
-        entities.append((name, span, boxes))
+        boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in pairs if a < cells and b < cells]
+        if boxes:
+            entities.append((name, (position_without_tags(start), position_without_tags(end)), boxes))
     return _cleanup_spaces(strip_tags(text), entities)
 
 

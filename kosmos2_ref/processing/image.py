@@ -31,6 +31,7 @@ import PIL.ImageMode
 import PIL.ImageOps
 
 from ..checks import is_int, is_real
+from ..files import file_present
 from ._files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -223,7 +224,11 @@ def load_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
     Raises ValueError naming the path when it is missing, not an image, corrupt, or not 8-bit.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        present = file_present(path)
+    except ValueError as err:              # a broken link, a folder, a pipe
+        raise ValueError(f"{name}: {err}") from None
+    if not present:
         raise ValueError(f"{name}: image file not found: {str(path)!r}")
     try:
         with PIL.Image.open(path) as opened:
@@ -296,32 +301,36 @@ def _array_to_rgb(image: np.ndarray, name: str) -> np.ndarray:
 
 
 def _array_to_uint8(image: np.ndarray, name: str) -> np.ndarray:
-    """[H, W, 3] of any real dtype → uint8, as transformers' ``to_pil_image`` decides.
+    """[H, W, 3] of any real dtype → uint8.
 
-    Values that are (close to) integers must lie in [0, 255] and are truncated to uint8; otherwise floats must lie
-    in [0, 1] and are scaled by 255 (float64 multiply, float32 cast, truncation).
+    A float array whose values all lie in [0, 1] holds intensities: scaled by 255 (float64 multiply, float32 cast,
+    truncation), also when its values are only 0.0 and 1.0. Otherwise the values must be (close to) whole numbers
+    in [0, 255] — any integer array, or a float array of levels such as ``np.asarray(image, float)`` — and are
+    truncated to uint8. transformers' ``to_pil_image`` asks "whole numbers?" first, so it reads a float array of
+    0.0 and 1.0 as levels 0 and 1 of 255, nearly black (docs/parity.md).
     """
     if image.dtype == np.uint8:
         return image
+    if np.issubdtype(image.dtype, np.floating) and image.min() >= 0.0 and image.max() <= 1.0:
+        return (image.astype(np.float64) * 255.0).astype(np.float32).astype(np.uint8)
     if np.allclose(image, image.astype(int)):
         if image.min() < 0 or image.max() > 255:
             raise ValueError(
                 f"{name}: integer-valued pixels must lie in [0, 255], got values in [{image.min()}, {image.max()}]"
             )
         return image.astype(np.uint8)
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError(
-            f"{name}: float pixels must lie in [0, 1] (or be integers in [0, 255]), "
-            f"got values in [{image.min()}, {image.max()}]"
-        )
-    return (image.astype(np.float64) * 255.0).astype(np.float32).astype(np.uint8)
+    raise ValueError(
+        f"{name}: float pixels must lie in [0, 1] (or be integers in [0, 255]), "
+        f"got values in [{image.min()}, {image.max()}]"
+    )
 
 
 def to_rgb_uint8(image, name: str = "image", do_convert_rgb: bool = True) -> np.ndarray:
     """Any accepted image (PIL image, path, [H, W(, C)] array) → [H, W, 3] uint8.
 
-    Floats in [0, 1] are taken as intensities (×255); transformers would instead rescale such an array twice
-    (once back after its PIL round trip, once more in the rescale step), which no caller wants.
+    A float array with every value in [0, 1] holds intensities (×255), even one of only 0.0 and 1.0; other
+    arrays hold levels 0…255. transformers would instead rescale a [0, 1] array twice (once back after its PIL
+    round trip, once more in the rescale step), and reads one of only 0.0 and 1.0 as levels 0 and 1.
     """
     if isinstance(image, (str, Path)):
         image = load_image(image, name)

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
+from ..files import file_present
 from ._files import read_json_object
 from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
@@ -84,13 +85,13 @@ class Kosmos2Processor:
         name = folder
         folder = Path(folder)
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
-            folder = resolve_checkpoint(name)
+            folder = resolve_checkpoint(name, need="processor")     # weights not needed
         if not folder.is_dir():
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
-        if (folder / "processor_config.json").is_file():
+        if file_present(folder / "processor_config.json"):
             processor_config = read_json_object(folder / "processor_config.json")
-        if (folder / "preprocessor_config.json").is_file():
+        if file_present(folder / "preprocessor_config.json"):
             image_config = ImageProcessorConfig.from_json_file(folder / "preprocessor_config.json")
         elif isinstance(processor_config.get("image_processor"), dict):
             source = f"{str(folder / 'processor_config.json')!r} (its 'image_processor' entry)"

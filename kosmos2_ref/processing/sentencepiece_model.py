@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import file_present, read_bytes
+
 # Protobuf wire types.
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
@@ -171,9 +173,10 @@ def parse_sentencepiece_model(data: bytes) -> SentencePieceModel:
 def read_sentencepiece_model(path: str | Path) -> SentencePieceModel:
     """Read and parse a SentencePiece ``.model`` file, raising ValueError naming the file if it is not one."""
     path = Path(path)
-    if not path.is_file():
+    if not file_present(path):
         raise ValueError(f"SentencePiece model file not found: {str(path)!r}")
+    data = read_bytes(path)
     try:
-        return parse_sentencepiece_model(path.read_bytes())
+        return parse_sentencepiece_model(data)
     except (ValueError, UnicodeDecodeError, struct.error) as err:
         raise ValueError(f"{str(path)!r} is not a readable SentencePiece model file: {err}") from err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+from ..files import file_present, read_text
 from ._files import read_json_object
 from .sentencepiece_model import read_sentencepiece_model
 
@@ -180,6 +182,10 @@ class Kosmos2Tokenizer:
     Holds the backend tokenizer, the names of the special tokens and the padding/truncation defaults. The
     Kosmos-2 tag and patch tokens are added on construction (as ``Kosmos2Processor.__init__`` does in
     transformers); tokens already present keep their ids.
+
+    Safe to share between threads: padding and truncation are settings *of the backend tokenizer*, switched on
+    for one call and off after it, so every call that changes the backend (or reads those settings, as saving
+    does) holds ``self._lock``; otherwise one thread's padding would leak into another thread's call.
     """
 
     def __init__(
@@ -198,6 +204,7 @@ class Kosmos2Tokenizer:
         add_kosmos2_tokens: bool = True,
     ):
         self._tokenizer = backend
+        self._lock = threading.RLock()      # held while the backend's settings are changed and used
         # Padding and truncation are set per call (as transformers does); start from a clean state.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -235,9 +242,10 @@ class Kosmos2Tokenizer:
         settings.update(overrides)
         tokenizer_json = folder / "tokenizer.json"
         spm_file = folder / "sentencepiece.bpe.model"
-        if tokenizer_json.is_file():
+        if file_present(tokenizer_json):
+            text = read_text(tokenizer_json)        # unreadable: says so, rather than "not a valid file"
             try:
-                backend = Tokenizer.from_file(str(tokenizer_json))
+                backend = Tokenizer.from_str(text)
             except Exception as err:  # the Rust side raises a bare Exception on malformed files
                 raise ValueError(f"{str(tokenizer_json)!r} is not a valid tokenizers JSON file: {err}") from err
             # A tokenizer.json may carry padding/truncation settings; transformers reads their sides as defaults.
@@ -245,7 +253,7 @@ class Kosmos2Tokenizer:
                 settings.setdefault("padding_side", backend.padding["direction"])
             if backend.truncation is not None:
                 settings.setdefault("truncation_side", backend.truncation["direction"])
-        elif spm_file.is_file():
+        elif file_present(spm_file):
             backend = build_tokenizer_from_sentencepiece(spm_file, add_kosmos2_tokens=False)
         else:
             raise ValueError(
@@ -255,7 +263,8 @@ class Kosmos2Tokenizer:
 
     def add_kosmos2_tokens(self, num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> int:
         """Add the tag and patch tokens not yet in the vocabulary (appended in order); return how many were new."""
-        return self._tokenizer.add_tokens(kosmos2_added_tokens(num_patch_index_tokens))
+        with self._lock:
+            return self._tokenizer.add_tokens(kosmos2_added_tokens(num_patch_index_tokens))
 
     # ------------------------------------------------------------------------------------------------- vocabulary
     def __len__(self) -> int:
@@ -349,28 +358,29 @@ class Kosmos2Tokenizer:
         side = self.padding_side if padding_side is None else _check_side("padding_side", padding_side)
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
-        try:
-            if trunc != "do_not_truncate":
-                self._tokenizer.enable_truncation(
-                    max_length, stride=0, strategy=trunc, direction=self.truncation_side
-                )
-            if pad != "do_not_pad":
-                self._tokenizer.enable_padding(
-                    direction=side,
-                    pad_id=self.pad_token_id,
-                    pad_type_id=0,
-                    pad_token=self.pad_token,
-                    length=max_length if pad == "max_length" else None,
-                    pad_to_multiple_of=pad_to_multiple_of,
-                )
-            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        except Exception as err:
-            if isinstance(err, ValueError):
-                raise
-            raise ValueError(f"tokenisation failed: {err}") from err
-        finally:
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
+        with self._lock:        # the settings below belong to the shared backend: one call at a time
+            try:
+                if trunc != "do_not_truncate":
+                    self._tokenizer.enable_truncation(
+                        max_length, stride=0, strategy=trunc, direction=self.truncation_side
+                    )
+                if pad != "do_not_pad":
+                    self._tokenizer.enable_padding(
+                        direction=side,
+                        pad_id=self.pad_token_id,
+                        pad_type_id=0,
+                        pad_token=self.pad_token,
+                        length=max_length if pad == "max_length" else None,
+                        pad_to_multiple_of=pad_to_multiple_of,
+                    )
+                encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            except Exception as err:
+                if isinstance(err, ValueError):
+                    raise
+                raise ValueError(f"tokenisation failed: {err}") from err
+            finally:
+                self._tokenizer.no_truncation()
+                self._tokenizer.no_padding()
         return [list(e.ids) for e in encodings], [list(e.attention_mask) for e in encodings]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -430,7 +440,8 @@ class Kosmos2Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "special_tokens_map.json"]
-        self._tokenizer.save(str(paths[0]))
+        with self._lock:        # not while another thread's call has padding switched on
+            self._tokenizer.save(str(paths[0]))
         special = {
             "bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
             "sep_token": self.eos_token, "cls_token": self.bos_token,
@@ -463,24 +474,46 @@ def _token_name(value) -> str | None:
 
 
 def _read_tokenizer_settings(folder: Path) -> dict:
-    """Special tokens and defaults from special_tokens_map.json then tokenizer_config.json (the latter wins)."""
+    """Special tokens and defaults from special_tokens_map.json then tokenizer_config.json (the latter wins).
+
+    A value of the wrong kind raises a ValueError naming the file and the key: a string ``"false"`` is not a
+    boolean (it would read as true), and ``model_max_length`` must be a whole number.
+    """
     settings: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
-        if not path.is_file():
+        if not file_present(path):
             continue
         data = read_json_object(path)
+
+        def refuse(key, expected):
+            return ValueError(f"{str(path)!r}: {key} must be {expected}, got {data[key]!r}")
+
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             if key in data and _token_name(data[key]) is not None:
+                if not isinstance(_token_name(data[key]), str):
+                    raise refuse(key, "a token (a string, or an object with a string 'content')")
                 settings[key] = _token_name(data[key])
         for key in ("padding_side", "truncation_side"):
             if key in data:
+                if data[key] not in ("right", "left"):
+                    raise refuse(key, "'right' or 'left'")
                 settings[key] = data[key]
-        if "model_max_length" in data and data["model_max_length"] is not None:
-            settings["model_max_length"] = int(data["model_max_length"])
+        if data.get("model_max_length") is not None:
+            value = data["model_max_length"]
+            # a whole number; transformers writes its "no limit" 1e30 as an int, some files as the float 1e+30
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_whole(value) or value < 1:
+                raise refuse("model_max_length", "a positive whole number of tokens")
+            settings["model_max_length"] = int(value)
         if "clean_up_tokenization_spaces" in data:
-            settings["clean_up_tokenization_spaces"] = bool(data["clean_up_tokenization_spaces"])
+            if not isinstance(data["clean_up_tokenization_spaces"], bool):
+                raise refuse("clean_up_tokenization_spaces", "true or false (a JSON boolean, not a string)")
+            settings["clean_up_tokenization_spaces"] = data["clean_up_tokenization_spaces"]
     return settings
+
+
+def _is_whole(value: int | float) -> bool:
+    return isinstance(value, int) or (value == value and abs(value) != float("inf") and value == int(value))
 
 
 def default_tokenizer(**kwargs) -> Kosmos2Tokenizer:
