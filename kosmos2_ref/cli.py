@@ -9,6 +9,10 @@
     kosmos2-ref convert SRC DST [--dtype bfloat16]      any loadable checkpoint (.bin too) -> a safetensors folder
     kosmos2-ref serve [--host H] [--port P]             a local web page for all of these (docs/web.md)
 
+Many images: ``caption``, ``ground``, ``describe`` and ``embed`` take files, folders (``--recursive``) and
+``--list FILE`` and run them in batches, writing as they go (JSON Lines, or .npy files filled row by row);
+``--resume`` continues an interrupted run, and a bad image becomes an error record (kosmos2_ref.jobs).
+
 Global options (before or after the command): ``--model PATH_OR_ID`` (default ``$KOSMOS2_REF_MODEL``, else
 ``microsoft/kosmos-2-patch14-224``, found in the Hugging Face cache or downloaded; ``mini`` is the packaged
 miniature trained on synthetic shapes), ``--backend numpy|cupy``,
@@ -72,6 +76,8 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import jobs
+
     parser = _Parser(prog=PROG, description="KOSMOS-2 in NumPy: grounded captions, phrase grounding, region "
                      "descriptions and image embeddings.", epilog="Run `kosmos2-ref demo` to see it work.")
     from . import __version__
@@ -81,30 +87,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    images_help = ("image files or folders (a folder's images sorted by name); one image file and no --out "
+                   "prints the result as before, anything more writes JSON Lines")
+    text_out_help = "write the JSON Lines records to FILE (default: stdout), one per image as it finishes"
+
     p = sub.add_parser("caption", help="grounded caption of an image: the phrases it names and their boxes")
-    p.add_argument("image", help="image file")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help=images_help)
     p.add_argument("--prompt", default=None,
                    help='prompt (default: "<grounding> An image of"; try "<grounding> Describe this image in '
                         'detail:")')
+    jobs.add_batch_arguments(p, jobs.TEXT_BATCH_SIZE, text_out_help)
     _global_options(p, suppress=True)
 
     p = sub.add_parser("ground", help="find the boxes of a phrase (referring expression comprehension)")
-    p.add_argument("image", help="image file")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help=images_help)
     p.add_argument("phrase", help='what to find, e.g. "a snowman"')
+    jobs.add_batch_arguments(p, jobs.TEXT_BATCH_SIZE, text_out_help)
     _global_options(p, suppress=True)
 
     p = sub.add_parser("describe", help="describe what is inside a box (referring expression generation)")
-    p.add_argument("image", help="image file")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help=images_help)
     p.add_argument("--box", required=True, metavar="x1,y1,x2,y2",
-                   help="the region: normalised to [0, 1], or in pixels when any value is above 1")
+                   help="the region: normalised to [0, 1], or in pixels (of each image) when any value is above 1")
+    jobs.add_batch_arguments(p, jobs.TEXT_BATCH_SIZE, text_out_help)
     _global_options(p, suppress=True)
 
     p = sub.add_parser("embed", help="image embeddings [N, 64, 2048] and pooled CLIP vectors [N, 1024]")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (a folder's images sorted)")
-    p.add_argument("--out", required=True, metavar="FILE.npy|FILE.npz",
-                   help="FILE.npy: embeddings there and pooled vectors in FILE.pooled.npy; FILE.npz: one archive "
-                        "with arrays image_embeds, pooled and names")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (a folder's images sorted)")
+    jobs.add_batch_arguments(
+        p, jobs.EMBED_BATCH_SIZE, out_required=True,
+        out_help="FILE.npy: embeddings there, pooled vectors in FILE.pooled.npy and one record per finished row in "
+                 "FILE.index.jsonl, all written row by row (memory stays flat; resumable); FILE.npz: one archive "
+                 "with arrays image_embeds, pooled and names, held in memory and written at the end (small sets)")
     _global_options(p, suppress=True)
 
     p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
@@ -239,11 +253,15 @@ def _caption_result(args, model, image, prompt: str, label: str = ""):
 
 
 def cmd_caption(args) -> int:
-    from .tasks import DEFAULT_CAPTION_PROMPT
+    from . import jobs
+    from .tasks import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS
 
-    image_path = _check_image_path(args.image)
-    model = _load_model(args)
     prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt     # "" is a prompt too: the image alone
+    if jobs.wants_batch(args):
+        job = jobs.TextJob.caption(prompt, _max_new(args, DEFAULT_MAX_NEW_TOKENS))
+        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+    image_path = _check_image_path(args.images[0])
+    model = _load_model(args)
     result, streamed = _caption_result(args, model, image_path, prompt)
     drawn = _draw(image_path, result.entities, args.draw) if args.draw else None
     if args.json:
@@ -261,9 +279,15 @@ def cmd_caption(args) -> int:
 
 
 def cmd_ground(args) -> int:
-    from . import tasks
+    from . import jobs, tasks
 
-    image_path = _check_image_path(args.image)
+    if not args.images and not args.list:      # argparse gave the only argument to the phrase
+        raise CLIError(f"ground needs images and a phrase: {PROG} ground IMAGE... PHRASE (got only "
+                       f"{args.phrase!r})")
+    if jobs.wants_batch(args):
+        job = jobs.TextJob.ground(args.phrase, _max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
+        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+    image_path = _check_image_path(args.images[0])
     model = _load_model(args)
     result = tasks.ground(model, None, str(image_path), args.phrase,
                           max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
@@ -286,9 +310,12 @@ def cmd_ground(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    from . import tasks
+    from . import jobs, tasks
 
-    image_path = _check_image_path(args.image)
+    if jobs.wants_batch(args):
+        job = jobs.TextJob.describe(args.box, _max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
+        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+    image_path = _check_image_path(args.images[0])
     image = tasks.load_image(str(image_path))
     box = tasks.normalise_box(args.box, image.size)       # a bad box fails before the model loads
     model = _load_model(args)
@@ -307,41 +334,6 @@ def cmd_describe(args) -> int:
     if drawn:
         print(f"box drawn to {drawn}", file=sys.stderr)
     return 0
-
-
-def _expand_images(items) -> list[Path]:
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise CLIError(f"folder {item!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise CLIError(f"image not found: {item!r}")
-    return paths
-
-
-class _Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, silent otherwise (a summary line follows)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if not self.tty:
-            return
-        width = 30
-        filled = int(width * done / total)
-        tail = Path(name).name[-30:]
-        self.stream.write(f"\rembed [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {tail:<30}")
-        if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _save_outputs(option: str, value: str, outputs) -> None:
@@ -401,36 +393,47 @@ def embed_outputs(out: str) -> tuple[Path, Path | None]:
 
 
 def cmd_embed(args) -> int:
-    import numpy as np
-
-    from . import tasks
+    from . import jobs
 
     out, pooled_out = embed_outputs(args.out)
-    _check_output("--out", args.out, f"a {out.suffix.lower()} file to write")        # before the slow part
-    if pooled_out is not None:
-        _check_output("--out", args.out, "a .npy file to write", pooled_out,
-                      f"--out {args.out!r}: its pooled vectors' file {str(pooled_out)!r}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-    paths = _expand_images(args.images)
-    model = _load_model(args)
-    result = tasks.embed(model, None, [str(p) for p in paths], batch_size=args.batch_size,
-                         progress=_Progress())
     if pooled_out is None:
-        _save_outputs("--out", args.out, [(out, lambda f: np.savez(
-            f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array([str(p) for p in paths])))])
-    else:
-        _save_outputs("--out", args.out, [(out, lambda f: np.save(f, result.image_embeds)),
-                                          (pooled_out, lambda f: np.save(f, result.pooled))])
-    summary = {"out": str(out), "pooled_out": str(pooled_out or out), "count": len(paths),
-               "image_embeds_shape": list(result.image_embeds.shape), "pooled_shape": list(result.pooled.shape),
-               "images": [str(p) for p in paths], "model": model.name_or_path}
+        return _embed_npz(args, out)
+    code, summary = jobs.run_embed_command(args, lambda: _load_model(args), _check_output)
     if args.json:
         _emit_json(summary)
     else:
-        where = f"{out} and {pooled_out}" if pooled_out else str(out)
+        errors = f" ({summary['errors']} could not be read: see the index)" if summary["errors"] else ""
+        print(f"embedded {summary['done']} of {summary['count']} image(s){errors}: image_embeds "
+              f"{tuple(summary['image_embeds_shape'])}, pooled {tuple(summary['pooled_shape'])} -> {out}, "
+              f"{pooled_out} and {summary['index']}")
+    return code
+
+
+def _embed_npz(args, out: Path) -> int:
+    """embed --out FILE.npz: every embedding held in memory and written at the end, all or nothing (for small
+    sets; an image that cannot be read stops the run)."""
+    import numpy as np
+
+    from . import jobs, tasks
+
+    _check_output("--out", args.out, "a .npz file to write")        # before the slow part
+    jobs.check_batch_arguments(args)
+    if args.resume or args.engine != "local":
+        raise CLIError(f"--resume and --engine ray need --out FILE.npy (streamed row by row); {args.out!r} is "
+                       f"written at the end")
+    paths = jobs.collect_inputs(args.images, args.recursive, args.list)
+    model = _load_model(args)
+    result = tasks.embed(model, None, paths, batch_size=args.batch_size)
+    _save_outputs("--out", args.out, [(out, lambda f: np.savez(
+        f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array(paths)))])
+    summary = {"out": str(out), "pooled_out": str(out), "count": len(paths),
+               "image_embeds_shape": list(result.image_embeds.shape), "pooled_shape": list(result.pooled.shape),
+               "images": paths, "model": model.name_or_path}
+    if args.json:
+        _emit_json(summary)
+    else:
         print(f"embedded {len(paths)} image(s): image_embeds {tuple(result.image_embeds.shape)}, "
-              f"pooled {tuple(result.pooled.shape)} -> {where}")
+              f"pooled {tuple(result.pooled.shape)} -> {out}")
     return 0
 
 

@@ -33,6 +33,7 @@ from .files import file_present
 DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
 DEFAULT_MAX_NEW_TOKENS = 64
 GROUND_MAX_NEW_TOKENS = 16     # "<object> A B </object>" and the end: a few tokens suffice
+DESCRIBE_PROMPT = "<grounding><phrase> It</phrase>"      # the box is inserted as its <object>
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,18 +318,32 @@ def caption(model, processor=None, image=None, *, prompt: str = DEFAULT_CAPTION_
 def ground(model, processor=None, image=None, phrase: str = "", *,
            max_new_tokens: int = GROUND_MAX_NEW_TOKENS, **generate_kwargs) -> GroundResult:
     """Where is ``phrase`` in ``image``? The boxes of the ``<object>`` the model emits right after it."""
+    phrase = check_phrase(phrase)
+    text, cap, raw, img = run_prompt(model, processor, image, ground_prompt(phrase), None, max_new_tokens,
+                                     **generate_kwargs)
+    return ground_result(phrase, text, cap, raw, img.size)
+
+
+def check_phrase(phrase) -> str:
+    """A phrase to ground, whitespace collapsed; a ValueError naming it when it is empty or holds a tag bracket."""
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError(f"phrase must be a non-empty string, got {phrase!r}")
     if "<" in phrase or ">" in phrase:
         raise ValueError(f"phrase {phrase!r} must not contain '<' or '>' (they delimit Kosmos-2's tags)")
-    phrase = " ".join(phrase.split())
-    prompt = f"<grounding><phrase> {phrase}</phrase>"
-    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, **generate_kwargs)
-    entities = _entities(raw, img.size)
+    return " ".join(phrase.split())
+
+
+def ground_prompt(phrase: str) -> str:
+    return f"<grounding><phrase> {phrase}</phrase>"
+
+
+def ground_result(phrase: str, text: str, cap: str, raw_entities, image_size) -> GroundResult:
+    """The GroundResult of a generated ``text``: the boxes the model gave the prompt's ``phrase``."""
+    entities = _entities(raw_entities, image_size)
     # The prompt's phrase is the caption's first entity when the model gave it an <object>.
     hit = next((e for e in entities if e.span[0] == 0 and e.phrase == phrase), None)
     boxes = hit.boxes if hit else []
-    return GroundResult(phrase, boxes, [to_pixels(b, img.size) for b in boxes], text, cap, entities, img.size)
+    return GroundResult(phrase, boxes, [to_pixels(b, image_size) for b in boxes], text, cap, entities, image_size)
 
 
 def describe(model, processor=None, image=None, box=None, *,
@@ -339,7 +354,7 @@ def describe(model, processor=None, image=None, box=None, *,
     if box is None:
         raise ValueError("box is required: (x1, y1, x2, y2), normalised or in pixels")
     norm = normalise_box(box, img.size)
-    text, cap, raw, img = run_prompt(model, processor, img, "<grounding><phrase> It</phrase>", [norm],
+    text, cap, raw, img = run_prompt(model, processor, img, DESCRIBE_PROMPT, [norm],
                                      max_new_tokens, **generate_kwargs)
     return DescribeResult(norm, to_pixels(norm, img.size), cap, text, _entities(raw, img.size), img.size)
 

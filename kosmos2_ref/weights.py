@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class SafetensorsFile:
             self._entries[key] = self._parse_entry(key, info, data_len)
         self._check_tiling(data_len)
         self._map = None
+        self._map_lock = threading.Lock()     # two threads reading the first tensor map the file once
 
     def _parse_entry(self, key: str, info, data_len: int):
         """One header entry -> (NumPy dtype, shape, begin, end, tag), every field checked, the key named."""
@@ -173,7 +175,9 @@ class SafetensorsFile:
         """The tensor as stored (BF16 as uint16 bits), a read-only view of the memory map: no copy."""
         dt, shape, begin, end, _ = self._entries[key]
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with self._map_lock:
+                if self._map is None:
+                    self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         buf = self._map[self.data_start + begin:self.data_start + end]
         return buf.view(dt).reshape(shape)
 

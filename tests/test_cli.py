@@ -164,15 +164,19 @@ def test_embed_npy_and_folder(capsys, ckpt, tmp_path, tiny_checkpoint):
     for name in ("b.png", "a.jpg"):
         PIL.Image.open(DOGS).resize((64, 32)).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    d = run_json(capsys, "--model", ckpt, "embed", DOGS, folder, "--out", tmp_path / "e.npy", "--batch-size", "2")
+    code, out, err = run(capsys, "--json", "--model", ckpt, "embed", DOGS, folder, "--out", tmp_path / "e.npy",
+                         "--batch-size", "2")
+    assert code == 0, err
+    assert "skipped 1 file(s)" in err                      # notes.txt, in one note
+    d = json.loads(out)
     C = 32                                                 # the tiny config's embed_dim and vision width
     assert d["images"] == [str(DOGS), str(folder / "a.jpg"), str(folder / "b.png")]
     e = np.load(tmp_path / "e.npy")
     pooled = np.load(tmp_path / "e.pooled.npy")
     assert e.shape == (3, 64, C) and e.dtype == np.float32 and pooled.shape == (3, C)
-    assert d["pooled_out"] == str(tmp_path / "e.pooled.npy")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))) == ["e.npy",
-                                                                                              "e.pooled.npy"]
+    assert d["pooled_out"] == str(tmp_path / "e.pooled.npy") and d["index"] == str(tmp_path / "e.index.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))) == [
+        "e.index.jsonl", "e.npy", "e.pooled.npy"]
     # the same numbers as the Python API (run unbatched here: a batch of 2 takes other BLAS blockings, so the
     # last bit of a sum may differ; the tolerance is float32 rounding relative to the largest entry)
     from kosmos2_ref import Kosmos2
@@ -208,7 +212,9 @@ def test_errors_are_one_line(capsys, ckpt, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff garbage")
     one_line_error(*run(capsys, "--model", ckpt, "caption", tmp_path / "missing.jpg"), "missing.jpg", "not found")
     one_line_error(*run(capsys, "--model", ckpt, "caption", bad), "broken.jpg", "not a readable image")
-    one_line_error(*run(capsys, "--model", ckpt, "caption", tmp_path), "is a folder")
+    empty = tmp_path / "empty"                  # a folder is a batch of its images (tests/test_jobs.py); none here
+    empty.mkdir()
+    one_line_error(*run(capsys, "--model", ckpt, "caption", empty), "no images to process")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0.5,0.5,0.1,0.9"), "x2 > x1")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "a,b,c,d"), "four numbers")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0,0,5000,10"), "outside")
@@ -256,56 +262,36 @@ def test_output_paths_are_checked_before_the_model_loads(capsys, tmp_path, monke
     check(["embed", DOGS, "--out", locked / "e.npz"], "--out", "folder", "locked'", "not writable")
 
 
-def test_embed_npy_pair_is_written_all_or_nothing(capsys, ckpt, tmp_path, monkeypatch):
-    old_embeds, old_pooled = np.full((1, 2), 7.0), np.full((1,), 8.0)
+def test_embed_npy_never_overwrites_and_lists_only_complete_rows(capsys, ckpt, tmp_path, monkeypatch):
+    """FILE.npy is filled row by row (so memory stays flat), so the guarantee is no longer "both files or
+    neither" but: existing outputs are never overwritten (pass --resume or remove them), and every row the index
+    lists is complete. A failed write stops the run with one line naming the file; --resume finishes it."""
+    old_embeds = np.full((1, 2), 7.0)
     np.save(tmp_path / "e.npy", old_embeds)
-    np.save(tmp_path / "e.pooled.npy", old_pooled)
-
-    def outputs():
-        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e.", "f.", ".f.")))
-
-    def unchanged():
-        assert outputs() == ["e.npy", "e.pooled.npy"]
-        np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
-        np.testing.assert_array_equal(np.load(tmp_path / "e.pooled.npy"), old_pooled)
-
-    # the second file fails to write (a full disk): neither is replaced, no temporary is left
-    real_save = np.save
-
-    def save(f, arr, *a, **kw):
-        if np.ndim(arr) == 2 and arr.shape[1] == 32:                    # the pooled vectors
-            raise OSError(28, "No space left on device", getattr(f, "name", "?"))
-        return real_save(f, arr, *a, **kw)
-
-    monkeypatch.setattr(np, "save", save)
     code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
-    one_line_error(code, out, err, "--out", "e.pooled.npy", "No space left on device", "no output was changed")
+    one_line_error(code, out, err, "--out", "e.npy", "already exists", "--resume")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy", "--resume")
+    one_line_error(code, out, err, "e.npy", "index", "does not")          # no index: its complete rows are unknown
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
+
+    real_pwrite = os.pwrite
+
+    def full_disk(fd, data, offset):
+        if os.fstat(fd).st_size == 128 + 32 * 4 * 2:           # the pooled vectors' file of two images
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, SNOWMAN, "--out", tmp_path / "f.npy")
+    one_line_error(code, out, err, "--out", "f.pooled.npy", "No space left on device", "--resume")
     assert ".partial" not in err
-    unchanged()
-    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "f.npy")
-    one_line_error(code, out, err, "f.pooled.npy")
-    assert outputs() == ["e.npy", "e.pooled.npy"]                       # no new f.npy alone
-    monkeypatch.setattr(np, "save", real_save)
-
-    # both written, but moving the second into place fails: the first is put back as it was
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **kw):
-        if Path(dst).name == "e.pooled.npy":
-            raise OSError(13, "Permission denied", str(src), str(dst))
-        return real_replace(src, dst, *a, **kw)
-
-    monkeypatch.setattr(os, "replace", replace)
-    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
-    one_line_error(code, out, err, "--out", "e.pooled.npy", "Permission denied")
-    assert ".partial" not in err
-    unchanged()
-    monkeypatch.setattr(os, "replace", real_replace)
-
-    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy")
+    assert [json.loads(line).get("row") for line in (tmp_path / "f.index.jsonl").read_text().splitlines()] == [None]
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, SNOWMAN, "--out", tmp_path / "f.npy", "--resume")
     assert code == 0, err
-    assert np.load(tmp_path / "e.npy").shape == (1, 64, 32) and np.load(tmp_path / "e.pooled.npy").shape == (1, 32)
-    assert outputs() == ["e.npy", "e.pooled.npy"]
+    assert np.load(tmp_path / "f.npy").shape == (2, 64, 32) and np.load(tmp_path / "f.pooled.npy").shape == (2, 32)
+    assert np.load(tmp_path / "f.pooled.npy").any(axis=1).all()
 
 
 def test_draw_write_error_names_the_option(capsys, ckpt, tmp_path, monkeypatch):
