@@ -203,7 +203,10 @@ def scenes_of(rows: list[dict]) -> list:
 def report(rows: list[dict], folder) -> dict:
     scenes = scenes_of(rows)
     box, train_rate = best_fixed_box()
-    result = {"n": len(rows), "model": str(folder), "ours": summarise([r["ours"] for r in rows], scenes),
+    root = Path(__file__).resolve().parents[1]
+    shown = Path(folder).resolve()
+    shown = shown.relative_to(root) if shown.is_relative_to(root) else shown     # no machine paths in the record
+    result = {"n": len(rows), "model": str(shown), "ours": summarise([r["ours"] for r in rows], scenes),
               "baseline": {**baseline(scenes, box), "box": box, "train_rate": train_rate},
               "seconds": {"ours": round(sum(r["seconds_ours"] for r in rows), 1)}}
     if all("transformers" in r for r in rows):
