@@ -13,11 +13,13 @@ so no request can name a file of its own choosing. docs/web.md lists the API.
     POST /api/describe           {"image_id", "box": [x1, y1, x2, y2], "max_new_tokens"?}
     GET  /api/attention?image_id=ID              the connector's attention, [64][256]
     GET  /api/heatmap?image_id=ID&query=Q        one latent query's heat map (PNG)
+    GET  /api/scene.png?seed=N                   a scene of the synthetic world the miniature was trained on (PNG)
 
 Every error is a JSON object ``{"error": "..."}`` with a 4xx/5xx status; the server keeps serving.
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import signal
@@ -144,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------------------------------------ routing
     def do_GET(self):
         self._dispatch({"/api/info": self.api_info, "/api/attention": self.api_attention,
-                        "/api/heatmap": self.api_heatmap})
+                        "/api/heatmap": self.api_heatmap, "/api/scene.png": self.api_scene})
 
     do_HEAD = do_GET
 
@@ -244,6 +246,18 @@ class Handler(BaseHTTPRequestHandler):
         q = self._query()
         self._send(200, self.service.heatmap_png(q.get("image_id"), q.get("query", "0")), "image/png")
 
+    def api_scene(self):
+        """A generated scene (kosmos2_ref.world, the miniature's training world) as a PNG; the page uploads it like
+        any image. ``seed`` is a non-negative integer below 2**31 (the same seed gives the same scene)."""
+        from . import world
+
+        seed = self._query().get("seed", "0")
+        if not seed.isdigit() or int(seed) >= 2**31:
+            raise RequestError(f"seed must be a non-negative integer below 2**31, got {seed[:40]!r}")
+        out = io.BytesIO()
+        world.render(world.make_scene(int(seed))).save(out, format="PNG")
+        self._send(200, out.getvalue(), "image/png")
+
     # ------------------------------------------------------------------------------------------------ streaming
     def _event(self, name: str, data: dict) -> None:
         """One server-sent event; the first one sends the headers of the stream."""
@@ -270,8 +284,8 @@ class Kosmos2Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 16
-    all_routes = {"/api/info", "/api/attention", "/api/heatmap", "/api/images", "/api/caption", "/api/ground",
-                  "/api/describe"}
+    all_routes = {"/api/info", "/api/attention", "/api/heatmap", "/api/scene.png", "/api/images", "/api/caption",
+                  "/api/ground", "/api/describe"}
 
     def __init__(self, address, service: ModelService, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  quiet: bool = False):

@@ -157,6 +157,21 @@ def test_attention_and_heatmap(server, image_id):
     assert PIL.Image.open(io.BytesIO(png)).size == (448, 448)
 
 
+def test_a_generated_scene_is_the_world_s_scene_and_uploads(server):
+    from kosmos2_ref import world
+
+    status, headers, png = server.request("GET", "/api/scene.png?seed=7")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    expected = np.asarray(world.render(world.make_scene(7)))
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")), expected)
+    status, up = server.upload(png)
+    assert status == 200 and (up["width"], up["height"]) == expected.shape[1::-1]
+    for bad in ("-1", "x", "99999999999"):
+        status, err = server.json("GET", f"/api/scene.png?seed={bad}")
+        assert status == 400 and "seed" in err["error"], err
+    assert server.json("GET", "/api/info")[0] == 200
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: a clear JSON error, and the server still answers afterwards
 

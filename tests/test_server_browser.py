@@ -193,6 +193,16 @@ def test_an_upload_that_is_no_image_is_reported_and_the_page_goes_on(page, tmp_p
     assert page.get_attribute("#stage", "data-image-id")
 
 
+def test_a_generated_scene_is_shown_and_uploaded(page):
+    page.click("#scene-btn")
+    wait_done(page, "uploading")
+    image_id = page.get_attribute("#stage", "data-image-id")
+    assert image_id
+    size = page.evaluate("(() => { const i = document.querySelector('#stage img'); "
+                         "return i ? [i.naturalWidth, i.naturalHeight] : null; })()")
+    assert size is not None and size[0] > 0 and size[0] == size[1], size     # the world's scenes are square
+
+
 def test_the_readme_screenshot_script_runs(tmp_path):
     """docs/screenshot_page.py (the README's picture) on the demo checkpoint, into a temporary file."""
     import subprocess

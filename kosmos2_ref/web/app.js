@@ -429,6 +429,13 @@ async function start() {
     if (!response.ok) throw new Error(`the sample photo: HTTP ${response.status}`);
     return response.blob();
   }));
+  // A scene of the synthetic world (coloured shapes) that the miniature model (--model mini) was trained on.
+  $("scene-btn").addEventListener("click", () => useImage(async () => {
+    const seed = Math.floor(Math.random() * 2 ** 31);
+    const response = await fetch(`/api/scene.png?seed=${seed}`);
+    if (!response.ok) throw new Error(`the generated scene: HTTP ${response.status}`);
+    return response.blob();
+  }));
   const stage = $("stage");
   stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragover"); });
   stage.addEventListener("dragleave", () => stage.classList.remove("dragover"));
