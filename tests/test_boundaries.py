@@ -303,13 +303,13 @@ from pathlib import Path
 import numpy as np
 from kosmos2_ref import cli
 
-def slow_save(f, array, *args, **kwargs):       # half an array, then a long wait: the write is in progress
+def slow_save(f, *args, **kwargs):              # part of the file, then a long wait: the write is in progress
     f.write(b"\\x93NUMPY" + bytes(4096))
     f.flush()
     Path(sys.argv[1]).write_text("writing")
     time.sleep(120)
 
-np.save = slow_save
+np.savez = slow_save        # the .npz output is written at the end, through a .partial file (.npy streams rows)
 sys.exit(cli.main(["embed", sys.argv[2], "--model", sys.argv[3], "--out", sys.argv[4]]))
 """
 
@@ -326,7 +326,7 @@ def test_a_signal_during_a_write_leaves_no_partial_file(tmp_path, tiny_checkpoin
     marker, out_dir = tmp_path / "marker", tmp_path / "out"
     out_dir.mkdir()
     child = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), str(IMAGES / "two_dogs.jpg"),
-                              str(tiny_checkpoint[0]), str(out_dir / "emb.npy")],
+                              str(tiny_checkpoint[0]), str(out_dir / "emb.npz")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):                     # wait (at most 2 minutes) until the write has begun
@@ -334,7 +334,7 @@ def test_a_signal_during_a_write_leaves_no_partial_file(tmp_path, tiny_checkpoin
                 break
             time.sleep(0.1)
         assert marker.exists(), child.communicate()[1][-2000:]
-        assert [p.name for p in out_dir.iterdir()] == [".emb.npy.partial"]      # mid-write
+        assert [p.name for p in out_dir.iterdir()] == [".emb.npz.partial"]      # mid-write
         child.send_signal(getattr(signal, signum))
         _, stderr = child.communicate(timeout=60)
     finally:
