@@ -20,7 +20,7 @@ view), each with its own offset and strides, all counted in elements.
 Unpickling is running a tiny program: ``GLOBAL`` imports any name and ``REDUCE`` calls it, which is how a
 malicious ``.bin`` runs ``os.system``. :class:`RestrictedUnpickler` therefore resolves only the few names a state
 dict needs (:data:`ALLOWED_GLOBALS`) -- and to *our* functions, which record what to read, never to torch's -- and
-refuses every other name with :class:`~kosmos2_ref.weights.WeightsError` before anything is called.
+refuses every other name with :class:`~kosmos2_ref.storage.WeightsError` before anything is called.
 
 The storages are memory-mapped: a zip member stored uncompressed is a plain byte range of the file, found from its
 local file header, so a tensor is a NumPy view of the mapped file (bfloat16 as its ``uint16`` bits, as for
@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import is_int
+from .storage import WeightsError, convert_storage, read_converted_range
 
 # torch's typed storage classes -> (the safetensors dtype tag we reuse for them, the NumPy dtype of the raw bytes)
 STORAGE_TYPES = {
@@ -231,8 +232,6 @@ class TorchBinFile:
     (a zero-copy view of the memory-mapped file) and ``read_converted(key, storage)``."""
 
     def __init__(self, path: str | Path):
-        from .weights import WeightsError
-
         self.path = Path(path)
         where = f"weights file {str(self.path)!r}"
         if not self.path.is_file():
@@ -268,8 +267,6 @@ class TorchBinFile:
 
     def _open_legacy(self, where: str) -> None:
         """The legacy format: four pickles, the storage keys, then each storage as int64 numel + raw bytes."""
-        from .weights import WeightsError
-
         size = self.path.stat().st_size
         try:
             with open(self.path, "rb") as f:
@@ -316,8 +313,6 @@ class TorchBinFile:
         """The unpickled object must be a dict of name -> tensor record; kept as ``self._tensors``. A storage key
         must be declared the same way (element type and length) by every tensor that uses it: the bounds checks
         rely on it."""
-        from .weights import WeightsError
-
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, TensorRef)
                                                   for k, v in state.items()):
             raise WeightsError(f"{where} does not hold a state dict: expected a dict of name -> tensor, got "
@@ -334,8 +329,6 @@ class TorchBinFile:
     def _locate_storages(self, infos: dict[str, zipfile.ZipInfo], where: str) -> dict[str, int]:
         """storage key -> file offset of its bytes; checks each member is stored (not compressed) and long
         enough for the elements the pickle says it holds."""
-        from .weights import WeightsError
-
         offsets: dict[str, int] = {}
         for name, t in self._tensors.items():
             s = t.storage
@@ -392,8 +385,6 @@ class TorchBinFile:
         base = storage[t.offset:]
         reach = sum((n - 1) * s for n, s in zip(t.shape, t.stride)) + 1 if all(t.shape) else 0
         if reach > base.size:       # as_strided does not check bounds: make sure, whatever was checked before
-            from .weights import WeightsError
-
             raise WeightsError(f"weights file {str(self.path)!r}: tensor {key!r} reaches past its storage")
         return np.lib.stride_tricks.as_strided(base, shape=t.shape, strides=[s * dt.itemsize for s in t.stride],
                                                writeable=False)
@@ -406,8 +397,6 @@ class TorchBinFile:
     def read_converted(self, key: str, storage: str) -> np.ndarray:
         """The tensor converted to ``storage``, into a new array: contiguous tensors with chunked file reads (the
         memory map untouched, as for safetensors), a strided view (rare: a transposed tied weight) from the map."""
-        from .weights import convert_storage, read_converted_range
-
         t = self._tensors[key]
         if t.is_contiguous():
             return read_converted_range(self.path, self.data_offset(key), t.storage.type.dtype, t.shape,

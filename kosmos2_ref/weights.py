@@ -1,5 +1,6 @@
 """Checkpoint weights: safetensors or PyTorch ``.bin`` file(s) -> a parameter tree named by the Hugging Face keys
-(docs/numerics.md §8). The ``.bin`` reader is :mod:`kosmos2_ref.torch_pickle`; :data:`WEIGHT_FILES` says which
+(docs/numerics.md §8). The ``.bin`` reader is :mod:`kosmos2_ref.torch_pickle`, the storage dtypes and their conversion
+:mod:`kosmos2_ref.storage`; :data:`WEIGHT_FILES` says which
 file a folder holding several is read from; docs/checkpoints.md lists what loads.
 
 The tree is the key split on dots, with numeric parts as list indices, so
@@ -36,13 +37,15 @@ import numpy as np
 
 from .checks import is_int
 from .config import Kosmos2Config
+# re-exported: weights.WeightsError, weights.STORAGE_DTYPES, ... are the names the rest of the package imports
+from .storage import (CONVERT_CHUNK_BYTES, STORAGE_DTYPES, ZERO_COPY, WeightsError,  # noqa: F401
+                      bf16_bits_to_float32, convert_storage, float32_to_bf16_bits, read_converted_range)
+from .torch_pickle import TorchBinFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"                     # torch.save's zip format, read by kosmos2_ref.torch_pickle
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-CONVERT_CHUNK_BYTES = 1 << 20       # source bytes read and converted at a time (cache-sized) when converting
 
 # safetensors dtype tag -> (numpy dtype of the raw data, bytes per element)
 _ST_DTYPES = {
@@ -53,33 +56,6 @@ _ST_DTYPES = {
 # Buffers some transformers versions wrote although they are derived, never learned; ignored silently.
 _DERIVED_BUFFERS = ("vision_model.model.embeddings.position_ids", "text_model.model.embed_positions.weights",
                     "text_model.model.embed_positions._float_tensor")
-
-
-class WeightsError(ValueError):
-    """A checkpoint whose weights cannot be loaded: names the file and the key."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bfloat16 <-> float32 on raw bits (NumPy has no bfloat16 type)
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bits -> float32: bfloat16 is the top half of a float32, so shift it back up."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> uint16 bfloat16 bits, rounding to nearest even as torch does (NaN kept quiet)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    t = u >> 16                  # the bit that will become the last kept bit ...
-    t &= 1
-    t += 0x7FFF                  # ... decides ties: add 0x7FFF or 0x8000, then truncate
-    t += u
-    t >>= 16
-    out = t.astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = np.uint16(0x7FC0)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,53 +168,6 @@ class SafetensorsFile:
         return read_converted_range(self.path, self.data_start + begin, dt, shape, tag, storage, key)
 
 
-def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int, ...], tag: str, storage: str,
-                         key: str) -> np.ndarray:
-    """The contiguous tensor of ``shape`` and raw dtype ``dt`` at byte ``offset`` of ``path``, converted to
-    ``storage`` with ordinary file reads of :data:`CONVERT_CHUNK_BYTES` at a time into a new read-only array."""
-    out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
-    flat = out.reshape(-1)
-    per_chunk = max(1, CONVERT_CHUNK_BYTES // dt.itemsize)
-    chunk = np.empty(min(per_chunk, flat.size), dtype=dt)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        for i in range(0, flat.size, per_chunk):
-            part = chunk[:min(per_chunk, flat.size - i)]
-            view = memoryview(part).cast("B")
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise WeightsError(f"weights file {str(path)!r} is truncated: key {key!r} ends early")
-                got += n
-            flat[i:i + part.size] = convert_storage(part, tag, storage)
-    out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
-    return out
-
-
-# safetensors dtype tag -> the storage name that holds it unchanged
-_ZERO_COPY = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def convert_storage(raw: np.ndarray, st_dtype: str, storage: str) -> np.ndarray:
-    """A stored float tensor -> the requested storage dtype ("float32", "float16" or "bfloat16" as uint16 bits).
-
-    Returns ``raw`` itself when nothing needs converting (:func:`load_flat` keeps such tensors as views of the
-    memory map and calls this, through :meth:`SafetensorsFile.read_converted`, one chunk at a time for the rest).
-    """
-    if st_dtype == "BF16":
-        if storage == "bfloat16":
-            return raw
-        f32 = bf16_bits_to_float32(raw)
-        return f32 if storage == "float32" else f32.astype(np.float16)
-    if st_dtype == "F64":
-        raw = raw.astype(np.float32)
-    if storage == "bfloat16":
-        return float32_to_bf16_bits(raw.astype(np.float32, copy=False))
-    target = np.dtype(np.float32 if storage == "float32" else np.float16)
-    return raw if raw.dtype == target else raw.astype(target)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The expected key set of Kosmos2ForConditionalGeneration
 
@@ -303,8 +232,6 @@ HEAD_KEY = "text_model.lm_head.weight"
 def _open_weights_file(path: Path):
     """A safetensors file or a PyTorch zip checkpoint, by its name (``.bin``), both with the same interface."""
     if path.name.endswith(".bin"):
-        from .torch_pickle import TorchBinFile
-
         return TorchBinFile(path)
     return SafetensorsFile(path)
 
@@ -436,7 +363,7 @@ def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") ->
     flat: dict[str, np.ndarray] = {}
     for key, (f, fkey) in plan_weights(folder, cfg).items():
         storage = dtype if len(f.shape(fkey)) >= 2 else "float32"
-        if _ZERO_COPY.get(f.st_dtype(fkey)) == storage:
+        if ZERO_COPY.get(f.st_dtype(fkey)) == storage:
             flat[key] = _contiguous(f.raw(fkey))       # a view of the memory map: no copy, no time
         else:
             flat[key] = f.read_converted(fkey, storage)
