@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Kosmos2Config
+from .hub import resolve_checkpoint
 from .weights import (CONVERT_CHUNK_BYTES, SINGLE_FILE, STORAGE_DTYPES, WeightsError, convert_storage,
                       plan_weights)
 
@@ -97,8 +98,6 @@ def convert_checkpoint(src, dst: str | Path, dtype: str | None = None, **hub_kwa
     Raises :class:`~kosmos2_ref.weights.WeightsError` (a ValueError) for a source that does not load, or a ``dst``
     that exists; on any failure nothing is left at ``dst``.
     """
-    from .hub import resolve_checkpoint
-
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise WeightsError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES} (or None: as stored)")
     dst = Path(dst).expanduser()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Kosmos2Config
+from .processing import Kosmos2Processor
 from .weights import expected_shapes, save_safetensors
 
 DEMO_SEED = 2023
@@ -83,8 +84,6 @@ def random_weights(cfg: Kosmos2Config, seed: int = DEMO_SEED) -> dict[str, np.nd
 
 def build_demo_checkpoint(folder: str | Path, seed: int = DEMO_SEED) -> Path:
     """Write the demo checkpoint (weights, config, generation config, processor files) into ``folder``."""
-    from .processing import Kosmos2Processor
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Kosmos2Config.from_dict(json.loads(json.dumps(DEMO_CONFIG)))

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from .service import MAX_UPLOAD_BYTES, ModelService, RequestError
+from . import world
 
 PACKAGE = Path(__file__).resolve().parent
 WEB = PACKAGE / "web"
@@ -249,8 +250,6 @@ class Handler(BaseHTTPRequestHandler):
     def api_scene(self):
         """A generated scene (kosmos2_ref.world, the miniature's training world) as a PNG; the page uploads it like
         any image. ``seed`` is a non-negative integer below 2**31 (the same seed gives the same scene)."""
-        from . import world
-
         seed = self._query().get("seed", "0")
         if not seed.isdigit() or int(seed) >= 2**31:
             raise RequestError(f"seed must be a non-negative integer below 2**31, got {seed[:40]!r}")
