@@ -32,9 +32,14 @@ import sys
 import threading
 from pathlib import Path
 
+from .hub import default_model
+
+# Each command imports the modules it uses inside its function, so that a command loads only its own (the web
+# server's, the converter's, Ray's for --engine ray) and starts sooner. None of these imports hides a cycle: the
+# command line is the top of the package's import graph (scripts/import_graph.py).
+
 PROG = "kosmos2-ref"
 EXIT_ERROR = 2
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 DEFAULT_DEMO_DRAW = "kosmos2-demo.png"
 
 
@@ -47,12 +52,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_ERROR, f"{PROG}: error: {message} (see {self.prog} --help)\n")
-
-
-def _default_model() -> str:
-    from .hub import DEFAULT_MODEL_ID
-
-    return os.environ.get("KOSMOS2_REF_MODEL") or DEFAULT_MODEL_ID
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -187,8 +186,91 @@ def _check_output(option: str, value: str, what: str, path: Path | None = None, 
 def _load_model(args, model_id: str | None = None):
     from .model import Kosmos2
 
-    return Kosmos2.from_pretrained(model_id or args.model or _default_model(), backend=args.backend,
+    return Kosmos2.from_pretrained(model_id or args.model or default_model(), backend=args.backend,
                                    dtype=args.dtype)
+
+
+def _run_text_batch(args, job) -> int:
+    """``caption``/``ground``/``describe`` over many images: JSON Lines to ``--out`` (or stdout), by this process
+    (kosmos2_ref.jobs) or by Ray workers (``--engine ray``: kosmos2_ref.ray_jobs). Returns the exit status: 0, or
+    130 when Ctrl-C stopped the run (its records are written; ``--resume`` finishes it)."""
+    from . import jobs
+
+    jobs.check_batch_arguments(args)
+    if args.out:
+        _check_output("--out", args.out, "a .jsonl file to write")
+    paths = jobs.collect_inputs(args.images, args.recursive, args.list)
+    if args.engine == "ray":
+        from .ray_jobs import import_ray     # Ray is optional: imported only for --engine ray
+
+        import_ray()                                    # installed? say so before anything is written
+    records = jobs.RecordFile(args.out, args.resume, job.name, job.prompt)
+    try:
+        progress = jobs.Progress(job.name, len(paths), already_done=sum(p in records.done for p in paths))
+        if args.engine == "ray":
+            from . import ray_jobs      # only for --engine ray (it needs the optional Ray)
+
+            with jobs.StopOnInterrupt() as stop:
+                outcome = ray_jobs.run_text_job(
+                    args.model or default_model(), job, paths, records, backend=args.backend, dtype=args.dtype,
+                    batch_size=args.batch_size, workers=args.workers, address=args.address,
+                    on_error=args.on_error, progress=progress, stop=stop)
+        else:
+            model = _load_model(args)
+            with jobs.StopOnInterrupt() as stop:
+                outcome = jobs.run_text_job(model, None, job, paths, records, batch_size=args.batch_size,
+                                            on_error=args.on_error, progress=progress, stop=stop)
+    finally:
+        records.close()
+    progress.finish(outcome.interrupted)
+    if outcome.interrupted:
+        print(jobs.interrupted_message(outcome), file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run_embed_batch(args) -> tuple[int, dict]:
+    """``embed --out FILE.npy`` over many images, streamed to disk (``--engine ray``: by Ray workers). Returns
+    (exit status, summary)."""
+    from . import jobs
+
+    jobs.check_batch_arguments(args)
+    for path, what in zip(jobs.embedding_paths(args.out), ("a .npy file", "a .npy file", "a .jsonl index")):
+        subject = None if path == Path(args.out).expanduser() else f"--out {args.out!r}: its file {str(path)!r}"
+        _check_output("--out", args.out, f"{what} to write", path, subject)
+    paths = jobs.collect_inputs(args.images, args.recursive, args.list)
+    if args.engine == "ray":
+        from .ray_jobs import import_ray     # Ray is optional: imported only for --engine ray
+
+        import_ray()
+    model = _load_model(args)          # memory-mapped: cheap, and it gives the shapes (ray: the workers compute)
+    embeds_row, pooled_row = jobs.embedding_row_shapes(model)
+    files = jobs.EmbeddingFiles(args.out, paths, embeds_row, pooled_row, resume=args.resume)
+    try:
+        progress = jobs.Progress("embed", len(paths), already_done=len(files.done))
+        with jobs.StopOnInterrupt() as stop:
+            if args.engine == "ray":
+                from . import ray_jobs      # only for --engine ray (it needs the optional Ray)
+
+                outcome = ray_jobs.run_embed_job(
+                    args.model or default_model(), paths, files, backend=args.backend, dtype=args.dtype,
+                    batch_size=args.batch_size, workers=args.workers, address=args.address,
+                    on_error=args.on_error, progress=progress, stop=stop)
+            else:
+                outcome = jobs.run_embed_job(model, None, paths, files, batch_size=args.batch_size,
+                                             on_error=args.on_error, progress=progress, stop=stop)
+    finally:
+        files.close()
+    progress.finish(outcome.interrupted)
+    summary = {"out": str(files.embeds_path), "pooled_out": str(files.pooled_path), "index": str(files.index_path),
+               "count": len(paths), "done": outcome.done, "errors": outcome.errors,
+               "image_embeds_shape": files.header["image_embeds_shape"], "pooled_shape": files.header["pooled_shape"],
+               "images": paths, "model": model.name_or_path}
+    if outcome.interrupted:
+        print(jobs.interrupted_message(outcome), file=sys.stderr)
+        return 130, summary
+    return 0, summary
+
 
 
 def _max_new(args, default: int) -> int:
@@ -211,7 +293,7 @@ def _print_entities(entities, out) -> None:
 
 def _draw(image_path: Path, entities, out_path: str, image=None) -> Path:
     from .draw import draw_entities, save_image
-    from .tasks import load_image
+    from .processing.image import load_image
 
     img = image if image is not None else load_image(image_path)
     target = Path(out_path).expanduser()
@@ -247,7 +329,7 @@ def _caption_result(args, model, image, prompt: str, label: str = ""):
     stream = _stream_to_stdout(args)
     if stream is not None and label:
         sys.stdout.write(label + " ")
-    result = tasks.caption(model, None, str(image) if isinstance(image, Path) else image, prompt=prompt,
+    result = tasks.caption(model, str(image) if isinstance(image, Path) else image, prompt=prompt,
                            max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS), on_text=stream)
     return result, stream is not None
 
@@ -259,7 +341,7 @@ def cmd_caption(args) -> int:
     prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt     # "" is a prompt too: the image alone
     if jobs.wants_batch(args):
         job = jobs.TextJob.caption(prompt, _max_new(args, DEFAULT_MAX_NEW_TOKENS))
-        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+        return _run_text_batch(args, job)
     image_path = _check_image_path(args.images[0])
     model = _load_model(args)
     result, streamed = _caption_result(args, model, image_path, prompt)
@@ -286,10 +368,10 @@ def cmd_ground(args) -> int:
                        f"{args.phrase!r})")
     if jobs.wants_batch(args):
         job = jobs.TextJob.ground(args.phrase, _max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
-        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+        return _run_text_batch(args, job)
     image_path = _check_image_path(args.images[0])
     model = _load_model(args)
-    result = tasks.ground(model, None, str(image_path), args.phrase,
+    result = tasks.ground(model, str(image_path), args.phrase,
                           max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
     entities = [tasks.Entity(result.phrase, (0, len(result.phrase)), result.boxes, result.pixel_boxes)] \
         if result.boxes else []
@@ -311,15 +393,16 @@ def cmd_ground(args) -> int:
 
 def cmd_describe(args) -> int:
     from . import jobs, tasks
+    from .processing.image import load_image
 
     if jobs.wants_batch(args):
         job = jobs.TextJob.describe(args.box, _max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
-        return jobs.run_text_command(args, job, lambda: _load_model(args), _check_output)
+        return _run_text_batch(args, job)
     image_path = _check_image_path(args.images[0])
-    image = tasks.load_image(str(image_path))
+    image = load_image(str(image_path))
     box = tasks.normalise_box(args.box, image.size)       # a bad box fails before the model loads
     model = _load_model(args)
-    result = tasks.describe(model, None, image, box,
+    result = tasks.describe(model, image, box,
                             max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
     drawn = None
     if args.draw:
@@ -393,12 +476,10 @@ def embed_outputs(out: str) -> tuple[Path, Path | None]:
 
 
 def cmd_embed(args) -> int:
-    from . import jobs
-
     out, pooled_out = embed_outputs(args.out)
     if pooled_out is None:
         return _embed_npz(args, out)
-    code, summary = jobs.run_embed_command(args, lambda: _load_model(args), _check_output)
+    code, summary = _run_embed_batch(args)
     if args.json:
         _emit_json(summary)
     else:
@@ -423,7 +504,7 @@ def _embed_npz(args, out: Path) -> int:
                        f"written at the end")
     paths = jobs.collect_inputs(args.images, args.recursive, args.list)
     model = _load_model(args)
-    result = tasks.embed(model, None, paths, batch_size=args.batch_size)
+    result = tasks.embed(model, paths, batch_size=args.batch_size)
     _save_outputs("--out", args.out, [(out, lambda f: np.savez(
         f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array(paths)))])
     summary = {"out": str(out), "pooled_out": str(out), "count": len(paths),
@@ -461,7 +542,7 @@ def cmd_demo(args) -> int:
         model = _load_model(args, explicit)          # the user asked for it: failing is an error
     else:
         try:
-            folder = resolve_checkpoint(_default_model())
+            folder = resolve_checkpoint(default_model())
         except CheckpointNotFoundError as exc:
             why = _one_line(exc).split(": ")[0]          # what is missing, without the how-to-get-it advice
             print(f"{PROG}: real weights unavailable ({why}); showing the miniature instead: a small Kosmos-2 "
@@ -518,7 +599,7 @@ def cmd_serve(args) -> int:
         model = _load_model(args, explicit)
     else:                               # as `demo` does: the real weights, else a labelled random model
         try:
-            folder = resolve_checkpoint(_default_model())
+            folder = resolve_checkpoint(default_model())
         except CheckpointNotFoundError as exc:
             print(f"{PROG}: real weights unavailable ({_one_line(exc)}); serving a small RANDOM-weight model "
                   f"instead (its captions are noise; pass --model to choose one)", file=sys.stderr)

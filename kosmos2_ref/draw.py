@@ -1,10 +1,11 @@
 """Pictures of what the model says: grounded boxes with their phrases, and the connector's attention maps.
 
 * :func:`draw_entities` draws each entity's boxes in its own colour with the phrase on a filled label; line width
-  and font size scale with the image. It takes the entities of ``post_process_generation`` --
-  ``(phrase, (start, end), [(x1, y1, x2, y2), ...])`` with coordinates normalised to [0, 1] -- or the
-  :class:`kosmos2_ref.tasks.Entity` objects. Pixel boxes are ``int(coordinate · side)``, as the original demo and
-  ``entities_to_pixel_boxes`` compute them.
+  and font size scale with the image. It takes :class:`kosmos2_ref.processing.grounding.Entity` objects (what the
+  tasks return; ``processing.entities_to_pixel_boxes`` makes them of ``post_process_generation``'s tuples). Boxes
+  are placed by the library's one rule, ``processing.grounding.box_to_pixels`` (``int(coordinate · side)`` as the
+  original demo computes them, pixel edges in [0, side]); the part of an outline on the image's far edge that
+  falls outside it is clipped.
 * :func:`attention_map`, :func:`attention_heatmap` and :func:`attention_grid` show where each of the 64 latent
   queries of the image-to-text connector looks: its attention (mean over heads) over the 16 × 16 patch grid,
   i.e. keys 1…256 of the 257 image tokens (the CLS key and the 64 latent-query keys are dropped), upsampled and
@@ -23,6 +24,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+
+from .backend import to_numpy
+from .processing.grounding import Entity, box_to_pixels
+from .processing.image import load_image
 
 # Tableau-10 plus a few: distinct hues that stay readable on photos.
 PALETTE = [
@@ -55,37 +60,17 @@ def load_font(size: int):
 
 
 def _as_rgb_image(image) -> PIL.Image.Image:
-    """A PIL image (converted to RGB, copied) from a PIL image, a [H, W, 3] uint8 array or an image path."""
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
-    if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            return PIL.Image.fromarray(image).convert("RGB")
-        raise ValueError(f"image: expected a uint8 array of shape [H, W], [H, W, 3] or [H, W, 4], got shape "
-                         f"{image.shape} and dtype {image.dtype}")
-    from .processing.image import load_image
-
-    return load_image(image, "image")
+    """A copy of ``image`` (a path, a PIL image or an array) as the RGB image the model sees (processing.image's
+    ``load_image``)."""
+    return load_image(image, "image").copy()     # drawn on: never the caller's image
 
 
-def _entity_parts(entity) -> tuple[str, list]:
-    """(phrase, normalised boxes) of a post-processing tuple or of an object with ``phrase`` and ``boxes``."""
-    if hasattr(entity, "phrase") and hasattr(entity, "boxes"):
-        return str(entity.phrase), list(entity.boxes)
-    if isinstance(entity, (tuple, list)) and len(entity) == 3:
-        return str(entity[0]), list(entity[2])
-    raise ValueError(f"an entity must be (phrase, (start, end), [boxes]) or have .phrase and .boxes, got "
-                     f"{entity!r}"[:300])
-
-
-def pixel_box(box: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """A normalised (x1, y1, x2, y2) -> pixel corners int(x·W), int(y·H), clamped inside the image."""
-    if len(box) != 4:
-        raise ValueError(f"a box must be (x1, y1, x2, y2), got {box!r}")
-    w, h = size
-    x1, y1, x2, y2 = (int(float(v) * s) for v, s in zip(box, (w, h, w, h)))
-    clamp = lambda v, hi: min(max(v, 0), hi - 1)   # noqa: E731
-    return clamp(x1, w), clamp(y1, h), clamp(x2, w), clamp(y2, h)
+def _check_entity(entity, i: int) -> Entity:
+    if isinstance(entity, Entity):
+        return entity
+    hint = (": a (phrase, span, boxes) tuple of post_process_generation becomes one with "
+            "processing.entities_to_pixel_boxes(entities, image.size)") if isinstance(entity, (tuple, list)) else ""
+    raise ValueError(f"entities[{i}] must be a kosmos2_ref.processing.grounding.Entity{hint}; got {entity!r}"[:400])
 
 
 def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -111,7 +96,7 @@ def draw_boxes(image, boxes: Iterable[Sequence[float]], labels: Sequence[str | N
     width = width or line_width(img.size)
     font = load_font(size or font_size(img.size))
     draw = PIL.ImageDraw.Draw(img)
-    pixel = [pixel_box(b, img.size) for b in boxes]
+    pixel = [box_to_pixels(b, img.size) for b in boxes]
     for (x1, y1, x2, y2), fill in zip(pixel, colours):     # all boxes first, so labels stay on top
         draw.rectangle((x1, y1, x2, y2), outline=fill, width=width)
     pad = max(1, width)
@@ -132,9 +117,9 @@ def draw_entities(image, entities, width: int | None = None, size: int | None = 
     phrase (phrase-less entities, named ``<patch_index_…>``, are drawn without a label)."""
     boxes, labels, colours = [], [], []
     for i, entity in enumerate(entities):
-        phrase, entity_boxes = _entity_parts(entity)
-        label = None if phrase.startswith("<patch_index_") else phrase
-        for box in entity_boxes:
+        entity = _check_entity(entity, i)
+        label = None if entity.phrase.startswith("<patch_index_") else entity.phrase
+        for box in entity.boxes:
             boxes.append(box)
             labels.append(label)
             colours.append(colour(i))
@@ -150,8 +135,6 @@ def attention_map(projection_attentions, query: int = 0, batch: int = 0) -> np.n
     ``projection_attentions`` is [B, H, Q, S] with S = 1 + side² image keys (CLS first) followed by the Q latent
     keys, as ``Kosmos2.encode_image`` returns it. Pass ``query=None`` for all queries: [Q, side, side].
     """
-    from .backend import to_numpy
-
     a = np.asarray(to_numpy(projection_attentions), dtype=np.float32)
     if a.ndim != 4:
         raise ValueError(f"projection_attentions must be [batch, heads, queries, keys], got shape {a.shape}")

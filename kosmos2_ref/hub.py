@@ -61,6 +61,11 @@ class CheckpointNotFoundError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Where the cache is
 
+def default_model() -> str:
+    """The checkpoint used when none is named: ``$KOSMOS2_REF_MODEL``, else :data:`DEFAULT_MODEL_ID`."""
+    return os.environ.get("KOSMOS2_REF_MODEL") or DEFAULT_MODEL_ID
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache folder, found as ``huggingface_hub`` finds it (it need not exist)."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

@@ -40,7 +40,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import tasks
 from .backend import to_numpy
+from .processing.grounding import box_to_pixels, entities_to_pixel_boxes
+from .processing.image import load_image
+
+# The files a folder's walk takes as images (by extension, case-insensitive).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 ON_ERROR_CHOICES = ("record", "stop")
 ENGINES = ("local", "ray")
@@ -78,12 +84,6 @@ class _Skipped:
     duplicates: int = 0
 
 
-def _image_extensions() -> set[str]:
-    from .cli import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
-
-
 def _folder_images(folder: Path, recursive: bool, skipped: _Skipped, seen_folders: set) -> Iterator[Path]:
     """The image files of ``folder`` sorted by name, hidden entries skipped; sub-folders (in the same name order)
     only when ``recursive``. A folder reached twice (a symbolic link loop) is walked once."""
@@ -95,7 +95,7 @@ def _folder_images(folder: Path, recursive: bool, skipped: _Skipped, seen_folder
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         raise JobError(f"cannot read folder {str(folder)!r}: {exc.strerror or _one_line(exc)}") from exc
-    extensions = _image_extensions()
+    extensions = IMAGE_EXTENSIONS
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -154,7 +154,7 @@ def collect_inputs(items: Iterable[str], recursive: bool = False, list_file: str
     _note_skipped(skipped)
     if not unique:
         raise JobError("no images to process: the folders given hold no image files "
-                       f"({', '.join(sorted(_image_extensions()))})"
+                       f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
                        + (" (pass --recursive to include their sub-folders)" if skipped.sub_folders else ""))
     return unique
 
@@ -162,7 +162,7 @@ def collect_inputs(items: Iterable[str], recursive: bool = False, list_file: str
 def _note_skipped(skipped: _Skipped) -> None:
     if skipped.other_files:
         note(f"skipped {skipped.other_files} file(s) in the folders given without an image extension "
-             f"({' '.join(sorted(_image_extensions()))})")
+             f"({' '.join(sorted(IMAGE_EXTENSIONS))})")
     if skipped.sub_folders:
         note(f"skipped {skipped.sub_folders} sub-folder(s) (pass --recursive to include them)")
     if skipped.duplicates:
@@ -501,8 +501,6 @@ class Loaded:
 def load_batch(paths: list[str], on_error: str, prepare: Callable | None = None) -> list[Loaded]:
     """Read the images of a batch. One that cannot be read (or that ``prepare(image)`` rejects with a ValueError)
     becomes an error entry, or stops the run before anything of the batch is computed with ``on_error="stop"``."""
-    from .tasks import load_image
-
     batch = []
     for path in paths:
         item = Loaded(path)
@@ -554,37 +552,29 @@ class TextJob:
 
     @classmethod
     def ground(cls, phrase: str, max_new_tokens: int) -> "TextJob":
-        from .tasks import check_phrase, ground_prompt
-
-        phrase = check_phrase(phrase)
-        return cls("ground", ground_prompt(phrase), max_new_tokens, phrase=phrase)
+        phrase = tasks.check_phrase(phrase)
+        return cls("ground", tasks.ground_prompt(phrase), max_new_tokens, phrase=phrase)
 
     @classmethod
     def describe(cls, box, max_new_tokens: int) -> "TextJob":
-        from .tasks import DESCRIBE_PROMPT, normalise_box
-
-        normalise_box(box, (1 << 30, 1 << 30))          # a malformed box fails now, before any image is read
-        return cls("describe", DESCRIBE_PROMPT, max_new_tokens, box=box)
+        tasks.normalise_box(box, (1 << 30, 1 << 30))    # a malformed box fails now, before any image is read
+        return cls("describe", tasks.DESCRIBE_PROMPT, max_new_tokens, box=box)
 
     def prepare(self, image):
         """The per-image value the prompt needs: describe's box, normalised by this image's size (a pixel box
         outside the image is a ValueError, so an error record)."""
         if self.name != "describe":
             return None
-        from .tasks import normalise_box
-
-        return normalise_box(self.box, image.size)
+        return tasks.normalise_box(self.box, image.size)
 
     def result_fields(self, text: str, cap: str, raw_entities, image_size, box) -> dict:
         """The record's fields for one generated text (the same as the one-image command's --json)."""
-        from . import tasks
-
         if self.name == "ground":
             return tasks.ground_result(self.phrase, text, cap, raw_entities, image_size).to_dict()
-        entities = [e.to_dict() for e in tasks._entities(raw_entities, image_size)]
+        entities = [e.to_dict() for e in entities_to_pixel_boxes(raw_entities, image_size)]
         fields = {"text": text, "caption": cap, "entities": entities, "image_size": list(image_size)}
         if self.name == "describe":
-            fields.update(box=list(box), pixel_box=list(tasks.to_pixels(box, image_size)), description=cap)
+            fields.update(box=list(box), pixel_box=list(box_to_pixels(box, image_size)), description=cap)
         return fields
 
 
@@ -623,7 +613,7 @@ def error_record(job: str, path: str, message: str) -> dict:
 def text_batch_records(model, processor, job: TextJob, chunk: list[str], on_error: str = "record",
                        annotate: Callable[[dict, int, object], None] | None = None) -> list[dict]:
     """The records of one batch of image paths, in their order (errors in their place). ``processor`` must be
-    a processor (see :func:`kosmos2_ref.tasks.processor_for`). Used by the local loop and by the Ray workers."""
+    a processor (see :func:`kosmos2_ref.tasks.model_processor`). Used by the local loop and by the Ray workers."""
     t0 = time.perf_counter()
     batch = load_batch(chunk, on_error, job.prepare)
     good = [item for item in batch if item.error is None]
@@ -655,9 +645,7 @@ def run_text_job(model, processor, job: TextJob, paths: list[str], records: Reco
     from generate's output for the batch (``return_dict_in_generate=True``; ``row`` is the record's row in it) --
     the place for per-box confidence (kosmos2_ref.confidence) once generate is asked for its scores.
     """
-    from .tasks import _processor
-
-    processor = _processor(model, processor)
+    processor = tasks.model_processor(model, processor)
     pending = [p for p in paths if p not in records.done]
     outcome = JobOutcome(total=len(paths), done=len(paths) - len(pending), errors=0)
     start = time.perf_counter()
@@ -665,13 +653,13 @@ def run_text_job(model, processor, job: TextJob, paths: list[str], records: Reco
         batch_records = text_batch_records(model, processor, job, chunk, on_error, annotate)
         for record in batch_records:
             records.write(record)
-        if _count_batch(outcome, batch_records, progress, stop):
+        if count_batch(outcome, batch_records, progress, stop):
             break
     outcome.seconds = time.perf_counter() - start
     return outcome
 
 
-def _count_batch(outcome: JobOutcome, batch_records: list[dict], progress: Progress | None,
+def count_batch(outcome: JobOutcome, batch_records: list[dict], progress: Progress | None,
                  stop: StopOnInterrupt | None) -> bool:
     """Count a written batch; True when the job should stop here (Ctrl-C asked for it)."""
     errors = sum(r["status"] == "error" for r in batch_records)
@@ -726,16 +714,14 @@ def run_embed_job(model, processor, paths: list[str], files: EmbeddingFiles, *,
                   stop: StopOnInterrupt | None = None) -> JobOutcome:
     """Embed the rows of ``paths`` that ``files`` does not list yet, batch by batch, writing each row's values and
     then its index record. Nothing is kept in memory beyond the batch being computed."""
-    from .tasks import _processor
-
-    processor = _processor(model, processor)
+    processor = tasks.model_processor(model, processor)
     pending = [row for row in range(len(paths)) if row not in files.done]
     outcome = JobOutcome(total=len(paths), done=len(paths) - len(pending), errors=files.errors)
     start = time.perf_counter()
     for rows in _batches(pending, batch_size):
         entries, embeds, pooled = embed_batch(model, processor, [paths[r] for r in rows], on_error)
         write_embed_rows(files, rows, entries, embeds, pooled)
-        if _count_batch(outcome, entries, progress, stop):
+        if count_batch(outcome, entries, progress, stop):
             break
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -790,85 +776,3 @@ def check_batch_arguments(args) -> None:
 def interrupted_message(outcome: JobOutcome) -> str:
     return (f"kosmos2-ref: interrupted after {outcome.done} of {outcome.total} image(s); run the same command with "
             f"--resume to finish")
-
-
-def run_text_command(args, job: TextJob, load_model: Callable, check_output: Callable) -> int:
-    """``caption``/``ground``/``describe`` over many images: JSON Lines to ``--out`` (or stdout). Returns the exit
-    status: 0, or 130 when Ctrl-C stopped the run (its records are written; ``--resume`` finishes it)."""
-    check_batch_arguments(args)
-    if args.out:
-        check_output("--out", args.out, "a .jsonl file to write")
-    paths = collect_inputs(args.images, args.recursive, args.list)
-    if args.engine == "ray":
-        from .ray_jobs import import_ray
-
-        import_ray()                                    # installed? say so before anything is written
-    records = RecordFile(args.out, args.resume, job.name, job.prompt)
-    try:
-        progress = Progress(job.name, len(paths), already_done=sum(p in records.done for p in paths))
-        if args.engine == "ray":
-            from . import ray_jobs
-
-            with StopOnInterrupt() as stop:
-                outcome = ray_jobs.run_text_job(
-                    _model_id(args), job, paths, records, backend=args.backend, dtype=args.dtype,
-                    batch_size=args.batch_size, workers=args.workers, address=args.address,
-                    on_error=args.on_error, progress=progress, stop=stop)
-        else:
-            model = load_model()
-            with StopOnInterrupt() as stop:
-                outcome = run_text_job(model, None, job, paths, records, batch_size=args.batch_size,
-                                       on_error=args.on_error, progress=progress, stop=stop)
-    finally:
-        records.close()
-    progress.finish(outcome.interrupted)
-    if outcome.interrupted:
-        print(interrupted_message(outcome), file=sys.stderr)
-        return 130
-    return 0
-
-
-def run_embed_command(args, load_model: Callable, check_output: Callable) -> tuple[int, dict]:
-    """``embed --out FILE.npy`` over many images, streamed to disk. Returns (exit status, summary)."""
-    check_batch_arguments(args)
-    for path, what in zip(embedding_paths(args.out), ("a .npy file", "a .npy file", "a .jsonl index")):
-        subject = None if path == Path(args.out).expanduser() else f"--out {args.out!r}: its file {str(path)!r}"
-        check_output("--out", args.out, f"{what} to write", path, subject)
-    paths = collect_inputs(args.images, args.recursive, args.list)
-    if args.engine == "ray":
-        from .ray_jobs import import_ray
-
-        import_ray()
-    model = load_model()                # memory-mapped: cheap, and it gives the shapes (ray: the workers compute)
-    embeds_row, pooled_row = embedding_row_shapes(model)
-    files = EmbeddingFiles(args.out, paths, embeds_row, pooled_row, resume=args.resume)
-    try:
-        progress = Progress("embed", len(paths), already_done=len(files.done))
-        with StopOnInterrupt() as stop:
-            if args.engine == "ray":
-                from . import ray_jobs
-
-                outcome = ray_jobs.run_embed_job(
-                    _model_id(args), paths, files, backend=args.backend, dtype=args.dtype,
-                    batch_size=args.batch_size, workers=args.workers, address=args.address,
-                    on_error=args.on_error, progress=progress, stop=stop)
-            else:
-                outcome = run_embed_job(model, None, paths, files, batch_size=args.batch_size,
-                                        on_error=args.on_error, progress=progress, stop=stop)
-    finally:
-        files.close()
-    progress.finish(outcome.interrupted)
-    summary = {"out": str(files.embeds_path), "pooled_out": str(files.pooled_path), "index": str(files.index_path),
-               "count": len(paths), "done": outcome.done, "errors": outcome.errors,
-               "image_embeds_shape": files.header["image_embeds_shape"], "pooled_shape": files.header["pooled_shape"],
-               "images": paths, "model": model.name_or_path}
-    if outcome.interrupted:
-        print(interrupted_message(outcome), file=sys.stderr)
-        return 130, summary
-    return 0, summary
-
-
-def _model_id(args) -> str:
-    from .cli import _default_model
-
-    return args.model or _default_model()

@@ -1,4 +1,4 @@
-"""``Kosmos2``: config + parameters + backend, and the user entry points (docs/api.md).
+"""``Kosmos2``: config + parameters + backend, and the forward pass (docs/api.md); the tasks are in ``tasks.py``.
 
 Mirrors ``Kosmos2ForConditionalGeneration`` in ``transformers/models/kosmos2/modeling_kosmos2.py``:
 pixel_values -> vision tower -> connector -> image_embeds; input_ids (+ image_embeds) -> decoder -> logits.
@@ -7,7 +7,6 @@ Inputs are validated here, at the boundary, so the stage functions below never s
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from .checks import is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
 from .files import file_present, read_text
+from .hub import resolve_checkpoint
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, load_flat, unflatten
@@ -101,7 +101,14 @@ def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-_PROCESSOR_LOCK = threading.Lock()     # builds a model's processor once when threads ask for it together
+# Methods that left the class, and where they went: Kosmos2.__getattr__ names the new place.
+MOVED = {
+    "caption": "kosmos2_ref.tasks.caption(model, image, ...)",
+    "ground": "kosmos2_ref.tasks.ground(model, image, phrase, ...)",
+    "describe": "kosmos2_ref.tasks.describe(model, image, box, ...)",
+    "embed": "kosmos2_ref.tasks.embed(model, images, ...)",
+    "processor": "kosmos2_ref.tasks.model_processor(model)",
+}
 
 
 class Kosmos2:
@@ -121,6 +128,12 @@ class Kosmos2:
         self.generation_config = dict(generation_config or {})
         self.name_or_path = name_or_path
 
+    def __getattr__(self, name: str):
+        """Called only for attributes the model lacks: a method that moved out of the class says where to."""
+        if name in MOVED:
+            raise AttributeError(f"Kosmos2.{name} has moved: use {MOVED[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ----------------------------------------------------------------------------------------------------------
     # Loading
 
@@ -133,8 +146,6 @@ class Kosmos2:
         ``dtype`` is the storage dtype of the weight matrices (``"float32"``, ``"float16"``, ``"bfloat16"``);
         compute is float32 either way.
         """
-        from .hub import resolve_checkpoint
-
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES}")
         be = get_backend(backend)
@@ -327,49 +338,6 @@ class Kosmos2:
         from .generation import generate
 
         return generate(self, *args, **kwargs)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Task conveniences (kosmos2_ref.tasks)
-
-    @property
-    def processor(self):
-        """The checkpoint's ``Kosmos2Processor``, built on first use from the model folder (its tokenizer and
-        preprocessor files; the packaged real tokenizer where the folder has none)."""
-        if getattr(self, "_processor", None) is None:
-            from .tasks import processor_for
-
-            with _PROCESSOR_LOCK:
-                if getattr(self, "_processor", None) is None:
-                    self._processor = processor_for(self)
-        return self._processor
-
-    @processor.setter
-    def processor(self, value):
-        self._processor = value
-
-    def caption(self, image, prompt: str = "<grounding> An image of", processor=None, **kwargs):
-        """A grounded caption of ``image`` (path, PIL image or uint8 array): :func:`kosmos2_ref.tasks.caption`."""
-        from .tasks import caption
-
-        return caption(self, processor, image, prompt=prompt, **kwargs)
-
-    def ground(self, image, phrase: str, processor=None, **kwargs):
-        """The boxes of ``phrase`` in ``image``: :func:`kosmos2_ref.tasks.ground`."""
-        from .tasks import ground
-
-        return ground(self, processor, image, phrase, **kwargs)
-
-    def describe(self, image, box, processor=None, **kwargs):
-        """What is inside ``box`` (normalised, or pixels): :func:`kosmos2_ref.tasks.describe`."""
-        from .tasks import describe
-
-        return describe(self, processor, image, box, **kwargs)
-
-    def embed(self, images, processor=None, **kwargs):
-        """Image embeddings [N, 64, C] and pooled CLIP vectors [N, 1024]: :func:`kosmos2_ref.tasks.embed`."""
-        from .tasks import embed
-
-        return embed(self, processor, images, **kwargs)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows and up to ``capacity`` tokens (it grows if exceeded)."""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jobs
+from . import jobs, tasks
+from .model import Kosmos2
 
 def import_ray():
     """``ray`` and ``ray.data``, or a JobError saying how to install them."""
@@ -46,10 +47,8 @@ class _Worker:
 
     def __init__(self, model_path: str, backend: str | None, dtype: str, on_error: str,
                  fault_once: str | None = None):
-        from .model import Kosmos2
-
         self.model = Kosmos2.from_pretrained(model_path, backend=backend, dtype=dtype)
-        self.processor = self.model.processor
+        self.processor = tasks.model_processor(self.model)
         self.on_error = on_error
         self.fault_once = fault_once
 
@@ -141,7 +140,7 @@ def run_text_job(model_path: str, job: jobs.TextJob, paths: list[str], records: 
                                               f"again with --resume)")
                     records.write(record)
                     written.add(record["path"])
-                if jobs._count_batch(outcome, batch_records, progress, stop):
+                if jobs.count_batch(outcome, batch_records, progress, stop):
                     break
         outcome.seconds = time.perf_counter() - start
         return outcome
@@ -177,7 +176,7 @@ def run_embed_job(model_path: str, paths: list[str], files: jobs.EmbeddingFiles,
                                               f"again with --resume)")
                 jobs.write_embed_rows(files, rows, entries, batch["embeds"][fresh], batch["pooled"][fresh])
                 written.update(rows)
-                if jobs._count_batch(outcome, entries, progress, stop):
+                if jobs.count_batch(outcome, entries, progress, stop):
                     break
         outcome.seconds = time.perf_counter() - start
         return outcome

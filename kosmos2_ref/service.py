@@ -23,8 +23,10 @@ import PIL.ImageOps
 
 from .backend import to_numpy
 from .confidence import TagIds, entity_confidences, token_probabilities
-from .tasks import CaptionStreamer, DEFAULT_CAPTION_PROMPT, GROUND_MAX_NEW_TOKENS, _entities, load_image, \
-    normalise_box, to_pixels
+from .draw import attention_heatmap, attention_map
+from .processing.grounding import box_to_pixels, entities_to_pixel_boxes
+from .processing.image import load_image
+from .tasks import CaptionStreamer, DEFAULT_CAPTION_PROMPT, GROUND_MAX_NEW_TOKENS, model_processor, normalise_box
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024          # 10 MiB: a large phone photo; the model sees 224 x 224 anyway
 MAX_IMAGE_PIXELS = 40_000_000                # 40 megapixels decoded (about 120 MB as RGB)
@@ -80,7 +82,7 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
                            f"{max_pixels:,}", 413)
     try:
         img.load()                                  # the pixels are decoded here; a truncated file fails here
-        img = PIL.ImageOps.exif_transpose(img)      # as a photo is shown, as tasks.load_image does for paths
+        img = PIL.ImageOps.exif_transpose(img)      # as a photo is shown, as processing.image.load_image does for paths
         return load_image(img, "the upload")        # RGB, exactly as the processor converts it
     except (OSError, ValueError, SyntaxError) as exc:
         raise RequestError(f"the upload could not be decoded as an image: {' '.join(str(exc).split())}") from None
@@ -136,7 +138,7 @@ class Run:
     probs: np.ndarray                           # [generated] probability of each generated token
     text: str                                   # after </image>, tags kept, prompt included
     caption: str
-    entities: list = field(default_factory=list)      # tasks.Entity
+    entities: list = field(default_factory=list)      # processing.grounding.Entity
     confidences: list = field(default_factory=list)   # confidence.EntityConfidence | None, one per entity
 
 
@@ -160,7 +162,7 @@ class ModelService:
                  default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  images: ImageStore | None = None):
         self.model = model
-        self.processor = processor if processor is not None else model.processor
+        self.processor = model_processor(model, processor)
         self.name = name or _short_name(getattr(model, "name_or_path", None))
         self.random_weights = random_weights
         self.max_new_tokens_limit = max(max_new_tokens_limit, default_max_new_tokens)
@@ -264,7 +266,7 @@ class ModelService:
         text = self.processor.post_process_generation(decoded, cleanup_and_extract=False)
         caption, raw = self.processor.post_process_generation(decoded)
         confidences = entity_confidences(ids, T, probs, self.tags, raw, self.processor.num_patches_per_side)
-        return Run(ids, T, image_positions, probs, text, caption, _entities(raw, img.size), confidences)
+        return Run(ids, T, image_positions, probs, text, caption, entities_to_pixel_boxes(raw, img.size), confidences)
 
     def _run_dict(self, run: Run, img) -> dict:
         entities = []
@@ -321,7 +323,7 @@ class ModelService:
         n = self._max_new(max_new_tokens, self.default_max_new_tokens)
         with self.turn():
             run = self._run(item.image, "<grounding><phrase> It</phrase>", [norm], n, None)
-        return {"task": "describe", "box": list(norm), "pixel_box": list(to_pixels(norm, item.image.size)),
+        return {"task": "describe", "box": list(norm), "pixel_box": list(box_to_pixels(norm, item.image.size)),
                 "description": run.caption, **self._run_dict(run, item.image)}
 
     # ----------------------------------------------------------------------------------------------- connector
@@ -335,8 +337,6 @@ class ModelService:
     def attention(self, image_id) -> dict:
         """Each latent query's attention over the image patches, mean over heads: Q rows of side² weights, each
         summing to the share of its attention that went to the image (the rest went to CLS and the latent keys)."""
-        from .draw import attention_map
-
         item = self.images.get(image_id)
         grid = attention_map(self._attention(item), None)                  # [Q, side, side]
         Q, side, _ = grid.shape
@@ -344,8 +344,6 @@ class ModelService:
 
     def heatmap_png(self, image_id, query) -> bytes:
         """Latent query ``query``'s heat map over the image (draw.attention_heatmap), as PNG bytes."""
-        from .draw import attention_heatmap
-
         item = self.images.get(image_id)
         Q = self.model.config.latent_query_num
         try:

@@ -1,9 +1,17 @@
 """The things Kosmos-2 is for, one function each: grounded captions, referring expressions both ways, embeddings.
 
-Each function takes ``(model, processor, ...)`` and an image (a path, a PIL image or an array, as the processor
-takes them) and returns a small dataclass; ``processor=None`` builds the model's own (:func:`processor_for`). Boxes
-come back both normalised to [0, 1] (``boxes``) and in pixels of the image given (``pixel_boxes``,
-``int(coordinate · side)`` as the original demo draws them).
+Each function takes the model first, then an image (a path, a PIL image or an array, as the processor takes
+them: ``processing.image.load_image``), and returns a small dataclass::
+
+    from kosmos2_ref import Kosmos2, tasks
+    model = Kosmos2.from_pretrained("microsoft/kosmos-2-patch14-224")
+    tasks.caption(model, "two_dogs.jpg").caption
+    tasks.ground(model, "two_dogs.jpg", "a dog").boxes
+
+``processor=`` (keyword) overrides the model's own processor, which :func:`model_processor` builds once per model.
+Boxes come back both normalised to [0, 1] (``boxes``) and in pixels of the image given (``pixel_boxes``,
+``processing.grounding.box_to_pixels``: ``int(coordinate · side)`` as the original demo computes them).
+Entities are :class:`processing.grounding.Entity` objects (``tasks.Entity`` is the same class).
 
 * :func:`caption` -- grounded captioning: the prompt ``"<grounding> An image of"`` makes the model wrap the
   phrases it names in ``<phrase>…</phrase><object>…</object>`` (docs/numerics.md §11).
@@ -14,14 +22,17 @@ come back both normalised to [0, 1] (``boxes``) and in pixels of the image given
   sentence.
 * :func:`embed` -- the image embeddings the decoder reads [N, 64, 2048] and the pooled CLIP vector [N, 1024].
 
-Generation is ``Kosmos2.generate``: greedy with the checkpoint's defaults unless keyword arguments say otherwise.
+Generation is ``kosmos2_ref.generation.generate``: greedy with the checkpoint's defaults unless keyword arguments
+say otherwise.
 """
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -29,6 +40,14 @@ import PIL.Image
 from .backend import to_numpy
 from .checks import is_int
 from .files import file_present
+from .hub import CheckpointNotFoundError, resolve_checkpoint
+from .processing import Kosmos2Processor
+from .processing.grounding import Entity, box_to_pixels, entities_to_pixel_boxes, strip_tags
+from .processing.image import ImageProcessorConfig, load_image
+from .processing.text import Kosmos2Tokenizer
+
+__all__ = ["CaptionResult", "CaptionStreamer", "DescribeResult", "EmbedResult", "Entity", "GroundResult", "caption",
+           "describe", "embed", "ground", "model_processor", "processor_for"]
 
 DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -38,20 +57,6 @@ DESCRIBE_PROMPT = "<grounding><phrase> It</phrase>"      # the box is inserted a
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
-
-@dataclass
-class Entity:
-    """A phrase of the text and the boxes the model gave it."""
-
-    phrase: str
-    span: tuple[int, int]                              # [start, end) of the phrase in the caption
-    boxes: list[tuple[float, float, float, float]]     # normalised (x1, y1, x2, y2)
-    pixel_boxes: list[tuple[int, int, int, int]]       # the same in pixels of the image
-
-    def to_dict(self) -> dict:
-        return {"phrase": self.phrase, "span": list(self.span), "boxes": [list(b) for b in self.boxes],
-                "pixel_boxes": [list(b) for b in self.pixel_boxes]}
-
 
 @dataclass
 class CaptionResult:
@@ -117,20 +122,6 @@ class EmbedResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 
-def load_image(image, name: str = "image") -> PIL.Image.Image:
-    """A path, a PIL image or an array -> the RGB PIL image the processor would see (paths EXIF-rotated).
-
-    The conversion is the processor's own (``processing.image.to_rgb_uint8``): transparency is composited onto
-    white, grey is repeated, and what the processor refuses (16-bit images, bad arrays) is refused here with its
-    message. So caption/ground/describe/embed see the same pixels as ``processor(images=image)``.
-    """
-    from .processing.image import to_rgb_uint8
-
-    if isinstance(image, PIL.Image.Image) and image.mode == "RGB":
-        return image
-    return PIL.Image.fromarray(to_rgb_uint8(image, name))       # [H, W, 3] uint8 -> RGB image
-
-
 def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     """``(x1, y1, x2, y2)`` -> normalised floats. Values in [0, 1] are taken as normalised; if any value is
     above 1 the box is in pixels and is divided by the image size. Raises ValueError naming the box."""
@@ -160,30 +151,12 @@ def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float
     return x1, y1, x2, y2
 
 
-def to_pixels(box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Normalised (x1, y1, x2, y2) -> pixels, ``int(coordinate · side)`` (entities_to_pixel_boxes' rule)."""
-    w, h = image_size
-    x1, y1, x2, y2 = box
-    return int(x1 * w), int(y1 * h), int(x2 * w), int(y2 * h)
-
-
-def _entities(raw_entities, image_size) -> list[Entity]:
-    return [Entity(name, tuple(span), [tuple(float(v) for v in b) for b in boxes],
-                   [to_pixels(b, image_size) for b in boxes])
-            for name, span, boxes in raw_entities]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The processor of a model
 
 def processor_for(model):
     """The processor of ``model``'s checkpoint folder (its tokenizer and preprocessor files); where the folder
     has none, the real Kosmos-2 processor built from the tokenizer packaged with kosmos2_ref."""
-    from .hub import CheckpointNotFoundError, resolve_checkpoint
-    from .processing import Kosmos2Processor
-    from .processing.image import ImageProcessorConfig
-    from .processing.text import Kosmos2Tokenizer
-
     folder = getattr(model, "folder", None)
     if folder is None and getattr(model, "name_or_path", None):
         try:
@@ -201,11 +174,20 @@ def processor_for(model):
     return Kosmos2Processor.default()
 
 
-def _processor(model, processor):
+_PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its processor
+_PROCESSORS_LOCK = threading.Lock()     # one build per model when threads ask for it together
+
+
+def model_processor(model, processor=None):
+    """``processor`` when one is given, else ``model``'s own: :func:`processor_for` built on first use and kept
+    for as long as the model lives. Thread-safe: threads asking together get the same processor, built once."""
     if processor is not None:
         return processor
-    cached = getattr(model, "processor", None)     # Kosmos2.processor, where model.py provides it
-    return cached if cached is not None else processor_for(model)
+    with _PROCESSORS_LOCK:
+        cached = _PROCESSORS.get(model)
+        if cached is None:
+            cached = _PROCESSORS[model] = processor_for(model)
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,8 +211,6 @@ class CaptionStreamer:
         self._first = True
 
     def _clean(self) -> str:
-        from .processing.grounding import strip_tags
-
         text = self.processor.decode(self.prompt + self.new, skip_special_tokens=True)
         return strip_tags(self.processor.post_process_generation(text, cleanup_and_extract=False)).lstrip()
 
@@ -279,9 +259,9 @@ def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens
     """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image).
 
     ``on_text`` receives the caption piece by piece as it is generated (tags stripped); ``generate_kwargs`` go
-    to ``Kosmos2.generate``.
+    to ``kosmos2_ref.generation.generate``.
     """
-    processor = _processor(model, processor)
+    processor = model_processor(model, processor)
     max_new_tokens = _check_max_new_tokens(max_new_tokens)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -301,22 +281,22 @@ def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # The tasks
 
-def caption(model, processor=None, image=None, *, prompt: str = DEFAULT_CAPTION_PROMPT,
-            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, on_text: Callable[[str], None] | None = None,
-            **generate_kwargs) -> CaptionResult:
+def caption(model, image, *, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            on_text: Callable[[str], None] | None = None, processor=None, **generate_kwargs) -> CaptionResult:
     """A grounded caption of ``image``: the caption, the phrases it grounds and their boxes.
 
     ``prompt`` defaults to ``"<grounding> An image of"``; ``"<grounding> Describe this image in detail:"`` gives
     longer captions; without ``<grounding>`` the model writes plain text. ``on_text(piece)`` receives the caption
-    as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to ``Kosmos2.generate``.
+    as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to
+    ``kosmos2_ref.generation.generate``.
     """
     text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text,
                                      **generate_kwargs)
-    return CaptionResult(cap, _entities(raw, img.size), text, img.size, prompt)
+    return CaptionResult(cap, entities_to_pixel_boxes(raw, img.size), text, img.size, prompt)
 
 
-def ground(model, processor=None, image=None, phrase: str = "", *,
-           max_new_tokens: int = GROUND_MAX_NEW_TOKENS, **generate_kwargs) -> GroundResult:
+def ground(model, image, phrase: str, *, max_new_tokens: int = GROUND_MAX_NEW_TOKENS, processor=None,
+           **generate_kwargs) -> GroundResult:
     """Where is ``phrase`` in ``image``? The boxes of the ``<object>`` the model emits right after it."""
     phrase = check_phrase(phrase)
     text, cap, raw, img = run_prompt(model, processor, image, ground_prompt(phrase), None, max_new_tokens,
@@ -339,15 +319,15 @@ def ground_prompt(phrase: str) -> str:
 
 def ground_result(phrase: str, text: str, cap: str, raw_entities, image_size) -> GroundResult:
     """The GroundResult of a generated ``text``: the boxes the model gave the prompt's ``phrase``."""
-    entities = _entities(raw_entities, image_size)
+    entities = entities_to_pixel_boxes(raw_entities, image_size)
     # The prompt's phrase is the caption's first entity when the model gave it an <object>.
     hit = next((e for e in entities if e.span[0] == 0 and e.phrase == phrase), None)
     boxes = hit.boxes if hit else []
-    return GroundResult(phrase, boxes, [to_pixels(b, image_size) for b in boxes], text, cap, entities, image_size)
+    return GroundResult(phrase, boxes, [box_to_pixels(b, image_size) for b in boxes], text, cap, entities, image_size)
 
 
-def describe(model, processor=None, image=None, box=None, *,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **generate_kwargs) -> DescribeResult:
+def describe(model, image, box, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, processor=None,
+             **generate_kwargs) -> DescribeResult:
     """What is in ``box`` of ``image``? ``box`` is (x1, y1, x2, y2), normalised to [0, 1] or, when any value is
     above 1, in pixels."""
     img = load_image(image)
@@ -356,15 +336,16 @@ def describe(model, processor=None, image=None, box=None, *,
     norm = normalise_box(box, img.size)
     text, cap, raw, img = run_prompt(model, processor, img, DESCRIBE_PROMPT, [norm],
                                      max_new_tokens, **generate_kwargs)
-    return DescribeResult(norm, to_pixels(norm, img.size), cap, text, _entities(raw, img.size), img.size)
+    return DescribeResult(norm, box_to_pixels(norm, img.size), cap, text, entities_to_pixel_boxes(raw, img.size),
+                          img.size)
 
 
-def embed(model, processor=None, images=None, *, batch_size: int = 8,
-          progress: Callable[[int, int, str], None] | None = None) -> EmbedResult:
+def embed(model, images, *, batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
+          processor=None) -> EmbedResult:
     """Image embeddings [N, 64, C] (what the decoder reads) and pooled CLIP vectors [N, 1024] of ``images`` (a
     list of paths / PIL images / arrays, or one), ``batch_size`` at a time. ``progress(done, total, name)`` is
     called with ``done=0`` before the first image and after each image."""
-    processor = _processor(model, processor)
+    processor = model_processor(model, processor)
     if images is None or isinstance(images, (str, Path, PIL.Image.Image, np.ndarray)):
         images = [images] if images is not None else []
     images = list(images)

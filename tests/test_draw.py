@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 
 from kosmos2_ref import draw
+from kosmos2_ref.processing import Entity, box_to_pixels, entities_to_pixel_boxes
 
 from fixtures_tokenizer import IMAGES
 
@@ -21,42 +22,48 @@ def test_boxes_where_the_entities_say():
     img = grey()
     entities = [("a dog", (0, 5), [(0.1, 0.2, 0.4, 0.9)]),
                 ("a cat", (6, 11), [(0.5, 0.1, 0.9, 0.5), (0.6, 0.6, 0.95, 0.95)])]
-    out = draw.draw_entities(img, entities)
+    out = draw.draw_entities(img, entities_to_pixel_boxes(entities, img.size))
     assert out.size == img.size and out is not img
     assert img.getpixel((40, 150)) == (128, 128, 128)          # the input is not drawn on
     a = np.asarray(out)
     for i, (_, _, boxes) in enumerate(entities):
         for box in boxes:
-            x1, y1, x2, y2 = draw.pixel_box(box, img.size)
+            x1, y1, x2, y2 = box_to_pixels(box, img.size)
             ym, xm = (y1 + y2) // 2, (x1 + x2) // 2
             for x, y in ((x1, ym), (x2, ym), (xm, y2)):         # left, right, bottom edges
                 assert tuple(a[y, x]) == draw.colour(i), (i, box, x, y)
             assert tuple(a[ym, xm]) == (128, 128, 128)         # the inside is untouched
 
 
-def test_pixel_boxes_follow_the_demo_rule_and_clamp():
-    assert draw.pixel_box((0.1, 0.2, 0.5, 0.75), (1200, 602)) == (120, 120, 600, 451)
-    assert draw.pixel_box((0.0, 0.0, 1.0, 1.0), (100, 50)) == (0, 0, 99, 49)
-    out = np.asarray(draw.draw_entities(grey(100, 50), [("all", (0, 3), [(0.0, 0.0, 1.0, 1.0)])]))
+def test_a_box_to_the_image_edges_is_drawn_on_the_last_pixels():
+    """box_to_pixels gives (0, 0, 100, 50) for the whole image (pixel edges); the outline's far sides are drawn
+    on the image's last column and row."""
+    img = grey(100, 50)
+    out = np.asarray(draw.draw_entities(img, entities_to_pixel_boxes([("all", (0, 3), [(0.0, 0.0, 1.0, 1.0)])],
+                                                                      img.size)))
     assert tuple(out[25, 99]) == draw.colour(0) and tuple(out[49, 50]) == draw.colour(0)
+    assert tuple(out[25, 0]) == draw.colour(0) and tuple(out[0, 50]) == draw.colour(0)
+    assert tuple(out[25, 50]) == (128, 128, 128)
 
 
 def test_labels_are_drawn_with_filled_background():
     img = grey(400, 300)
     box = (0.25, 0.5, 0.75, 0.9)
-    out = np.asarray(draw.draw_entities(img, [("a snowman", (0, 9), [box])]))
-    x1, y1, _, _ = draw.pixel_box(box, img.size)
+    out = np.asarray(draw.draw_entities(img, entities_to_pixel_boxes([("a snowman", (0, 9), [box])], img.size)))
+    x1, y1, _, _ = box_to_pixels(box, img.size)
     label_area = out[max(0, y1 - draw.font_size(img.size)):y1, x1:x1 + 40].reshape(-1, 3)
     colours = {tuple(c) for c in label_area}
     assert draw.colour(0) in colours                           # the label's fill
     assert any(c not in (draw.colour(0), (128, 128, 128)) for c in colours)   # and its text
     # no room above a box at the top: the label goes inside it
-    out2 = np.asarray(draw.draw_entities(img, [("top", (0, 3), [(0.25, 0.0, 0.75, 0.5)])]))
+    top = entities_to_pixel_boxes([("top", (0, 3), [(0.25, 0.0, 0.75, 0.5)])], img.size)
+    out2 = np.asarray(draw.draw_entities(img, top))
     assert tuple(out2[5, 110]) == draw.colour(0)
 
 
 def test_phrase_less_entities_have_no_label_and_colours_differ():
-    out = np.asarray(draw.draw_entities(grey(), [("<patch_index_5><patch_index_9>", (0, 0), [(0.5, 0.5, 0.9, 0.9)])]))
+    out = np.asarray(draw.draw_entities(grey(), entities_to_pixel_boxes(
+        [("<patch_index_5><patch_index_9>", (0, 0), [(0.5, 0.5, 0.9, 0.9)])], (400, 300))))
     assert tuple(out[140, 200]) == (128, 128, 128)               # nothing above the box
     assert len(set(draw.PALETTE)) == len(draw.PALETTE)
     assert draw.colour(0) != draw.colour(1) and draw.colour(len(draw.PALETTE)) == draw.colour(0)
@@ -68,18 +75,32 @@ def test_scaling_with_image_size():
 
 
 def test_entity_objects_and_arrays(tmp_path):
-    from kosmos2_ref.tasks import Entity
+    from kosmos2_ref import tasks
 
+    assert tasks.Entity is Entity                        # one entity type
     e = Entity("dog", (0, 3), [(0.1, 0.1, 0.5, 0.5)], [(10, 10, 50, 50)])
     arr = np.full((100, 100, 3), 200, np.uint8)
     out = draw.draw_entities(arr, [e])
     assert out.size == (100, 100) and out.getpixel((10, 30)) == draw.colour(0)
     out = draw.draw_entities(IMAGES / "two_dogs.jpg", [e])
     assert out.size == (1200, 602)
-    with pytest.raises(ValueError, match="entity"):
+    with pytest.raises(ValueError, match=r"entities\[0\] must be a kosmos2_ref.processing.grounding.Entity; got "
+                                         r"'nonsense'"):
         draw.draw_entities(arr, ["nonsense"])
-    with pytest.raises(ValueError, match="uint8"):
-        draw.draw_entities(arr.astype(np.float32), [e])
+    with pytest.raises(ValueError, match=r"entities\[1\] must be .*Entity: a \(phrase, span, boxes\) tuple of "
+                                         r"post_process_generation becomes one with processing.entities_to_pixel"):
+        draw.draw_entities(arr, [e, ("dog", (0, 3), [(0.1, 0.1, 0.5, 0.5)])])
+    # the images the processor refuses, refused with its messages (processing.image.load_image)
+    with pytest.raises(ValueError, match=r"image: float pixels must lie in \[0, 1\]"):
+        draw.draw_entities(np.full((10, 10, 3), 1.5, np.float32), [e])
+    with pytest.raises(ValueError, match=r"image: image file not found"):
+        draw.draw_entities(tmp_path / "nope.png", [e])
+
+
+def test_drawing_never_changes_the_image_given():
+    img = grey(50, 40)
+    out = draw.draw_entities(img, entities_to_pixel_boxes([("a", (0, 1), [(0.1, 0.1, 0.9, 0.9)])], img.size))
+    assert out is not img and np.asarray(img).max() == 128 and np.asarray(out).max() > 128
 
 
 def test_save_image_atomic_and_checked(tmp_path):

@@ -7,6 +7,7 @@ examples of docs/numerics.md §10.3 and §11.4, properties (hypothesis) and ever
 
 import re
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,8 @@ from kosmos2_ref.processing import grounding
 from kosmos2_ref.processing.grounding import (
     box_to_patch_indices,
     check_bboxes_for_single_text,
+    Entity,
+    box_to_pixels,
     entities_to_pixel_boxes,
     insert_patch_index_tokens,
     patch_indices_to_box,
@@ -76,8 +79,44 @@ def test_insert_tokens_single_multi_none_and_empty():
 
 
 def test_entities_to_pixel_boxes():
-    entities = [("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)])]
-    assert entities_to_pixel_boxes(entities, (200, 100)) == [("a dog", (0, 5), [(100, 25, 200, 75)])]
+    entities = [("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)]), ("no box", (6, 12), [])]
+    assert entities_to_pixel_boxes(entities, (200, 100)) == [
+        Entity("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)], [(100, 25, 200, 75)]), Entity("no box", (6, 12), [], [])]
+    assert entities_to_pixel_boxes(entities, (200, 100))[0].to_dict() == {
+        "phrase": "a dog", "span": [0, 5], "boxes": [[0.5, 0.25, 1.0, 0.75]], "pixel_boxes": [[100, 25, 200, 75]]}
+
+
+@pytest.mark.parametrize("box, size, pixels", [
+    ((0.1, 0.2, 0.5, 0.75), (1200, 602), (120, 120, 600, 451)),     # int(coordinate · side): truncated
+    ((0.0, 0.0, 1.0, 1.0), (100, 50), (0, 0, 100, 50)),              # the whole image: its pixel edges
+    ((0.999, 0.999, 1.0, 1.0), (100, 50), (99, 49, 100, 50)),        # the last pixel
+    ((0.390625, 0.046875, 0.984375, 0.828125), (1024, 1024), (400, 48, 1008, 848)),
+    ((1 / 3, 1 / 3, 2 / 3, 2 / 3), (3, 3), (1, 1, 2, 2)),
+    ((-1e-12, 0.0, 1 + 1e-12, 1.0), (640, 480), (0, 0, 640, 480)),  # a hair outside [0, 1]: clamped to the image
+    ((-0.5, -2, 3.0, 1.5), (10, 20), (0, 0, 10, 20)),
+    ([0, 0, 1, 1], (7, 5), (0, 0, 7, 5)),                             # ints and lists too
+    ((np.float32(0.5), 0.5, 1.0, 1.0), (2, 2), (1, 1, 2, 2)),
+    ((0.5, 0.5, 0.5, 0.5), (1, 1), (0, 0, 0, 0)),                     # an empty box stays empty
+])
+def test_box_to_pixels_is_the_one_rule(box, size, pixels):
+    assert box_to_pixels(box, size) == pixels
+    assert all(type(v) is int for v in box_to_pixels(box, size))
+
+
+@pytest.mark.parametrize("box, size, message", [
+    ((0.1, 0.2, 0.3), (10, 10), r"box must be \(x1, y1, x2, y2\), four finite numbers .* got \(0.1, 0.2, 0.3\)"),
+    ((0.1, 0.2, 0.3, float("nan")), (10, 10), r"box must be .* four finite numbers"),
+    ((0.1, 0.2, 0.3, float("inf")), (10, 10), r"four finite numbers"),
+    ((0.1, None, 0.3, 0.4), (10, 10), r"four finite numbers"),
+    ((True, 0.2, 0.3, 0.4), (10, 10), r"four finite numbers"),
+    ("0.1,0.2,0.3,0.4", (10, 10), r"four finite numbers"),
+    ((0.1, 0.2, 0.3, 0.4), (0, 10), r"image_size must be \(width, height\) as positive ints, got \(0, 10\)"),
+    ((0.1, 0.2, 0.3, 0.4), (10.0, 10), r"image_size must be"),
+    ((0.1, 0.2, 0.3, 0.4), (10,), r"image_size must be"),
+])
+def test_box_to_pixels_errors(box, size, message):
+    with pytest.raises(ValueError, match=message):
+        box_to_pixels(box, size)
 
 
 # ------------------------------------------------------------------------------------------------------ errors

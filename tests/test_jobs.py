@@ -158,20 +158,20 @@ def test_batched_records_equal_one_image_runs(capsys, ckpt, model, tmp_path):
                          "--batch-size", "4")
     assert code == 0, err
     for rec, path in zip([json.loads(line) for line in out.splitlines()], paths, strict=True):
-        alone = tasks.caption(model, None, path, max_new_tokens=8).to_dict()
+        alone = tasks.caption(model, path, max_new_tokens=8).to_dict()
         assert {k: rec[k] for k in alone} == json.loads(json.dumps(alone))
 
     code, out, err = run(capsys, "--model", ckpt, "ground", *paths[:3], "a dog", "--batch-size", "3")
     assert code == 0, err
     for rec, path in zip([json.loads(line) for line in out.splitlines()], paths[:3], strict=True):
-        alone = tasks.ground(model, None, path, "a dog").to_dict()
+        alone = tasks.ground(model, path, "a dog").to_dict()
         assert {k: rec[k] for k in alone} == json.loads(json.dumps(alone))
 
     code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "6", "describe", *paths[:3],
                          "--box", "0.1,0.2,0.6,0.9", "--batch-size", "3")
     assert code == 0, err
     for rec, path in zip([json.loads(line) for line in out.splitlines()], paths[:3], strict=True):
-        alone = tasks.describe(model, None, path, (0.1, 0.2, 0.6, 0.9), max_new_tokens=6).to_dict()
+        alone = tasks.describe(model, path, (0.1, 0.2, 0.6, 0.9), max_new_tokens=6).to_dict()
         assert {k: rec[k] for k in alone} == json.loads(json.dumps(alone))
 
 
@@ -302,7 +302,7 @@ def test_embed_streams_rows_with_an_index_and_resumes(capsys, ckpt, model, messy
     assert embeds.shape == (5, 64, 32) and embeds.dtype == np.float32 and pooled.shape == (5, 32)
     assert not embeds[[1, 3]].any() and not pooled[[1, 3]].any()                 # error rows stay zero
     good = [r["path"] for r in rows if r["status"] == "ok"]
-    ref = tasks.embed(model, None, good, batch_size=1)
+    ref = tasks.embed(model, good, batch_size=1)
     scale = np.abs(ref.image_embeds).max()
     np.testing.assert_allclose(embeds[[0, 2, 4]], ref.image_embeds, rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(pooled[[0, 2, 4]], ref.pooled, rtol=0, atol=1e-6 * np.abs(ref.pooled).max())
@@ -346,7 +346,7 @@ def test_embed_rows_the_index_lists_are_complete_when_a_write_fails(capsys, ckpt
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     listed = records(tmp_path / "e.index.jsonl")[1:]
     assert [r["row"] for r in listed] == [0]
-    ref = tasks.embed(model, None, [DOGS, SNOWMAN], batch_size=1)
+    ref = tasks.embed(model, [DOGS, SNOWMAN], batch_size=1)
     np.testing.assert_allclose(np.load(out)[0], ref.image_embeds[0], rtol=0,
                                atol=1e-6 * np.abs(ref.image_embeds).max())
     code, stdout, err = run(capsys, "--model", ckpt, "embed", DOGS, SNOWMAN, "--out", out, "--resume")

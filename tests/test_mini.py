@@ -24,11 +24,11 @@ def test_the_three_jobs_run_on_a_scene():
     model = Kosmos2.from_pretrained("mini")
     scene = world.make_scene(1_500_000_001)
     image = world.render(scene)
-    cap = tasks.caption(model, None, image)
+    cap = tasks.caption(model, image)
     assert cap.text.startswith("<grounding> An image of")
-    gr = tasks.ground(model, None, image, world.referring_examples(scene)[0][0])
+    gr = tasks.ground(model, image, world.referring_examples(scene)[0][0])
     assert gr.text.startswith("<grounding><phrase> the ")
-    de = tasks.describe(model, None, image, scene.objects[0].box)
+    de = tasks.describe(model, image, scene.objects[0].box)
     assert de.description.startswith("It is")
 
 

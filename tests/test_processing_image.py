@@ -12,6 +12,7 @@ import pytest
 
 import fixtures_tokenizer as ft
 from kosmos2_ref.processing.image import (
+    load_image,
     ImageProcessorConfig,
     center_crop,
     preprocess_images,
@@ -228,3 +229,60 @@ def test_error_names_the_item_in_a_batch():
     good = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match=r"images\[1\]: expected a PIL image"):
         preprocess_images([good, None])
+
+
+# ---------------------------------------------------------------------------------------- the one image loader
+def test_load_image_takes_every_image_the_processor_takes(tmp_path):
+    """processing.image.load_image is the loader of the tasks, the jobs, the web service and drawing: a path
+    (str or Path, EXIF-rotated), a PIL image of any 8-bit mode or an array -> the RGB image whose pixels the
+    processor would use."""
+    rgb = PIL.Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    assert load_image(rgb) is rgb                                   # nothing to convert: the same image
+    path = tmp_path / "a.png"
+    rgb.save(path)
+    for given in (path, str(path), np.asarray(rgb), np.asarray(rgb) / 255.0, rgb.convert("RGBA"), rgb.convert("P")):
+        image = load_image(given)
+        assert isinstance(image, PIL.Image.Image) and image.mode == "RGB" and image.size == (6, 4)
+        np.testing.assert_array_equal(np.asarray(image), to_rgb_uint8(given))
+    clear = PIL.Image.new("RGBA", (4, 4), (10, 200, 30, 0))
+    assert (np.asarray(load_image(clear)) == 255).all() and (np.asarray(load_image(np.asarray(clear))) == 255).all()
+    grey = np.full((3, 5), 7, np.uint8)
+    assert (np.asarray(load_image(grey)) == 7).all() and load_image(grey).size == (5, 3)
+    rotated = tmp_path / "rotated.jpg"
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6                                                # "rotate 90° clockwise to display"
+    PIL.Image.new("RGB", (8, 4), (200, 10, 10)).save(rotated, exif=exif)
+    assert load_image(rotated).size == (4, 8)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((4, 4, 2), np.uint8), r"photo: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
+                                    r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)"),
+    (np.zeros((0, 4, 3), np.uint8), r"photo: the array is empty"),
+    (np.full((2, 2, 3), np.nan), r"photo: the array holds NaN or infinite values"),
+    (np.full((2, 2, 3), 1.5), r"photo: float pixels must lie in \[0, 1\] \(or be integers in \[0, 255\]\)"),
+    (np.full((2, 2, 3), 300), r"photo: integer-valued pixels must lie in \[0, 255\]"),
+    (np.zeros((2, 2, 3), bool), r"photo: expected a uint8 or float array"),
+    (PIL.Image.new("I;16", (4, 4), 40000), r"photo: the PIL image of size \(4, 4\) has mode I;16 .* 8-bit image"),
+    (PIL.Image.new("RGB", (0, 0)), r"photo: the image is empty"),
+    (3, r"photo: expected a PIL image, a path \(str or pathlib.Path\) or a uint8/float array .* got int 3"),
+    (None, r"photo: expected a PIL image, a path .* got NoneType None"),
+])
+def test_load_image_refuses_what_the_processor_refuses(image, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(image, "photo")
+
+
+def test_load_image_names_a_bad_file(tmp_path):
+    with pytest.raises(ValueError, match=r"photo: image file not found: '.*nope\.jpg'"):
+        load_image(tmp_path / "nope.jpg", "photo")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match=r"photo: '.*bad\.jpg' is not a readable image file"):
+        load_image(bad, "photo")
+    with pytest.raises(ValueError, match=r"photo: "):
+        load_image(tmp_path, "photo")                                   # a folder
+    deep = tmp_path / "deep.png"
+    PIL.Image.fromarray(np.full((4, 6), 40000, np.uint16)).save(deep)
+    with pytest.raises(ValueError, match=r"photo: the image file '.*deep\.png' has mode I.*16-bit"):
+        load_image(deep, "photo")

@@ -109,7 +109,7 @@ def test_decode_and_post_processing(real):
     assert text.endswith("</image><grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>")
     assert real.post_process_generation(text) == ("An image of a snowman", [("a snowman", (12, 21), [(0.390625, 0.046875, 0.984375, 0.828125)])])
     assert real.post_process_image_text_to_text(generated) == [text.split("</image>")[-1]]
-    assert real.entities_to_pixel_boxes(real.post_process_generation(text)[1], (64, 32))[0][2] == [(25, 1, 63, 26)]
+    assert real.entities_to_pixel_boxes(real.post_process_generation(text)[1], (64, 32))[0].pixel_boxes == [(25, 1, 63, 26)]
 
 
 # ------------------------------------------------------------------------------------------------------ errors

@@ -89,11 +89,11 @@ def score_describe(text: str, obj: world.SceneObject) -> bool:
 # The two implementations
 
 def run_ours(model, processor, scene, image):
-    cap = tasks.caption(model, processor, image)
+    cap = tasks.caption(model, image, processor=processor)
     phrase, truth = ground_query(scene)
-    gr = tasks.ground(model, processor, image, phrase)
+    gr = tasks.ground(model, image, phrase, processor=processor)
     obj = scene.objects[scene.seed % len(scene.objects)]
-    de = tasks.describe(model, processor, image, obj.box)
+    de = tasks.describe(model, image, obj.box, processor=processor)
     ent = [(e.phrase, e.span, e.boxes) for e in cap.entities]
     return {"caption": score_caption(scene, ent), "ground": score_ground(gr.boxes, truth),
             "describe": score_describe(de.description, obj), "texts": (cap.text, gr.text, de.text)}

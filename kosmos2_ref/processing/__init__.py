@@ -5,6 +5,8 @@ It knows nothing of the model (docs/architecture.md). Mirrors transformers 5.23 
 """
 
 from .grounding import (
+    Entity,
+    box_to_pixels,
     box_to_patch_indices,
     clean_text_and_extract_entities_with_bboxes,
     entities_to_pixel_boxes,
@@ -17,10 +19,12 @@ from .processor import Kosmos2Processor
 from .text import Kosmos2Tokenizer, build_tokenizer_from_sentencepiece, default_tokenizer
 
 __all__ = [
+    "Entity",
     "ImageProcessorConfig",
     "Kosmos2Processor",
     "Kosmos2Tokenizer",
     "box_to_patch_indices",
+    "box_to_pixels",
     "build_tokenizer_from_sentencepiece",
     "clean_text_and_extract_entities_with_bboxes",
     "default_tokenizer",

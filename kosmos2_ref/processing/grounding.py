@@ -18,6 +18,7 @@ import itertools
 import math
 import numbers
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..checks import is_int, is_real
@@ -33,7 +34,9 @@ from .text import (
 )
 
 Box = tuple  # (x1, y1, x2, y2) normalised floats, or (upper_left, lower_right) patch indices
-Entity = tuple  # (name, (start, end), [(x1, y1, x2, y2), ...])
+# Post-processing returns its entities as transformers' Kosmos2Processor.post_process_generation does, tuples
+# (name, (start, end), [(x1, y1, x2, y2), ...]), so that parity tests can compare them as they are. Everything
+# past post-processing uses the one entity type, :class:`Entity`, made by :func:`entities_to_pixel_boxes`.
 
 # Tags are what transformers removes with re.sub("<.*?>", "", text): a "<", the fewest characters other than a
 # newline, then ">". tag_spans finds the same ones in linear time (the regex is quadratic in unmatched "<").
@@ -220,7 +223,7 @@ def strip_tags(text: str) -> str:
     return "".join(pieces)
 
 
-def extract_entities_with_patch_indices(text: str) -> list[Entity]:
+def extract_entities_with_patch_indices(text: str) -> list[tuple]:
     """Entities of ``text`` with their boxes as (ul, lr) index pairs and spans in the raw ``text``
     (docs/numerics.md §11.1).
 
@@ -258,7 +261,7 @@ class _PositionsWithoutTags:
         return index - self.removed[bisect.bisect_right(self.ends, index)]
 
 
-def _cleanup_spaces(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
+def _cleanup_spaces(text: str, entities: list[tuple]) -> tuple[str, list[tuple]]:
     """Strip the caption, shift spans by its leading whitespace, and trim each name with its span
     (docs/numerics.md §11.3)."""
     leading = len(text) - len(text.lstrip())
@@ -301,20 +304,57 @@ def post_process_generation(text: str, cleanup_and_extract: bool = True, num_pat
     return clean_text_and_extract_entities_with_bboxes(caption, num_patches_per_side)
 
 
-def entities_to_pixel_boxes(entities: Sequence[Entity], image_size: tuple[int, int]) -> list[Entity]:
-    """Scale normalised entity boxes to pixel boxes of an image of ``image_size = (width, height)``.
+@dataclass
+class Entity:
+    """A phrase of the caption and the boxes the model gave it: the one entity type of kosmos2_ref past
+    post-processing (tasks, jobs, the web service and drawing use it); made by :func:`entities_to_pixel_boxes`."""
 
-    Each coordinate becomes int(coordinate · side), as the original demo draws them; names and spans are kept.
-    """
-    if len(image_size) != 2 or not all(is_int(v) and v > 0 for v in image_size):
+    phrase: str
+    span: tuple[int, int]                              # [start, end) of the phrase in the caption
+    boxes: list[tuple[float, float, float, float]]     # normalised (x1, y1, x2, y2)
+    pixel_boxes: list[tuple[int, int, int, int]]       # the same in pixels of the image (box_to_pixels)
+
+    def to_dict(self) -> dict:
+        return {"phrase": self.phrase, "span": list(self.span), "boxes": [list(b) for b in self.boxes],
+                "pixel_boxes": [list(b) for b in self.pixel_boxes]}
+
+
+def _check_image_size(image_size) -> tuple[int, int]:
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2 \
+            or not all(is_int(v) and v > 0 for v in image_size):
         raise ValueError(f"image_size must be (width, height) as positive ints, got {image_size!r}")
-    width, height = image_size
+    return int(image_size[0]), int(image_size[1])
+
+
+def box_to_pixels(box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A normalised (x1, y1, x2, y2) -> pixels of an image of ``image_size = (width, height)``: each coordinate
+    becomes ``int(coordinate · side)`` (the original demo's rule), clamped to ``[0, side]``.
+
+    This is the one box-to-pixels rule of kosmos2_ref (tasks, jobs, the web service and drawing use it, so the
+    ``pixel_boxes`` of every output agree). Pixel coordinates name pixel edges, as ``PIL.Image.crop`` and
+    slicing ``array[y1:y2, x1:x2]`` take them: the whole image is ``(0, 0, width, height)``, so a box reaching
+    the right edge ends at ``width``. Boxes decoded from patch indices or given in [0, 1] never need the clamp;
+    it keeps a coordinate a hair outside [0, 1] (float rounding) on the image. A ValueError names a box that is
+    not four finite numbers.
+    """
+    width, height = _check_image_size(image_size)
+    finite = isinstance(box, (tuple, list)) and all(is_real(v) and math.isfinite(v) for v in box)
+    if not finite or len(box) != 4:
+        raise ValueError(f"box must be (x1, y1, x2, y2), four finite numbers normalised to [0, 1], got {box!r}"[:300])
+    sides = (width, height, width, height)
+    return tuple(min(max(int(float(v) * side), 0), side) for v, side in zip(box, sides))
+
+
+def entities_to_pixel_boxes(entities: Sequence[tuple], image_size: tuple[int, int]) -> list[Entity]:
+    """Post-processing's ``(name, (start, end), [boxes])`` tuples -> :class:`Entity` objects for an image of
+    ``image_size = (width, height)``: normalised boxes kept, pixel boxes added (:func:`box_to_pixels`)."""
+    size = _check_image_size(image_size)
     out = []
     for i, entity in enumerate(entities):
         _check_entity(entity, i)
         name, span, boxes = entity
-        pixel = [(int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)) for x1, y1, x2, y2 in boxes]
-        out.append((name, span, pixel))
+        normalised = [tuple(float(v) for v in b) for b in boxes]
+        out.append(Entity(name, tuple(span), normalised, [box_to_pixels(b, size) for b in normalised]))
     return out
 
 

@@ -218,10 +218,11 @@ def _check_8_bit(image: PIL.Image.Image, name: str, what: str) -> None:
         )
 
 
-def load_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
+def open_image_file(path: str | Path, name: str = "image") -> PIL.Image.Image:
     """Open an image file fully, apply its EXIF orientation and convert to RGB (transformers' ``load_image``).
 
-    Raises ValueError naming the path when it is missing, not an image, corrupt, or not 8-bit.
+    Raises ValueError naming the path when it is missing, not an image, corrupt, or not 8-bit. Used by
+    :func:`load_image` and :func:`to_rgb_uint8`; call :func:`load_image`, which takes any image.
     """
     path = Path(path)
     try:
@@ -333,7 +334,7 @@ def to_rgb_uint8(image, name: str = "image", do_convert_rgb: bool = True) -> np.
     round trip, once more in the rescale step), and reads one of only 0.0 and 1.0 as levels 0 and 1.
     """
     if isinstance(image, (str, Path)):
-        image = load_image(image, name)
+        image = open_image_file(image, name)
     if isinstance(image, PIL.Image.Image):
         _check_8_bit(image, name, f"the PIL image of size {image.size}")
         if not do_convert_rgb and image.mode != "RGB":
@@ -352,6 +353,24 @@ def to_rgb_uint8(image, name: str = "image", do_convert_rgb: bool = True) -> np.
         f"{name}: expected a PIL image, a path (str or pathlib.Path) or a uint8/float array of shape (H, W) or "
         f"(H, W, C), got {_describe(image)}"
     )
+
+
+def load_image(image, name: str = "image") -> PIL.Image.Image:
+    """The one image loader of kosmos2_ref: a path, a PIL image or an array -> the RGB PIL image the processor
+    sees.
+
+    Paths are opened fully and EXIF-rotated (:func:`open_image_file`); other images go through the processor's
+    own conversion (:func:`to_rgb_uint8`): transparency composited onto white, grey repeated, float arrays in
+    [0, 1] scaled by 255. What the processor refuses (16-bit images, empty or malformed arrays, NaN, values out of
+    range, other types) raises a ValueError naming ``name``. An RGB PIL image is returned as it is (not copied).
+    """
+    if isinstance(image, (str, Path)):
+        return open_image_file(image, name)
+    if isinstance(image, PIL.Image.Image) and image.mode == "RGB":
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{name}: the image is empty ({_describe(image)}); expected at least 1×1 pixels")
+        return image
+    return PIL.Image.fromarray(to_rgb_uint8(image, name))  # [H, W, 3] uint8 -> RGB image
 
 
 # ------------------------------------------------------------------------------------------------- transforms

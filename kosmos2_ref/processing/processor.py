@@ -20,6 +20,7 @@ import numpy as np
 from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
 from ..files import file_present
+from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
 from ._files import read_json_object
 from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
@@ -80,8 +81,6 @@ class Kosmos2Processor:
         cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it, or ``"mini"``, the packaged miniature. ``padding_side`` (and other tokenizer
         settings such as ``truncation_side``) override the files.
         """
-        from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
-
         name = folder
         folder = Path(folder) if name != MINI_MODEL else MINI_FOLDER
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
@@ -330,7 +329,8 @@ class Kosmos2Processor:
         return [self.post_process_generation(t, cleanup_and_extract=False) for t in texts]
 
     def entities_to_pixel_boxes(self, entities, image_size: tuple[int, int]):
-        """Entity boxes scaled to an image of ``image_size = (width, height)`` in pixels."""
+        """Post-processing's entity tuples -> :class:`~kosmos2_ref.processing.grounding.Entity` objects with their
+        boxes also in pixels of an image of ``image_size = (width, height)`` (grounding.entities_to_pixel_boxes)."""
         return grounding.entities_to_pixel_boxes(entities, image_size)
 
 
