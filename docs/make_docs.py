@@ -395,7 +395,8 @@ API = [
         "kosmos2_ref.processing.Kosmos2Processor.save_pretrained",
         "kosmos2_ref.processing.preprocess_images", "kosmos2_ref.processing.box_to_patch_indices",
         "kosmos2_ref.processing.patch_indices_to_box", "kosmos2_ref.processing.post_process_generation",
-        "kosmos2_ref.processing.entities_to_pixel_boxes",
+        "kosmos2_ref.processing.entities_to_pixel_boxes", "kosmos2_ref.processing.Entity",
+        "kosmos2_ref.processing.box_to_pixels", "kosmos2_ref.processing.image.load_image",
     ]),
     ("Generation", [
         "kosmos2_ref.generation.generate", "kosmos2_ref.generation.GenerateOutput",
@@ -403,7 +404,7 @@ API = [
     ]),
     ("Tasks", [
         "kosmos2_ref.tasks.caption", "kosmos2_ref.tasks.ground", "kosmos2_ref.tasks.describe", "kosmos2_ref.tasks.embed",
-        "kosmos2_ref.tasks.Entity", "kosmos2_ref.tasks.CaptionResult", "kosmos2_ref.tasks.GroundResult",
+        "kosmos2_ref.tasks.model_processor", "kosmos2_ref.tasks.CaptionResult", "kosmos2_ref.tasks.GroundResult",
         "kosmos2_ref.tasks.DescribeResult", "kosmos2_ref.tasks.EmbedResult",
     ]),
     ("Drawing", [
