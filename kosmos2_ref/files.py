@@ -2,11 +2,13 @@
 
 ``Path.is_file()`` answers False for a broken symbolic link, a folder or a pipe alike, so "is it there?" asked
 that way turns "there, but broken" into "missing" (or into a silently skipped setting). :func:`file_present`
-tells the two apart, and :func:`read_bytes` / :func:`read_text` name the file and the reason when reading fails.
+tells the two apart, :func:`read_bytes` / :func:`read_text` name the file and the reason when reading fails, and
+:func:`read_json_object` reads the small JSON files (configs, tokenizer settings).
 Each raises a ValueError that names the path, what is wrong and what was expected.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -62,3 +64,16 @@ def read_text(path: str | Path) -> str:
         return read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {err}") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or a ValueError naming the file and what was wrong (unreadable, a broken
+    link, not JSON, not an object)."""
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data

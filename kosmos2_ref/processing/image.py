@@ -32,7 +32,7 @@ import PIL.ImageOps
 
 from ..checks import is_int, is_real
 from ..files import file_present
-from ._files import read_json_object
+from ..files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -21,7 +21,7 @@ from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
 from ..files import file_present
 from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
-from ._files import read_json_object
+from ..files import read_json_object
 from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
 

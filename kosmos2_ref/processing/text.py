@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import Unigram
 
 from ..files import file_present, read_text
-from ._files import read_json_object
+from ..files import read_json_object
 from .sentencepiece_model import read_sentencepiece_model
 
 # The fairseq/XLM-R special tokens, in id order 0..3; <mask> comes after the SentencePiece pieces.
