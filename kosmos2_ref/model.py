@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .backend import Backend, get_backend
 from .cache import KVCache
 from .checks import TextInputs, check_flags, check_float_input, check_pixel_values, check_text_inputs, is_int
@@ -93,7 +92,7 @@ class Kosmos2:
                 gen = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{gpath}: not valid JSON ({exc})") from None
-            if not isinstance(gen, dict):       # its settings are read by name (generation.py)
+            if not isinstance(gen, dict):       # its settings are read by name (kosmos2_ref.generation)
                 raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "
                                   f"{type(gen).__name__}")
         model = cls(config, params, be, dtype, gen, str(path))
@@ -160,7 +159,8 @@ class Kosmos2:
                                  image_embeds, labels, position_ids, inputs_embeds, past)
         batch = len(text.input_ids if text.input_ids is not None else text.inputs_embeds)
         if past_key_values is not None and past_key_values.batch_size != batch:
-            raise ValueError(f"past_key_values holds batch {past_key_values.batch_size}, the inputs {batch}")
+            raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows but the inputs have {batch}: "
+                             f"expected the batch the cache was made for")
         out = self._text_model(text, past_key_values, output_hidden_states, output_attentions,
                                compute_logits, logits_to_keep)
         out.projection_attentions, out.vision_model_output = probs, vout

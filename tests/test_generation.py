@@ -1,4 +1,4 @@
-"""Generation pieces on their own (kosmos2_ref/generation.py).
+"""Generation pieces on their own (the package kosmos2_ref/generation/).
 
 Processors against transformers' own processor classes (run here) and hand-computed cases; the cache reorder;
 settings taken from the checkpoint; bad arguments; streaming; seeded sampling; and the hypothesis properties of

@@ -1,5 +1,5 @@
 """Decoding with a KV cache: greedy search, multinomial sampling and beam search, the logits processors,
-streaming. Read :mod:`.reference` first: :func:`greedy_generate` is the loop, fifteen lines long, that
+streaming. Read :mod:`.reference` first: :func:`greedy_generate` is the loop, in about fifteen lines, that
 :func:`generate` elaborates.
 
 Mirrors transformers 5.23 as ``Kosmos2ForConditionalGeneration.generate`` reaches it (docs/numerics.md §7): the
