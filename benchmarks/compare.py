@@ -111,9 +111,11 @@ class Ours:
             self.model(input_ids=nxt, attention_mask=a, past_key_values=cache, logits_to_keep=1)
 
     def generate(self, pv, ids, att, img, n):
-        return self.model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                                   max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
-                                   no_repeat_ngram_size=0)
+        from kosmos2_ref import generate
+
+        return generate(self.model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                                    max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
+                                    no_repeat_ngram_size=0)
 
 
 class HF:

@@ -377,8 +377,8 @@ def measure_parity() -> str:
 
 API = [
     ("The model", [
-        "kosmos2_ref.Kosmos2", "kosmos2_ref.Kosmos2.from_pretrained", "kosmos2_ref.Kosmos2.forward", "kosmos2_ref.Kosmos2.generate",
-        "kosmos2_ref.Kosmos2.encode_image", "kosmos2_ref.Kosmos2.get_image_features", "kosmos2_ref.Kosmos2.new_cache",
+        "kosmos2_ref.Kosmos2", "kosmos2_ref.Kosmos2.from_pretrained", "kosmos2_ref.Kosmos2.forward",
+        "kosmos2_ref.Kosmos2.decode_step", "kosmos2_ref.Kosmos2.encode_image", "kosmos2_ref.Kosmos2.get_image_features", "kosmos2_ref.Kosmos2.new_cache",
         "kosmos2_ref.Kosmos2.num_parameters", "kosmos2_ref.Kosmos2Output", "kosmos2_ref.vision.VisionOutput",
     ]),
     ("Configuration", [
@@ -399,7 +399,7 @@ API = [
         "kosmos2_ref.processing.box_to_pixels", "kosmos2_ref.processing.image.load_image",
     ]),
     ("Generation", [
-        "kosmos2_ref.generation.generate", "kosmos2_ref.generation.GenerateOutput",
+        "kosmos2_ref.generate", "kosmos2_ref.generation.greedy_generate", "kosmos2_ref.generation.GenerateOutput",
         "kosmos2_ref.generation.TextStreamer",
     ]),
     ("Tasks", [
@@ -437,7 +437,7 @@ API = [
     ]),
 ]
 # Methods that only forward to a function: documented with that function's signature (minus ``model``).
-DELEGATES = {"kosmos2_ref.Kosmos2.generate": "kosmos2_ref.generation.generate"}
+DELEGATES: dict[str, str] = {}
 
 
 def resolve(path: str):
@@ -595,7 +595,7 @@ def dataflow_figure(cfg: Kosmos2Config | None = None):
                  f"({cfg.text_config.attention_heads} heads) + inner_attn_ln, gelu FFN + ffn_layernorm",
                  "final layer_norm; logits = h @ embed_tokens^T", "(KV cache: cache.py)"],
                 "logits " + sh["logits"])
-    b_gen = box(R, 610, w, 120, "generation", "generate (generation.py)",
+    b_gen = box(R, 610, w, 120, "generation", "generate (generation/)",
                 ["prefill once, then one token per step;", "greedy · beam search · sampling, processors"],
                 "ids [B, T + new]")
     b_out = box(R, 770, w, 110, "output", "decode + post_process_generation",

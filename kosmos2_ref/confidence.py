@@ -2,7 +2,8 @@
 
 Kosmos-2 writes a box as two words, ``<patch_index_A><patch_index_B>``, so "how sure of this box" is "how
 probable were those two words when they were chosen". From the scores of the run that produced them
-(``Kosmos2.generate(..., output_scores=True, return_dict_in_generate=True)``, or transformers' ``output_scores``):
+(``kosmos2_ref.generate(model, ..., output_scores=True, return_dict_in_generate=True)``, or transformers'
+``output_scores``):
 
 * :func:`token_probabilities` -- p(token chosen at step t) = softmax(scores[t])[token[t]], each step's
   *processed* scores (after the logits processors, e.g. no-repeat-ngram), as transformers'

@@ -588,10 +588,12 @@ def _generate_batch(model, processor, job: TextJob, batch: list[Loaded]):
     bboxes = [[item.extra] for item in batch] if job.name == "describe" else None
     inputs = processor(text=[job.prompt] * len(batch), images=[item.image for item in batch], bboxes=bboxes,
                        padding=True, padding_side="left")
-    out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                         attention_mask=inputs["attention_mask"],
-                         image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                         max_new_tokens=job.max_new_tokens, return_dict_in_generate=True)
+    from .generation import generate
+
+    out = generate(model, pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"],
+                          image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                          max_new_tokens=job.max_new_tokens, return_dict_in_generate=True)
     ids = np.asarray(to_numpy(out.sequences))
     return processor.batch_decode(ids, skip_special_tokens=True), out
 

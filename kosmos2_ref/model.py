@@ -2,26 +2,27 @@
 
 Mirrors ``Kosmos2ForConditionalGeneration`` in ``transformers/models/kosmos2/modeling_kosmos2.py``:
 pixel_values -> vision tower -> connector -> image_embeds; input_ids (+ image_embeds) -> decoder -> logits.
-Inputs are validated here, at the boundary, so the stage functions below never see a bad shape.
+Inputs are validated at the boundary, once per public call (:mod:`kosmos2_ref.checks`), so the stage functions
+never see a bad shape; :meth:`Kosmos2.decode_step` is the unchecked step a decoding loop calls
+(:mod:`kosmos2_ref.generation`, which depends on this module, never the other way).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .backend import Backend, get_backend, get_xp, to_numpy
+from .backend import Backend, get_backend
 from .cache import KVCache
-from .checks import is_int
+from .checks import TextInputs, check_flags, check_float_input, check_pixel_values, check_text_inputs, is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
 from .files import file_present, read_text
 from .hub import resolve_checkpoint
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
-from .weights import STORAGE_DTYPES, load_flat, unflatten
+from .weights import STORAGE_DTYPES, expected_shapes, load_flat, unflatten
 
 
 @dataclass
@@ -40,69 +41,10 @@ class Kosmos2Output:
     vision_model_output: VisionOutput | None = None
 
 
-def _as_array(name: str, a, expected: str):
-    """``a`` itself when it is a NumPy array or a device array, else made into a host array (nested lists, a CPU
-    torch tensor, ...); a ValueError naming ``name`` when it cannot be one (rows of different lengths)."""
-    if type(a) is np.ndarray or get_xp(a) is not np:
-        return a
-    try:
-        return np.asarray(a)
-    except (ValueError, TypeError):
-        raise ValueError(f"{name} must be an array of shape {expected}, got a {type(a).__name__} that does not "
-                         f"make one (rows of different lengths?)") from None
-
-
-def _float_array(name: str, a, expected: str):
-    """A float array (array-likes converted, see :func:`_as_array`), or a ValueError naming ``name``."""
-    a = _as_array(name, a, expected)
-    if not np.issubdtype(np.dtype(a.dtype.name), np.floating):
-        raise ValueError(f"{name} must be a float array of shape {expected}, got dtype {a.dtype}")
-    return a
-
-
-def _finite_float32(name: str, a, xp):
-    """Float array ``a`` as float32 on ``xp``; a ValueError naming ``name`` when a host array holds NaN or ±inf.
-
-    Why look: one NaN in an image or an embedding makes every logit NaN, and argmax over NaN is token 0, so
-    ``generate`` would return token 0 at every step without a word. The look is taken on the host, where inputs
-    arrive from: after the cast to float32 (float64 values beyond its range become inf there), before the upload,
-    one pass per call and never per token. An array already on the device is taken as it is: looking would cost a
-    device->host sync on every call, and in practice it is the model's own ``encode_image`` output.
-    """
-    if type(a) is not np.ndarray:
-        return xp.asarray(a, dtype=xp.float32)
-    with np.errstate(over="ignore"):          # an overflow becomes inf, which is refused just below
-        a = a.astype(np.float32, copy=False)
-    if not np.isfinite(a).all():
-        n = int((~np.isfinite(a)).sum())
-        raise ValueError(f"{name} holds {n} non-finite value(s) (NaN or inf) among its {a.size}: expected finite "
-                         f"numbers")
-    return xp.asarray(a)
-
-
-def _check_flags(**flags) -> None:
-    """Switches must be True or False: a string such as "false" would otherwise count as True."""
-    for name, value in flags.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
-    """A host integer array of ``ndim`` dims, or a ValueError naming ``name``."""
-    try:
-        a = np.asarray(to_numpy(a))      # nested lists of different lengths fail here
-    except (ValueError, TypeError):
-        raise ValueError(f"{name} must be an integer array of shape [batch, tokens], got a {type(a).__name__} "
-                         f"that does not make one (rows of different lengths?)") from None
-    if a.dtype == bool:
-        a = a.astype(np.int64)
-    if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {a.shape} and dtype {a.dtype}")
-    return a.astype(np.int64, copy=False)
-
-
-# Methods that left the class, and where they went: Kosmos2.__getattr__ names the new place.
+# Methods that left the class so that the model depends on nothing built on it, and where they went:
+# Kosmos2.__getattr__ names the new place.
 MOVED = {
+    "generate": "kosmos2_ref.generate(model, ...)",
     "caption": "kosmos2_ref.tasks.caption(model, image, ...)",
     "ground": "kosmos2_ref.tasks.ground(model, image, phrase, ...)",
     "describe": "kosmos2_ref.tasks.describe(model, image, box, ...)",
@@ -161,7 +103,7 @@ class Kosmos2:
                 gen = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{gpath}: not valid JSON ({exc})") from None
-            if not isinstance(gen, dict):       # its settings are read by name (generation.py)
+            if not isinstance(gen, dict):       # its settings are read by name (kosmos2_ref.generation)
                 raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "
                                   f"{type(gen).__name__}")
         model = cls(config, params, be, dtype, gen, str(path))
@@ -171,29 +113,12 @@ class Kosmos2:
     # ----------------------------------------------------------------------------------------------------------
     # Image path
 
-    def _pixel_values(self, pixel_values):
-        if pixel_values is None:
-            return None
-        xp = self.xp
-        pixel_values = _as_array("pixel_values", pixel_values, "[batch, 3, height, width]")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.vision_config.num_channels:
-            raise ValueError(f"pixel_values must have shape [batch, {self.config.vision_config.num_channels}, "
-                             f"height, width], got {tuple(pixel_values.shape)}")
-        if not np.issubdtype(np.dtype(pixel_values.dtype.name), np.floating):
-            raise ValueError(f"pixel_values must be a float array (preprocessed by Kosmos2Processor), "
-                             f"got dtype {pixel_values.dtype}")
-        p = self.config.vision_config.patch_size
-        if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
-            raise ValueError(f"pixel_values of size {pixel_values.shape[2]}x{pixel_values.shape[3]} is smaller than "
-                             f"one {p}x{p} patch")
-        return _finite_float32("pixel_values", pixel_values, xp)
-
     def encode_image(self, pixel_values, *, output_hidden_states: bool = False, output_attentions: bool = False,
                      interpolate_pos_encoding: bool = False):
         """pixel_values [B, 3, H, W] -> (image_embeds [B, 64, C], projection_attentions, VisionOutput)."""
-        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     interpolate_pos_encoding=interpolate_pos_encoding)
-        pv = self._pixel_values(pixel_values)
+        check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                    interpolate_pos_encoding=interpolate_pos_encoding)
+        pv = check_pixel_values(self.config, pixel_values, self.xp)
         vc = self.config.vision_config
         vout = vision_forward(pv, self.params["vision_model"]["model"], vc,
                               output_hidden_states=output_hidden_states, output_attentions=output_attentions,
@@ -208,78 +133,6 @@ class Kosmos2:
         return self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)[0]
 
     # ----------------------------------------------------------------------------------------------------------
-    # Input checks shared by forward and generate
-
-    def check_float_input(self, name: str, a):
-        """An embedding the caller gives (``image_embeds`` or ``inputs_embeds``) as float32 on the backend: nested
-        lists are accepted; a non-float dtype, NaN or ±inf raise a ValueError naming ``name``."""
-        C = self.config.text_config.embed_dim
-        rows = self.config.latent_query_num if name == "image_embeds" else "tokens"
-        return _finite_float32(name, _float_array(name, a, f"[batch, {rows}, {C}]"), self.xp)
-
-    def check_text_inputs(self, input_ids=None, attention_mask=None, image_embeds_position_mask=None,
-                          image_embeds=None, labels=None, position_ids=None, inputs_embeds=None, past_length=0):
-        """Validate the text-side inputs; return them as host int64 arrays (image_embeds on the device)."""
-        tc = self.config.text_config
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("input_ids is required (or inputs_embeds)")
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("pass either input_ids or inputs_embeds, not both")
-        if input_ids is not None:
-            input_ids = _host_int_array("input_ids", input_ids)
-            B, T = input_ids.shape
-            if T == 0 or B == 0:
-                raise ValueError(f"input_ids is empty (shape {input_ids.shape}); expected at least one token")
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= tc.vocab_size:
-                raise ValueError(f"input_ids holds ids outside [0, {tc.vocab_size - 1}] (min {lo}, max {hi})")
-        else:
-            inputs_embeds = _float_array("inputs_embeds", inputs_embeds, f"[batch, tokens, {tc.embed_dim}]")
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != tc.embed_dim:
-                raise ValueError(f"inputs_embeds must have shape [batch, tokens, {tc.embed_dim}], "
-                                 f"got {tuple(inputs_embeds.shape)}")
-            B, T = inputs_embeds.shape[:2]
-        if attention_mask is not None:
-            attention_mask = _host_int_array("attention_mask", attention_mask)
-            if attention_mask.shape != (B, past_length + T):
-                raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(B, past_length + T)} "
-                                 f"(batch, cached + new tokens)")
-            if not np.isin(attention_mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 and 1")
-        if position_ids is not None:
-            position_ids = _host_int_array("position_ids", position_ids)
-            if position_ids.shape != (B, T):
-                raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(B, T)}")
-            if position_ids.min() < 0:
-                raise ValueError("position_ids must be non-negative")
-        if labels is not None:
-            labels = _host_int_array("labels", labels)
-            if labels.shape != (B, T):
-                raise ValueError(f"labels has shape {labels.shape}, expected {(B, T)} like input_ids")
-            bad = (labels != -100) & ((labels < 0) | (labels >= tc.vocab_size))
-            if bad.any():
-                raise ValueError(f"labels holds values outside [0, {tc.vocab_size - 1}] that are not -100")
-        if image_embeds is not None and past_length == 0:
-            Q = self.config.latent_query_num
-            image_embeds = _float_array("image_embeds", image_embeds, f"[{B}, {Q}, {tc.embed_dim}]")
-            if image_embeds.ndim != 3 or tuple(image_embeds.shape) != (B, Q, tc.embed_dim):
-                raise ValueError(f"image_embeds must have shape [{B}, {Q}, {tc.embed_dim}], "
-                                 f"got {tuple(image_embeds.shape)}")
-            if image_embeds_position_mask is None:
-                raise ValueError("image_embeds_position_mask is required with an image: it marks the "
-                                 f"{image_embeds.shape[1]} positions where the image embeddings go")
-            image_embeds_position_mask = _host_int_array("image_embeds_position_mask", image_embeds_position_mask)
-            if image_embeds_position_mask.shape != (B, T):
-                raise ValueError(f"image_embeds_position_mask has shape {image_embeds_position_mask.shape}, "
-                                 f"expected {(B, T)} like input_ids")
-            counts = (image_embeds_position_mask != 0).sum(axis=1)
-            if (counts != image_embeds.shape[1]).any():
-                raise ValueError(f"image_embeds_position_mask marks {counts.tolist()} image positions per row, but "
-                                 f"each row needs exactly {image_embeds.shape[1]} (latent_query_num)")
-            image_embeds = self.xp.asarray(image_embeds, dtype=self.xp.float32)
-        return input_ids, attention_mask, image_embeds_position_mask, image_embeds, labels, position_ids
-
-    # ----------------------------------------------------------------------------------------------------------
     # Forward
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, image_embeds_position_mask=None,
@@ -290,54 +143,73 @@ class Kosmos2:
         """The full model: image (pixel_values, or precomputed image_embeds) and text -> logits.
 
         Give a :class:`KVCache` as ``past_key_values`` to append to it (see :meth:`new_cache`); after the first
-        step the image inputs are not needed. ``compute_logits=False`` stops before the LM head and returns the
-        base model's ``last_hidden_state`` only. ``logits_to_keep`` = k > 0 computes logits for the last k
-        positions only; 0 keeps them all.
+        step the image inputs are not needed (and not read). ``compute_logits=False`` stops before the LM head and
+        returns the base model's ``last_hidden_state`` only. ``logits_to_keep`` = k > 0 computes logits for the
+        last k positions only; 0 keeps them all.
         """
-        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     interpolate_pos_encoding=interpolate_pos_encoding, compute_logits=compute_logits)
-        k = logits_to_keep
-        if not is_int(k) or k < 0:
-            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {k!r}")
+        check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                    interpolate_pos_encoding=interpolate_pos_encoding, compute_logits=compute_logits)
+        if not is_int(logits_to_keep) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got "
+                             f"{logits_to_keep!r}")
         past = past_key_values.length if past_key_values is not None else 0
-        if image_embeds is not None and past == 0:            # lists accepted, NaN/inf refused
-            image_embeds = self.check_float_input("image_embeds", image_embeds)
-        if inputs_embeds is not None:
-            inputs_embeds = self.check_float_input("inputs_embeds", inputs_embeds)
-        if image_embeds is None and pixel_values is None and past == 0:
-            raise ValueError("You have to specify either pixel_values or image_embeds")
-        vout = probs = None
-        if image_embeds is None and pixel_values is not None and past == 0:
+        probs = vout = None
+        if past > 0:                        # a cached step: the image's rows are in the cache already
+            image_embeds = None
+        elif image_embeds is not None:      # lists accepted, NaN/inf refused
+            image_embeds = check_float_input(self.config, "image_embeds", image_embeds, self.xp)
+        elif pixel_values is not None:
             image_embeds, probs, vout = self.encode_image(
                 pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                 interpolate_pos_encoding=interpolate_pos_encoding)
-        (input_ids, attention_mask, image_embeds_position_mask, image_embeds_checked, labels,
-         position_ids) = self.check_text_inputs(input_ids, attention_mask, image_embeds_position_mask,
-                                                image_embeds, labels, position_ids, inputs_embeds, past)
-        if past_key_values is not None and past_key_values.batch_size != (
-                input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]):
-            raise ValueError(f"past_key_values holds batch {past_key_values.batch_size}, inputs have another")
-        out: TextOutput = text_forward(
-            self.params["text_model"], self.config.text_config, self.xp, input_ids=input_ids,
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            image_embeds=image_embeds_checked if past == 0 else None,
-            image_embeds_position_mask=image_embeds_position_mask, position_ids=position_ids,
-            cache=past_key_values, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, compute_logits=compute_logits or labels is not None,
-            logits_to_keep=0 if labels is not None else logits_to_keep)
-        loss = causal_lm_loss(out.logits, labels, self.xp) if labels is not None else None
-        return Kosmos2Output(logits=out.logits, loss=loss, last_hidden_state=out.last_hidden_state,
-                             past_key_values=past_key_values, hidden_states=out.hidden_states,
-                             attentions=out.attentions, image_embeds=image_embeds,
-                             projection_attentions=probs, vision_model_output=vout)
+        else:
+            raise ValueError("You have to specify either pixel_values or image_embeds")
+        if inputs_embeds is not None:
+            inputs_embeds = check_float_input(self.config, "inputs_embeds", inputs_embeds, self.xp)
+        text = check_text_inputs(self.config, self.xp, input_ids, attention_mask, image_embeds_position_mask,
+                                 image_embeds, labels, position_ids, inputs_embeds, past)
+        batch = len(text.input_ids if text.input_ids is not None else text.inputs_embeds)
+        if past_key_values is not None and past_key_values.batch_size != batch:
+            raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows but the inputs have {batch}: "
+                             f"expected the batch the cache was made for")
+        out = self._text_model(text, past_key_values, output_hidden_states, output_attentions,
+                               compute_logits, logits_to_keep)
+        out.projection_attentions, out.vision_model_output = probs, vout
+        return out
 
     __call__ = forward
 
-    def generate(self, *args, **kwargs):
-        """Decode new tokens after the prompt with a KV cache: see :func:`kosmos2_ref.generation.generate`."""
-        from .generation import generate
+    def _text_model(self, text: TextInputs, cache, output_hidden_states: bool, output_attentions: bool,
+                    compute_logits: bool, logits_to_keep: int) -> Kosmos2Output:
+        """The decoder (and the loss, with labels) on checked inputs."""
+        labels = text.labels
+        out: TextOutput = text_forward(
+            self.params["text_model"], self.config.text_config, self.xp, input_ids=text.input_ids,
+            inputs_embeds=text.inputs_embeds, attention_mask=text.attention_mask, image_embeds=text.image_embeds,
+            image_embeds_position_mask=text.image_embeds_position_mask, position_ids=text.position_ids,
+            cache=cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            compute_logits=compute_logits or labels is not None,
+            logits_to_keep=0 if labels is not None else logits_to_keep)
+        loss = causal_lm_loss(out.logits, labels, self.xp) if labels is not None else None
+        return Kosmos2Output(logits=out.logits, loss=loss, last_hidden_state=out.last_hidden_state,
+                             past_key_values=cache, hidden_states=out.hidden_states, attentions=out.attentions,
+                             image_embeds=text.image_embeds)
 
-        return generate(self, *args, **kwargs)
+    def decode_step(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None, image_embeds=None,
+                    image_embeds_position_mask=None):
+        """One call of a decoding loop, **unchecked**: ids [N, T] appended to ``cache`` -> the last position's
+        logits [N, V].
+
+        The inputs must already be what :func:`kosmos2_ref.checks.check_text_inputs` returns (host int64 ids
+        and masks, attention [N, cache.length + T], positions [N, T] or None for the pad-aware default, image
+        embeddings [N, Q, C] float32 on the backend with their slots on the first call only): the loop checks its
+        inputs once, at its own boundary, and then each token costs no look at the whole sequence again.
+        """
+        out = text_forward(self.params["text_model"], self.config.text_config, self.xp, input_ids=input_ids,
+                           attention_mask=attention_mask, image_embeds=image_embeds,
+                           image_embeds_position_mask=image_embeds_position_mask, position_ids=position_ids,
+                           cache=cache, logits_to_keep=1)
+        return out.logits[:, -1]                                                   # [N, V]
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows and up to ``capacity`` tokens (it grows if exceeded)."""
@@ -349,9 +221,6 @@ class Kosmos2:
 
     def num_parameters(self) -> int:
         """Unique parameters (the tied LM head counted once): 1,664,485,376 for the released config."""
-        from .weights import expected_shapes
-        import math
-
         return sum(math.prod(s) for s in expected_shapes(self.config).values())
 
     def __repr__(self) -> str:

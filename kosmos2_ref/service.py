@@ -24,6 +24,7 @@ import PIL.ImageOps
 from .backend import to_numpy
 from .confidence import TagIds, entity_confidences, token_probabilities
 from .draw import attention_heatmap, attention_map
+from .generation import generate
 from .processing.grounding import box_to_pixels, entities_to_pixel_boxes
 from .processing.image import load_image
 from .tasks import CaptionStreamer, DEFAULT_CAPTION_PROMPT, GROUND_MAX_NEW_TOKENS, model_processor, normalise_box
@@ -255,11 +256,11 @@ class ModelService:
         T = inputs["input_ids"].shape[1]
         image_positions = [int(i) for i in np.flatnonzero(inputs["image_embeds_position_mask"][0])]
         streamer, callback = self._stream_hooks(inputs, image_positions, emit) if emit else (None, None)
-        out = self.model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                  attention_mask=inputs["attention_mask"],
-                                  image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                                  max_new_tokens=max_new_tokens, output_scores=True, return_dict_in_generate=True,
-                                  streamer=streamer, callback=callback)
+        out = generate(self.model, pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                                   attention_mask=inputs["attention_mask"],
+                                   image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                                   max_new_tokens=max_new_tokens, output_scores=True, return_dict_in_generate=True,
+                                   streamer=streamer, callback=callback)
         ids = [int(i) for i in np.asarray(to_numpy(out.sequences))[0]]
         probs = token_probabilities(out.scores, ids[T:])
         decoded = self.processor.decode(ids, skip_special_tokens=True)

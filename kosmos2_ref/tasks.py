@@ -22,8 +22,8 @@ Entities are :class:`processing.grounding.Entity` objects (``tasks.Entity`` is t
   sentence.
 * :func:`embed` -- the image embeddings the decoder reads [N, 64, 2048] and the pooled CLIP vector [N, 1024].
 
-Generation is ``kosmos2_ref.generation.generate``: greedy with the checkpoint's defaults unless keyword arguments
-say otherwise.
+Generation is :func:`kosmos2_ref.generate`: greedy with the checkpoint's defaults unless keyword arguments say
+otherwise.
 """
 from __future__ import annotations
 
@@ -237,14 +237,16 @@ class CaptionStreamer:
 
 
 def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generate_kwargs) -> np.ndarray:
-    """prompt + new ids [1, T + new] from ``model.generate`` (greedy and the checkpoint's defaults unless
-    ``generate_kwargs`` say otherwise, e.g. ``num_beams=3``)."""
+    """prompt + new ids [1, T + new] from :func:`kosmos2_ref.generate` (greedy and the checkpoint's defaults
+    unless ``generate_kwargs`` say otherwise, e.g. ``num_beams=3``)."""
+    from .generation import generate
+
     if streamer is not None:
         generate_kwargs["streamer"] = streamer
-    ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                         attention_mask=inputs["attention_mask"],
-                         image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                         max_new_tokens=max_new_tokens, **generate_kwargs)
+    ids = generate(model, pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"],
+                          image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                          max_new_tokens=max_new_tokens, **generate_kwargs)
     return np.asarray(to_numpy(getattr(ids, "sequences", ids)))
 
 
@@ -259,7 +261,7 @@ def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens
     """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image).
 
     ``on_text`` receives the caption piece by piece as it is generated (tags stripped); ``generate_kwargs`` go
-    to ``kosmos2_ref.generation.generate``.
+    to :func:`kosmos2_ref.generate`.
     """
     processor = model_processor(model, processor)
     max_new_tokens = _check_max_new_tokens(max_new_tokens)
@@ -288,7 +290,7 @@ def caption(model, image, *, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_token
     ``prompt`` defaults to ``"<grounding> An image of"``; ``"<grounding> Describe this image in detail:"`` gives
     longer captions; without ``<grounding>`` the model writes plain text. ``on_text(piece)`` receives the caption
     as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to
-    ``kosmos2_ref.generation.generate``.
+    :func:`kosmos2_ref.generate`.
     """
     text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text,
                                      **generate_kwargs)

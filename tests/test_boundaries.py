@@ -81,7 +81,7 @@ def _tiny_prompt():
     ("config.json", "no_repeat_ngram_size", -3),
 ])
 def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint, tmp_path, file, key, value):
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
 
     if file == "generation_config.json":
         folder = _checkpoint_copy(tiny_checkpoint, tmp_path, generation_config={key: value})
@@ -89,13 +89,13 @@ def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint
         folder = _checkpoint_copy(tiny_checkpoint, tmp_path, text_config_changes={key: value})
     model = Kosmos2.from_pretrained(folder)
     with pytest.raises(ValueError) as info:
-        model.generate(**_tiny_prompt(), max_new_tokens=None if key == "max_new_tokens" else 2)
+        generate(model, **_tiny_prompt(), max_new_tokens=None if key == "max_new_tokens" else 2)
     message = str(info.value)
     print(message)
     assert message.startswith(key) and str(folder / file) in message
     # the same value given as an argument is the caller's: no file is named
     with pytest.raises(ValueError) as info:
-        model.generate(**_tiny_prompt(), **{key: value})
+        generate(model, **_tiny_prompt(), **{key: value})
     assert str(folder) not in str(info.value)
 
 
@@ -374,13 +374,13 @@ def _hf_flagged(**kwargs) -> set:
 def test_ignored_settings_warn_once_as_transformers_does(tiny_checkpoint, kwargs):
     import warnings
 
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
 
     model = Kosmos2.from_pretrained(tiny_checkpoint[0])
     theirs = _hf_flagged(**kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.generate(**_tiny_prompt(), max_new_tokens=1, seed=0, **kwargs)
+        generate(model, **_tiny_prompt(), max_new_tokens=1, seed=0, **kwargs)
     ours = [w for w in caught if "generate ignores" in str(w.message)]
     print(kwargs, "transformers:", sorted(theirs), "ours:", [str(w.message)[:80] for w in ours])
     if theirs:
@@ -394,14 +394,14 @@ def test_ignored_settings_warn_once_as_transformers_does(tiny_checkpoint, kwargs
 def test_a_checkpoint_temperature_under_an_explicit_greedy_call_is_not_named(tiny_checkpoint, tmp_path):
     import warnings
 
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
 
     model = Kosmos2.from_pretrained(_checkpoint_copy(tiny_checkpoint, tmp_path, generation_config={"top_p": 0.5}))
     with pytest.warns(UserWarning, match=r"generate ignores top_p=0.5"):
-        model.generate(**_tiny_prompt(), max_new_tokens=1)
+        generate(model, **_tiny_prompt(), max_new_tokens=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)            # do_sample=False chosen: quiet, as in transformers
-        model.generate(**_tiny_prompt(), max_new_tokens=1, do_sample=False)
+        generate(model, **_tiny_prompt(), max_new_tokens=1, do_sample=False)
     assert _hf_flagged(do_sample=False) == set()
 
 
@@ -409,16 +409,16 @@ def test_a_checkpoint_temperature_under_an_explicit_greedy_call_is_not_named(tin
 def test_growing_past_the_trained_positions_warns_once(tiny_checkpoint, num_beams):
     import warnings
 
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
 
     model = Kosmos2.from_pretrained(tiny_checkpoint[0])        # trained on 64 positions; the prompt has 70
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model.generate(**_tiny_prompt(), max_new_tokens=5, num_beams=num_beams, eos_token_id=[])
+        out = generate(model, **_tiny_prompt(), max_new_tokens=5, num_beams=num_beams, eos_token_id=[])
     past = [str(w.message) for w in caught if "positions the model was trained on" in str(w.message)]
     assert out.shape[1] == 70 + 5
     assert past == ["generate: the sequence (71 tokens) is now longer than the 64 positions the model was trained "
                     "on (max_position_embeddings); the text may degrade from here"]
     with warnings.catch_warnings():                            # one new token: the sequence ends there, no warning
         warnings.simplefilter("error", UserWarning)
-        model.generate(**_tiny_prompt(), max_new_tokens=1, num_beams=num_beams)
+        generate(model, **_tiny_prompt(), max_new_tokens=1, num_beams=num_beams)

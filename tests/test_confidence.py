@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kosmos2_ref import Kosmos2, Kosmos2Processor
+from kosmos2_ref import Kosmos2, Kosmos2Processor, generate
 from kosmos2_ref.confidence import TagIds, entity_confidences, find_groups, token_probabilities
 from fixtures_tokenizer import IMAGES
 
@@ -36,7 +36,7 @@ def test_probabilities_match_transformers_on_the_same_run(tiny_checkpoint):
     processor = Kosmos2Processor.from_pretrained(folder)
     inputs = processor(text="<grounding> An image of", images=str(IMAGES / "snowman.png"))
     T = inputs["input_ids"].shape[1]
-    run = ours.generate(**inputs, output_scores=True, return_dict_in_generate=True, **SETTINGS)
+    run = generate(ours, **inputs, output_scores=True, return_dict_in_generate=True, **SETTINGS)
     with torch.no_grad():
         ref = hf.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_scores=True,
                           return_dict_in_generate=True, **SETTINGS)

@@ -1,4 +1,4 @@
-"""Generation pieces on their own (kosmos2_ref/generation.py).
+"""Generation pieces on their own (the package kosmos2_ref/generation/).
 
 Processors against transformers' own processor classes (run here) and hand-computed cases; the cache reorder;
 settings taken from the checkpoint; bad arguments; streaming; seeded sampling; and the hypothesis properties of
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from transformers.generation import logits_process as hf_lp
 
 import fixtures_model as fm
-from kosmos2_ref import Kosmos2
+from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref import generation as gen
 from kosmos2_ref.cache import KVCache
 from kosmos2_ref.config import Kosmos2Config
@@ -284,8 +284,8 @@ BAD = [
 def test_bad_settings_raise_naming_the_argument(model, kw, match):
     pv, ids, att, img = make_inputs([[5, 6]])
     with pytest.raises(ValueError, match=match):
-        model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                       **{"max_new_tokens": 2, **kw})
+        generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                        **{"max_new_tokens": 2, **kw})
 
 
 def test_bad_inputs_raise_naming_the_argument(model):
@@ -293,25 +293,25 @@ def test_bad_inputs_raise_naming_the_argument(model):
     emb = model.get_image_features(pv)
     kw = dict(input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=2)
     with pytest.raises(ValueError, match="needs an image.*pixel_values"):
-        model.generate(**kw)
+        generate(model, **kw)
     with pytest.raises(ValueError, match="either pixel_values or image_embeds"):
-        model.generate(pixel_values=pv, image_embeds=emb, **kw)
+        generate(model, pixel_values=pv, image_embeds=emb, **kw)
     with pytest.raises(ValueError, match="pixel_values holds 1 images but input_ids has 2"):
-        model.generate(pixel_values=pv[:1], **kw)
+        generate(model, pixel_values=pv[:1], **kw)
     with pytest.raises(ValueError, match="image_embeds must have shape"):
-        model.generate(image_embeds=emb[:1], **kw)
+        generate(model, image_embeds=emb[:1], **kw)
     bad = img.copy()
     bad[0, -1] = 1
     with pytest.raises(ValueError, match=r"marks \[65, 64\].*latent_query_num"):
-        model.generate(pixel_values=pv, **{**kw, "image_embeds_position_mask": bad})
+        generate(model, pixel_values=pv, **{**kw, "image_embeds_position_mask": bad})
     with pytest.raises(ValueError, match="image_embeds_position_mask has shape"):
-        model.generate(pixel_values=pv, **{**kw, "image_embeds_position_mask": img[:, :-1]})
+        generate(model, pixel_values=pv, **{**kw, "image_embeds_position_mask": img[:, :-1]})
     with pytest.raises(ValueError, match="attention_mask has shape"):
-        model.generate(pixel_values=pv, **{**kw, "attention_mask": att[:1]})
+        generate(model, pixel_values=pv, **{**kw, "attention_mask": att[:1]})
     with pytest.raises(ValueError, match="input_ids"):
-        model.generate(pixel_values=pv, **{**kw, "input_ids": ids[0]})
+        generate(model, pixel_values=pv, **{**kw, "input_ids": ids[0]})
     with pytest.raises(ValueError, match="image_embeds_position_mask is required"):
-        model.generate(pixel_values=pv, **{**kw, "image_embeds_position_mask": None})
+        generate(model, pixel_values=pv, **{**kw, "image_embeds_position_mask": None})
 
 
 def test_non_finite_images_are_refused(model):
@@ -322,46 +322,46 @@ def test_non_finite_images_are_refused(model):
     bad = pv.copy()
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=r"pixel_values holds 1 non-finite value\(s\) \(NaN or inf\)"):
-        model.generate(pixel_values=bad, **kw)
+        generate(model, pixel_values=bad, **kw)
     bad = emb.copy()
     bad[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match=r"image_embeds holds 1 non-finite value\(s\) \(NaN or inf\)"):
-        model.generate(image_embeds=bad, **kw)
+        generate(model, image_embeds=bad, **kw)
 
 
 def test_nested_lists_are_accepted_or_named(model):
     pv, ids, att, img = make_inputs([[5, 6], [7, 8]], side="right")
     emb = model.get_image_features(pv)
     kw = dict(attention_mask=att, image_embeds_position_mask=img, max_new_tokens=2)
-    want = model.generate(image_embeds=emb, input_ids=ids, **kw)
-    np.testing.assert_array_equal(model.generate(image_embeds=emb.tolist(), input_ids=ids.tolist(), **kw), want)
+    want = generate(model, image_embeds=emb, input_ids=ids, **kw)
+    np.testing.assert_array_equal(generate(model, image_embeds=emb.tolist(), input_ids=ids.tolist(), **kw), want)
     with pytest.raises(ValueError, match=r"input_ids must be an integer array .*rows of different lengths"):
-        model.generate(pixel_values=pv, input_ids=[ids[0].tolist(), ids[1, :-1].tolist()], **kw)
+        generate(model, pixel_values=pv, input_ids=[ids[0].tolist(), ids[1, :-1].tolist()], **kw)
     with pytest.raises(ValueError, match=r"image_embeds_position_mask must be an integer array .*different lengths"):
-        model.generate(pixel_values=pv, input_ids=ids, **{**kw, "image_embeds_position_mask": [[1], [1, 1]]})
+        generate(model, pixel_values=pv, input_ids=ids, **{**kw, "image_embeds_position_mask": [[1], [1, 1]]})
     with pytest.raises(ValueError, match=r"pixel_values must be an array of shape .*rows of different lengths"):
-        model.generate(pixel_values=[pv[0].tolist(), [[[0.0]]]], input_ids=ids, **kw)
+        generate(model, pixel_values=[pv[0].tolist(), [[[0.0]]]], input_ids=ids, **kw)
 
 
 def test_outputs_are_int64_prompt_plus_new_and_float32_scores(model):
     pv, ids, att, img = make_inputs([[5, 6], [7, 8, 9]])
-    out = model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+    out = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                          max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
     assert isinstance(out, gen.GenerateOutput) and out.sequences.dtype == np.int64
     assert out.sequences.shape == (2, ids.shape[1] + 3) and np.array_equal(out.sequences[:, :ids.shape[1]], ids)
     assert len(out.scores) == 3 and all(s.dtype == np.float32 and s.shape == (2, 65037) for s in out.scores)
-    plain = model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                           max_new_tokens=3)
+    plain = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                            max_new_tokens=3)
     assert isinstance(plain, np.ndarray) and np.array_equal(plain, out.sequences)
     # the default length: transformers' 20 new tokens (no length in this checkpoint)
-    assert model.generate(pixel_values=pv, input_ids=ids, attention_mask=att,
-                          image_embeds_position_mask=img).shape[1] == ids.shape[1] + 20
+    assert generate(model, pixel_values=pv, input_ids=ids, attention_mask=att,
+                           image_embeds_position_mask=img).shape[1] == ids.shape[1] + 20
 
 
 def test_attention_mask_is_inferred_from_pad_like_transformers(model):
     pv, ids, att, img = make_inputs([[5, 6, 7, 8], [9]], side="left")
     kw = dict(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img, max_new_tokens=3)
-    assert np.array_equal(model.generate(**kw), model.generate(attention_mask=att, **kw))
+    assert np.array_equal(generate(model, **kw), generate(model, attention_mask=att, **kw))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -403,14 +403,14 @@ def test_streamer_and_callback_see_every_token(model):
 
     rec, calls = Recorder(), []
     text = gen.TextStreamer(WordTokenizer(), skip_prompt=True, on_text=lambda t, end: None)
-    seq = model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         max_new_tokens=5, no_repeat_ngram_size=2, streamer=rec,
-                         callback=lambda step, toks: calls.append((step, toks.tolist())))
+    seq = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                          max_new_tokens=5, no_repeat_ngram_size=2, streamer=rec,
+                          callback=lambda step, toks: calls.append((step, toks.tolist())))
     assert rec.ended == 1 and np.array_equal(rec.puts[0], ids)
     assert np.array_equal(np.concatenate([p.reshape(1, -1) for p in rec.puts], axis=1), seq)
     assert calls == [(k, [int(seq[0, ids.shape[1] + k])]) for k in range(5)]
-    model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                   max_new_tokens=5, no_repeat_ngram_size=2, streamer=text)
+    generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                    max_new_tokens=5, no_repeat_ngram_size=2, streamer=text)
     assert text.text == WordTokenizer().decode(seq[0, ids.shape[1]:].tolist())
 
 
@@ -422,9 +422,9 @@ def test_seeded_sampling_is_deterministic(model, num_beams):
     pv, ids, att, img = make_inputs([[5, 6, 7], [8, 9, 10]], seed=1)
     kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=6,
               do_sample=True, top_k=0, num_beams=num_beams)
-    a, b = model.generate(seed=0, **kw), model.generate(seed=0, **kw)
-    c = model.generate(rng=np.random.default_rng(0), **kw)
-    others = [model.generate(seed=s, **kw) for s in (1, 2, 3)]
+    a, b = generate(model, seed=0, **kw), generate(model, seed=0, **kw)
+    c = generate(model, rng=np.random.default_rng(0), **kw)
+    others = [generate(model, seed=s, **kw) for s in (1, 2, 3)]
     assert np.array_equal(a, b) and np.array_equal(a, c)
     assert any(not np.array_equal(a, o) for o in others)
     T = ids.shape[1]
@@ -435,7 +435,7 @@ def test_sampling_with_top_k_1_is_greedy(model):
     pv, ids, att, img = make_inputs([[5, 6, 7]], seed=2)
     kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=6,
               no_repeat_ngram_size=2)
-    assert np.array_equal(model.generate(do_sample=True, top_k=1, seed=5, **kw), model.generate(**kw))
+    assert np.array_equal(generate(model, do_sample=True, top_k=1, seed=5, **kw), generate(model, **kw))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -450,8 +450,8 @@ def test_cached_decoding_equals_uncached_forward(model, texts, seed):
     """Every step's logits from the cache equal a full forward of the whole prefix with no cache."""
     pv, ids, att, img = make_inputs(texts, side="left", seed=seed)
     emb = model.get_image_features(pv)
-    out = model.generate(image_embeds=emb, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         max_new_tokens=5, no_repeat_ngram_size=0, output_scores=True, return_dict_in_generate=True)
+    out = generate(model, image_embeds=emb, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                          max_new_tokens=5, no_repeat_ngram_size=0, output_scores=True, return_dict_in_generate=True)
     B, T = ids.shape
     worst = 0.0
     for k, step in enumerate(out.scores):
@@ -474,12 +474,12 @@ def test_left_padded_row_generates_what_it_generates_alone(model, texts, seed, b
     pv, ids, att, img = make_inputs(texts, side="left", seed=seed)
     kw = dict(max_new_tokens=6, no_repeat_ngram_size=2, repetition_penalty=1.2, num_beams=beams,
               output_scores=True, return_dict_in_generate=True)
-    batch = model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, **kw)
+    batch = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, **kw)
     for b, text in enumerate(texts):
         p = int((att[b] == 0).sum())
         _, ids1, att1, img1 = make_inputs([text])
-        alone = model.generate(pixel_values=pv[b:b + 1], input_ids=ids1, attention_mask=att1,
-                               image_embeds_position_mask=img1, **kw)
+        alone = generate(model, pixel_values=pv[b:b + 1], input_ids=ids1, attention_mask=att1,
+                                image_embeds_position_mask=img1, **kw)
         row = batch.sequences[b, p:]
         # rows of a batch run to the longest; a row that finished earlier is padded
         n = alone.sequences.shape[1]
@@ -505,8 +505,8 @@ def test_generation_runs_on_the_strict_namespace(tiny_checkpoint, model):
              dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=0),
              dict(do_sample=True, num_beams=2, top_k=0, seed=0)]
     for kw in cases:
-        a = strict.generate(**base, **kw)
-        b = model.generate(**base, **kw)
+        a = generate(strict, **base, **kw)
+        b = generate(model, **base, **kw)
         assert type(a.sequences) is np.ndarray and type(a.scores[0]) is np.ndarray
         assert np.array_equal(a.sequences, b.sequences), kw
         assert all(np.array_equal(x, y) for x, y in zip(a.scores, b.scores)), kw

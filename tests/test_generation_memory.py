@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fixtures_model as fm
-from kosmos2_ref import Kosmos2
+from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref import generation as gen
 
 MiB = 2 ** 20
@@ -34,7 +34,7 @@ def prompt(seed=0):
 
 
 def first_token(model, inputs, **kwargs) -> int:
-    return int(model.generate(**inputs, max_new_tokens=1, **kwargs)[0, -1])
+    return int(generate(model, **inputs, max_new_tokens=1, **kwargs)[0, -1])
 
 
 def test_a_huge_max_new_tokens_with_an_early_eos_allocates_what_is_used(model):
@@ -43,7 +43,7 @@ def test_a_huge_max_new_tokens_with_an_early_eos_allocates_what_is_used(model):
     eos = first_token(model, inputs)
     tracemalloc.start()             # NumPy reports its array buffers to tracemalloc
     try:
-        out = model.generate(**inputs, max_new_tokens=10 ** 6, eos_token_id=eos)
+        out = generate(model, **inputs, max_new_tokens=10 ** 6, eos_token_id=eos)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -72,8 +72,8 @@ def test_growing_buffers_give_the_ids_and_scores_of_one_forward_each_step(model,
     inputs = prompt(seed=3)
     T = inputs["input_ids"].shape[1]
     assert gen.initial_length(model, T, T + 20) == T + 1
-    out = model.generate(**inputs, max_new_tokens=20, num_beams=num_beams, no_repeat_ngram_size=0,
-                         eos_token_id=[], return_dict_in_generate=True, output_scores=True)
+    out = generate(model, **inputs, max_new_tokens=20, num_beams=num_beams, no_repeat_ngram_size=0,
+                          eos_token_id=[], return_dict_in_generate=True, output_scores=True)
     assert out.sequences.shape == (1, T + 20)
     if num_beams == 1:
         seq = out.sequences
@@ -91,19 +91,19 @@ CHILD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     import fixtures_model as fm
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
 
     model = Kosmos2.from_pretrained({folder!r})
     ids, att, img = fm.padded_batch([fm.image_prompt_ids([712, 1648, 9, 10, 43867], 64)], "left")
     pv = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     inputs = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img)
-    eos = int(model.generate(**inputs, max_new_tokens=1)[0, -1])
+    eos = int(generate(model, **inputs, max_new_tokens=1)[0, -1])
     resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
     result = {{}}
-    out = model.generate(**inputs, max_new_tokens=10 ** 9, eos_token_id=eos)
+    out = generate(model, **inputs, max_new_tokens=10 ** 9, eos_token_id=eos)
     result["greedy"] = out.shape[1] - ids.shape[1]
     try:
-        model.generate(**inputs, max_new_tokens=8, num_beams=300000)
+        generate(model, **inputs, max_new_tokens=8, num_beams=300000)
         result["beams"] = "no error"
     except MemoryError as exc:
         result["beams"] = str(exc)

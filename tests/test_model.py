@@ -179,3 +179,31 @@ def test_logits_to_keep_zero_keeps_all_and_k_the_last_k(model):
     last2 = model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img, logits_to_keep=np.int64(2)).logits
     assert full.shape == (1, ids.shape[1], 65037) and last2.shape == (1, 2, 65037)
     np.testing.assert_allclose(last2, full[:, -2:], rtol=0, atol=1e-5)
+
+
+def test_a_moved_method_says_where_it_went(model):
+    """``model.generate`` moved to ``kosmos2_ref.generate(model, ...)``: the model no longer depends on generation."""
+    from kosmos2_ref.model import MOVED
+
+    assert MOVED["generate"] == "kosmos2_ref.generate(model, ...)"
+    with pytest.raises(AttributeError, match=r"^Kosmos2\.generate has moved: use kosmos2_ref\.generate\(model, "
+                                             r"\.\.\.\)$"):
+        model.generate(input_ids=[[0]])
+    assert not hasattr(model, "generate")
+    with pytest.raises(AttributeError, match=r"'Kosmos2' object has no attribute 'no_such_thing'"):
+        model.no_such_thing
+
+
+def test_decode_step_is_forward_without_the_checks(model):
+    """The decoding loop's unchecked step gives the checked forward's last logits, prefill and step alike."""
+    pv, ids, img = _inputs(2)
+    emb = model.get_image_features(pv)
+    a, b = model.new_cache(2, ids.shape[1] + 1), model.new_cache(2, ids.shape[1] + 1)
+    want = model(input_ids=ids, image_embeds=emb, image_embeds_position_mask=img, past_key_values=a,
+                 logits_to_keep=1).logits[:, -1]
+    got = model.decode_step(ids, b, image_embeds=emb, image_embeds_position_mask=img)
+    np.testing.assert_array_equal(got, want)
+    nxt = np.array([[9], [712]])
+    want = model(input_ids=nxt, past_key_values=a, logits_to_keep=1).logits[:, -1]
+    np.testing.assert_array_equal(model.decode_step(nxt, b), want)
+    assert a.length == b.length == ids.shape[1] + 1

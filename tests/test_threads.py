@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from kosmos2_ref import Kosmos2
+from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref.processing import Kosmos2Processor
 
 ROUNDS = 200
@@ -85,8 +85,8 @@ def test_one_model_shared_by_threads_gives_the_results_of_each_call_alone(tiny_c
     a, b = _inputs(model, 1), _inputs(model, 2, T=75)
     jobs = [
         lambda: model.forward(**a).logits,
-        lambda: model.generate(**b, max_new_tokens=6, no_repeat_ngram_size=0),
-        lambda: model.generate(**a, max_new_tokens=4, num_beams=2),
+        lambda: generate(model, **b, max_new_tokens=6, no_repeat_ngram_size=0),
+        lambda: generate(model, **a, max_new_tokens=4, num_beams=2),
         lambda: model.get_image_features(b["pixel_values"]),
     ]
     alone = [job() for job in jobs]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fixtures_model as fm
-from kosmos2_ref import Kosmos2
+from kosmos2_ref import Kosmos2, generate
 
 CFG = copy.deepcopy(fm.TINY)
 CFG["text_config"]["max_position_embeddings"] = 128       # room for a 74-token prompt + 20 (transformers caps there)
@@ -64,7 +64,7 @@ def test_serialised_default_max_length_generates_what_transformers_generates(fol
     T = ids.shape[1]                                        # 74: <s> <image> 64 slots </image> and 7 words
     with pytest.warns(UserWarning, match=rf"max_length=20, a total length that leaves no room after the {T}-token "
                                          r"prompt; generating transformers' default 20 new tokens"):
-        ours = ours_model.generate(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img)
+        ours = generate(ours_model, pixel_values=pv, input_ids=ids, image_embeds_position_mask=img)
     print(f"\n  max_length=20, {T}-token prompt: transformers {ref.shape[1] - T} new tokens, ours "
           f"{ours.shape[1] - T}; ids equal: {np.array_equal(ours, ref)}")
     assert ref.shape[1] == T + 20
@@ -80,7 +80,7 @@ def test_max_length_with_room_is_a_total_length(folder_with_max_length):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ours = Kosmos2.from_pretrained(folder).generate(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img)
+        ours = generate(Kosmos2.from_pretrained(folder), pixel_values=pv, input_ids=ids, image_embeds_position_mask=img)
     print(f"\n  max_length=80, {ids.shape[1]}-token prompt: {ours.shape[1] - ids.shape[1]} new tokens on both sides")
     assert ours.shape == ref.shape == (1, 80)
     assert np.array_equal(ours, ref)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fixtures_model as fm
-from kosmos2_ref import Kosmos2
+from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref import generation as gen
 
 TOL = 1e-5
@@ -101,8 +101,8 @@ def hf_generate(hf, pv, ids, att, img, **kw):
 
 
 def ours_generate(model, pv, ids, att, img, **kw):
-    out = model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         return_dict_in_generate=True, output_scores=True, **kw)
+    out = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
+                          return_dict_in_generate=True, output_scores=True, **kw)
     return out.sequences, list(out.scores), out.sequences_scores
 
 
@@ -320,7 +320,7 @@ def test_sampling_processed_scores_match_transformers(lively, case, monkeypatch)
         assert alive[tok != 1].all(), "transformers drew a token our processors removed"
         return tok
 
-    monkeypatch.setattr(gen, "sample_next_tokens", replay)
+    monkeypatch.setattr(gen.search, "sample_next_tokens", replay)   # the loop reads it there
     compare_runs(f"sampling {case}", ours_generate(ours, pv, ids, att, img, **kw), ref, top_p_edge=True)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fixtures_model as fm
-from kosmos2_ref import Kosmos2, Kosmos2Processor, world
+from kosmos2_ref import Kosmos2, Kosmos2Processor, generate, world
 from kosmos2_ref import generation as gen
 from kosmos2_ref.hub import MINI_FOLDER
 
@@ -62,9 +62,9 @@ def hf_generate(hf, x, **kw):
 
 
 def ours_generate(model, x, **kw):
-    out = model.generate(pixel_values=x["pixel_values"], input_ids=x["input_ids"],
-                         attention_mask=x["attention_mask"], image_embeds_position_mask=x["image_embeds_position_mask"],
-                         return_dict_in_generate=True, output_scores=True, **kw)
+    out = generate(model, pixel_values=x["pixel_values"], input_ids=x["input_ids"],
+                          attention_mask=x["attention_mask"], image_embeds_position_mask=x["image_embeds_position_mask"],
+                          return_dict_in_generate=True, output_scores=True, **kw)
     return out.sequences, list(out.scores)
 
 
@@ -145,5 +145,5 @@ def test_sampling_matches_transformers(mini, case, monkeypatch):
         assert all(np.isfinite(np.asarray(scores)[i, t]) for i, t in enumerate(tok) if t != 1)
         return tok
 
-    monkeypatch.setattr(gen, "sample_next_tokens", replay)
+    monkeypatch.setattr(gen.search, "sample_next_tokens", replay)   # the loop reads it there
     compare(f"sampling {case}", ours_generate(ours, x, **kw), ref, hf_proc)
