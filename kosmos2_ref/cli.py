@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    _add_task_commands(sub, jobs)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_task_commands(sub, jobs) -> None:
+    """caption, ground, describe and embed: the model's jobs, each over one image or many."""
     images_help = ("image files or folders (a folder's images sorted by name); one image file and no --out "
                    "prints the result as before, anything more writes JSON Lines")
     text_out_help = "write the JSON Lines records to FILE (default: stdout), one per image as it finishes"
@@ -120,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "with arrays image_embeds, pooled and names, held in memory and written at the end (small sets)")
     _global_options(p, suppress=True)
 
+
+
+def _add_tool_commands(sub) -> None:
+    """convert, demo and serve."""
     p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
                                        "loads (safetensors or pytorch_model.bin, a folder or a Hub id)")
     p.add_argument("src", help="checkpoint folder or Hugging Face id")
@@ -144,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the model; more get 503 (default 4)")
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     _global_options(p, suppress=True)
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -206,13 +206,9 @@ class Kosmos2Processor:
         """
         if images is None and text is None:
             raise ValueError("pass text, images or both; got neither")
-        if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
-        add_special_tokens = _check_bool("add_special_tokens", add_special_tokens)
-        add_eos_token = _check_bool("add_eos_token", add_eos_token)
-        if not _is_positive_int(num_image_tokens):
-            raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
-        num_image_tokens = int(num_image_tokens)
+        add_special_tokens, add_eos_token, num_image_tokens = _check_options(
+            return_tensors, add_special_tokens, add_eos_token, num_image_tokens
+        )
 
         encoding: dict = {}
         image_list = None
@@ -224,18 +220,7 @@ class Kosmos2Processor:
             return encoding
 
         batched = not isinstance(text, str)
-        texts = [text] if not batched else text
-        if batched and (not isinstance(texts, (list, tuple)) or len(texts) == 0):
-            raise ValueError(f"text must be a str or a non-empty list of str, got {text!r}"[:300])
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"text[{i}] must be a str, got {type(t).__name__}")
-        texts = list(texts)
-        if image_list is not None and len(image_list) != len(texts):
-            raise ValueError(
-                "text and images must pair one image with each text; "
-                f"got {len(texts)} texts and {len(image_list)} images"
-            )
+        texts = _check_texts(text, image_list)
         boxes = self._check_bboxes(bboxes, batched, len(texts))
         prompts = self._prepare_texts(texts, [image_list is not None] * len(texts), boxes, num_image_tokens)
         if add_special_tokens and not add_eos_token:
@@ -338,3 +323,29 @@ def _pad(row: list[int], length: int, value: int, side: str) -> list[int]:
     """Pad ``row`` with ``value`` to ``length`` on ``side`` (a longer row is left as it is, as in transformers)."""
     fill = [value] * (length - len(row))
     return row + fill if side == "right" else fill + row
+
+
+def _check_texts(text, image_list) -> list[str]:
+    """``text`` (a str or a non-empty list of str) as a list, checked to pair one image with each text."""
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or len(texts) == 0:
+        raise ValueError(f"text must be a str or a non-empty list of str, got {text!r}"[:300])
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"text[{i}] must be a str, got {type(t).__name__}")
+    if image_list is not None and len(image_list) != len(texts):
+        raise ValueError(
+            "text and images must pair one image with each text; "
+            f"got {len(texts)} texts and {len(image_list)} images"
+        )
+    return list(texts)
+
+
+def _check_options(return_tensors, add_special_tokens, add_eos_token, num_image_tokens) -> tuple[bool, bool, int]:
+    """The processor call's switches, checked: (add_special_tokens, add_eos_token, num_image_tokens)."""
+    if return_tensors not in (None, "np"):
+        raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
+    if not _is_positive_int(num_image_tokens):
+        raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+    return (_check_bool("add_special_tokens", add_special_tokens), _check_bool("add_eos_token", add_eos_token),
+            int(num_image_tokens))
