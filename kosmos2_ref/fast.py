@@ -245,9 +245,14 @@ def linear_upcast_blocks(x, w):
         n = min(block, N - r)
         w_even, w_odd = _scratch(n, K // 2)
         all_finite &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
-        out = y[:, r:r + n]
-        np.matmul(x_even, w_even.T, out=out)           # [M, K/2] @ [K/2, n]
-        out += x_odd @ w_odd.T
+        if M <= UPCAST_FEW_ROWS:
+            out = y[:, r:r + n]
+            np.matmul(x_even, w_even.T, out=out)       # [M, K/2] @ [K/2, n]
+            out += x_odd @ w_odd.T
+        else:                                          # many rows: weight first, as in _matmul_weight_first
+            yt = w_even @ x_even.T                     # [n, K/2] @ [K/2, M] -> [n, M]
+            yt += w_odd @ x_odd.T
+            _write_transposed(yt, None, y[:, r:r + n])
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
     return y.reshape(x.shape[:-1] + (N,))
