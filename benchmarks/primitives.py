@@ -63,7 +63,6 @@ def cases():
         yield "layer_norm", f"{list(shape)}", (randn(*shape), randn(C), randn(C))
     yield "gelu", "[1,71,8192]", (randn(1, 71, 8192),)
     yield "gelu", "[1,1024,8192]", (randn(1, 1024, 8192),)
-    yield "quick_gelu", "[1,257,4096]", (randn(1, 257, 4096),)
     yield "attention", "vision [1,16,257,64], probs kept", (randn(1, 16, 257, 64), randn(1, 16, 257, 64),
                                                             randn(1, 16, 257, 64), None, None, True)
     yield "attention", "text prefill [1,32,71,64] causal", (randn(1, 32, 71, 64), randn(1, 32, 71, 64),

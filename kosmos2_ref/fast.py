@@ -5,9 +5,10 @@ to float32 summation order, stated per function) in the layout the textbook one 
 arrays), and says why it is faster and by how much. ``Kosmos2(..., reference=True)`` runs the textbook ones
 instead (:mod:`kosmos2_ref.primitives`); ``tests/test_fast_vs_reference.py`` holds each pair side by side.
 
-Measured with ``benchmarks/primitives.py`` on the development machine: AMD EPYC, 2 vCPUs (AVX2), NumPy with
-OpenBLAS 0.3.31 (Haswell kernels), shared with other work, so every figure is a median of noisy runs. The gains
-are properties of that BLAS and cache hierarchy; another machine may see others.
+Measured with ``benchmarks/primitives.py`` (reference time / fast time, medians of 9 runs timed in turns, the
+range over three runs) on the development machine: AMD EPYC, 2 vCPUs (AVX2), NumPy 2.4 with OpenBLAS 0.3.31
+(Haswell kernels), shared with other work at the time (load average 3-7), so the figures are noisy. The gains are
+properties of that BLAS and cache hierarchy; another machine may see others.
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ MATVEC_MAX_ROWS = 3     # up to this many rows, one matrix-vector product per ro
 def _matvec_per_row(x, w):
     """x @ w.T for 2-3 rows of x (decoding a batch of 2-3, or 2-3 beams), one matrix-vector product per row.
 
-    With 2-3 rows this OpenBLAS's matrix-product kernel streams the weights slowly; reading them once per row
-    with its matrix-vector kernel is faster (measured on [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows
-    9 % faster; 4 rows 30 % slower, hence the limit). x [..., K], w [N, K] -> [..., N], row-major.
+    Replaces :func:`layers.linear` for 2-3 rows. With 2-3 rows this OpenBLAS's matrix-product kernel streamed the
+    weights slowly; reading them once per row with its matrix-vector kernel was faster (measured earlier on
+    [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows 9 % faster; 4 rows 30 % slower, hence the limit;
+    benchmarks/NOTES.md). Measured again with benchmarks/primitives.py on the loaded machine: 0.8-1.0x, i.e. no
+    gain there; kept until a quiet machine says otherwise. x [..., K], w [N, K] -> [..., N], row-major.
     """
     xp = get_xp(x)
     K = x.shape[-1]
@@ -76,8 +79,9 @@ def _matmul_weight_first(x, w, bias=None):
     roundings of the sums may differ in the last bit; both are the product to float32 accuracy).
 
     With more than one row in x, this OpenBLAS runs the product with the weight as the left operand faster (it
-    tiles the long weight dimension better): measured 1.1-4x on the model's prefill shapes
-    (``benchmarks/primitives.py``). That product comes out [N, M] row-major, i.e. [M, N] column-major; it is
+    tiles the long weight dimension better). Measured on the model's shapes: vision q/k/v/out [257, 1024] x
+    [1024, 1024] 2.6-4.5x, vision fc1 [257, 1024] x [4096, 1024] 1.0-1.3x, vision fc2 2.1-3.3x, text prefill
+    (71 rows) fc1 1.4-1.5x and fc2 2.3-3.9x. That product comes out [N, M] row-major, i.e. [M, N] column-major; it is
     written into a fresh row-major [M, N] array in the pass that adds the bias (:func:`_write_transposed`), so
     callers get the layout :func:`layers.linear` gives. ``out=`` with the transposed view of a row-major buffer
     is no use: NumPy then leaves BLAS, as slow as the textbook product. x [..., K], w [N, K], bias [N]
@@ -217,9 +221,10 @@ def _scratch(rows: int, cols: int):
 def linear_upcast_blocks(x, w):
     """x @ float32(w).T for a 2-byte ``w`` [N, K], widened block by block (see the comment above).
 
-    Replaces :func:`layers.linear` on a 2-byte weight (``x @ as_float32(w).T``); measured on a [8192, 2048]
-    matrix and one row, bfloat16 2.4x and float16 3.7x faster (the float16 figure with the scaled widening of a
-    matrix known finite). x [..., K] float32 -> [..., N] float32, row-major; equal to ``x @ as_float32(w).T``
+    Replaces :func:`layers.linear` on a 2-byte weight (``x @ as_float32(w).T``). Measured on a [8192, 2048]
+    matrix: one row, bfloat16 3.5-4.7x and float16 3.0-5.2x (a read-only matrix known finite, the scaled
+    widening); 71 rows, bfloat16 1.2x (each block's product weight first, as in :func:`_matmul_weight_first`;
+    with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32, row-major; equal to ``x @ as_float32(w).T``
     up to BLAS summation order.
     """
     N, K = w.shape
@@ -266,7 +271,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     (x − mean is the only full-size temporary), and sums divided by n rather than ``.mean()`` (the same float64
     numbers, without ``.mean()``'s Python-level wrapper, a visible cost at 97 LayerNorms per decoded token).
     Multiplies by 1/√(var + eps) formed in float64, where the textbook divides by √ in float32: the last bit may
-    differ. Measured 1.6x faster on [1, 1, 2048] and 1.2x on [1, 80, 8192]. x [..., C] -> [..., C].
+    differ. Measured 1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024].
+    x [..., C] -> [..., C].
     """
     xp = get_xp(x)
     n = x.shape[-1]
@@ -288,21 +294,17 @@ ELEMENTWISE_BLOCK = 1 << 16     # elements per block for a long chain of element
 def gelu(x):
     """Replaces :func:`layers.gelu`: the very same function applied ELEMENTWISE_BLOCK elements at a time on NumPy
     (:func:`_in_cache_sized_blocks`), so the same numbers element for element. erfc takes ~20 passes over its
-    input; over a [1, 80, 8192] activation each would stream 2.6 MB through memory and allocate a fresh
-    temporary, over a block they stay in the CPU cache. Measured 1.6x faster on [1, 80, 8192], ~3x on long
-    prompts. x [...] -> [...], in x's memory order.
+    input; over a [1, 1024, 8192] activation each would stream 33 MB through memory and allocate a fresh
+    temporary, over a block they stay in the CPU cache. Measured 3.0-3.2x on [1, 1024, 8192], 1.0-1.4x on
+    the 71-token prompt's [1, 71, 8192]. x [...] -> [...], in x's memory order.
     """
     if get_xp(x) is np and x.size > 2 * ELEMENTWISE_BLOCK:
         return _in_cache_sized_blocks(layers.gelu, x)
     return layers.gelu(x)
 
 
-def quick_gelu(x):
-    """Replaces :func:`layers.quick_gelu`, the same function a cache-sized block at a time (as :func:`gelu`; the
-    same numbers). Measured 1.3x faster on the vision tower's [1, 257, 4096]. x [...] -> [...]."""
-    if get_xp(x) is np and x.size > 2 * ELEMENTWISE_BLOCK:
-        return _in_cache_sized_blocks(layers.quick_gelu, x)
-    return layers.quick_gelu(x)
+# quick_gelu has no faster form: the same blocks measured 0.86-1.14x on the vision tower's [1, 257, 4096].
+quick_gelu = layers.quick_gelu
 
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
@@ -345,8 +347,12 @@ def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool =
     A block holds about ``ATTENTION_BLOCK_BYTES`` of scores, [B, H, block, S]: a 1024-token prompt would otherwise
     build 128 MB of scores per layer, and touching that much fresh memory costs more than the arithmetic. On NumPy
     a block also leaves out the trailing keys none of its queries can see (:func:`_keys_needed`), up to half of
-    them in a causal prompt. Each query row's softmax is the same either way. Measured 1.6x faster on a causal
-    [1, 32, 1024, 64] prefill, 1.2x on [1, 32, 80, 64].
+    them in a causal prompt. Each query row's softmax is the same either way. Measured: the vision tower's
+    [1, 16, 257, 64] with probabilities (one block, in place) 0.8-1.3x; the 71-token causal prefill 1.0-5x (very
+    noisy); a causal 1024-token prefill 1.4-1.9x timed alone (1.9 s -> 1.0-1.4 s; earlier whole-prefill
+    profiles: attention 4.1 -> 3.2 s, benchmarks/NOTES.md), but 0.1-0.6x in benchmarks/primitives.py's runs on
+    the loaded machine (16 blocks x 32 heads of small products suffer most from a busy CPU): to be re-measured
+    on a quiet machine.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
