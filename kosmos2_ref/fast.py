@@ -90,10 +90,27 @@ def _matmul_weight_first(x, w, bias=None):
     xp = get_xp(x)
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)                      # [M, K] (a view when x is contiguous)
-    yt = w @ x2.T                              # [N, K] @ [K, M] -> [N, M]
-    y = xp.empty((x2.shape[0], N), dtype=xp.float32)
+    M = x2.shape[0]
+    if xp is np and N * M <= PRODUCT_SCRATCH_MAX:
+        yt = np.matmul(w, x2.T, out=_product_scratch(N, M))    # [N, K] @ [K, M] -> [N, M], reused memory
+    else:
+        yt = w @ x2.T
+    y = xp.empty((M, N), dtype=xp.float32)
     _write_transposed(yt, bias, y)             # [M, N] row-major
     return y.reshape(x.shape[:-1] + (N,))
+
+
+PRODUCT_SCRATCH_MAX = 8 << 20   # elements: the transposed product goes through a reused buffer up to 32 MB
+
+
+def _product_scratch(N: int, M: int):
+    """A reusable float32 [N, M] buffer, one per thread: the transposed product is read once and dropped, and on
+    this VM fresh memory costs ~1.7 s per GB of new pages (benchmarks/NOTES.md), so the extra [N, M] per product
+    that row-major results would otherwise take is not allocated afresh each time."""
+    buf = getattr(_local, "product", None)
+    if buf is None or buf.size < N * M:
+        buf = _local.product = np.empty(N * M, dtype=np.float32)
+    return buf[:N * M].reshape(N, M)
 
 
 TRANSPOSE_TILE = (128, 512)     # [rows of y, columns of y] per tile of the transposing write
@@ -303,8 +320,15 @@ def gelu(x):
     return layers.gelu(x)
 
 
-# quick_gelu has no faster form: the same blocks measured 0.86-1.14x on the vision tower's [1, 257, 4096].
-quick_gelu = layers.quick_gelu
+def quick_gelu(x):
+    """Replaces :func:`layers.quick_gelu`: the same operations (so the same numbers) in one buffer, where the
+    textbook expression makes three temporaries the size of x; on this VM fresh memory is costly (see
+    :func:`_product_scratch`). x [...] -> [...]."""
+    xp = get_xp(x)
+    d = x * -1.702
+    xp.exp(d, out=d)
+    d += 1.0
+    return xp.divide(x, d, out=d)               # x / (1 + exp(-1.702 x))
 
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
