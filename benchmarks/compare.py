@@ -449,7 +449,8 @@ def decode_times(sides, repeats: int, n_steps: int) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-# The modules whose ``linear`` calls make up ours' matrix products (each imports the name from layers).
+# The modules whose ``linear`` calls make up ours' matrix products (each imports the name from primitives, which
+# passes it on to fast.linear, or layers.linear in reference mode).
 LINEAR_USERS = ("kosmos2_ref.vision", "kosmos2_ref.connector", "kosmos2_ref.text")
 
 
@@ -458,7 +459,7 @@ def record_linears(fn) -> list:
     was (same shape and memory layout), the weight and bias as the model holds them."""
     import importlib
 
-    from kosmos2_ref.layers import linear
+    from kosmos2_ref.primitives import linear
 
     mods = [importlib.import_module(m) for m in LINEAR_USERS]
     calls = []
@@ -479,12 +480,12 @@ def record_linears(fn) -> list:
 
 
 def products_alone(side, fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn()`` whole, and of only the matrix products (``layers.linear``: product, bias, and for
+    """Median seconds of ``fn()`` whole, and of only the matrix products (``primitives.linear``: product, bias, and for
     2-byte storage the widening) that one ``fn()`` of our side runs, replayed back to back with nothing else: no
     attention, LayerNorm, activation, cache or Python around them. The two are timed in turns, so drift hits both
     alike. The products alone are a lower bound on what ``fn`` can take with these products.
     (``fn`` runs 1 + ``repeats`` times.)"""
-    from kosmos2_ref.layers import linear
+    from kosmos2_ref.primitives import linear
 
     calls = record_linears(fn)
 
@@ -583,7 +584,7 @@ def write_docs(results_dir: Path, out: Path):
         for dt, e in r.get("storage_error", {}).items():
             lines.append(f"\n{dt} storage: last-token logits max |Δ| against our float32 = {e:.3e}.")
         if r.get("products_alone"):
-            lines += ["", "Ours' linear-layer products alone: every `layers.linear` call of one step recorded, then replayed "
+            lines += ["", "Ours' linear-layer products alone: every `linear` call of one step recorded, then replayed "
                       "back to back with nothing else (no attention, LayerNorm, activation, cache or Python around them; "
                       "for 2-byte storage the widening is part of it), timed in turns with the whole step. Against "
                       "transformers' whole call (main table), their ratio is the lowest ours could reach with these "

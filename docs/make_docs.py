@@ -426,6 +426,7 @@ API = [
         "kosmos2_ref.layers.linear", "kosmos2_ref.layers.layer_norm", "kosmos2_ref.layers.gelu",
         "kosmos2_ref.layers.quick_gelu", "kosmos2_ref.layers.softmax", "kosmos2_ref.layers.attention",
         "kosmos2_ref.layers.split_heads", "kosmos2_ref.layers.merge_heads", "kosmos2_ref.layers.as_float32",
+        "kosmos2_ref.primitives.reference_mode", "kosmos2_ref.primitives.resolve_reference",
         "kosmos2_ref.vision.patch_embed", "kosmos2_ref.vision.position_embeddings", "kosmos2_ref.vision.embeddings",
         "kosmos2_ref.vision.encoder_layer", "kosmos2_ref.vision.vision_forward",
         "kosmos2_ref.connector.l2_normalize", "kosmos2_ref.connector.cross_attention",

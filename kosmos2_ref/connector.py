@@ -9,15 +9,14 @@ decoder always receives the same small number of image rows whatever the image r
 from __future__ import annotations
 
 from .backend import get_xp
-from .layers import as_float32, attention, layer_norm, linear, merge_heads, split_heads
+from .layers import as_float32, merge_heads, split_heads
+from .primitives import attention, layer_norm, linear
 
 
 def l2_normalize(x, eps: float = 1e-12):
     """x / max(‖x‖₂, eps) along the last axis (``torch.nn.functional.normalize``)."""
     xp = get_xp(x)
-    # The squares are summed in float64 (only the [..., 1] result is float64): x may be a column-major view, and a
-    # float32 sum along a strided axis accumulates one term at a time instead of pairwise.
-    norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True, dtype=xp.float64)).astype(xp.float32)   # [..., 1]
+    norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))     # [..., 1]
     return x / xp.maximum(norm, eps)
 
 

@@ -8,6 +8,7 @@ never see a bad shape; :meth:`Kosmos2.decode_step` is the unchecked step a decod
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
 from .files import file_present, read_text
 from .hub import resolve_checkpoint
+from .primitives import reference_mode, resolve_reference
 from .text import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, expected_shapes, load_flat, unflatten
@@ -53,15 +55,31 @@ MOVED = {
 }
 
 
+def _on_own_primitives(method):
+    """Run a model method on the model's primitives: the textbook ones with ``reference``, else the fast ones."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with reference_mode(self.reference):
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
+
+
 class Kosmos2:
     """The KOSMOS-2 model in NumPy (or CuPy). Build it with :meth:`from_pretrained`.
 
     One model may be shared by threads: the parameters are only read, and every call makes its own cache and
-    buffers (``layers``' scratch buffers are per thread).
+    buffers (``fast``'s scratch buffers are per thread).
+
+    ``reference=True`` runs every call on the textbook primitives of :mod:`kosmos2_ref.layers` instead of the
+    fast ones of :mod:`kosmos2_ref.fast`; ``None`` reads ``$KOSMOS2_REFERENCE`` (:mod:`kosmos2_ref.primitives`).
     """
 
     def __init__(self, config: Kosmos2Config, params: dict, backend: Backend | str | None = None,
-                 dtype: str = "float32", generation_config: dict | None = None, name_or_path: str | None = None):
+                 dtype: str = "float32", generation_config: dict | None = None, name_or_path: str | None = None,
+                 reference: bool | None = None):
+        self.reference = resolve_reference(reference)
         self.config = config
         self.params = params
         self.backend = get_backend(backend)
@@ -81,13 +99,14 @@ class Kosmos2:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str | Backend | None = None, dtype: str = "float32",
-                        **hub_kwargs) -> "Kosmos2":
+                        reference: bool | None = None, **hub_kwargs) -> "Kosmos2":
         """Load ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (or shards) from a folder or a Hub id.
 
         ``backend`` is ``"numpy"`` (default) or ``"cupy"``, overridable with ``$KOSMOS2_BACKEND`` when not given;
         ``dtype`` is the storage dtype of the weight matrices (``"float32"``, ``"float16"``, ``"bfloat16"``);
-        compute is float32 either way.
+        compute is float32 either way. ``reference=True`` runs on the textbook primitives (see :class:`Kosmos2`).
         """
+        reference = resolve_reference(reference)        # refused before any file is read
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES}")
         be = get_backend(backend)
@@ -106,13 +125,14 @@ class Kosmos2:
             if not isinstance(gen, dict):       # its settings are read by name (kosmos2_ref.generation)
                 raise ConfigError(f"{gpath}: expected a JSON object of generation settings, got a JSON "
                                   f"{type(gen).__name__}")
-        model = cls(config, params, be, dtype, gen, str(path))
+        model = cls(config, params, be, dtype, gen, str(path), reference)
         model.folder = folder        # where the files are (a Hub id resolves into the Hugging Face cache)
         return model
 
     # ----------------------------------------------------------------------------------------------------------
     # Image path
 
+    @_on_own_primitives
     def encode_image(self, pixel_values, *, output_hidden_states: bool = False, output_attentions: bool = False,
                      interpolate_pos_encoding: bool = False):
         """pixel_values [B, 3, H, W] -> (image_embeds [B, 64, C], projection_attentions, VisionOutput)."""
@@ -135,6 +155,7 @@ class Kosmos2:
     # ----------------------------------------------------------------------------------------------------------
     # Forward
 
+    @_on_own_primitives
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, image_embeds_position_mask=None,
                 image_embeds=None, labels=None, position_ids=None, past_key_values: KVCache | None = None,
                 inputs_embeds=None, output_hidden_states: bool = False, output_attentions: bool = False,
@@ -195,6 +216,7 @@ class Kosmos2:
                              past_key_values=cache, hidden_states=out.hidden_states, attentions=out.attentions,
                              image_embeds=text.image_embeds)
 
+    @_on_own_primitives
     def decode_step(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None, image_embeds=None,
                     image_embeds_position_mask=None):
         """One call of a decoding loop, **unchecked**: ids [N, T] appended to ``cache`` -> the last position's
@@ -225,4 +247,4 @@ class Kosmos2:
 
     def __repr__(self) -> str:
         return (f"Kosmos2({self.name_or_path!r}, backend={self.backend.name!r}, dtype={self.dtype!r}, "
-                f"params={self.num_parameters():,})")
+                f"params={self.num_parameters():,}{', reference=True' if self.reference else ''})")

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_xp
 from .config import TextConfig
-from .layers import (ACTIVATIONS, NEG_INF_F32, as_float32, attention, layer_norm, linear, merge_heads,
-                     split_heads)
+from .layers import NEG_INF_F32, as_float32, merge_heads, split_heads
+from .primitives import ACTIVATIONS, attention, layer_norm, linear
 
 
 @dataclass
@@ -169,10 +168,7 @@ def lm_head(h, p, cfg: TextConfig):
     and then, as in transformers, the logits use it."""
     head = p.get("lm_head")                 # present when untied, or tied but stored with different values
     w = head["weight"] if head is not None else p["model"]["embed_tokens"]["weight"]
-    xp = get_xp(h)
-    # Row-major logits: a softmax or log-sum-exp over 65k float32 entries sums pairwise (accurately) only along a
-    # contiguous axis, and linear() may hand back a column-major view (see layers._matmul_weight_first).
-    return xp.ascontiguousarray(linear(h, w))
+    return linear(h, w)
 
 
 # --------------------------------------------------------------------------------------------------------------

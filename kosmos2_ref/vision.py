@@ -13,7 +13,8 @@ import numpy as np
 
 from .backend import get_xp
 from .config import VisionConfig
-from .layers import ACTIVATIONS, as_float32, attention, layer_norm, linear, merge_heads, split_heads
+from .layers import as_float32, merge_heads, split_heads
+from .primitives import ACTIVATIONS, attention, layer_norm, linear
 
 
 @dataclass

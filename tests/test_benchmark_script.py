@@ -94,7 +94,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     import kosmos2_ref.connector
     import kosmos2_ref.text
     import kosmos2_ref.vision
-    from kosmos2_ref.layers import linear
+    from kosmos2_ref.primitives import linear
 
     folder, _ = tiny_checkpoint
     ours = compare.Ours(folder)

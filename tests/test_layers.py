@@ -1,4 +1,5 @@
-"""The primitives against plain float64 references, over hypothesis-drawn shapes and values."""
+"""The primitives against plain float64 references, over hypothesis-drawn shapes and values: the textbook ones of
+kosmos2_ref.layers, and where the model runs a faster form (kosmos2_ref.fast), that one too."""
 from __future__ import annotations
 
 import math
@@ -8,9 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from kosmos2_ref import fast, layers
 from kosmos2_ref.backend import erf_numpy, erfc_numpy
-from kosmos2_ref.layers import (NEG_INF_F32, as_float32, attention, gelu, layer_norm, linear, merge_heads, quick_gelu,
-                                softmax, split_heads)
+from kosmos2_ref.layers import NEG_INF_F32, merge_heads, softmax, split_heads
+
+BOTH = pytest.mark.parametrize("ops", [layers, fast], ids=["reference", "fast"])
 
 finite = st.floats(-20, 20, allow_nan=False, width=32)
 
@@ -22,9 +25,10 @@ def arrays(shape):
 shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=9)
 
 
+@BOTH
 @settings(max_examples=60, deadline=None)
 @given(st.data())
-def test_layer_norm_matches_float64(data):
+def test_layer_norm_matches_float64(ops, data):
     shape = data.draw(shapes)
     x = data.draw(arrays(shape))
     w = data.draw(arrays(shape[-1:]))
@@ -32,7 +36,7 @@ def test_layer_norm_matches_float64(data):
     x64 = x.astype(np.float64)
     mu = x64.mean(-1, keepdims=True)
     ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
-    out = layer_norm(x.copy(), w, b, 1e-5)
+    out = ops.layer_norm(x.copy(), w, b, 1e-5)
     assert out.dtype == np.float32
     # normalised values are O(|w|·√C); float32 rounding of mean/var gives ~1e-6 relative. And x − mean is taken
     # in float32 (as torch does): it can be off by an ulp of |x|, which the division by the standard deviation
@@ -58,10 +62,11 @@ def test_softmax_matches_float64(data):
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
 
 
+@BOTH
 @settings(max_examples=50, deadline=None)
 @given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 7), P=st.integers(0, 5), D=st.integers(1, 8),
        seed=st.integers(0, 2**16), causal=st.booleans(), pad=st.booleans())
-def test_attention_with_masks_matches_float64(B, H, T, P, D, seed, causal, pad):
+def test_attention_with_masks_matches_float64(ops, B, H, T, P, D, seed, causal, pad):
     rng = np.random.default_rng(seed)
     S = T + P
     q = rng.standard_normal((B, H, T, D)).astype(np.float32)
@@ -75,7 +80,7 @@ def test_attention_with_masks_matches_float64(B, H, T, P, D, seed, causal, pad):
         keep[:, P:] = True      # every query keeps at least itself
         allowed &= keep[:, None, None, :]
     mask = np.where(allowed, 0.0, NEG_INF_F32).astype(np.float32)
-    out, probs = attention(q, k, v, mask, scale=1.0 / math.sqrt(D))
+    out, probs = ops.attention(q, k, v, mask, scale=1.0 / math.sqrt(D))
     s = (q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)) / math.sqrt(D)
     s = np.where(allowed, s, -np.inf)
     e = np.exp(s - s.max(-1, keepdims=True))
@@ -86,201 +91,17 @@ def test_attention_with_masks_matches_float64(B, H, T, P, D, seed, causal, pad):
     assert np.all(probs[np.broadcast_to(~allowed, probs.shape)] == 0.0)
 
 
+@BOTH
 @settings(max_examples=40, deadline=None)
 @given(st.data())
-def test_linear_matches_float64(data):
+def test_linear_matches_float64(ops, data):
     n_in, n_out = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
     lead = data.draw(hnp.array_shapes(min_dims=1, max_dims=2, max_side=5))
     x = data.draw(arrays(lead + (n_in,)))
     w = data.draw(arrays((n_out, n_in)))
     b = data.draw(arrays((n_out,)))
     ref = x.astype(np.float64) @ w.astype(np.float64).T + b
-    np.testing.assert_allclose(linear(x, w, b), ref, rtol=1e-5, atol=1e-5 * (1 + np.abs(ref).max()))
-
-
-@pytest.mark.parametrize("lead", [(2,), (3,), (1, 2), (3, 1), (4,)])
-def test_linear_for_a_few_rows_matches_float64(lead):
-    """2-3 rows take one matrix-vector product per row (4 rows the matrix product): all equal float64."""
-    rng = np.random.default_rng(len(lead))
-    x = rng.standard_normal(lead + (33,)).astype(np.float32)
-    w = rng.standard_normal((47, 33)).astype(np.float32)
-    b = rng.standard_normal(47).astype(np.float32)
-    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
-    got = linear(x, w, b)
-    assert got.shape == lead + (47,) and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-
-
-@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
-@pytest.mark.parametrize("rows", [1, 3, 20])
-@pytest.mark.parametrize("n_in", [24, 23])
-def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in, monkeypatch):
-    """The block-wise product over a 2-byte matrix equals float64 on the widened matrix, for few rows and many
-    rows, with a row count that leaves a partial last block, and for an odd input width (no pairs to split)."""
-    from kosmos2_ref import layers
-    from kosmos2_ref.weights import float32_to_bf16_bits
-
-    monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * n_in * 5)            # 5 rows of W per block
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * n_in * 8)  # 8 rows per block
-    rng = np.random.default_rng(rows)
-    w32 = rng.standard_normal((37, n_in)).astype(np.float32)
-    w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32.astype(np.float16)
-    x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    b = rng.standard_normal(37).astype(np.float32)
-    wide = as_float32(w)
-    assert not np.array_equal(wide, w32)                                      # the rounding is real
-    ref = x.astype(np.float64) @ wide.astype(np.float64).T + b
-    got = linear(x, w, b)
-    assert got.shape == (rows, 37) and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    np.testing.assert_allclose(linear(x[None], w, b)[0], got, rtol=0, atol=1e-6 * np.abs(ref).max())
-
-
-@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
-def test_widen_pairs_is_exact_for_every_two_byte_pattern(storage):
-    """All 65536 bit patterns, in three different pairings of neighbours: the even and odd
-    columns come out bit-identical to NumPy's own widening (for bfloat16: the bits shifted into a float32)."""
-    from kosmos2_ref.layers import widen_pairs
-
-    pattern = np.arange(1 << 16, dtype=np.uint16)
-    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]])            # [3, 65536]
-    src = rows if storage == "bfloat16" else rows.view(np.float16)
-    ref = as_float32(src)                                                      # [3, 65536] float32
-    even = np.empty((3, 1 << 15), np.float32)
-    odd = np.empty_like(even)
-    widen_pairs(src, even, odd)
-    if storage == "float16":
-        # rows holding an inf/NaN take the exact slow cast; check the bit trick on rows without any, too
-        assert not np.isfinite(ref).all()
-        finite = rows & 0x7C00 != 0x7C00
-        clean = np.where(finite, rows, 0).view(np.float16)
-        e2, o2 = np.empty_like(even), np.empty_like(odd)
-        widen_pairs(clean, e2, o2)
-        assert np.array_equal(e2.view(np.uint32), as_float32(clean)[:, 0::2].view(np.uint32))
-        assert np.array_equal(o2.view(np.uint32), as_float32(clean)[:, 1::2].view(np.uint32))
-        assert (np.abs(as_float32(clean)) < 2.0 ** -14).sum() > 2000                  # subnormals were in it
-    np.testing.assert_array_equal(even.view(np.uint32), ref[:, 0::2].view(np.uint32))
-    np.testing.assert_array_equal(odd.view(np.uint32), ref[:, 1::2].view(np.uint32))
-
-
-def test_widen_pairs_float16_inf_and_nan_are_kept():
-    """A float16 block with an inf or NaN is still widened exactly (the fast form would make them finite)."""
-    from kosmos2_ref.layers import widen_pairs
-
-    src = np.array([[1.5, -np.inf, 2.0, np.nan], [np.inf, -0.0, 6e-8, 65504.0]], dtype=np.float16)
-    even, odd = np.empty((2, 2), np.float32), np.empty((2, 2), np.float32)
-    widen_pairs(src, even, odd)
-    np.testing.assert_array_equal(even, src[:, 0::2].astype(np.float32))
-    np.testing.assert_array_equal(odd, src[:, 1::2].astype(np.float32))
-    assert np.isneginf(odd[0, 0]) and np.isnan(odd[0, 1]) and np.isposinf(even[1, 0])
-    assert np.signbit(odd[1, 0])
-
-
-def test_widen_pairs_scaled_float16_is_exact_times_two_to_the_minus_112():
-    """``scaled=True``: every finite float16 pattern comes out as exactly 2^-112 × its value (subnormals and ±0
-    included), so x × 2^112 times it is the same product; the checked form reports blocks with an inf/NaN."""
-    from kosmos2_ref.layers import widen_pairs
-
-    pattern = np.arange(1 << 16, dtype=np.uint16)
-    pattern = pattern[pattern & 0x7C00 != 0x7C00]                              # every finite float16
-    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]]).view(np.float16)   # [3, 63488]
-    even = np.empty((3, rows.shape[1] // 2), np.float32)
-    odd = np.empty_like(even)
-    assert widen_pairs(rows, even, odd, scaled=True) is True
-    for half, ref in ((even, rows[:, 0::2]), (odd, rows[:, 1::2])):
-        exact = ref.astype(np.float32)
-        assert np.array_equal((half * np.float32(2.0 ** 112)).view(np.uint32), exact.view(np.uint32))
-        assert np.array_equal(half.view(np.uint32), (exact.astype(np.float64) * 2.0 ** -112).astype(np.float32)
-                              .view(np.uint32))
-    assert widen_pairs(rows, even, odd) is True
-    bad = np.array([[1.0, np.inf]], dtype=np.float16)
-    assert widen_pairs(bad, np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)) is False
-
-
-def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite(monkeypatch):
-    """The first product over a read-only float16 matrix widens it the checked way and remembers it as finite; later
-    ones take the 2^-112-scaled widening with x × 2^112, and give bit-identical results. Writable matrices, ones
-    with an inf, and x too large to scale (|x| ≥ 2^16) keep the checked way; the entry goes with the matrix."""
-    import gc
-
-    from kosmos2_ref import layers
-
-    monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)            # 5 rows of W per block
-    rng = np.random.default_rng(7)
-    w = (rng.standard_normal((37, 24)) * 0.05).astype(np.float16)
-    w[0, :4] = [6e-8, -6e-8, 0.0, -0.0]                                      # subnormals and zeros scale too
-    w.flags.writeable = False
-    x = rng.standard_normal((1, 24)).astype(np.float32)
-    ref = x.astype(np.float64) @ w.astype(np.float64).T
-    assert not layers._known_finite(w)
-    first = linear(x, w)
-    assert layers._known_finite(w)
-    second = linear(x, w)                                                    # the scaled path
-    np.testing.assert_array_equal(second.view(np.uint32), first.view(np.uint32))
-    np.testing.assert_allclose(second, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-
-    big = x * np.float32(2.0 ** 17)                                          # × 2^112 would overflow: checked way
-    np.testing.assert_allclose(linear(big, w), ref * 2.0 ** 17, rtol=1e-5, atol=1e-5 * np.abs(ref).max() * 2 ** 17)
-
-    writable = w.copy()
-    linear(x, writable)
-    assert not layers._known_finite(writable)
-    with_inf = w.copy()
-    with_inf[3, 5] = np.inf
-    with_inf.flags.writeable = False
-    for _ in range(2):
-        y = linear(np.abs(x), with_inf)
-        assert np.isposinf(y[0, 3]) and np.isfinite(np.delete(y, 3)).all()
-    assert not layers._known_finite(with_inf)
-
-    entries = len(layers._float16_all_finite)
-    del w
-    gc.collect()
-    assert len(layers._float16_all_finite) == entries - 1
-
-
-def test_keys_needed_by_a_block_of_queries():
-    """Only trailing keys hidden from every query of the block are left out, and none when a query sees nothing."""
-    from kosmos2_ref.layers import _keys_needed
-    from kosmos2_ref.text import decoder_attention_mask
-
-    causal = decoder_attention_mask(None, 1, 6, 2, np)                        # [1, 1, 6, 8], 2 cached keys
-    assert [_keys_needed(causal[..., t:t + 2, :], 8) for t in (0, 2, 4)] == [4, 6, 8]
-    left = decoder_attention_mask(np.array([[0, 0, 0, 1, 1, 1]]), 1, 6, 0, np)   # 3 pad queries see nothing
-    assert _keys_needed(left[..., 0:2, :], 6) == 6                          # pad rows spread over hidden keys
-    assert _keys_needed(left[..., 3:5, :], 6) == 5
-    bias = np.zeros((1, 1, 2, 5), np.float32)
-    bias[..., 3:] = -1e30                                                   # very negative, but not "hidden"
-    assert _keys_needed(bias, 5) == 5
-    assert _keys_needed(None, 7) == 7 and _keys_needed(np.zeros((1, 1, 2, 1), np.float32), 7) == 7
-
-
-@pytest.mark.parametrize("pad", ["none", "left", "right"])
-@pytest.mark.parametrize("past", [0, 3])
-def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
-    """need_probs=False with blocks of 4 queries (and keys left out per block) gives the output of the whole form."""
-    from kosmos2_ref import layers
-    from kosmos2_ref.text import decoder_attention_mask
-
-    B, H, T, D = 3, 2, 23, 8
-    S = past + T
-    rng = np.random.default_rng(past)
-    q = rng.standard_normal((B, H, T, D)).astype(np.float32)
-    k, v = (rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(2))
-    att = np.ones((B, S), np.int64)
-    if pad == "left":
-        att[0, :6], att[1, :2] = 0, 0
-    elif pad == "right":
-        att[0, -5:], att[2, -1:] = 0, 0
-    mask = decoder_attention_mask(None if pad == "none" else att, B, T, past, np)
-    whole, _ = attention(q, k, v, mask, need_probs=True)
-    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 4 * B * H * S * 4)
-    blocked, probs = attention(q, k, v, mask, need_probs=False)
-    assert probs is None
-    err = np.abs(blocked - whole).max()
-    assert err <= 1e-6, err
+    np.testing.assert_allclose(ops.linear(x, w, b), ref, rtol=1e-5, atol=1e-5 * (1 + np.abs(ref).max()))
 
 
 def test_heads_round_trip():
@@ -307,11 +128,12 @@ def test_erf_and_erfc_against_math():
     assert rel_c < 1e-5
 
 
-def test_gelu_is_exact_erf_form_not_tanh():
+@BOTH
+def test_gelu_is_exact_erf_form_not_tanh(ops):
     x = np.linspace(-12, 12, 4801).astype(np.float32)
     ref = np.array([0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in x.astype(np.float64)])
     tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    got = gelu(x)
+    got = ops.gelu(x)
     assert got.dtype == np.float32
     err = np.abs(got - ref).max()
     print(f"\n  gelu max abs error {err:.2e} (tanh form: {np.abs(tanh_form - ref).max():.2e})")
@@ -319,7 +141,8 @@ def test_gelu_is_exact_erf_form_not_tanh():
     assert np.abs(tanh_form - ref).max() > 1e-4     # the check can tell the two forms apart
 
 
-def test_quick_gelu():
+@BOTH
+def test_quick_gelu(ops):
     x = np.linspace(-10, 10, 101).astype(np.float32)
     ref = x.astype(np.float64) / (1 + np.exp(-1.702 * x.astype(np.float64)))
-    np.testing.assert_allclose(quick_gelu(x), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ops.quick_gelu(x), ref, rtol=1e-6, atol=1e-6)

@@ -252,15 +252,15 @@ def test_two_byte_storage_matches_transformers_with_rounded_weights(tiny_checkpo
 
     "blocks" shrinks the block sizes so the tiny model takes the full-size path: the file converted a few hundred
     bytes at a time, and every matrix widened a few rows at a time. The model runs twice: for float16 the second run
-    takes the products that skip the inf/NaN check (matrices seen finite, layers.linear_upcast_blocks)."""
-    from kosmos2_ref import layers
+    takes the products that skip the inf/NaN check (matrices seen finite, fast.linear_upcast_blocks)."""
+    from kosmos2_ref import fast
     from kosmos2_ref import storage as storage_module
 
     if path == "blocks":
         monkeypatch.setattr(storage_module, "CONVERT_CHUNK_BYTES", 1000)
-        monkeypatch.setattr(layers, "UPCAST_MIN_SIZE", 0)
-        monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)
-        monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 64 * 7)
+        monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+        monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)
+        monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 64 * 7)
     folder, hf = tiny_checkpoint
     ours = Kosmos2.from_pretrained(folder, dtype=storage)
     w = ours.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"]

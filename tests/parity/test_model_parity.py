@@ -94,16 +94,16 @@ def test_padded_batch_with_attention_in_query_blocks(tiny, side, monkeypatch):
     """Without attention probabilities, attention takes the queries a few at a time and skips the keys no query
     of a block can see. Shrunk blocks (a handful of rows) so the tiny model takes that path: every hidden state
     and the logits still equal transformers', pad rows included."""
-    from kosmos2_ref import layers
+    from kosmos2_ref import fast
 
     ours, hf = tiny
     pv, ids, att, img = _inputs(64, TEXTS, side=side, seed=3)
     B, T = ids.shape
     heads = ours.config.text_config.attention_heads
-    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)     # 5 query rows per block
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)     # 5 query rows per block
     needed = []
-    real = layers._keys_needed
-    monkeypatch.setattr(layers, "_keys_needed", lambda m, S: needed.append(real(m, S)) or needed[-1])
+    real = fast._keys_needed
+    monkeypatch.setattr(fast, "_keys_needed", lambda m, S: needed.append(real(m, S)) or needed[-1])
     out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
                output_hidden_states=True)
     ref = _hf_forward(hf, pv, ids, att, img, output_hidden_states=True)

@@ -1,0 +1,424 @@
+"""Faster forms of the primitives in :mod:`kosmos2_ref.layers`, which the model runs by default.
+
+Each public function here has the signature of the textbook function it replaces, returns the same numbers (up
+to float32 summation order, stated per function) in the layout the textbook one would (row-major, fresh
+arrays), and says why it is faster and by how much. ``Kosmos2(..., reference=True)`` runs the textbook ones
+instead (:mod:`kosmos2_ref.primitives`); ``tests/test_fast_vs_reference.py`` holds each pair side by side.
+
+Measured with ``benchmarks/primitives.py`` (reference time / fast time, medians of 9 runs timed in turns, the
+range over three runs) on the development machine: AMD EPYC, 2 vCPUs (AVX2), NumPy 2.4 with OpenBLAS 0.3.31
+(Haswell kernels), shared with other work at the time (load average 3-7), so the figures are noisy. The gains are
+properties of that BLAS and cache hierarchy; another machine may see others.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import weakref
+
+import numpy as np
+
+from . import layers
+from .backend import get_xp
+from .layers import as_float32
+
+NEG_INF_F32 = layers.NEG_INF_F32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear
+
+def linear(x, weight, bias=None):
+    """Replaces :func:`layers.linear` (``x @ as_float32(W).T + b``), choosing among three faster products.
+
+    * a 2-byte weight (float16/bfloat16 storage) on NumPy: :func:`linear_upcast_blocks` widens it a cache-sized
+      block at a time instead of writing a float32 copy of the whole matrix;
+    * 2-3 rows on the CPU: :func:`_matvec_per_row`;
+    * more rows: :func:`_matmul_weight_first`.
+    One row takes the textbook product. x [..., K], weight [N, K] -> [..., N] float32, row-major.
+    """
+    xp = get_xp(x)
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if weight.dtype != np.float32 and xp is np and weight.size > UPCAST_MIN_SIZE:
+        y = linear_upcast_blocks(x, weight)
+    elif 1 < rows <= MATVEC_MAX_ROWS and xp.__name__ != "cupy":    # not on a GPU, whose GEMM reads W once
+        y = _matvec_per_row(x, as_float32(weight))
+    elif rows > 1:
+        return _matmul_weight_first(x, as_float32(weight), bias)
+    else:
+        y = x @ as_float32(weight).T        # [..., K] @ [K, N] -> [..., N]
+    if bias is not None:
+        y += bias                           # in place: y is a fresh array
+    return y
+
+
+MATVEC_MAX_ROWS = 3     # up to this many rows, one matrix-vector product per row beats one matrix product
+
+
+def _matvec_per_row(x, w):
+    """x @ w.T for 2-3 rows of x (decoding a batch of 2-3, or 2-3 beams), one matrix-vector product per row.
+
+    Replaces :func:`layers.linear` for 2-3 rows. With 2-3 rows this OpenBLAS's matrix-product kernel streamed the
+    weights slowly; reading them once per row with its matrix-vector kernel was faster (measured earlier on
+    [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows 9 % faster; 4 rows 30 % slower, hence the limit;
+    benchmarks/NOTES.md). Measured again with benchmarks/primitives.py on the loaded machine: 0.8-1.0x, i.e. no
+    gain there; kept until a quiet machine says otherwise. x [..., K], w [N, K] -> [..., N], row-major.
+    """
+    xp = get_xp(x)
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)                        # [M, K]
+    y = xp.empty((x2.shape[0], w.shape[0]), dtype=xp.float32)
+    for i in range(x2.shape[0]):
+        xp.matmul(w, x2[i], out=y[i])            # [N, K] @ [K] -> [N]
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def _matmul_weight_first(x, w, bias=None):
+    """x @ w.T + b computed as (w @ xᵀ)ᵀ + b: the same product, a different call into BLAS (so the float32
+    roundings of the sums may differ in the last bit; both are the product to float32 accuracy).
+
+    With more than one row in x, this OpenBLAS runs the product with the weight as the left operand faster (it
+    tiles the long weight dimension better). Measured on the model's shapes: vision q/k/v/out [257, 1024] x
+    [1024, 1024] 2.6-4.5x, vision fc1 [257, 1024] x [4096, 1024] 1.0-1.3x, vision fc2 2.1-3.3x, text prefill
+    (71 rows) fc1 1.4-1.5x and fc2 2.3-3.9x. That product comes out [N, M] row-major, i.e. [M, N] column-major; it is
+    written into a fresh row-major [M, N] array in the pass that adds the bias (:func:`_write_transposed`), so
+    callers get the layout :func:`layers.linear` gives. ``out=`` with the transposed view of a row-major buffer
+    is no use: NumPy then leaves BLAS, as slow as the textbook product. x [..., K], w [N, K], bias [N]
+    -> [..., N], row-major.
+    """
+    xp = get_xp(x)
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K)                      # [M, K] (a view when x is contiguous)
+    M = x2.shape[0]
+    if xp is np and N * M <= PRODUCT_SCRATCH_MAX:
+        yt = np.matmul(w, x2.T, out=_product_scratch(N, M))    # [N, K] @ [K, M] -> [N, M], reused memory
+    else:
+        yt = w @ x2.T
+    y = xp.empty((M, N), dtype=xp.float32)
+    _write_transposed(yt, bias, y)             # [M, N] row-major
+    return y.reshape(x.shape[:-1] + (N,))
+
+
+PRODUCT_SCRATCH_MAX = 8 << 20   # elements: the transposed product goes through a reused buffer up to 32 MB
+
+
+def _product_scratch(N: int, M: int):
+    """A reusable float32 [N, M] buffer, one per thread: the transposed product is read once and dropped, and on
+    this VM fresh memory costs ~1.7 s per GB of new pages (benchmarks/NOTES.md), so the extra [N, M] per product
+    that row-major results would otherwise take is not allocated afresh each time."""
+    buf = getattr(_local, "product", None)
+    if buf is None or buf.size < N * M:
+        buf = _local.product = np.empty(N * M, dtype=np.float32)
+    return buf[:N * M].reshape(N, M)
+
+
+TRANSPOSE_TILE = (128, 512)     # [rows of y, columns of y] per tile of the transposing write
+
+
+def _write_transposed(yt, bias, y):
+    """y = yt.T + bias (bias None: y = yt.T), for yt [N, M] and y [M, N] row-major.
+
+    On NumPy a tile at a time: one pass over a [257, 4096] product reads yt 1 kB apart per element and touches
+    ~1000 pages per output row, which makes the whole-array write 3-4x slower than the in-place bias add it
+    replaces; on 128 x 512 tiles it costs about as much (measured: 1.2 ms against 1.0 ms for the in-place add,
+    3.7-7.7 ms whole, beside a 30-40 ms product).
+    """
+    xp = get_xp(y)
+    N, M = yt.shape
+    tm, tn = TRANSPOSE_TILE if xp is np else (M, N)
+    for n0 in range(0, N, tn):
+        b = None if bias is None else bias[n0:n0 + tn]
+        for m0 in range(0, M, tm):
+            src, dst = yt[n0:n0 + tn, m0:m0 + tm].T, y[m0:m0 + tm, n0:n0 + tn]
+            if b is None:
+                dst[...] = src
+            else:
+                xp.add(src, b, out=dst)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2-byte weights: widen block by block, never the whole matrix
+#
+# ``x @ as_float32(W).T`` on a 2-byte W first writes a float32 copy of all of W (for the LM head 65037 x 2048,
+# 533 MB) to memory and then reads it back: three times the bytes of the float32 product, plus a large allocation
+# per call. Instead the rows of W are widened a block at a time into small scratch buffers that stay in the CPU
+# cache, and each block's product is taken from there while it is hot. DRAM then sees only the 2-byte weights.
+#
+# The widening itself is the cost (NumPy cannot fuse it into the product), so it is done on pairs of weights:
+# two neighbouring 2-byte numbers are one 32-bit word, and two bit operations on that word give both of them as
+# float32 (:func:`widen_pairs`): the even columns of the block and its odd columns, as two matrices. The product
+# is split the same way: x·w = x[0::2]·w[0::2] + x[1::2]·w[1::2].
+#
+# (No worker threads. NumPy gives no way to run each block's product on one BLAS thread, so two Python threads
+# would share OpenBLAS's two; and calls on cache-sized blocks last ~15 µs, too short for two Python threads to
+# overlap. Measured on the 2-core machine: no gain with OpenBLAS's own threads; 17 % for bfloat16 and 38 % for
+# float16 only when OpenBLAS is set process-wide to one thread, which a library should not do to its host.)
+
+UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
+UPCAST_BLOCK_BYTES = 2 << 20              # float32 bytes per block when x has few rows: the two BLAS threads
+                                          # each read half, the 1 MiB L2 of its core (bfloat16, measured here:
+                                          # 1 MiB blocks 4.5 G weights/s, 2 MiB 4.9-5.1, 4 MiB 3.5)
+UPCAST_BLOCK_BYTES_MANY_ROWS = 8 << 20    # float32 bytes per block when x has many rows (GEMM likes wide blocks)
+UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
+
+_F16_TO_F32_SCALE = np.float32(2.0 ** 112)   # 2^(127 - 15): float16's exponent bias -> float32's
+_F16_FIELDS = np.int32(-0x70002000)          # 0x8FFFE000: the sign bit and float16's 15 exponent/mantissa bits
+_local = threading.local()
+
+
+def widen_pairs(src, even, odd, *, scaled: bool = False) -> bool:
+    """2-byte weight rows ``src`` [n, K] (K even) -> float32 ``even`` = src[:, 0::2] and ``odd`` = src[:, 1::2].
+
+    Replaces :func:`layers.as_float32` inside :func:`linear_upcast_blocks`: two bit operations per pair of weights
+    instead of a cast per weight. Exact for every value. Little-endian: the word holding columns 2j and 2j+1 has
+    column 2j in its low 16 bits and column 2j+1 in its high 16 bits. Each goes to the top half of a 32-bit word
+    in one operation: ``word << 16`` for column 2j, ``word & 0xFFFF0000`` (or an arithmetic shift right, below)
+    for 2j+1.
+
+    * bfloat16 (held as uint16 bits) *is* the top half of a float32, so that is already the answer.
+    * float16 in the top half is sign | 5 exponent bits | 10 mantissa bits. An arithmetic shift right by 3 puts
+      the exponent and mantissa where float32 keeps its own (and copies the sign into bits 31..28); keeping only
+      the sign and those 15 bits (``& 0x8FFFE000``) leaves sign | exponent e (bias 15, read as bias 127) |
+      mantissa, i.e. 2^-112 × the float16 value, exactly, subnormals (e = 0) and ±0 included. Multiplying by
+      2^112 gives the value itself. Only inf/NaN (e = 31) come out wrong, as finite numbers of magnitude ≥ 65536
+      — larger than any finite float16 — so they are detected and that block is cast the slow, exact way instead.
+    * ``scaled=True`` (float16 only) stops before the multiplication and the inf/NaN check: ``even``/``odd`` hold
+      2^-112 × the weights, and the caller multiplies x by 2^112 instead (:func:`linear_upcast_blocks`), which
+      gives the very same products. Only for a matrix known to hold no inf/NaN.
+
+    Returns False when a float16 block held an inf or NaN (it was then cast exactly), True otherwise.
+    """
+    words = src.view(np.uint32)                      # [n, K/2]: one word per pair of weights
+    np.left_shift(words, 16, out=even.view(np.uint32))          # column 2j -> top half, zeros below
+    if src.dtype != np.float16:
+        np.bitwise_and(words, 0xFFFF0000, out=odd.view(np.uint32))   # column 2j+1 is already the top half
+        return True
+    e, o = even.view(np.int32), odd.view(np.int32)
+    e >>= 3                                          # arithmetic: sign copied into bits 31..28
+    np.right_shift(words.view(np.int32), 3, out=o)   # the same for column 2j+1 (2j's bits fall into bits 12..0)
+    e &= _F16_FIELDS
+    o &= _F16_FIELDS
+    if scaled:
+        return True
+    for half in (even, odd):
+        half *= _F16_TO_F32_SCALE
+        if half.max() >= 65536.0 or half.min() <= -65536.0:   # an inf or NaN was among them
+            np.copyto(even, src[:, 0::2])
+            np.copyto(odd, src[:, 1::2])
+            return False
+    return True
+
+
+# Read-only float16 matrices (as loaded: weights.load_flat hands out read-only arrays) seen to hold no inf/NaN, so
+# that later products may skip the check (see linear_upcast_blocks). A writable matrix is never remembered: its
+# values could change. id(matrix) -> a weak reference to it; the entry is removed when the matrix is freed.
+_float16_all_finite: dict[int, object] = {}
+
+
+def _known_finite(w) -> bool:
+    ref = _float16_all_finite.get(id(w))
+    return ref is not None and ref() is w
+
+
+def _remember_finite(w) -> None:
+    key = id(w)
+    _float16_all_finite[key] = weakref.ref(w, lambda _ref: _float16_all_finite.pop(key, None))
+
+
+def _scratch(rows: int, cols: int):
+    """Two reusable float32 buffers of shape [rows, cols] (no page faults from fresh allocations per block); one
+    pair per thread, so models used from several threads do not share them."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < 2 * rows * cols:
+        buf = _local.buf = np.empty(2 * rows * cols, dtype=np.float32)
+    return buf[:rows * cols].reshape(rows, cols), buf[rows * cols:2 * rows * cols].reshape(rows, cols)
+
+
+def linear_upcast_blocks(x, w):
+    """x @ float32(w).T for a 2-byte ``w`` [N, K], widened block by block (see the comment above).
+
+    Replaces :func:`layers.linear` on a 2-byte weight (``x @ as_float32(w).T``). Measured on a [8192, 2048]
+    matrix: one row, bfloat16 3.5-4.7x and float16 3.0-5.2x (a read-only matrix known finite, the scaled
+    widening); 71 rows, bfloat16 1.2x (each block's product weight first, as in :func:`_matmul_weight_first`;
+    with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32, row-major; equal to ``x @ as_float32(w).T``
+    up to BLAS summation order.
+    """
+    N, K = w.shape
+    x2 = x.reshape(-1, K)                              # [M, K]
+    M = x2.shape[0]
+    if K % 2 or sys.byteorder != "little":             # no pairs to split: widen each block whole
+        return (x2 @ as_float32(w).T).reshape(x.shape[:-1] + (N,))
+    x_even = np.ascontiguousarray(x2[:, 0::2])         # [M, K/2]
+    x_odd = np.ascontiguousarray(x2[:, 1::2])
+    # float16: once a matrix has been widened the checked way and held no inf/NaN, later calls widen it to
+    # 2^-112 × its values and take x × 2^112 instead — the same products, two fewer passes over each weight and
+    # no check. Measured here: widening and product on [8192, 2048] 1.7 -> 3.1 G weights/s against the previous
+    # form; a full-size float16 decoded token 0.75 -> 0.46 s against the checked form. Not when x × 2^112 could
+    # overflow (|x| ≥ 2^16) or x holds a NaN.
+    scaled = w.dtype == np.float16 and _known_finite(w) and bool(np.abs(x2).max(initial=0.0) < 2.0 ** 16)
+    if scaled:
+        x_even *= _F16_TO_F32_SCALE
+        x_odd *= _F16_TO_F32_SCALE
+    all_finite = True
+    block = max(1, (UPCAST_BLOCK_BYTES if M <= UPCAST_FEW_ROWS else UPCAST_BLOCK_BYTES_MANY_ROWS) // (4 * K))
+    y = np.empty((M, N), dtype=np.float32)
+    for r in range(0, N, block):
+        n = min(block, N - r)
+        w_even, w_odd = _scratch(n, K // 2)
+        all_finite &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
+        if M <= UPCAST_FEW_ROWS:
+            out = y[:, r:r + n]
+            np.matmul(x_even, w_even.T, out=out)       # [M, K/2] @ [K/2, n]
+            out += x_odd @ w_odd.T
+        else:                                          # many rows: weight first, as in _matmul_weight_first
+            yt = w_even @ x_even.T                     # [n, K/2] @ [K/2, M] -> [n, M]
+            yt += w_odd @ x_odd.T
+            _write_transposed(yt, None, y[:, r:r + n])
+    if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
+        _remember_finite(w)
+    return y.reshape(x.shape[:-1] + (N,))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layer_norm
+
+def layer_norm(x, weight, bias, eps: float = 1e-5):
+    """Replaces :func:`layers.layer_norm`: the same float64 moments, the rest in place on one [..., C] buffer
+    (x − mean is the only full-size temporary), and sums divided by n rather than ``.mean()`` (the same float64
+    numbers, without ``.mean()``'s Python-level wrapper, a visible cost at 97 LayerNorms per decoded token).
+    Multiplies by 1/√(var + eps) formed in float64, where the textbook divides by √ in float32: the last bit may
+    differ. Measured 1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024].
+    x [..., C] -> [..., C].
+    """
+    xp = get_xp(x)
+    n = x.shape[-1]
+    mean = (x.sum(axis=-1, keepdims=True, dtype=xp.float64) / n).astype(xp.float32)   # [..., 1]
+    xc = x - mean                                                                       # [..., C]
+    var = (xc * xc).sum(axis=-1, keepdims=True, dtype=xp.float64) / n                  # [..., 1]
+    xc *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
+    xc *= weight
+    xc += bias
+    return xc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Element-wise activations, a cache-sized block at a time
+
+ELEMENTWISE_BLOCK = 1 << 16     # elements per block for a long chain of element-wise passes (256 KiB of float32)
+
+
+def gelu(x):
+    """Replaces :func:`layers.gelu`: the very same function applied ELEMENTWISE_BLOCK elements at a time on NumPy
+    (:func:`_in_cache_sized_blocks`), so the same numbers element for element. erfc takes ~20 passes over its
+    input; over a [1, 1024, 8192] activation each would stream 33 MB through memory and allocate a fresh
+    temporary, over a block they stay in the CPU cache. Measured 3.0-3.2x on [1, 1024, 8192], 1.0-1.4x on
+    the 71-token prompt's [1, 71, 8192]. x [...] -> [...], in x's memory order.
+    """
+    if get_xp(x) is np and x.size > 2 * ELEMENTWISE_BLOCK:
+        return _in_cache_sized_blocks(layers.gelu, x)
+    return layers.gelu(x)
+
+
+def quick_gelu(x):
+    """Replaces :func:`layers.quick_gelu`: the same operations (so the same numbers) in one buffer, where the
+    textbook expression makes three temporaries the size of x; on this VM fresh memory is costly (see
+    :func:`_product_scratch`). x [...] -> [...]."""
+    xp = get_xp(x)
+    d = x * -1.702
+    xp.exp(d, out=d)
+    d += 1.0
+    return xp.divide(x, d, out=d)               # x / (1 + exp(-1.702 x))
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
+def _in_cache_sized_blocks(fn, x):
+    """``fn(x)`` for an element-wise ``fn``, applied ELEMENTWISE_BLOCK elements at a time (NumPy only).
+
+    Over a 256 KiB block every pass of ``fn`` stays in the CPU cache and its temporaries are small and reused.
+    The result has x's memory order (row-major for a row-major x).
+    """
+    out = np.empty_like(x)                  # the same memory order as x (row- or column-major)
+    src = x.ravel(order="K")                # x's elements in memory order (a view when x is contiguous)
+    dst = out.ravel(order="K")              # a view: out is contiguous in that same order
+    for i in range(0, src.size, ELEMENTWISE_BLOCK):
+        dst[i:i + ELEMENTWISE_BLOCK] = fn(src[i:i + ELEMENTWISE_BLOCK])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+
+def softmax_in_place(e, axis: int = -1):
+    """:func:`layers.softmax` of ``e`` written over ``e`` itself (a fresh array of the caller's): no temporaries
+    the size of e. The same numbers as the textbook form."""
+    xp = get_xp(e)
+    e -= e.max(axis=axis, keepdims=True)
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+ATTENTION_BLOCK_BYTES = 8 << 20   # float32 bytes of scores formed at once when the probabilities are not returned
+
+
+def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):
+    """Replaces :func:`layers.attention` (same arguments and results): in-place scores and softmax, and with
+    ``need_probs=False`` (probabilities returned as None) the queries a block at a time.
+
+    A block holds about ``ATTENTION_BLOCK_BYTES`` of scores, [B, H, block, S]: a 1024-token prompt would otherwise
+    build 128 MB of scores per layer, and touching that much fresh memory costs more than the arithmetic. On NumPy
+    a block also leaves out the trailing keys none of its queries can see (:func:`_keys_needed`), up to half of
+    them in a causal prompt. Each query row's softmax is the same either way. Measured: the vision tower's
+    [1, 16, 257, 64] with probabilities (one block, in place) 0.8-1.3x; the 71-token causal prefill 1.0-5x (very
+    noisy); a causal 1024-token prefill 1.4-1.9x timed alone (1.9 s -> 1.0-1.4 s; earlier whole-prefill
+    profiles: attention 4.1 -> 3.2 s, benchmarks/NOTES.md), but 0.1-0.6x in benchmarks/primitives.py's runs on
+    the loaded machine (16 blocks x 32 heads of small products suffer most from a busy CPU): to be re-measured
+    on a quiet machine.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    rows = T if need_probs else max(1, ATTENTION_BLOCK_BYTES // (4 * B * H * S))
+    if rows >= T:
+        return _attention_block(q, k, v, mask, scale)
+    xp = get_xp(q)
+    out = xp.empty((B, H, T, D), dtype=xp.float32)
+    for t in range(0, T, rows):
+        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t:t + rows, :]
+        stop = _keys_needed(m, S) if xp is np else S     # NumPy only: the check reads the mask on the host
+        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k[..., :stop, :], v[..., :stop, :],
+                                                    None if m is None else m[..., :stop], scale)
+    return out, None
+
+
+def _keys_needed(mask, S: int) -> int:
+    """How many leading keys a block of queries needs: one past the last key that any query of the block sees.
+
+    In a causal prefill the block of queries t … t+n−1 sees only keys up to past + t + n − 1: the keys after it
+    are hidden from every query of the block, their probabilities are exactly 0, and leaving them out changes no
+    result while skipping up to half the work of a long prompt. "Hidden" means a mask value ≤ float32 min (what
+    masks here hold for a dropped key); "seen" means a value above half of it, so that a hidden key's exp is 0
+    beside any seen one. Only when every query of the block sees some key: a query that sees none (a pad row)
+    spreads its probability over hidden keys, all of which then count.
+    """
+    if mask is None or mask.shape[-1] != S:
+        return S
+    seen = mask > NEG_INF_F32 / 2                         # [B or 1, 1, rows or 1, S]
+    if not seen.any(axis=-1).all():
+        return S
+    cols = np.flatnonzero(seen.any(axis=tuple(range(seen.ndim - 1))))
+    return int(cols[-1]) + 1
+
+
+def _attention_block(q, k, v, mask, scale: float):
+    """softmax(q kᵀ · scale + mask) v for one block of queries -> (output, probabilities), in place."""
+    scores = q @ k.swapaxes(-1, -2)     # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S], a fresh array
+    scores *= scale
+    if mask is not None:
+        scores += mask
+    probs = softmax_in_place(scores)    # [B, H, T, S]
+    return probs @ v, probs             # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]

@@ -1,0 +1,247 @@
+"""Each fast primitive (kosmos2_ref.fast) against the textbook one it replaces (kosmos2_ref.layers), on awkward
+shapes and values: odd and unit widths, no rows, 1-9 rows, strided, reversed and column-major inputs, 2-byte
+weights with inf/NaN and subnormals (writable and read-only), fully masked and padded causal attention rows,
+prompts longer than one attention block. Block sizes are shrunk so the tiny arrays take the full-size paths.
+
+Tolerances: the products and attention sum in another order than the textbook form, so they agree to a few
+float32 roundings of the absolute scale (|x|·|W|ᵀ for a product): 1e-5 × that scale. LayerNorm multiplies by a
+float64 reciprocal where the textbook divides: 1e-6 × (|w|·max|x̂| + |b|). The activations and the in-place
+softmax do the very same operations and must agree bit for bit. Measured errors are printed (pytest -s).
+Outputs must have the textbook's memory layout (row-major for a row-major input, and for every product).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kosmos2_ref import fast, layers
+from kosmos2_ref.layers import NEG_INF_F32
+from kosmos2_ref.text import decoder_attention_mask
+from kosmos2_ref.weights import float32_to_bf16_bits
+
+rng = np.random.default_rng(17)
+# inf/NaN inputs are deliberate here (their propagation is compared): NumPy's warnings about them are expected
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few rows / elements, so tiny arrays take the blocked paths (partial last blocks included)."""
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)            # ~3 rows of W per block (K = 64)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 64 * 5)
+    monkeypatch.setattr(fast, "ELEMENTWISE_BLOCK", 7)
+    monkeypatch.setattr(fast, "TRANSPOSE_TILE", (2, 3))
+
+
+def close(name, got, ref, scale, tol):
+    """Same shape and dtype, same non-finite entries, finite ones within tol × scale; prints the error."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype == np.float32, (got.shape, ref.shape, got.dtype)
+    assert np.array_equal(np.isnan(got), np.isnan(ref)), f"{name}: NaN entries differ"
+    assert np.array_equal(np.where(np.isinf(got), np.sign(got), 0), np.where(np.isinf(ref), np.sign(ref), 0)), \
+        f"{name}: inf entries differ"
+    fin = np.isfinite(ref)
+    err = float(np.abs(got[fin].astype(np.float64) - ref[fin]).max()) if fin.any() else 0.0
+    bound = tol * float(np.max(scale)) if np.size(scale) else 0.0
+    print(f"  {name:<58s} max|Δ| {err:.2e}  (tol {bound:.2e})")
+    assert err <= bound, f"{name}: max|Δ| {err:.3e} > {bound:.3e}"
+
+
+def same_layout(got, ref):
+    assert got.flags.c_contiguous == ref.flags.c_contiguous and got.flags.f_contiguous == ref.flags.f_contiguous
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear
+
+def _x(lead, K, layout):
+    x = rng.standard_normal(lead + (K,)).astype(np.float32)
+    if layout == "strided":                    # every other row of a larger array: not contiguous
+        x = np.repeat(x, 2, axis=0)[::2] if x.ndim > 1 and x.shape[0] else x
+        x = np.concatenate([x, x], axis=-1)[..., ::2]
+    elif layout == "column-major":
+        x = np.asfortranarray(x)
+    return x
+
+
+def _weight(N, K, storage, writable=True, special=False):
+    w32 = (rng.standard_normal((N, K)) * 0.5).astype(np.float32)
+    if special:
+        w32[0, 0] = 3e-6 if storage != "bfloat16" else 1e-40      # a subnormal of the storage type
+        w32[min(1, N - 1), -1] = -0.0
+    if storage == "float32":
+        w = w32
+    elif storage == "float16":
+        w = w32.astype(np.float16)
+        if special and N > 2:
+            w[2, 0] = np.inf                                    # x ≥ 0 below, so the row is +inf either way
+            w[min(3, N - 1), -1] = np.nan
+    else:
+        w = float32_to_bf16_bits(w32)
+    w.flags.writeable = writable
+    return w
+
+
+ROWS = [(0,), (1,), (2,), (3,), (4,), (9,), (2, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("K", [1, 33, 64])
+@pytest.mark.parametrize("layout", ["row-major", "strided", "column-major"])
+def test_linear(storage, K, layout, small_blocks):
+    print()
+    for lead in ROWS:
+        for writable in (True, False):
+            for bias in (None, rng.standard_normal(11).astype(np.float32)):
+                x = np.abs(_x(lead, K, layout))             # ≥ 0: an inf weight gives +inf, never inf − inf
+                w = _weight(11, K, storage, writable, special=True)
+                for _ in range(2):                          # the second time a read-only float16 is known finite
+                    got, ref = fast.linear(x, w, bias), layers.linear(x, w, bias)
+                    scale = x.reshape(-1, K) @ np.abs(np.nan_to_num(layers.as_float32(w), posinf=0.0)).T
+                    scale = (scale + (0 if bias is None else np.abs(bias))) if scale.size else scale
+                    close(f"linear {storage} K={K} rows {lead} {layout} {'rw' if writable else 'ro'}"
+                          f"{'' if bias is None else ' +b'}", got, ref, scale, 1e-5)
+                    assert got.flags.c_contiguous
+
+
+def test_linear_weight_first_keeps_rows_and_layout():
+    """The product of many rows (weight first in BLAS) comes back row-major, with and without bias."""
+    x = rng.standard_normal((2, 37, 50)).astype(np.float32)
+    w = rng.standard_normal((70, 50)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    for bias in (None, b):
+        got = fast._matmul_weight_first(x, w, bias)
+        ref = layers.linear(x, w, bias)
+        assert got.flags.c_contiguous and got.shape == (2, 37, 70)
+        close("weight-first [2,37,50] x [70,50]", got, ref, np.abs(x).reshape(-1, 50) @ np.abs(w).T + np.abs(b),
+              1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layer_norm
+
+@pytest.mark.parametrize("case", ["C=1", "constant rows", "offset 1e4", "zero rows", "strided", "reversed",
+                                  "column-major", "[1,1,2048]"])
+def test_layer_norm(case):
+    shapes = {"C=1": (3, 1), "zero rows": (0, 5), "[1,1,2048]": (1, 1, 2048)}
+    x = rng.standard_normal(shapes.get(case, (9, 33))).astype(np.float32)
+    if case == "constant rows":
+        x[:] = np.float32(11.1875)
+    elif case == "offset 1e4":
+        x = x * np.float32(1e-2) + np.float32(1e4)
+    elif case == "strided":
+        x = np.concatenate([x, x], axis=-1)[:, ::2]
+    elif case == "reversed":
+        x = x[::-1, ::-1]
+    elif case == "column-major":
+        x = np.asfortranarray(x)
+    C = x.shape[-1]
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    got, ref = fast.layer_norm(x, w, b, 1e-5), layers.layer_norm(x, w, b, 1e-5)
+    xhat = np.abs(ref - b) / np.maximum(np.abs(w), 1e-30)
+    scale = np.abs(w) * (xhat.max() if xhat.size else 0.0) + np.abs(b)
+    close(f"layer_norm {case} {x.shape}", got, ref, scale, 1e-6)
+    same_layout(got, ref)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Element-wise activations and softmax: the same operations, so bit for bit
+
+@pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("case", ["small", "blocks", "strided", "reversed", "column-major", "tails"])
+def test_activations_bit_for_bit(name, case, small_blocks):
+    x = (rng.standard_normal((5, 9)) * 4).astype(np.float32)
+    if case == "small":
+        x = x[:1, :2]
+    elif case == "strided":
+        x = x[::2, ::3]
+    elif case == "reversed":
+        x = x[::-1]
+    elif case == "column-major":
+        x = np.asfortranarray(x)
+    elif case == "tails":
+        x = np.array([[-40.0, -12.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 12.0, 40.0, np.inf, -np.inf, np.nan]],
+                     np.float32)
+    got, ref = getattr(fast, name)(x), getattr(layers, name)(x)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert np.array_equal(got, ref, equal_nan=True), f"{name} {case}: {np.abs(got - ref).max()}"
+    same_layout(got, ref)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_in_place_bit_for_bit(axis):
+    x = (rng.standard_normal((4, 7)) * 30).astype(np.float32)
+    x[1, 2:] = -np.inf                          # some keys dropped
+    x[2, :] = NEG_INF_F32                       # a row of masked-but-finite values
+    x[3, :] = -np.inf                           # nothing seen: NaN on both sides
+    ref = layers.softmax(x, axis=axis)
+    got = fast.softmax_in_place(x.copy(), axis=axis)
+    assert np.array_equal(got, ref, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# attention
+
+def _qkv(B, H, T, S, D, contiguous=True):
+    q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float32) for n in (T, S, S))
+    if not contiguous:           # as split_heads hands them over: transposed views of [B, T, H, D]
+        q, k, v = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (q, k, v))
+    return q, k, v
+
+
+MASKS = ["none", "causal", "causal+left pad", "causal+right pad", "cached+left pad", "all hidden", "bias [1,1,1,S]"]
+
+
+def _mask(kind, B, T, past):
+    S = past + T
+    att = np.ones((B, S), np.int64)
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return decoder_attention_mask(None, B, T, past, np)
+    if kind in ("causal+left pad", "cached+left pad"):
+        att[0, :4] = 0
+        att[-1, :1] = 0
+        return decoder_attention_mask(att, B, T, past, np)
+    if kind == "causal+right pad":
+        att[0, -3:] = 0
+        return decoder_attention_mask(att, B, T, past, np)
+    if kind == "all hidden":                      # every key hidden from query 0 (finite min and −inf mixed)
+        m = decoder_attention_mask(None, B, T, past, np).copy()
+        m[..., 0, :] = NEG_INF_F32
+        m[..., 0, -1] = -np.inf
+        return m
+    m = np.zeros((1, 1, 1, S), np.float32)        # a plain additive bias, very negative but not "hidden"
+    m[..., -2:] = -1e30
+    return m
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("need_probs", [True, False])
+def test_attention(kind, need_probs, monkeypatch):
+    """T = 13 queries in blocks of 4 (longer than one attention block) when the probabilities are not needed."""
+    B, H, T, D = 3, 2, 13, 5
+    past = 6 if kind == "cached+left pad" else 0
+    S = past + T
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * H * S * 4)
+    q, k, v = _qkv(B, H, T, S, D, contiguous=kind != "none")
+    mask = _mask(kind, B, T, past)
+    out, probs = fast.attention(q, k, v, mask, None, need_probs)
+    ref, ref_probs = layers.attention(q, k, v, mask, None, need_probs)
+    scale = np.abs(v).max()
+    close(f"attention out, {kind}, need_probs={need_probs}", out, ref, scale, 1e-5)
+    assert out.flags.c_contiguous
+    if need_probs:
+        close(f"attention probs, {kind}", probs, ref_probs, 1.0, 1e-6)
+    else:
+        assert probs is None
+
+
+@pytest.mark.parametrize("T,S,D", [(1, 1, 1), (1, 9, 3), (2, 2, 64)])
+def test_attention_tiny_shapes(T, S, D):
+    q, k, v = _qkv(1, 3, T, S, D)
+    for need_probs in (True, False):
+        out, _ = fast.attention(q, k, v, None, 0.3, need_probs)
+        ref, _ = layers.attention(q, k, v, None, 0.3, need_probs)
+        close(f"attention T={T} S={S} D={D}", out, ref, np.abs(v).max(), 1e-5)
