@@ -451,7 +451,7 @@ def decode_times(sides, repeats: int, n_steps: int) -> dict:
 
 # The modules whose ``linear`` calls make up ours' matrix products (each imports the name from primitives, which
 # passes it on to fast.linear, or layers.linear in reference mode).
-LINEAR_USERS = ("kosmos2_ref.vision", "kosmos2_ref.connector", "kosmos2_ref.text")
+LINEAR_USERS = ("kosmos2_ref.vision", "kosmos2_ref.connector", "kosmos2_ref.decoder")
 
 
 def record_linears(fn) -> list:

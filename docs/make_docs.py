@@ -431,10 +431,10 @@ API = [
         "kosmos2_ref.vision.encoder_layer", "kosmos2_ref.vision.vision_forward",
         "kosmos2_ref.connector.l2_normalize", "kosmos2_ref.connector.cross_attention",
         "kosmos2_ref.connector.image_to_text",
-        "kosmos2_ref.text.position_ids_from_input_ids", "kosmos2_ref.text.sinusoidal_positions",
-        "kosmos2_ref.text.decoder_attention_mask", "kosmos2_ref.text.embed", "kosmos2_ref.text.self_attention",
-        "kosmos2_ref.text.ffn", "kosmos2_ref.text.decoder_layer", "kosmos2_ref.text.lm_head",
-        "kosmos2_ref.text.text_forward", "kosmos2_ref.text.causal_lm_loss",
+        "kosmos2_ref.decoder.position_ids_from_input_ids", "kosmos2_ref.decoder.sinusoidal_positions",
+        "kosmos2_ref.decoder.decoder_attention_mask", "kosmos2_ref.decoder.embed", "kosmos2_ref.decoder.self_attention",
+        "kosmos2_ref.decoder.ffn", "kosmos2_ref.decoder.decoder_layer", "kosmos2_ref.decoder.lm_head",
+        "kosmos2_ref.decoder.text_forward", "kosmos2_ref.decoder.causal_lm_loss",
     ]),
 ]
 # Methods that only forward to a function: documented with that function's signature (minus ``model``).
@@ -579,7 +579,7 @@ def dataflow_figure(cfg: Kosmos2Config | None = None):
     b_pix = box(L, 130, w, 120, "processor", "processor: image (processing/image.py)",
                 ["Pillow bicubic resize to 224x224 (aspect ignored),", "x 1/255, normalise with CLIP mean/std"],
                 "pixel_values " + sh["pixel_values"])
-    b_tok = box(R, 155, w, 140, "processor", "processor: text (processing/text.py, grounding.py)",
+    b_tok = box(R, 155, w, 140, "processor", "processor: text (processing/tokenizer.py, grounding.py)",
                 ["<s> <image> 64 slots </image> text; boxes ->", "<object><patch_index_k>…</object>; tokenise",
                  "(65037 ids)"], "input_ids, masks " + sh["input_ids"])
     b_vis = box(L, 290, w, 170, "vision", "vision tower (vision.py): CLIP ViT-L/14",
@@ -590,7 +590,7 @@ def dataflow_figure(cfg: Kosmos2Config | None = None):
                 ["post_layernorm on all 257 tokens, L2-normalise,", f"dense -> {sh['projected']};",
                  f"{cfg.latent_query_num} latent queries attend to [image; queries]"],
                 "image_embeds " + sh["image_embeds"])
-    b_dec = box(R, 335, w, 235, "decoder", "decoder (text.py)",
+    b_dec = box(R, 335, w, 235, "decoder", "decoder (decoder.py)",
                 ["embed ids; image rows -> the 64 slots; x sqrt(2048)", "+ sinusoid positions (pad-aware)",
                  f"{cfg.text_config.layers} pre-LN blocks with sub-LN: attention",
                  f"({cfg.text_config.attention_heads} heads) + inner_attn_ln, gelu FFN + ffn_layernorm",

@@ -9,6 +9,5 @@ from .config import Kosmos2Config, TextConfig, VisionConfig
 from .generation import generate
 from .model import Kosmos2, Kosmos2Output
 from .processing import Kosmos2Processor
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["Kosmos2", "Kosmos2Output", "generate", "Kosmos2Processor", "Kosmos2Config", "TextConfig", "VisionConfig", "get_backend", "to_numpy"]

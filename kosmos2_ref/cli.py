@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 
 from .hub import default_model
+from .version import __version__
 
 # Each command imports the modules it uses inside its function, so that a command loads only its own (the web
 # server's, the converter's, Ray's for --engine ray) and starts sooner. None of these imports hides a cycle: the
@@ -79,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog=PROG, description="KOSMOS-2 in NumPy: grounded captions, phrase grounding, region "
                      "descriptions and image embeddings.", epilog="Run `kosmos2-ref demo` to see it work.")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .processing.grounding import patch_indices_to_box
-from .processing.text import BOO_TOKEN, BOP_TOKEN, DOM_TOKEN, EOO_TOKEN, EOP_TOKEN, patch_index_token
+from .processing.tokenizer import BOO_TOKEN, BOP_TOKEN, DOM_TOKEN, EOO_TOKEN, EOP_TOKEN, patch_index_token
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 from .config import Kosmos2Config
 from .processing import Kosmos2Processor
 from .weights import expected_shapes, save_safetensors
+from .version import __version__
 
 DEMO_SEED = 2023
 # Bump when the recipe changes, so caches built by an older recipe are rebuilt, not reused.
@@ -48,8 +49,6 @@ def cache_root() -> Path:
 
 
 def _marker() -> dict:
-    from . import __version__
-
     return {"random_weights": True, "recipe": DEMO_RECIPE, "seed": DEMO_SEED, "kosmos2_ref": __version__,
             "note": "seeded random weights: a demo of the pipeline, not of the model; its outputs are noise"}
 
@@ -98,8 +97,6 @@ def build_demo_checkpoint(folder: str | Path, seed: int = DEMO_SEED) -> Path:
 
 def demo_checkpoint(root: str | Path | None = None) -> Path:
     """The cached demo checkpoint folder, built on first use (a couple of seconds)."""
-    from . import __version__
-
     root = Path(root) if root is not None else cache_root()
     final = root / f"demo-tiny-{__version__}"
     marker = final / MARKER

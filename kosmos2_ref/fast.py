@@ -71,7 +71,7 @@ def _matvec_per_row(x, w):
     y = xp.empty((x2.shape[0], w.shape[0]), dtype=xp.float32)
     for i in range(x2.shape[0]):
         xp.matmul(w, x2[i], out=y[i])            # [N, K] @ [K] -> [N]
-    return y.reshape(x.shape[:-1] + (w.shape[0],))
+    return y.reshape(x.shape[:-1] + (w.shape[0],))  # [M, N] -> [..., N]
 
 
 def _matmul_weight_first(x, w, bias=None):
@@ -97,7 +97,7 @@ def _matmul_weight_first(x, w, bias=None):
         yt = w @ x2.T
     y = xp.empty((M, N), dtype=xp.float32)
     _write_transposed(yt, bias, y)             # [M, N] row-major
-    return y.reshape(x.shape[:-1] + (N,))
+    return y.reshape(x.shape[:-1] + (N,))      # [M, N] -> [..., N]
 
 
 PRODUCT_SCRATCH_MAX = 8 << 20   # elements: the transposed product goes through a reused buffer up to 32 MB
@@ -110,7 +110,7 @@ def _product_scratch(N: int, M: int):
     buf = getattr(_local, "product", None)
     if buf is None or buf.size < N * M:
         buf = _local.product = np.empty(N * M, dtype=np.float32)
-    return buf[:N * M].reshape(N, M)
+    return buf[:N * M].reshape(N, M)  # [N, M]
 
 
 TRANSPOSE_TILE = (128, 512)     # [rows of y, columns of y] per tile of the transposing write
@@ -232,7 +232,8 @@ def _scratch(rows: int, cols: int):
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < 2 * rows * cols:
         buf = _local.buf = np.empty(2 * rows * cols, dtype=np.float32)
-    return buf[:rows * cols].reshape(rows, cols), buf[rows * cols:2 * rows * cols].reshape(rows, cols)
+    size = rows * cols
+    return buf[:size].reshape(rows, cols), buf[size:2 * size].reshape(rows, cols)     # [rows, cols] each
 
 
 def linear_upcast_blocks(x, w):
@@ -241,8 +242,8 @@ def linear_upcast_blocks(x, w):
     Replaces :func:`layers.linear` on a 2-byte weight (``x @ as_float32(w).T``). Measured on a [8192, 2048]
     matrix: one row, bfloat16 3.5-4.7x and float16 3.0-5.2x (a read-only matrix known finite, the scaled
     widening); 71 rows, bfloat16 1.2x (each block's product weight first, as in :func:`_matmul_weight_first`;
-    with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32, row-major; equal to ``x @ as_float32(w).T``
-    up to BLAS summation order.
+    with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32,
+    row-major; equal to ``x @ as_float32(w).T`` up to BLAS summation order.
     """
     N, K = w.shape
     x2 = x.reshape(-1, K)                              # [M, K]
@@ -277,7 +278,7 @@ def linear_upcast_blocks(x, w):
             _write_transposed(yt, None, y[:, r:r + n])
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
-    return y.reshape(x.shape[:-1] + (N,))
+    return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -75,13 +75,13 @@ def softmax(x, axis: int = -1):
 def split_heads(x, num_heads: int):
     """[B, T, C] -> [B, H, T, D] with D = C / H."""
     B, T, C = x.shape
-    return x.reshape(B, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)
+    return x.reshape(B, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)  # [B, T, C] -> [B, T, H, D] -> [B, H, T, D]
 
 
 def merge_heads(x):
     """[B, H, T, D] -> [B, T, H·D]."""
     B, H, T, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # [B, H, T, D] -> [B, T, H, D] -> [B, T, H·D]
 
 
 def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):

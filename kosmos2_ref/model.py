@@ -22,7 +22,7 @@ from .connector import image_to_text
 from .files import file_present, read_text
 from .hub import resolve_checkpoint
 from .primitives import reference_mode, resolve_reference
-from .text import TextOutput, causal_lm_loss, text_forward
+from .decoder import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, expected_shapes, load_flat, unflatten
 

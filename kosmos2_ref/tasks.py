@@ -44,7 +44,7 @@ from .hub import CheckpointNotFoundError, resolve_checkpoint
 from .processing import Kosmos2Processor
 from .processing.grounding import Entity, box_to_pixels, entities_to_pixel_boxes, strip_tags
 from .processing.image import ImageProcessorConfig, load_image
-from .processing.text import Kosmos2Tokenizer
+from .processing.tokenizer import Kosmos2Tokenizer
 
 __all__ = ["CaptionResult", "CaptionStreamer", "DescribeResult", "EmbedResult", "Entity", "GroundResult", "caption",
            "describe", "embed", "ground", "model_processor", "processor_for"]

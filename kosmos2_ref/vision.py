@@ -124,10 +124,10 @@ def embeddings(pixel_values, p, cfg: VisionConfig, interpolate_pos_encoding: boo
 def self_attention(x, p, num_heads: int):
     """Bidirectional multi-head self-attention, no mask. x [B, S, C] -> ([B, S, C], probs [B, H, S, S])."""
     q = split_heads(linear(x, **p["q_proj"]), num_heads)    # [B, H, S, D]
-    k = split_heads(linear(x, **p["k_proj"]), num_heads)
-    v = split_heads(linear(x, **p["v_proj"]), num_heads)
+    k = split_heads(linear(x, **p["k_proj"]), num_heads)    # [B, H, S, D]
+    v = split_heads(linear(x, **p["v_proj"]), num_heads)    # [B, H, S, D]
     ctx, probs = attention(q, k, v)                         # [B, H, S, D]
-    return linear(merge_heads(ctx), **p["out_proj"]), probs
+    return linear(merge_heads(ctx), **p["out_proj"]), probs  # [B, H, S, D] -> [B, S, C]
 
 
 def encoder_layer(x, p, cfg: VisionConfig):

@@ -125,7 +125,7 @@ def synthetic_tokenizer_json() -> str:
 @functools.lru_cache(maxsize=1)
 def real_tokenizer_json() -> str:
     """The real Kosmos-2 tokenizer.json, built from the SentencePiece model by kosmos2_ref."""
-    from kosmos2_ref.processing.text import build_tokenizer_from_sentencepiece
+    from kosmos2_ref.processing.tokenizer import build_tokenizer_from_sentencepiece
 
     return build_tokenizer_from_sentencepiece(REAL_SPM_MODEL).to_str()
 

@@ -92,7 +92,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     import numpy as np
 
     import kosmos2_ref.connector
-    import kosmos2_ref.text
+    import kosmos2_ref.decoder
     import kosmos2_ref.vision
     from kosmos2_ref.primitives import linear
 
@@ -110,7 +110,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
         ("mlp", "fc1"), ("mlp", "fc2"))]
     assert calls[0][0].shape == (1, 1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
                                  cfg.vision_config.hidden_size)
-    for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.text):
+    for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.decoder):
         assert m.linear is linear
     # the inputs are the real ones: the last call (the connector's out_proj) replayed gives the image embeddings
     x, w, b = calls[-1]

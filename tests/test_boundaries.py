@@ -8,7 +8,7 @@ import re
 import pytest
 
 import fixtures_tokenizer as ft
-from kosmos2_ref.processing.text import Kosmos2Tokenizer
+from kosmos2_ref.processing.tokenizer import Kosmos2Tokenizer
 
 
 # ------------------------------------------------------------------------------------- tokenizer_config.json

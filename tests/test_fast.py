@@ -155,7 +155,7 @@ def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite
 def test_keys_needed_by_a_block_of_queries():
     """Only trailing keys hidden from every query of the block are left out, and none when a query sees nothing."""
     from kosmos2_ref.fast import _keys_needed
-    from kosmos2_ref.text import decoder_attention_mask
+    from kosmos2_ref.decoder import decoder_attention_mask
 
     causal = decoder_attention_mask(None, 1, 6, 2, np)                        # [1, 1, 6, 8], 2 cached keys
     assert [_keys_needed(causal[..., t:t + 2, :], 8) for t in (0, 2, 4)] == [4, 6, 8]
@@ -172,7 +172,7 @@ def test_keys_needed_by_a_block_of_queries():
 @pytest.mark.parametrize("past", [0, 3])
 def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
     """need_probs=False with blocks of 4 queries (and keys left out per block) gives the output of the whole form."""
-    from kosmos2_ref.text import decoder_attention_mask
+    from kosmos2_ref.decoder import decoder_attention_mask
 
     B, H, T, D = 3, 2, 23, 8
     S = past + T

@@ -16,7 +16,7 @@ import pytest
 
 from kosmos2_ref import fast, layers
 from kosmos2_ref.layers import NEG_INF_F32
-from kosmos2_ref.text import decoder_attention_mask
+from kosmos2_ref.decoder import decoder_attention_mask
 from kosmos2_ref.weights import float32_to_bf16_bits
 
 rng = np.random.default_rng(17)

@@ -188,7 +188,7 @@ def test_a_copy_in_an_empty_folder_runs_the_real_data_tests(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     assert sorted(p.name for p in clone.parent.iterdir()) == ["repo"]
-    tests = ["tests/test_processing_text.py::test_real_snowman_ids",
+    tests = ["tests/test_processing_tokenizer.py::test_real_snowman_ids",
              "tests/test_processing_image.py", "tests/test_repository.py::test_test_data_matches_its_provenance"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=clone,

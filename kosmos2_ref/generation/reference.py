@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_numpy
-from ..text import position_ids_from_input_ids
+from ..decoder import position_ids_from_input_ids
 
 
 def greedy_generate(model, pixel_values, input_ids, attention_mask, image_embeds_position_mask, max_new_tokens):

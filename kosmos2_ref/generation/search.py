@@ -22,7 +22,7 @@ from ..checks import (as_array, check_attention_mask, check_float_input, check_i
                       check_pixel_values, check_token_ids)
 from ..backend import get_xp
 from ..layers import softmax
-from ..text import position_ids_from_input_ids
+from ..decoder import position_ids_from_input_ids
 from .processors import apply_processors, build_processors, cumsum_f32, host
 from .settings import GenerateOutput, GenerationSettings, warn_past_trained_positions
 

@@ -16,7 +16,7 @@ from .grounding import (
 )
 from .image import ImageProcessorConfig, preprocess_images
 from .processor import Kosmos2Processor
-from .text import Kosmos2Tokenizer, build_tokenizer_from_sentencepiece, default_tokenizer
+from .tokenizer import Kosmos2Tokenizer, build_tokenizer_from_sentencepiece, default_tokenizer
 
 __all__ = [
     "Entity",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..checks import is_int, is_real
-from .text import (
+from .tokenizer import (
     BOO_TOKEN,
     BOP_TOKEN,
     DOM_TOKEN,

@@ -22,7 +22,7 @@ from .image import ImageProcessorConfig, as_image_list, preprocess_images
 from ..files import file_present
 from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
 from ..files import read_json_object
-from .text import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
+from .tokenizer import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
 
 def _check_bool(name: str, value) -> bool:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import fixtures_tokenizer as ft
 from kosmos2_ref.processing import Kosmos2Processor, grounding
 from kosmos2_ref.processing.image import preprocess_images
-from kosmos2_ref.processing.text import Kosmos2Tokenizer
+from kosmos2_ref.processing.tokenizer import Kosmos2Tokenizer
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoProcessor  # noqa: E402

@@ -58,6 +58,7 @@ def sinusoidal_positions(position_ids, dim: int, padding_idx: int | None, xp):
     angle = angle.astype(xp.float64)
     emb = xp.concatenate([xp.sin(angle), xp.cos(angle)], axis=-1).astype(xp.float32)   # [B, T, 2h]
     if dim % 2:
+        # an odd C gets a zero last column: [..., C-1] -> [..., C]
         emb = xp.concatenate([emb, xp.zeros(emb.shape[:-1] + (1,), dtype=xp.float32)], axis=-1)
     if padding_idx is not None:
         emb *= xp.asarray(np.asarray(position_ids) != padding_idx, dtype=xp.float32)[..., None]
@@ -79,7 +80,7 @@ def decoder_attention_mask(attention_mask, batch: int, T: int, past: int, xp):
     S = past + T
     blocked_causal = None
     if T > 1:
-        i = np.arange(T)[:, None]
+        i = np.arange(T)[:, None]  # [T, 1]
         j = np.arange(S)[None, :]
         blocked_causal = (j > past + i)[None, None]                        # [1, 1, T, S]
     blocked_pad = None
@@ -134,8 +135,8 @@ def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, 
     """
     H = cfg.attention_heads
     q = split_heads(linear(x, **p["q_proj"]), H)          # [B, H, T, D]
-    k = split_heads(linear(x, **p["k_proj"]), H)
-    v = split_heads(linear(x, **p["v_proj"]), H)
+    k = split_heads(linear(x, **p["k_proj"]), H)          # [B, H, T, D]
+    v = split_heads(linear(x, **p["v_proj"]), H)          # [B, H, T, D]
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)              # [B, H, past+T, D]
     ctx, probs = attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_dim), need_probs=need_probs)
@@ -194,7 +195,7 @@ def text_forward(p, cfg: TextConfig, xp, *, input_ids=None, inputs_embeds=None, 
         if input_ids is not None:
             position_ids = position_ids_from_input_ids(np.asarray(input_ids), cfg.pad_token_id, past)
         else:
-            position_ids = np.broadcast_to(np.arange(2, T + 2) + past, (B, T))
+            position_ids = np.broadcast_to(np.arange(2, T + 2) + past, (B, T))  # [B, T]
     x += sinusoidal_positions(position_ids, cfg.embed_dim, cfg.pad_token_id, xp)
     mask = decoder_attention_mask(attention_mask, B, T, past, xp)
 

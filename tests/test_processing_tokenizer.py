@@ -1,4 +1,4 @@
-"""The tokenizer (kosmos2_ref.processing.text) and the SentencePiece reader.
+"""The tokenizer (kosmos2_ref.processing.tokenizer) and the SentencePiece reader.
 docs/numerics.md §9, §10.2.
 
 Expected ids come from docs/numerics.md §9 and PROVENANCE.md (checked there against the released tokenizer) and
@@ -22,7 +22,7 @@ from kosmos2_ref.processing.sentencepiece_model import (
     parse_sentencepiece_model,
     read_sentencepiece_model,
 )
-from kosmos2_ref.processing.text import PACKAGED_SENTENCEPIECE_MODEL, Kosmos2Tokenizer, default_tokenizer
+from kosmos2_ref.processing.tokenizer import PACKAGED_SENTENCEPIECE_MODEL, Kosmos2Tokenizer, default_tokenizer
 
 SPM_SHA256 = "3a60b4d1d1d8f70c8b2569c94540d4d9b7c694fd32e7a428ad0dcffaafaa3beb"  # PROVENANCE.md
 
