@@ -19,9 +19,11 @@ With ``--backend cupy`` both sides run on the GPU (transformers eager attention 
 first token, per-token decode, a 64-token generate, and the peak device memory of each side in its own process.
 Every timed call ends with a device synchronisation, so queued GPU work is counted.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -40,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-PROMPT_TEXT = [64012, 712, 1648, 9]          # "<grounding> An image of": 71 tokens with the image slots
+PROMPT_TEXT = [64012, 712, 1648, 9]  # "<grounding> An image of": 71 tokens with the image slots
 
 
 def checkpoint(size: str, storage: str = "float32") -> Path:
@@ -75,6 +77,7 @@ def inputs(batch: int = 1, prompt_tokens: int | None = None):
 # ------------------------------------------------------------------------------------------------------------------
 # The two sides, behind the same small interface
 
+
 class Ours:
     name = "kosmos2-ref"
 
@@ -98,8 +101,14 @@ class Ours:
 
     def prefill(self, pv, ids, att, img, new_tokens=0):
         cache = self.model.new_cache(ids.shape[0], ids.shape[1] + new_tokens + 1)
-        out = self.model(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         past_key_values=cache, logits_to_keep=1)
+        out = self.model(
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
         return out.logits, cache
 
     def decode_steps(self, state, att, n):
@@ -113,9 +122,18 @@ class Ours:
     def generate(self, pv, ids, att, img, n):
         from kosmos2_ref import generate
 
-        return generate(self.model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                                    max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
-                                    no_repeat_ngram_size=0)
+        return generate(
+            self.model,
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            num_beams=1,
+            do_sample=False,
+            no_repeat_ngram_size=0,
+        )
 
 
 class HF:
@@ -128,9 +146,10 @@ class HF:
         self.torch = torch
         self.device = device
         torch.set_grad_enabled(False)
-        kw = {"attn_implementation": "eager"} if device != "cpu" else {}   # #8 compares with eager on the GPU
-        self.model = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                                                     **kw).to(device).eval()
+        kw = {"attn_implementation": "eager"} if device != "cpu" else {}  # #8 compares with eager on the GPU
+        self.model = (
+            Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), **kw).to(device).eval()
+        )
 
     def _t(self, *arrays):
         return [self.torch.from_numpy(a).to(self.device) for a in arrays]
@@ -152,8 +171,14 @@ class HF:
 
     def prefill(self, pv, ids, att, img, new_tokens=0):
         pv, ids, att, img = self._t(pv, ids, att, img)
-        out = self.model(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out
 
     def decode_steps(self, state, att, n):
@@ -163,17 +188,32 @@ class HF:
         nxt = torch.full((B, 1), 10, dtype=torch.long, device=self.device)
         for i in range(n):
             a = torch.ones((B, att.shape[1] + i + 1), dtype=torch.long, device=self.device)
-            out = self.model(input_ids=nxt, attention_mask=a, image_embeds=emb, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=nxt,
+                attention_mask=a,
+                image_embeds=emb,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = out.past_key_values
 
     def generate(self, pv, ids, att, img, n):
         pv, ids, att, img = self._t(pv, ids, att, img)
-        return self.model.generate(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
+        return self.model.generate(
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def alternate(sides, make_fn, repeats, warmup=1):
     """Median seconds per side, the sides interleaved repeat by repeat so drift hits both alike."""
@@ -188,7 +228,7 @@ def alternate(sides, make_fn, repeats, warmup=1):
             s.sync()
             t0 = time.perf_counter()
             f()
-            s.sync()                                  # queued GPU work counts (a no-op on the CPU)
+            s.sync()  # queued GPU work counts (a no-op on the CPU)
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -214,25 +254,36 @@ def in_child(code: str) -> str:
 
 def peak_memory(side: str, folder: Path, dtype: str, new_tokens: int) -> float:
     """Peak RSS (GB) of a fresh process that loads one side and generates ``new_tokens`` tokens."""
-    kb = in_child(f"s = (c.Ours if {side!r} == 'ours' else c.HF)({str(folder)!r}, {dtype!r}); "
-                  f"s.generate(*c.inputs(), {new_tokens}); print(c.vm_hwm_kb())")
+    kb = in_child(
+        f"s = (c.Ours if {side!r} == 'ours' else c.HF)({str(folder)!r}, {dtype!r}); "
+        f"s.generate(*c.inputs(), {new_tokens}); print(c.vm_hwm_kb())"
+    )
     return int(kb) * 1024 / 1e9
 
 
 def device_peak_memory(side: str, folder: Path, dtype: str, new_tokens: int, backend: str) -> float:
     """Peak device memory (GB) of a fresh process that loads one side onto the GPU and generates."""
-    make = (f"c.Ours({str(folder)!r}, {dtype!r}, {backend!r})" if side == "ours"
-            else f"c.HF({str(folder)!r}, {dtype!r}, 'cuda')")
-    return int(in_child(f"s = {make}; s.generate(*c.inputs(), {new_tokens}); s.sync(); "
-                        "print(s.device_peak_bytes())")) / 1e9
+    make = (
+        f"c.Ours({str(folder)!r}, {dtype!r}, {backend!r})"
+        if side == "ours"
+        else f"c.HF({str(folder)!r}, {dtype!r}, 'cuda')"
+    )
+    return (
+        int(in_child(f"s = {make}; s.generate(*c.inputs(), {new_tokens}); s.sync(); print(s.device_peak_bytes())"))
+        / 1e9
+    )
 
 
 def load_time(side: str, folder: Path, dtype: str) -> float:
     """Seconds for from_pretrained in a fresh process (warm page cache: the file was read before)."""
-    return float(in_child(f"cls = c.Ours if {side!r} == 'ours' else c.HF; "
-                          "import kosmos2_ref, torch, transformers; "       # imports are not load time
-                          f"t0 = time.perf_counter(); cls({str(folder)!r}, {dtype!r}); "
-                          "print(time.perf_counter() - t0)"))
+    return float(
+        in_child(
+            f"cls = c.Ours if {side!r} == 'ours' else c.HF; "
+            "import kosmos2_ref, torch, transformers; "  # imports are not load time
+            f"t0 = time.perf_counter(); cls({str(folder)!r}, {dtype!r}); "
+            "print(time.perf_counter() - t0)"
+        )
+    )
 
 
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -257,7 +308,7 @@ def cpu_info() -> dict:
         except OSError:
             continue
         if kind != "Instruction":
-            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size      # per core (L1d, L2) or shared (L3)
+            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size  # per core (L1d, L2) or shared (L3)
     return {"cpu_model": model, "cpu_flags": [f for f in RELEVANT_FLAGS if f in flags], "cpu_caches": caches}
 
 
@@ -269,8 +320,10 @@ def blas_kernels() -> list[dict]:
     except ImportError:
         return [{"note": "threadpoolctl is not installed (pip install threadpoolctl)"}]
     keep = ("user_api", "internal_api", "version", "architecture", "threading_layer", "num_threads")
-    return [{k: info[k] for k in keep if k in info} | {"library": Path(info.get("filepath", "")).name}
-            for info in threadpool_info()]
+    return [
+        {k: info[k] for k in keep if k in info} | {"library": Path(info.get("filepath", "")).name}
+        for info in threadpool_info()
+    ]
 
 
 def machine(gpu: bool = False) -> dict:
@@ -284,18 +337,30 @@ def machine(gpu: bool = False) -> dict:
     except Exception:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
-    return {"commit": commit, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            **cpu_info(), "blas_kernels": blas_kernels(),
-            "python": platform.python_version(), "numpy": numpy.__version__, "numpy_blas": blas,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": __import__("transformers").__version__,
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
-            **(gpu_info() if gpu else {})}
+    return {
+        "commit": commit,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        **cpu_info(),
+        "blas_kernels": blas_kernels(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "numpy_blas": blas,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+        **(gpu_info() if gpu else {}),
+    }
 
 
 def describe_machine(m: dict) -> str:
@@ -303,11 +368,19 @@ def describe_machine(m: dict) -> str:
     cpu = m.get("cpu_model") or m["cpu"]
     caches = ", ".join(f"{k} {v}" for k, v in m.get("cpu_caches", {}).items())
     flags = ", ".join(m.get("cpu_flags", [])) or "none of AVX2/AVX-512/AMX"
-    kernels = "; ".join(f"{k.get('internal_api', '?')} {k.get('version', '')} kernel {k.get('architecture', '?')} "
-                        f"({k.get('num_threads', '?')} threads, {k.get('library', '')})"
-                        for k in m.get("blas_kernels", []) if k.get("user_api") == "blas")
-    return (f"Processor: {cpu}, {m['cores']} logical cores" + (f" ({caches})" if caches else "") +
-            f"; ISA flags: {flags}" + (f". BLAS kernels: {kernels}" if kernels else "") + ".")
+    kernels = "; ".join(
+        f"{k.get('internal_api', '?')} {k.get('version', '')} kernel {k.get('architecture', '?')} "
+        f"({k.get('num_threads', '?')} threads, {k.get('library', '')})"
+        for k in m.get("blas_kernels", [])
+        if k.get("user_api") == "blas"
+    )
+    return (
+        f"Processor: {cpu}, {m['cores']} logical cores"
+        + (f" ({caches})" if caches else "")
+        + f"; ISA flags: {flags}"
+        + (f". BLAS kernels: {kernels}" if kernels else "")
+        + "."
+    )
 
 
 def gpu_info() -> dict:
@@ -315,8 +388,12 @@ def gpu_info() -> dict:
     import cupy
     import torch
 
-    return {"gpu": torch.cuda.get_device_name(0), "cupy": cupy.__version__, "torch_cuda": torch.version.cuda,
-            "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)}
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "cupy": cupy.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
+    }
 
 
 def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bool, backend: str = "numpy") -> dict:
@@ -334,23 +411,32 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
 
     if not gpu:
         print(f"[{size}] load, in fresh processes")
-        row("load (from_pretrained, warm page cache)", load_time("ours", folder, "float32"),
-            load_time("hf", folder, "float32"))
+        row(
+            "load (from_pretrained, warm page cache)",
+            load_time("ours", folder, "float32"),
+            load_time("hf", folder, "float32"),
+        )
     sides = [Ours(folder, "float32", backend), HF(folder, "float32", "cuda" if gpu else "cpu")]
     pv, ids, att, img = inputs()
     where = f"{backend} vs transformers on CUDA" if gpu else "CPU"
     print(f"[{size}] prompt of {ids.shape[1]} tokens, float32, batch 1, {where}")
-    t = alternate(sides, lambda s: (lambda: s.encode(pv)), repeats)
+    t = alternate(sides, lambda s: lambda: s.encode(pv), repeats)  # noqa: B023 (called inside this iteration)
     hf_encode = row("image encoding (vision + connector)", t["kosmos2-ref"], t["transformers"])["transformers"]
-    t = alternate(sides, lambda s: (lambda: s.prefill(pv, ids, att, img)), repeats)
-    hf_ttft = row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"],
-                  t["transformers"])["transformers"]
+    t = alternate(sides, lambda s: lambda: s.prefill(pv, ids, att, img), repeats)  # noqa: B023 (called inside this iteration)
+    hf_ttft = row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"], t["transformers"])[
+        "transformers"
+    ]
     n_steps = 16
     per_tok = decode_times(sides, repeats, n_steps)
-    hf_decode = row(f"per-token decode (KV cache, mean of {n_steps} steps)", per_tok["kosmos2-ref"],
-                    per_tok["transformers"])["transformers"]
-    t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, new_tokens)), max(1, repeats // 2),
-                  warmup=0 if not gpu else 1)
+    hf_decode = row(
+        f"per-token decode (KV cache, mean of {n_steps} steps)", per_tok["kosmos2-ref"], per_tok["transformers"]
+    )["transformers"]
+    t = alternate(
+        sides,
+        lambda s: lambda: s.generate(pv, ids, att, img, new_tokens),
+        max(1, repeats // 2),
+        warmup=0 if not gpu else 1,
+    )
     row(f"generate {new_tokens} new tokens (end to end)", t["kosmos2-ref"], t["transformers"])
 
     print(f"[{size}] ours' linear-layer products alone, replayed without the rest, against transformers' whole call")
@@ -359,37 +445,54 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
     def floor(what, side, fn, hf):
         whole, products = products_alone(side, fn, repeats)
         floors.append({"what": what, "ours": whole, "ours_products": products, "transformers": hf})
-        print(f"  {what:<36s} ours {whole:8.4f} s, its products alone {products:8.4f} s; tf {hf:8.4f} s: "
-              f"lowest ratio {products / hf:.3f}", flush=True)
+        print(
+            f"  {what:<36s} ours {whole:8.4f} s, its products alone {products:8.4f} s; tf {hf:8.4f} s: "
+            f"lowest ratio {products / hf:.3f}",
+            flush=True,
+        )
 
     ours = sides[0]
-    floor("image encoding", ours, lambda: ours.encode(pv), hf_encode)
-    floor("time to first token", ours, lambda: ours.prefill(pv, ids, att, img), hf_ttft)
+    floor("image encoding", ours, functools.partial(ours.encode, pv), hf_encode)
+    floor("time to first token", ours, functools.partial(ours.prefill, pv, ids, att, img), hf_ttft)
     floor("per-token decode", ours, decode_step(ours, repeats + 1), hf_decode)
     del sides, ours
 
     if gpu:
         print(f"[{size}] peak device memory, each side in its own process")
-        hf_mem = row("peak device memory, load + generate (GB)",
-                     device_peak_memory("ours", folder, "float32", 4, backend),
-                     device_peak_memory("hf", folder, "float32", 4, backend), "GB")["transformers"]
+        hf_mem = row(
+            "peak device memory, load + generate (GB)",
+            device_peak_memory("ours", folder, "float32", 4, backend),
+            device_peak_memory("hf", folder, "float32", 4, backend),
+            "GB",
+        )["transformers"]
     else:
         print(f"[{size}] peak resident memory, each side in its own process")
-        hf_mem = row("peak RSS, load + generate (GB)", peak_memory("ours", folder, "float32", 4),
-                     peak_memory("hf", folder, "float32", 4), "GB")["transformers"]
+        hf_mem = row(
+            "peak RSS, load + generate (GB)",
+            peak_memory("ours", folder, "float32", 4),
+            peak_memory("hf", folder, "float32", 4),
+            "GB",
+        )["transformers"]
 
     for dt in dtypes:
         print(f"[{size}] {dt} storage (ours) against transformers float32")
         ours = Ours(folder, dt, backend)
         ref_logits = to_host(Ours(folder, "float32", backend).prefill(pv, ids, att, img)[0])
         err = float(np.abs(to_host(ours.prefill(pv, ids, att, img)[0]) - ref_logits).max())
-        row(f"per-token decode, {dt} storage vs tf float32", decode_times([ours], repeats, n_steps)[ours.name],
-            hf_decode)
+        row(
+            f"per-token decode, {dt} storage vs tf float32",
+            decode_times([ours], repeats, n_steps)[ours.name],
+            hf_decode,
+        )
         floor(f"per-token decode, {dt} storage", ours, decode_step(ours, repeats + 1), hf_decode)
         del ours
         if gpu:
-            row(f"peak device memory, {dt} storage vs tf float32 (GB)",
-                device_peak_memory("ours", folder, dt, 4, backend), hf_mem, "GB")
+            row(
+                f"peak device memory, {dt} storage vs tf float32 (GB)",
+                device_peak_memory("ours", folder, dt, 4, backend),
+                hf_mem,
+                "GB",
+            )
         else:
             row(f"peak RSS, {dt} storage vs tf float32 (GB)", peak_memory("ours", folder, dt, 4), hf_mem, "GB")
         res.setdefault("storage_error", {})[dt] = err
@@ -411,15 +514,19 @@ def tf_bfloat16_peer(res, row, folder, dtypes, repeats, n_steps, batch):
     ours_dtype = "bfloat16" if "bfloat16" in dtypes else "float32"
     print(f"[{res['size']}] transformers bfloat16 as a peer (ours {ours_dtype} storage for decode and memory)")
     hf16, ours32 = HF(folder, "bfloat16"), Ours(folder, "float32")
-    t = alternate([ours32, hf16], lambda s: (lambda: s.encode(pv)), repeats)
+    t = alternate([ours32, hf16], lambda s: lambda: s.encode(pv), repeats)
     row("tf bfloat16 peer: image encoding, ours float32", t["kosmos2-ref"], t["transformers"])
     del ours32
     ours = Ours(folder, ours_dtype)
     per_tok = decode_times([ours, hf16], repeats, n_steps)
     row(f"tf bfloat16 peer: per-token decode, ours {ours_dtype}", per_tok["kosmos2-ref"], per_tok["transformers"])
     del ours, hf16
-    row(f"tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours {ours_dtype}",
-        peak_memory("ours", folder, ours_dtype, 4), peak_memory("hf", folder, "bfloat16", 4), "GB")
+    row(
+        f"tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours {ours_dtype}",
+        peak_memory("ours", folder, ours_dtype, 4),
+        peak_memory("hf", folder, "bfloat16", 4),
+        "GB",
+    )
 
 
 def to_host(a):
@@ -493,7 +600,7 @@ def products_alone(side, fn, repeats: int) -> tuple[float, float]:
         for x, w, b in calls:
             linear(x, w, b)
 
-    replay()                                          # warm-up
+    replay()  # warm-up
     whole, products = [], []
     for _ in range(repeats):
         for times, f in ((whole, fn), (products, replay)):
@@ -510,7 +617,7 @@ def decode_step(side, n_steps: int = 16):
     untimed prefill of the benchmark prompt)."""
     pv, ids, att, img = inputs()
     state = side.prefill(pv, ids, att, img, n_steps)
-    cached = itertools.count(att.shape[1])            # tokens in the cache before each step
+    cached = itertools.count(att.shape[1])  # tokens in the cache before each step
 
     def step():
         side.decode_steps(state, np.ones((att.shape[0], next(cached)), dtype=att.dtype), 1)
@@ -524,26 +631,35 @@ def scaling_table(folder, repeats, backend: str = "numpy"):
     out = []
     for T in (64, 256, 1024):
         pv, ids, att, img = inputs(prompt_tokens=T)
-        t = alternate(sides, lambda s: (lambda: s.prefill(pv, ids, att, img)), max(1, repeats // 2))
+        t = alternate(sides, lambda s: lambda: s.prefill(pv, ids, att, img), max(1, repeats // 2))  # noqa: B023 (called inside this iteration)
         out.append({"what": f"prefill, prompt {ids.shape[1]} tokens", **t})
         print("  ", out[-1], flush=True)
     pv, ids, att, img = inputs()
     for n in (16, 64, 256):
-        t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, n)), 1, warmup=0)
+        t = alternate(sides, lambda s: lambda: s.generate(pv, ids, att, img, n), 1, warmup=0)  # noqa: B023 (called inside this iteration)
         out.append({"what": f"generate {n} new tokens", **t})
         print("  ", out[-1], flush=True)
     for B in (1, 2, 4):
         pv, ids, att, img = inputs(batch=B)
-        t = alternate(sides, lambda s: (lambda: s.generate(pv, ids, att, img, 16)), 1, warmup=0)
+        t = alternate(sides, lambda s: lambda: s.generate(pv, ids, att, img, 16), 1, warmup=0)  # noqa: B023 (called inside this iteration)
         out.append({"what": f"generate 16 new tokens, batch {B}", **t})
         print("  ", out[-1], flush=True)
     return out
 
 
 # The targets of issue #7 (ratio ours / transformers, full size, batch 1): metric-name prefix -> highest ratio.
-TARGETS = [("load", 1.0), ("image encoding", 0.8), ("time to first token", 0.8), ("per-token decode (KV", 0.6),
-           ("generate", 0.65), ("peak RSS, load", 1.0), ("per-token decode, bfloat16", 0.4),
-           ("per-token decode, float16", 0.4), ("peak RSS, bfloat16", 0.55), ("peak RSS, float16", 0.55)]
+TARGETS = [
+    ("load", 1.0),
+    ("image encoding", 0.8),
+    ("time to first token", 0.8),
+    ("per-token decode (KV", 0.6),
+    ("generate", 0.65),
+    ("peak RSS, load", 1.0),
+    ("per-token decode, bfloat16", 0.4),
+    ("per-token decode, float16", 0.4),
+    ("peak RSS, bfloat16", 0.55),
+    ("peak RSS, float16", 0.55),
+]
 
 
 # The targets of issue #8 on the GPU (ratio ours / transformers eager on the same GPU, full size, float32).
@@ -551,56 +667,83 @@ GPU_TARGETS = [("image encoding", 1.5), ("per-token decode (KV", 1.2)]
 
 
 def target_for(metric: str, backend: str = "numpy"):
-    for prefix, limit in (GPU_TARGETS if backend == "cupy" else TARGETS):
+    for prefix, limit in GPU_TARGETS if backend == "cupy" else TARGETS:
         if metric.startswith(prefix):
             return limit
     return None
 
 
 def write_docs(results_dir: Path, out: Path):
-    lines = ["# Performance", "",
-             "Generated by `python benchmarks/compare.py --size full --write-docs` from "
-             "`benchmarks/results/*.json` and `benchmarks/NOTES.md`; do not edit by hand.", ""]
-    for f in sorted(results_dir.glob("*.json"), key=lambda f: f.stem):    # "full" before "full-scaling"
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `python benchmarks/compare.py --size full --write-docs` from "
+        "`benchmarks/results/*.json` and `benchmarks/NOTES.md`; do not edit by hand.",
+        "",
+    ]
+    for f in sorted(results_dir.glob("*.json"), key=lambda f: f.stem):  # "full" before "full-scaling"
         r = json.loads(f.read_text())
         m = r["machine"]
         backend = r.get("backend", "numpy")
-        where = (f"GPU: {m['gpu']} ({m['gpu_memory_gb']} GB), CuPy {m['cupy']}, torch CUDA {m['torch_cuda']}; "
-                 "both sides on the GPU, transformers with eager attention. " if backend == "cupy" else "")
-        lines += [f"## {f.stem}", "",
-                  where + describe_machine(m) + " "
-                  f"Python {m['python']}, NumPy {m['numpy']} "
-                  f"(BLAS: {m['numpy_blas']}), torch {m['torch']} ({m['torch_threads']} threads), transformers "
-                  f"{m['transformers']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}, "
-                  f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up."
-                  + (f" Code at commit {m['commit']}." if m.get("commit") else ""), ""]
+        where = (
+            f"GPU: {m['gpu']} ({m['gpu_memory_gb']} GB), CuPy {m['cupy']}, torch CUDA {m['torch_cuda']}; "
+            "both sides on the GPU, transformers with eager attention. "
+            if backend == "cupy"
+            else ""
+        )
+        lines += [
+            f"## {f.stem}",
+            "",
+            where + describe_machine(m) + " "
+            f"Python {m['python']}, NumPy {m['numpy']} "
+            f"(BLAS: {m['numpy_blas']}), torch {m['torch']} ({m['torch_threads']} threads), transformers "
+            f"{m['transformers']}; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}, "
+            f"OPENBLAS_L2_SIZE={m['OPENBLAS_L2_SIZE']}. Median of {r['repeats']} repeats after a warm-up."
+            + (f" Code at commit {m['commit']}." if m.get("commit") else ""),
+            "",
+        ]
         if r["rows"]:
             lines += ["| metric | kosmos2-ref | transformers | ratio ours/tf | target |", "|---|---:|---:|---:|---|"]
         for row in r["rows"]:
             limit = target_for(row["metric"], backend) if r["size"] == "full" else None
             verdict = "" if limit is None else f"≤ {limit} " + ("met" if row["ratio"] <= limit else "**not met**")
-            lines.append(f"| {row['metric']} | {row['ours']:.4f} {row['unit']} | {row['transformers']:.4f} "
-                         f"{row['unit']} | {row['ratio']:.3f} | {verdict} |")
+            lines.append(
+                f"| {row['metric']} | {row['ours']:.4f} {row['unit']} | {row['transformers']:.4f} "
+                f"{row['unit']} | {row['ratio']:.3f} | {verdict} |"
+            )
         for dt, e in r.get("storage_error", {}).items():
             lines.append(f"\n{dt} storage: last-token logits max |Δ| against our float32 = {e:.3e}.")
         if r.get("products_alone"):
-            lines += ["", "Ours' linear-layer products alone: every `linear` call of one step recorded, then replayed "
-                      "back to back with nothing else (no attention, LayerNorm, activation, cache or Python around them; "
-                      "for 2-byte storage the widening is part of it), timed in turns with the whole step. Against "
-                      "transformers' whole call (main table), their ratio is the lowest ours could reach with these "
-                      "products and every other cost at zero:", "",
-                      "| step | kosmos2-ref whole (s) | its products alone (s) | transformers whole (s) | lowest ratio |",
-                      "|---|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                "Ours' linear-layer products alone: every `linear` call of one step recorded, then replayed "
+                "back to back with nothing else (no attention, LayerNorm, activation, cache or Python around them; "
+                "for 2-byte storage the widening is part of it), timed in turns with the whole step. Against "
+                "transformers' whole call (main table), their ratio is the lowest ours could reach with these "
+                "products and every other cost at zero:",
+                "",
+                "| step | kosmos2-ref whole (s) | its products alone (s) | transformers whole (s) | lowest ratio |",
+                "|---|---:|---:|---:|---:|",
+            ]
             for f in r["products_alone"]:
-                lines.append(f"| {f['what']} | {f['ours']:.4f} | {f['ours_products']:.4f} | {f['transformers']:.4f} | "
-                             f"{f['ours_products'] / f['transformers']:.3f} |")
+                lines.append(
+                    f"| {f['what']} | {f['ours']:.4f} | {f['ours_products']:.4f} | {f['transformers']:.4f} | "
+                    f"{f['ours_products'] / f['transformers']:.3f} |"
+                )
         if r.get("scaling"):
-            lines += ["", "Scaling (prefill includes the image; median of half as many repeats for prefill and one run "
-                      "for generate, so these rows are noisier than the main table):", "",
-                      "| scaling | kosmos2-ref (s) | transformers (s) | ratio |", "|---|---:|---:|---:|"]
+            lines += [
+                "",
+                "Scaling (prefill includes the image; median of half as many repeats for prefill and one run "
+                "for generate, so these rows are noisier than the main table):",
+                "",
+                "| scaling | kosmos2-ref (s) | transformers (s) | ratio |",
+                "|---|---:|---:|---:|",
+            ]
             for s in r["scaling"]:
-                lines.append(f"| {s['what']} | {s['kosmos2-ref']:.3f} | {s['transformers']:.3f} | "
-                             f"{s['kosmos2-ref'] / s['transformers']:.3f} |")
+                lines.append(
+                    f"| {s['what']} | {s['kosmos2-ref']:.3f} | {s['transformers']:.3f} | "
+                    f"{s['kosmos2-ref'] / s['transformers']:.3f} |"
+                )
         lines.append("")
     notes = HERE / "NOTES.md"
     if notes.is_file():
@@ -611,8 +754,12 @@ def write_docs(results_dir: Path, out: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
-    ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                    help="cupy: both sides on the GPU (ours with CuPy, transformers on CUDA)")
+    ap.add_argument(
+        "--backend",
+        choices=["numpy", "cupy"],
+        default="numpy",
+        help="cupy: both sides on the GPU (ours with CuPy, transformers on CUDA)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtypes", default="bfloat16,float16", help="two-byte storage dtypes to measure (ours)")

@@ -7,6 +7,7 @@ The two are timed in turns, so drift on a shared machine hits both alike; the fi
 docstrings come from this script. Shapes: the vision tower (257 tokens of 1024, MLP 4096), the text decoder on
 the 71-token benchmark prompt (2048, MLP 8192, 32 heads of 64) and one decoded token, and a 1024-token prompt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,42 +36,62 @@ def randn(*shape, scale=1.0):
 def causal(T: int, S: int):
     """[1, 1, T, S] additive causal mask with S - T cached keys."""
     past = S - T
-    return np.where(np.arange(S)[None, :] > past + np.arange(T)[:, None], NEG_INF_F32, 0.0).astype(np.float32)[None, None]
+    return np.where(np.arange(S)[None, :] > past + np.arange(T)[:, None], NEG_INF_F32, 0.0).astype(np.float32)[
+        None, None
+    ]
 
 
 def read_only(w):
-    w.flags.writeable = False      # as loaded (weights.load_flat): lets fast.linear remember a finite float16 matrix
+    w.flags.writeable = False  # as loaded (weights.load_flat): lets fast.linear remember a finite float16 matrix
     return w
 
 
 def cases():
     """(primitive, label, the arguments) per measured case."""
-    for label, M, K, N in [("vision q/k/v/out  [1,257,1024] x [1024,1024]", 257, 1024, 1024),
-                           ("vision fc1        [1,257,1024] x [4096,1024]", 257, 1024, 4096),
-                           ("vision fc2        [1,257,4096] x [1024,4096]", 257, 4096, 1024),
-                           ("text prefill fc1  [1,71,2048]  x [8192,2048]", 71, 2048, 8192),
-                           ("text prefill fc2  [1,71,8192]  x [2048,8192]", 71, 8192, 2048),
-                           ("decode, 2 rows    [2,1,2048]   x [8192,2048]", 2, 2048, 8192),
-                           ("decode, 3 rows    [3,1,2048]   x [8192,2048]", 3, 2048, 8192)]:
+    for label, M, K, N in [
+        ("vision q/k/v/out  [1,257,1024] x [1024,1024]", 257, 1024, 1024),
+        ("vision fc1        [1,257,1024] x [4096,1024]", 257, 1024, 4096),
+        ("vision fc2        [1,257,4096] x [1024,4096]", 257, 4096, 1024),
+        ("text prefill fc1  [1,71,2048]  x [8192,2048]", 71, 2048, 8192),
+        ("text prefill fc2  [1,71,8192]  x [2048,8192]", 71, 8192, 2048),
+        ("decode, 2 rows    [2,1,2048]   x [8192,2048]", 2, 2048, 8192),
+        ("decode, 3 rows    [3,1,2048]   x [8192,2048]", 3, 2048, 8192),
+    ]:
         yield "linear", label, (randn(1, M, K) if M > 3 else randn(M, 1, K), randn(N, K, scale=0.02), randn(N))
     w = randn(8192, 2048, scale=0.02)
     x1 = randn(1, 1, 2048)
     yield "linear", "decode bfloat16   [1,1,2048]   x [8192,2048]", (x1, read_only(float32_to_bf16_bits(w)), None)
     yield "linear", "decode float16    [1,1,2048]   x [8192,2048]", (x1, read_only(w.astype(np.float16)), None)
-    yield "linear", "prefill bfloat16  [1,71,2048]  x [8192,2048]", (randn(1, 71, 2048), read_only(float32_to_bf16_bits(w)), None)
+    yield (
+        "linear",
+        "prefill bfloat16  [1,71,2048]  x [8192,2048]",
+        (randn(1, 71, 2048), read_only(float32_to_bf16_bits(w)), None),
+    )
     for shape in [(1, 1, 2048), (1, 71, 2048), (1, 71, 8192), (1, 257, 1024)]:
         C = shape[-1]
         yield "layer_norm", f"{list(shape)}", (randn(*shape), randn(C), randn(C))
     yield "gelu", "[1,71,8192]", (randn(1, 71, 8192),)
     yield "gelu", "[1,1024,8192]", (randn(1, 1024, 8192),)
-    yield "attention", "vision [1,16,257,64], probs kept", (randn(1, 16, 257, 64), randn(1, 16, 257, 64),
-                                                            randn(1, 16, 257, 64), None, None, True)
-    yield "attention", "text prefill [1,32,71,64] causal", (randn(1, 32, 71, 64), randn(1, 32, 71, 64),
-                                                           randn(1, 32, 71, 64), causal(71, 71), None, False)
-    yield "attention", "1024-token prefill causal", (randn(1, 32, 1024, 64), randn(1, 32, 1024, 64),
-                                                     randn(1, 32, 1024, 64), causal(1024, 1024), None, False)
-    yield "attention", "decode [1,32,1,64], 100 keys", (randn(1, 32, 1, 64), randn(1, 32, 100, 64),
-                                                        randn(1, 32, 100, 64), None, None, False)
+    yield (
+        "attention",
+        "vision [1,16,257,64], probs kept",
+        (randn(1, 16, 257, 64), randn(1, 16, 257, 64), randn(1, 16, 257, 64), None, None, True),
+    )
+    yield (
+        "attention",
+        "text prefill [1,32,71,64] causal",
+        (randn(1, 32, 71, 64), randn(1, 32, 71, 64), randn(1, 32, 71, 64), causal(71, 71), None, False),
+    )
+    yield (
+        "attention",
+        "1024-token prefill causal",
+        (randn(1, 32, 1024, 64), randn(1, 32, 1024, 64), randn(1, 32, 1024, 64), causal(1024, 1024), None, False),
+    )
+    yield (
+        "attention",
+        "decode [1,32,1,64], 100 keys",
+        (randn(1, 32, 1, 64), randn(1, 32, 100, 64), randn(1, 32, 100, 64), None, None, False),
+    )
 
 
 def timed(fn, args, repeats):
@@ -88,17 +109,23 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated primitives (default: all)")
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(",")))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = (
+        next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores; NumPy {np.__version__}; repeats {a.repeats} (medians)")
     print(f"{'primitive':<11s} {'case':<46s} {'reference':>10s} {'fast':>10s} {'ref/fast':>8s}")
     for name, label, args in cases():
         if only and name not in only:
             continue
         ref, fst = getattr(layers, name), getattr(fast, name)
-        ref(*args), fst(*args)                                  # warm-up (and the float16 matrix remembered)
+        ref(*args), fst(*args)  # warm-up (and the float16 matrix remembered)
         t_ref, t_fast = [], []
-        for _ in range(a.repeats):                              # in turns
+        for _ in range(a.repeats):  # in turns
             t_ref += timed(ref, args, 1)
             t_fast += timed(fst, args, 1)
         r, f = statistics.median(t_ref), statistics.median(t_fast)

@@ -8,6 +8,7 @@ weights, between them).
 
 Results go to benchmarks/results/ray-local-<size>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,14 @@ def main(argv=None) -> int:
     folder = str(_throughput()._compare().checkpoint(args.size))
     paths = [str(p) for p in _throughput().photos(args.images)]
     job = jobs.TextJob("caption", PROMPT, args.new_tokens)
-    result = {"size": args.size, "images": args.images, "new_tokens": args.new_tokens, "workers": args.workers,
-              "batch_size": args.batch_size, "cpus": os.cpu_count()}
+    result = {
+        "size": args.size,
+        "images": args.images,
+        "new_tokens": args.new_tokens,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         # the same image several times would be one input: give each its own name (symbolic links)
         names = []
@@ -102,12 +109,14 @@ def main(argv=None) -> int:
         model = Kosmos2.from_pretrained(folder)
         shapes = jobs.embedding_row_shapes(model)
         out = jobs.RecordFile(f"{tmp}/local.jsonl")
-        result["local_caption"] = args.images / jobs.run_text_job(model, None, job, names, out,
-                                                                  batch_size=args.batch_size).seconds
+        result["local_caption"] = (
+            args.images / jobs.run_text_job(model, None, job, names, out, batch_size=args.batch_size).seconds
+        )
         out.close()
         files = jobs.EmbeddingFiles(f"{tmp}/local.npy", names, *shapes)
-        result["local_embed"] = args.images / jobs.run_embed_job(model, None, names, files,
-                                                                 batch_size=args.batch_size).seconds
+        result["local_embed"] = (
+            args.images / jobs.run_embed_job(model, None, names, files, batch_size=args.batch_size).seconds
+        )
         files.close()
         del model
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
                 out = jobs.RecordFile(f"{tmp}/ray.jsonl")
                 t0 = time.perf_counter()
                 ray_jobs.run_text_job(folder, job, names, out, batch_size=args.batch_size, workers=args.workers)
-                result["ray_caption"] = args.images / (time.perf_counter() - t0)    # worker start-up included
+                result["ray_caption"] = args.images / (time.perf_counter() - t0)  # worker start-up included
                 out.close()
             with MemorySampler() as embed_memory:
                 files = jobs.EmbeddingFiles(f"{tmp}/ray.npy", names, *shapes)

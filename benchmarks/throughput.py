@@ -13,6 +13,7 @@ A last column times ours end to end as a user runs it, through :func:`kosmos2_re
 :func:`~kosmos2_ref.jobs.run_embed_job` (image files read and decoded, records and .npy rows written).
 Results go to benchmarks/results/throughput-<size>.json and are printed as a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -70,13 +69,15 @@ def side_rates(side, inputs: dict, new_tokens: int) -> dict:
     keys = ("pixel_values", "input_ids", "attention_mask", "image_embeds_position_mask")
     rates: dict = {"caption": {}, "embed": {}}
     for bs in BATCH_SIZES:
-        chunks = [[inputs[k][s:s + bs] for k in keys] for s in range(0, n, bs)]
-        side.generate(*chunks[0], new_tokens)                   # warm-up
-        rates["caption"][bs] = n / _timed(lambda: [side.generate(*c, new_tokens) for c in chunks])
+        chunks = [[inputs[k][s : s + bs] for k in keys] for s in range(0, n, bs)]
+        side.generate(*chunks[0], new_tokens)  # warm-up
+        rates["caption"][bs] = n / _timed(lambda: [side.generate(*c, new_tokens) for c in chunks])  # noqa: B023 (called inside this iteration)
         side.encode(chunks[0][0])
-        rates["embed"][bs] = n / _timed(lambda: [side.encode(c[0]) for c in chunks])
-        print(f"  {side.name}: batch {bs}: caption {rates['caption'][bs]:.3f}, embed {rates['embed'][bs]:.3f} "
-              f"images/s", flush=True)
+        rates["embed"][bs] = n / _timed(lambda: [side.encode(c[0]) for c in chunks])  # noqa: B023 (called inside this iteration)
+        print(
+            f"  {side.name}: batch {bs}: caption {rates['caption'][bs]:.3f}, embed {rates['embed'][bs]:.3f} images/s",
+            flush=True,
+        )
     return rates
 
 
@@ -99,14 +100,20 @@ def job_rates(folder: Path, paths: list[Path], new_tokens: int) -> dict:
             outcome = jobs.run_embed_job(model, None, names, files, batch_size=bs)
             files.close()
             rates["embed"][bs] = len(names) / outcome.seconds
-            print(f"  kosmos2-ref job: batch {bs}: caption {rates['caption'][bs]:.3f}, embed "
-                  f"{rates['embed'][bs]:.3f} images/s", flush=True)
+            print(
+                f"  kosmos2-ref job: batch {bs}: caption {rates['caption'][bs]:.3f}, embed "
+                f"{rates['embed'][bs]:.3f} images/s",
+                flush=True,
+            )
     return rates
 
 
 def table(result: dict) -> str:
-    lines = ["| job | batch | kosmos2-ref (images/s) | transformers (images/s) | ratio ours / tf | kosmos2-ref job, "
-             "end to end |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| job | batch | kosmos2-ref (images/s) | transformers (images/s) | ratio ours / tf | kosmos2-ref job, "
+        "end to end |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for job in ("caption", "embed"):
         for bs in BATCH_SIZES:
             ours, tf, end = (result[k][job][str(bs)] for k in ("ours", "transformers", "job"))
@@ -124,19 +131,32 @@ def main(argv=None) -> int:
     folder = compare.checkpoint(args.size)
     paths = photos(args.images)
     inputs = model_inputs(paths)
-    print(f"{args.size}: {args.images} images, prompt {inputs['input_ids'].shape[1]} tokens, "
-          f"{args.new_tokens} new tokens", flush=True)
-    result = {"size": args.size, "images": args.images, "new_tokens": args.new_tokens,
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "python": platform.python_version()}}
+    print(
+        f"{args.size}: {args.images} images, prompt {inputs['input_ids'].shape[1]} tokens, "
+        f"{args.new_tokens} new tokens",
+        flush=True,
+    )
+    result = {
+        "size": args.size,
+        "images": args.images,
+        "new_tokens": args.new_tokens,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+    }
     for key, make in (("ours", lambda: compare.Ours(folder)), ("transformers", lambda: compare.HF(folder))):
         side = make()
-        result[key] = {job: {str(bs): r for bs, r in by_bs.items()}
-                       for job, by_bs in side_rates(side, inputs, args.new_tokens).items()}
+        result[key] = {
+            job: {str(bs): r for bs, r in by_bs.items()}
+            for job, by_bs in side_rates(side, inputs, args.new_tokens).items()
+        }
         del side
         gc.collect()
-    result["job"] = {job: {str(bs): r for bs, r in by_bs.items()}
-                     for job, by_bs in job_rates(folder, paths, args.new_tokens).items()}
+    result["job"] = {
+        job: {str(bs): r for bs, r in by_bs.items()} for job, by_bs in job_rates(folder, paths, args.new_tokens).items()
+    }
     out = HERE / "results" / f"throughput-{args.size}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

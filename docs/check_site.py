@@ -9,6 +9,7 @@ The browser check serves ``build/site`` on 127.0.0.1 with the standard library's
 headless Chromium (Debian's ``chromium`` package), and fails if any request the page made got an error status
 (a missing image, stylesheet or script) or if a page shows no image at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 def build(site: Path = SITE) -> None:
     """``mkdocs build --strict``: any warning (a broken link, a missing page, a bad docstring) is an error."""
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})   # Material's end-of-life banner
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )  # Material's end-of-life banner
     if proc.returncode != 0:
         raise SystemExit(f"mkdocs build --strict failed:\n{proc.stdout}{proc.stderr}")
 
@@ -68,11 +73,19 @@ def find_browser() -> str:
 def screenshot(browser: str, url: str, out: Path) -> None:
     """Headless Chromium loads ``url`` (waiting for its images) and saves a 1280×1600 screenshot."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--hide-scrollbars", "--window-size=1280,1600", "--virtual-time-budget=5000",
-           f"--screenshot={out}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(out.parent)})
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1280,1600",
+        "--virtual-time-budget=5000",
+        f"--screenshot={out}",
+        url,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(out.parent)})
     if proc.returncode != 0 or not out.is_file():
         raise SystemExit(f"Chromium could not open {url}:\n{proc.stderr[-2000:]}")
 
@@ -108,8 +121,10 @@ def main(argv=None) -> int:
     if not args.no_browser:
         for name, requests in check_in_browser().items():
             images = sum(p.split("?")[0].endswith(".png") for p, _ in requests)
-            print(f"{PAGES[name]}: {len(requests)} requests, {images} images, none failed; "
-                  f"screenshot {(SHOTS / (name + '.png')).relative_to(ROOT)}")
+            print(
+                f"{PAGES[name]}: {len(requests)} requests, {images} images, none failed; "
+                f"screenshot {(SHOTS / (name + '.png')).relative_to(ROOT)}"
+            )
     return 0
 
 

@@ -27,6 +27,7 @@ Blocks (file: name — what):
 Figures: figures/dataflow.png (the pipeline with its shapes) and figures/patch_grid.png (the 32×32 grid of
 ``<patch_index_k>`` cells), drawn with Pillow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ CHECKED = {"params": "architecture.md", "shapes": "architecture.md", "storage": 
 
 # ================================================================================================================
 # Blocks in markdown files
+
 
 def block_pattern(name: str) -> re.Pattern:
     return re.compile(re.escape(BEGIN.format(name=name)) + r"\n(.*?)" + re.escape(END.format(name=name)), re.S)
@@ -104,8 +106,10 @@ def human_bytes(n: float) -> str:
 # (part, predicate on the key): the first part whose predicate holds takes the key.
 PARTS = [
     ("vision: patch embedding, class token, positions", lambda k: k.startswith("vision_model.model.embeddings.")),
-    ("vision: pre_layrnorm and post_layernorm", lambda k: k.startswith(("vision_model.model.pre_layrnorm",
-                                                                       "vision_model.model.post_layernorm"))),
+    (
+        "vision: pre_layrnorm and post_layernorm",
+        lambda k: k.startswith(("vision_model.model.pre_layrnorm", "vision_model.model.post_layernorm")),
+    ),
     ("vision: encoder blocks", lambda k: k.startswith("vision_model.model.encoder.layers.")),
     ("connector: dense", lambda k: k.startswith("image_to_text_projection.dense.")),
     ("connector: latent queries", lambda k: k == "image_to_text_projection.latent_query"),
@@ -145,16 +149,19 @@ def params_block(cfg: Kosmos2Config | None = None) -> str:
     rows = [[name, f"{k}", f"{n:,}", f"{100 * n / total:.2f} %", human_bytes(4 * n)] for name, k, n in parts]
     rows.append(["**total**", f"**{keys}**", f"**{total:,}**", "100 %", f"**{human_bytes(4 * total)}**"])
     blocks = block_param_counts(cfg)
-    return (table(["part", "keys", "parameters", "share", "float32"], rows, "lrrrr")
-            + f"\nOne vision block holds {blocks['vision block']:,} parameters "
-              f"({cfg.vision_config.num_hidden_layers} of them), one text block {blocks['text block']:,} "
-              f"({cfg.text_config.layers} of them). The LM head is the token embedding itself "
-              f"(`tie_word_embeddings`), so it is counted once; the sinusoidal position table is computed, not "
-              f"stored.\n")
+    return (
+        table(["part", "keys", "parameters", "share", "float32"], rows, "lrrrr")
+        + f"\nOne vision block holds {blocks['vision block']:,} parameters "
+        f"({cfg.vision_config.num_hidden_layers} of them), one text block {blocks['text block']:,} "
+        f"({cfg.text_config.layers} of them). The LM head is the token embedding itself "
+        f"(`tie_word_embeddings`), so it is counted once; the sinusoidal position table is computed, not "
+        f"stored.\n"
+    )
 
 
 # ================================================================================================================
 # architecture.md: shapes along the data flow
+
 
 def dataflow_shapes(cfg: Kosmos2Config, B="B", T="T", S="S") -> dict[str, tuple[str, str, tuple]]:
     """key -> (stage, tensor, shape) for every tensor of the data flow. ``B`` (batch), ``T`` (prompt tokens) and
@@ -163,16 +170,22 @@ def dataflow_shapes(cfg: Kosmos2Config, B="B", T="T", S="S") -> dict[str, tuple[
     g = v.image_size // v.patch_size
     N = g * g
     Q, C, Cv = cfg.latent_query_num, t.embed_dim, v.hidden_size
-    px = v.num_channels * v.patch_size ** 2
+    px = v.num_channels * v.patch_size**2
     return {
         "pixel_values": ("processor", "pixel_values", (B, v.num_channels, v.image_size, v.image_size)),
         "input_ids": ("processor", "input_ids, attention_mask, image_embeds_position_mask", (B, T)),
-        "patches": ("vision", f"patches ({g}×{g}, each {v.num_channels}·{v.patch_size}·{v.patch_size} numbers)",
-                    (B, N, px)),
+        "patches": (
+            "vision",
+            f"patches ({g}×{g}, each {v.num_channels}·{v.patch_size}·{v.patch_size} numbers)",
+            (B, N, px),
+        ),
         "patch_embeds": ("vision", "patch embeddings (patches @ kernelᵀ)", (B, N, Cv)),
         "vision_tokens": ("vision", "+ class token, + positions, pre_layrnorm", (B, N + 1, Cv)),
-        "vision_attn": ("vision", f"attention probabilities, each of {v.num_hidden_layers} blocks",
-                        (B, v.num_attention_heads, N + 1, N + 1)),
+        "vision_attn": (
+            "vision",
+            f"attention probabilities, each of {v.num_hidden_layers} blocks",
+            (B, v.num_attention_heads, N + 1, N + 1),
+        ),
         "vision_mlp": ("vision", "MLP hidden (fc1, quick_gelu)", (B, N + 1, v.intermediate_size)),
         "vision_last": ("vision", "last_hidden_state (no post-LN)", (B, N + 1, Cv)),
         "pooler": ("vision", "pooler_output = post_layernorm(token 0)", (B, Cv)),
@@ -185,8 +198,11 @@ def dataflow_shapes(cfg: Kosmos2Config, B="B", T="T", S="S") -> dict[str, tuple[
         "text_ffn": ("decoder", "FFN hidden (fc1, gelu, ffn_layernorm)", (B, T, t.ffn_dim)),
         "last_hidden_state": ("decoder", "last_hidden_state (final layer_norm)", (B, T, C)),
         "logits": ("decoder", "logits = h @ embed_tokensᵀ", (B, T, t.vocab_size)),
-        "kv_cache": ("generation", f"KV cache: keys and values of each of {t.layers} layers",
-                     (B, t.attention_heads, S, t.head_dim)),
+        "kv_cache": (
+            "generation",
+            f"KV cache: keys and values of each of {t.layers} layers",
+            (B, t.attention_heads, S, t.head_dim),
+        ),
         "step_logits": ("generation", "one decoding step: logits of the last position", (B, 1, t.vocab_size)),
     }
 
@@ -202,11 +218,13 @@ def shapes_block(cfg: Kosmos2Config | None = None) -> str:
         "\nB = batch, T = prompt tokens (67 image-prompt tokens + the text: `<s> <image>` 64 slots `</image>` …), "
         "S = tokens in the cache. With `interpolate_pos_encoding` an H×W image has (H/14)·(W/14) patches instead of "
         f"{(cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2}; the connector still returns "
-        f"{cfg.latent_query_num} rows.\n")
+        f"{cfg.latent_query_num} rows.\n"
+    )
 
 
 # ================================================================================================================
 # backends.md: storage sizes and the erf approximation
+
 
 def storage_block(cfg: Kosmos2Config | None = None) -> str:
     cfg = cfg or Kosmos2Config()
@@ -217,9 +235,11 @@ def storage_block(cfg: Kosmos2Config | None = None) -> str:
     for dtype, size in (("float32", 4), ("float16", 2), ("bfloat16", 2)):
         held = "float16" if dtype == "float16" else "uint16 bits" if dtype == "bfloat16" else "float32"
         rows.append([f"`{dtype}`", held, human_bytes(size * matrix + 4 * vector)])
-    return (table(["dtype=", "matrices held as", "weights in memory"], rows, "llr")
-            + f"\n{matrix:,} parameters sit in matrices (ndim ≥ 2) and follow `dtype=`; {vector:,} sit in vectors "
-              f"(biases, LayerNorms, the class token), which stay float32.\n")
+    return (
+        table(["dtype=", "matrices held as", "weights in memory"], rows, "llr")
+        + f"\n{matrix:,} parameters sit in matrices (ndim ≥ 2) and follow `dtype=`; {vector:,} sit in vectors "
+        f"(biases, LayerNorms, the class token), which stay float32.\n"
+    )
 
 
 def erf_block() -> str:
@@ -228,23 +248,28 @@ def erf_block() -> str:
 
     x64 = np.linspace(-8.0, 8.0, 160_001)
     ref_erf = np.array([math.erf(v) for v in x64])
-    ref_gelu = 0.5 * x64 * (1.0 + ref_erf)
     x32 = x64.astype(np.float32)
     e_erf = np.abs(erf_numpy(x64) - ref_erf).max()
     e_erf32 = np.abs(erf_numpy(x32).astype(np.float64) - np.array([math.erf(v) for v in x32.astype(np.float64)])).max()
-    e_gelu = np.abs(gelu(x32).astype(np.float64) - 0.5 * x32 * (1.0 + np.array([math.erf(v) for v in (x32 / np.sqrt(2)).astype(np.float64)]))).max()
-    tanh = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    e_gelu = np.abs(
+        gelu(x32).astype(np.float64)
+        - 0.5 * x32 * (1.0 + np.array([math.erf(v) for v in (x32 / np.sqrt(2)).astype(np.float64)]))
+    ).max()
+    tanh = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
     exact = 0.5 * x64 * (1.0 + np.array([math.erf(v / math.sqrt(2)) for v in x64]))
     e_tanh = np.abs(tanh - exact).max()
-    rows = [["`erf_numpy`, float64 input", f"{e_erf:.1e}"],
-            ["`erf_numpy`, float32 input", f"{e_erf32:.1e}"],
-            ["`layers.gelu` (float32) vs 0.5·x·(1 + erf(x/√2))", f"{e_gelu:.1e}"],
-            ["the tanh approximation of GELU, for comparison", f"{e_tanh:.1e}"]]
+    rows = [
+        ["`erf_numpy`, float64 input", f"{e_erf:.1e}"],
+        ["`erf_numpy`, float32 input", f"{e_erf32:.1e}"],
+        ["`layers.gelu` (float32) vs 0.5·x·(1 + erf(x/√2))", f"{e_gelu:.1e}"],
+        ["the tanh approximation of GELU, for comparison", f"{e_tanh:.1e}"],
+    ]
     return table(["function, on 160 001 points in [−8, 8]", "max abs error vs `math.erf`"], rows, "lr")
 
 
 # ================================================================================================================
 # parity.md: measured against transformers
+
 
 def measure_parity() -> str:
     """Run our model and transformers on one tiny random checkpoint and tabulate the differences."""
@@ -284,24 +309,27 @@ def measure_parity() -> str:
         proc = Kosmos2Processor.from_pretrained(folder)
         hproc = AutoProcessor.from_pretrained(folder, backend="pil")
         image, _ = _setup.demo_image()
-        tt = lambda d: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()}   # noqa: E731
+        tt = lambda d: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()}  # noqa: E731
 
         # processor
         prompt = "<grounding> An image of"
         enc = proc(text=prompt, images=image)
         henc = hproc(text=prompt, images=image, return_tensors="np")
         diff("processor: pixel_values (PIL path)", enc["pixel_values"], henc["pixel_values"])
-        same("processor: input_ids, attention_mask, image_embeds_position_mask",
-             all(np.array_equal(enc[k], henc[k]) for k in ("input_ids", "attention_mask", "image_embeds_position_mask")),
-             f"`{_fmt_shape(enc['input_ids'].shape)}`")
+        same(
+            "processor: input_ids, attention_mask, image_embeds_position_mask",
+            all(np.array_equal(enc[k], henc[k]) for k in ("input_ids", "attention_mask", "image_embeds_position_mask")),
+            f"`{_fmt_shape(enc['input_ids'].shape)}`",
+        )
 
         # forward, every stage
         labels = np.where(enc["image_embeds_position_mask"] == 1, -100, enc["input_ids"])
         out = ours(**enc, labels=labels, output_hidden_states=True, output_attentions=True)
         with torch.no_grad():
             ref = hf(**tt(enc), labels=torch.from_numpy(labels), output_hidden_states=True, output_attentions=True)
-            ref_vis = hf.vision_model(pixel_values=torch.from_numpy(enc["pixel_values"]), output_hidden_states=True,
-                                      output_attentions=True)
+            ref_vis = hf.vision_model(
+                pixel_values=torch.from_numpy(enc["pixel_values"]), output_hidden_states=True, output_attentions=True
+            )
             ref_sdpa = sdpa(**tt(enc))
         vo = out.vision_model_output
         for i, (a, b) in enumerate(zip(vo.hidden_states, ref_vis.hidden_states)):
@@ -325,19 +353,27 @@ def measure_parity() -> str:
         step = ours(input_ids=nxt, attention_mask=np.ones((1, T + 1), np.int64), past_key_values=cache)
         with torch.no_grad():
             r1 = hf(**tt(enc), use_cache=True)
-            r2 = hf.text_model(input_ids=torch.from_numpy(nxt), attention_mask=torch.ones(1, T + 1, dtype=torch.long),
-                               past_key_values=r1.past_key_values, use_cache=True)
+            r2 = hf.text_model(
+                input_ids=torch.from_numpy(nxt),
+                attention_mask=torch.ones(1, T + 1, dtype=torch.long),
+                past_key_values=r1.past_key_values,
+                use_cache=True,
+            )
         diff("one cached decoding step: logits", step.logits, r2.logits)
 
         # generation
         n_new = 16
-        for label, kw in [("greedy", dict(num_beams=1)), ("greedy, no_repeat_ngram_size=3", dict(no_repeat_ngram_size=3)),
-                          ("beam search, 3 beams", dict(num_beams=3))]:
+        for label, kw in [
+            ("greedy", dict(num_beams=1)),
+            ("greedy, no_repeat_ngram_size=3", dict(no_repeat_ngram_size=3)),
+            ("beam search, 3 beams", dict(num_beams=3)),
+        ]:
             a = ours.generate(**enc, max_new_tokens=n_new, do_sample=False, **kw)
             with torch.no_grad():
                 b = hf.generate(**tt(enc), max_new_tokens=n_new, do_sample=False, **kw).numpy()
-            same(f"generate, {label}: token ids", a.shape == b.shape and np.array_equal(a, b),
-                 f"`{_fmt_shape(a.shape)}`")
+            same(
+                f"generate, {label}: token ids", a.shape == b.shape and np.array_equal(a, b), f"`{_fmt_shape(a.shape)}`"
+            )
 
         # left padding: a padded row against the same row alone (docs/numerics.md §7.3)
         texts = ["<grounding> An image of", "<grounding> Describe this image in detail:"]
@@ -347,95 +383,194 @@ def measure_parity() -> str:
         kw = dict(max_new_tokens=8, do_sample=False, num_beams=1)
         g_b = ours.generate(**batch, **kw, output_scores=True, return_dict_in_generate=True)
         g_a = ours.generate(**alone, **kw, output_scores=True, return_dict_in_generate=True)
-        ours_gap = max(float(np.abs(np.asarray(to_numpy(sb))[0] - np.asarray(to_numpy(sa))[0]).max())
-                       for sb, sa in zip(g_b.scores, g_a.scores))
+        ours_gap = max(
+            float(np.abs(np.asarray(to_numpy(sb))[0] - np.asarray(to_numpy(sa))[0]).max())
+            for sb, sa in zip(g_b.scores, g_a.scores)
+        )
         with torch.no_grad():
             h_b = hf.generate(**tt(batch), **kw, output_scores=True, return_dict_in_generate=True)
             h_a = hf.generate(**tt(alone), **kw, output_scores=True, return_dict_in_generate=True)
         hf_gap = max(float((sb[0] - sa[0]).abs().max()) for sb, sa in zip(h_b.scores, h_a.scores))
-        padded_rows = [["kosmos2_ref (pad-aware positions, as transformers 4.37)", f"{ours_gap:.1e}",
-                        "yes" if np.array_equal(g_b.sequences[0, -8:], g_a.sequences[0, -8:]) else "no"],
-                       [f"transformers {transformers.__version__} (past_length + 2)", f"{hf_gap:.1e}",
-                        "yes" if torch.equal(h_b.sequences[0, -8:], h_a.sequences[0, -8:]) else "no"]]
+        padded_rows = [
+            [
+                "kosmos2_ref (pad-aware positions, as transformers 4.37)",
+                f"{ours_gap:.1e}",
+                "yes" if np.array_equal(g_b.sequences[0, -8:], g_a.sequences[0, -8:]) else "no",
+            ],
+            [
+                f"transformers {transformers.__version__} (past_length + 2)",
+                f"{hf_gap:.1e}",
+                "yes" if torch.equal(h_b.sequences[0, -8:], h_a.sequences[0, -8:]) else "no",
+            ],
+        ]
 
     tc = _setup.TINY
-    header = (f"Measured by `python docs/make_docs.py` with transformers {transformers.__version__}, torch "
-              f"{torch.__version__}, NumPy {np.__version__}, Python {platform.python_version()} on "
-              f"{platform.machine()}; tiny random checkpoint (text {tc['text_config']['layers']} layers × "
-              f"{tc['text_config']['embed_dim']}, vision {tc['vision_config']['num_hidden_layers']} layers × "
-              f"{tc['vision_config']['hidden_size']}, {tc['latent_query_num']} latent queries, the real 65037-id "
-              f"vocabulary), the packaged photo and the prompt `{prompt}`, float32, eager attention unless "
-              f"stated.\n\n")
-    return (header + table(["compared", "shape", "max abs Δ", "max abs ref", "Δ / max(1, ref)"], rows, "llrrr")
-            + f"\nLeft-padded batch ({pads} pads before the shorter prompt), greedy, 8 new tokens: the padded row "
-              "against the same prompt run alone.\n\n"
-            + table(["implementation", "max score Δ over the 8 steps", "same tokens"], padded_rows, "lrl"))
+    header = (
+        f"Measured by `python docs/make_docs.py` with transformers {transformers.__version__}, torch "
+        f"{torch.__version__}, NumPy {np.__version__}, Python {platform.python_version()} on "
+        f"{platform.machine()}; tiny random checkpoint (text {tc['text_config']['layers']} layers × "
+        f"{tc['text_config']['embed_dim']}, vision {tc['vision_config']['num_hidden_layers']} layers × "
+        f"{tc['vision_config']['hidden_size']}, {tc['latent_query_num']} latent queries, the real 65037-id "
+        f"vocabulary), the packaged photo and the prompt `{prompt}`, float32, eager attention unless "
+        f"stated.\n\n"
+    )
+    return (
+        header
+        + table(["compared", "shape", "max abs Δ", "max abs ref", "Δ / max(1, ref)"], rows, "llrrr")
+        + f"\nLeft-padded batch ({pads} pads before the shorter prompt), greedy, 8 new tokens: the padded row "
+        "against the same prompt run alone.\n\n"
+        + table(["implementation", "max score Δ over the 8 steps", "same tokens"], padded_rows, "lrl")
+    )
 
 
 # ================================================================================================================
 # api.md: signatures and the command line
 
 API = [
-    ("The model", [
-        "kosmos2_ref.Kosmos2", "kosmos2_ref.Kosmos2.from_pretrained", "kosmos2_ref.Kosmos2.forward",
-        "kosmos2_ref.Kosmos2.decode_step", "kosmos2_ref.Kosmos2.encode_image", "kosmos2_ref.Kosmos2.get_image_features", "kosmos2_ref.Kosmos2.new_cache",
-        "kosmos2_ref.Kosmos2.num_parameters", "kosmos2_ref.Kosmos2Output", "kosmos2_ref.vision.VisionOutput",
-    ]),
-    ("Configuration", [
-        "kosmos2_ref.Kosmos2Config", "kosmos2_ref.Kosmos2Config.from_pretrained", "kosmos2_ref.Kosmos2Config.from_dict",
-        "kosmos2_ref.Kosmos2Config.to_dict", "kosmos2_ref.TextConfig", "kosmos2_ref.VisionConfig",
-    ]),
-    ("Processing", [
-        "kosmos2_ref.processing.Kosmos2Processor", "kosmos2_ref.processing.Kosmos2Processor.from_pretrained", "kosmos2_ref.processing.Kosmos2Processor.default",
-        "kosmos2_ref.processing.Kosmos2Processor.__call__", "kosmos2_ref.processing.Kosmos2Processor.decode",
-        "kosmos2_ref.processing.Kosmos2Processor.batch_decode",
-        "kosmos2_ref.processing.Kosmos2Processor.post_process_generation",
-        "kosmos2_ref.processing.Kosmos2Processor.post_process_image_text_to_text",
-        "kosmos2_ref.processing.Kosmos2Processor.entities_to_pixel_boxes",
-        "kosmos2_ref.processing.Kosmos2Processor.save_pretrained",
-        "kosmos2_ref.processing.preprocess_images", "kosmos2_ref.processing.box_to_patch_indices",
-        "kosmos2_ref.processing.patch_indices_to_box", "kosmos2_ref.processing.post_process_generation",
-        "kosmos2_ref.processing.entities_to_pixel_boxes", "kosmos2_ref.processing.Entity",
-        "kosmos2_ref.processing.box_to_pixels", "kosmos2_ref.processing.image.load_image",
-    ]),
-    ("Generation", [
-        "kosmos2_ref.generate", "kosmos2_ref.generation.greedy_generate", "kosmos2_ref.generation.GenerateOutput",
-        "kosmos2_ref.generation.TextStreamer",
-    ]),
-    ("Tasks", [
-        "kosmos2_ref.tasks.caption", "kosmos2_ref.tasks.ground", "kosmos2_ref.tasks.describe", "kosmos2_ref.tasks.embed",
-        "kosmos2_ref.tasks.model_processor", "kosmos2_ref.tasks.CaptionResult", "kosmos2_ref.tasks.GroundResult",
-        "kosmos2_ref.tasks.DescribeResult", "kosmos2_ref.tasks.EmbedResult",
-    ]),
-    ("Drawing", [
-        "kosmos2_ref.draw.draw_entities", "kosmos2_ref.draw.draw_boxes", "kosmos2_ref.draw.attention_map",
-        "kosmos2_ref.draw.attention_heatmap", "kosmos2_ref.draw.attention_grid", "kosmos2_ref.draw.save_image",
-    ]),
-    ("Checkpoints", [
-        "kosmos2_ref.hub.resolve_checkpoint", "kosmos2_ref.hub.find_in_cache", "kosmos2_ref.hub.download",
-        "kosmos2_ref.demo.demo_checkpoint", "kosmos2_ref.demo.build_demo_checkpoint",
-        "kosmos2_ref.weights.load_flat", "kosmos2_ref.weights.plan_weights", "kosmos2_ref.weights.expected_shapes",
-        "kosmos2_ref.torch_pickle.TorchBinFile", "kosmos2_ref.convert.convert_checkpoint",
-    ]),
-    ("Backends and the cache", [
-        "kosmos2_ref.get_backend", "kosmos2_ref.to_numpy", "kosmos2_ref.backend.cupy_available",
-        "kosmos2_ref.cache.KVCache", "kosmos2_ref.cache.KVCache.update", "kosmos2_ref.cache.KVCache.advance",
-        "kosmos2_ref.cache.KVCache.reorder",
-    ]),
-    ("Stage functions (the textbook view)", [
-        "kosmos2_ref.layers.linear", "kosmos2_ref.layers.layer_norm", "kosmos2_ref.layers.gelu",
-        "kosmos2_ref.layers.quick_gelu", "kosmos2_ref.layers.softmax", "kosmos2_ref.layers.attention",
-        "kosmos2_ref.layers.split_heads", "kosmos2_ref.layers.merge_heads", "kosmos2_ref.layers.as_float32",
-        "kosmos2_ref.primitives.reference_mode", "kosmos2_ref.primitives.resolve_reference",
-        "kosmos2_ref.vision.patch_embed", "kosmos2_ref.vision.position_embeddings", "kosmos2_ref.vision.embeddings",
-        "kosmos2_ref.vision.encoder_layer", "kosmos2_ref.vision.vision_forward",
-        "kosmos2_ref.connector.l2_normalize", "kosmos2_ref.connector.cross_attention",
-        "kosmos2_ref.connector.image_to_text",
-        "kosmos2_ref.decoder.position_ids_from_input_ids", "kosmos2_ref.decoder.sinusoidal_positions",
-        "kosmos2_ref.decoder.decoder_attention_mask", "kosmos2_ref.decoder.embed", "kosmos2_ref.decoder.self_attention",
-        "kosmos2_ref.decoder.ffn", "kosmos2_ref.decoder.decoder_layer", "kosmos2_ref.decoder.lm_head",
-        "kosmos2_ref.decoder.text_forward", "kosmos2_ref.decoder.causal_lm_loss",
-    ]),
+    (
+        "The model",
+        [
+            "kosmos2_ref.Kosmos2",
+            "kosmos2_ref.Kosmos2.from_pretrained",
+            "kosmos2_ref.Kosmos2.forward",
+            "kosmos2_ref.Kosmos2.decode_step",
+            "kosmos2_ref.Kosmos2.encode_image",
+            "kosmos2_ref.Kosmos2.get_image_features",
+            "kosmos2_ref.Kosmos2.new_cache",
+            "kosmos2_ref.Kosmos2.num_parameters",
+            "kosmos2_ref.Kosmos2Output",
+            "kosmos2_ref.vision.VisionOutput",
+        ],
+    ),
+    (
+        "Configuration",
+        [
+            "kosmos2_ref.Kosmos2Config",
+            "kosmos2_ref.Kosmos2Config.from_pretrained",
+            "kosmos2_ref.Kosmos2Config.from_dict",
+            "kosmos2_ref.Kosmos2Config.to_dict",
+            "kosmos2_ref.TextConfig",
+            "kosmos2_ref.VisionConfig",
+        ],
+    ),
+    (
+        "Processing",
+        [
+            "kosmos2_ref.processing.Kosmos2Processor",
+            "kosmos2_ref.processing.Kosmos2Processor.from_pretrained",
+            "kosmos2_ref.processing.Kosmos2Processor.default",
+            "kosmos2_ref.processing.Kosmos2Processor.__call__",
+            "kosmos2_ref.processing.Kosmos2Processor.decode",
+            "kosmos2_ref.processing.Kosmos2Processor.batch_decode",
+            "kosmos2_ref.processing.Kosmos2Processor.post_process_generation",
+            "kosmos2_ref.processing.Kosmos2Processor.post_process_image_text_to_text",
+            "kosmos2_ref.processing.Kosmos2Processor.entities_to_pixel_boxes",
+            "kosmos2_ref.processing.Kosmos2Processor.save_pretrained",
+            "kosmos2_ref.processing.preprocess_images",
+            "kosmos2_ref.processing.box_to_patch_indices",
+            "kosmos2_ref.processing.patch_indices_to_box",
+            "kosmos2_ref.processing.post_process_generation",
+            "kosmos2_ref.processing.entities_to_pixel_boxes",
+            "kosmos2_ref.processing.Entity",
+            "kosmos2_ref.processing.box_to_pixels",
+            "kosmos2_ref.processing.image.load_image",
+        ],
+    ),
+    (
+        "Generation",
+        [
+            "kosmos2_ref.generate",
+            "kosmos2_ref.generation.greedy_generate",
+            "kosmos2_ref.generation.GenerateOutput",
+            "kosmos2_ref.generation.TextStreamer",
+        ],
+    ),
+    (
+        "Tasks",
+        [
+            "kosmos2_ref.tasks.caption",
+            "kosmos2_ref.tasks.ground",
+            "kosmos2_ref.tasks.describe",
+            "kosmos2_ref.tasks.embed",
+            "kosmos2_ref.tasks.model_processor",
+            "kosmos2_ref.tasks.CaptionResult",
+            "kosmos2_ref.tasks.GroundResult",
+            "kosmos2_ref.tasks.DescribeResult",
+            "kosmos2_ref.tasks.EmbedResult",
+        ],
+    ),
+    (
+        "Drawing",
+        [
+            "kosmos2_ref.draw.draw_entities",
+            "kosmos2_ref.draw.draw_boxes",
+            "kosmos2_ref.draw.attention_map",
+            "kosmos2_ref.draw.attention_heatmap",
+            "kosmos2_ref.draw.attention_grid",
+            "kosmos2_ref.draw.save_image",
+        ],
+    ),
+    (
+        "Checkpoints",
+        [
+            "kosmos2_ref.hub.resolve_checkpoint",
+            "kosmos2_ref.hub.find_in_cache",
+            "kosmos2_ref.hub.download",
+            "kosmos2_ref.demo.demo_checkpoint",
+            "kosmos2_ref.demo.build_demo_checkpoint",
+            "kosmos2_ref.weights.load_flat",
+            "kosmos2_ref.weights.plan_weights",
+            "kosmos2_ref.weights.expected_shapes",
+            "kosmos2_ref.torch_pickle.TorchBinFile",
+            "kosmos2_ref.convert.convert_checkpoint",
+        ],
+    ),
+    (
+        "Backends and the cache",
+        [
+            "kosmos2_ref.get_backend",
+            "kosmos2_ref.to_numpy",
+            "kosmos2_ref.backend.cupy_available",
+            "kosmos2_ref.cache.KVCache",
+            "kosmos2_ref.cache.KVCache.update",
+            "kosmos2_ref.cache.KVCache.advance",
+            "kosmos2_ref.cache.KVCache.reorder",
+        ],
+    ),
+    (
+        "Stage functions (the textbook view)",
+        [
+            "kosmos2_ref.layers.linear",
+            "kosmos2_ref.layers.layer_norm",
+            "kosmos2_ref.layers.gelu",
+            "kosmos2_ref.layers.quick_gelu",
+            "kosmos2_ref.layers.softmax",
+            "kosmos2_ref.layers.attention",
+            "kosmos2_ref.layers.split_heads",
+            "kosmos2_ref.layers.merge_heads",
+            "kosmos2_ref.layers.as_float32",
+            "kosmos2_ref.primitives.reference_mode",
+            "kosmos2_ref.primitives.resolve_reference",
+            "kosmos2_ref.vision.patch_embed",
+            "kosmos2_ref.vision.position_embeddings",
+            "kosmos2_ref.vision.embeddings",
+            "kosmos2_ref.vision.encoder_layer",
+            "kosmos2_ref.vision.vision_forward",
+            "kosmos2_ref.connector.l2_normalize",
+            "kosmos2_ref.connector.cross_attention",
+            "kosmos2_ref.connector.image_to_text",
+            "kosmos2_ref.decoder.position_ids_from_input_ids",
+            "kosmos2_ref.decoder.sinusoidal_positions",
+            "kosmos2_ref.decoder.decoder_attention_mask",
+            "kosmos2_ref.decoder.embed",
+            "kosmos2_ref.decoder.self_attention",
+            "kosmos2_ref.decoder.ffn",
+            "kosmos2_ref.decoder.decoder_layer",
+            "kosmos2_ref.decoder.lm_head",
+            "kosmos2_ref.decoder.text_forward",
+            "kosmos2_ref.decoder.causal_lm_loss",
+        ],
+    ),
 ]
 # Methods that only forward to a function: documented with that function's signature (minus ``model``).
 DELEGATES: dict[str, str] = {}
@@ -483,7 +618,7 @@ def first_paragraph(obj) -> str:
     """The docstring's first paragraph on one line, reStructuredText roles and literals turned into markdown code."""
     doc = inspect.getdoc(obj) or ""
     para = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines()).strip()
-    para = re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", para)        # :class:`X` -> `X`
+    para = re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", para)  # :class:`X` -> `X`
     return para.replace("``", "`")
 
 
@@ -530,20 +665,24 @@ def cli_block() -> str:
 # ================================================================================================================
 # Figures
 
+
 def _font(size: int):
     import PIL.ImageFont
 
     try:
         return PIL.ImageFont.load_default(size=size)
-    except TypeError:          # Pillow < 10.1
+    except TypeError:  # Pillow < 10.1
         return PIL.ImageFont.load_default()
 
 
 def _arrow(d, a, b, fill=(90, 90, 90), width=3, head=11):
     d.line([a, b], fill=fill, width=width)
     ang = math.atan2(b[1] - a[1], b[0] - a[0])
-    pts = [b, (b[0] - head * math.cos(ang - 0.4), b[1] - head * math.sin(ang - 0.4)),
-           (b[0] - head * math.cos(ang + 0.4), b[1] - head * math.sin(ang + 0.4))]
+    pts = [
+        b,
+        (b[0] - head * math.cos(ang - 0.4), b[1] - head * math.sin(ang - 0.4)),
+        (b[0] - head * math.cos(ang + 0.4), b[1] - head * math.sin(ang + 0.4)),
+    ]
     d.polygon(pts, fill=fill)
 
 
@@ -558,9 +697,15 @@ def dataflow_figure(cfg: Kosmos2Config | None = None):
     img = PIL.Image.new("RGB", (W, H), "white")
     d = PIL.ImageDraw.Draw(img)
     title, body, mono = _font(21), _font(16), _font(16)
-    colours = {"input": (236, 236, 236), "processor": (255, 236, 204), "vision": (214, 234, 255),
-               "connector": (224, 245, 216), "decoder": (246, 222, 240), "generation": (255, 247, 200),
-               "output": (236, 236, 236)}
+    colours = {
+        "input": (236, 236, 236),
+        "processor": (255, 236, 204),
+        "vision": (214, 234, 255),
+        "connector": (224, 245, 216),
+        "decoder": (246, 222, 240),
+        "generation": (255, 247, 200),
+        "output": (236, 236, 236),
+    }
 
     def box(x, y, w, h, kind, head, lines, shape=None):
         d.rounded_rectangle([x, y, x + w, y + h], radius=14, fill=colours[kind], outline=(80, 80, 80), width=2)
@@ -576,32 +721,93 @@ def dataflow_figure(cfg: Kosmos2Config | None = None):
     L, R, w = 40, 660, 540
     b_img = box(L, 20, w, 70, "input", "image (any size, RGB)", [])
     b_txt = box(R, 20, w, 95, "input", "text + optional boxes", ['"<grounding> An image of", [(x1, y1, x2, y2), …]'])
-    b_pix = box(L, 130, w, 120, "processor", "processor: image (processing/image.py)",
-                ["Pillow bicubic resize to 224x224 (aspect ignored),", "x 1/255, normalise with CLIP mean/std"],
-                "pixel_values " + sh["pixel_values"])
-    b_tok = box(R, 155, w, 140, "processor", "processor: text (processing/tokenizer.py, grounding.py)",
-                ["<s> <image> 64 slots </image> text; boxes ->", "<object><patch_index_k>…</object>; tokenise",
-                 "(65037 ids)"], "input_ids, masks " + sh["input_ids"])
-    b_vis = box(L, 290, w, 170, "vision", "vision tower (vision.py): CLIP ViT-L/14",
-                [f"patches {sh['patches']} @ kernel^T = stride-14 conv", "+ class token + positions, pre_layrnorm",
-                 f"{cfg.vision_config.num_hidden_layers} pre-LN blocks: attention ({cfg.vision_config.num_attention_heads} heads), "
-                 "quick_gelu MLP"], "last_hidden_state " + sh["vision_last"])
-    b_con = box(L, 500, w, 170, "connector", "connector (connector.py)",
-                ["post_layernorm on all 257 tokens, L2-normalise,", f"dense -> {sh['projected']};",
-                 f"{cfg.latent_query_num} latent queries attend to [image; queries]"],
-                "image_embeds " + sh["image_embeds"])
-    b_dec = box(R, 335, w, 235, "decoder", "decoder (decoder.py)",
-                ["embed ids; image rows -> the 64 slots; x sqrt(2048)", "+ sinusoid positions (pad-aware)",
-                 f"{cfg.text_config.layers} pre-LN blocks with sub-LN: attention",
-                 f"({cfg.text_config.attention_heads} heads) + inner_attn_ln, gelu FFN + ffn_layernorm",
-                 "final layer_norm; logits = h @ embed_tokens^T", "(KV cache: cache.py)"],
-                "logits " + sh["logits"])
-    b_gen = box(R, 610, w, 120, "generation", "generate (generation/)",
-                ["prefill once, then one token per step;", "greedy · beam search · sampling, processors"],
-                "ids [B, T + new]")
-    b_out = box(R, 770, w, 110, "output", "decode + post_process_generation",
-                ["caption, [(phrase, (start, end), [boxes])]", "-> draw.py: boxes on the image"])
-    cx = lambda b: b[0] + b[2] // 2   # noqa: E731
+    b_pix = box(
+        L,
+        130,
+        w,
+        120,
+        "processor",
+        "processor: image (processing/image.py)",
+        ["Pillow bicubic resize to 224x224 (aspect ignored),", "x 1/255, normalise with CLIP mean/std"],
+        "pixel_values " + sh["pixel_values"],
+    )
+    b_tok = box(
+        R,
+        155,
+        w,
+        140,
+        "processor",
+        "processor: text (processing/tokenizer.py, grounding.py)",
+        ["<s> <image> 64 slots </image> text; boxes ->", "<object><patch_index_k>…</object>; tokenise", "(65037 ids)"],
+        "input_ids, masks " + sh["input_ids"],
+    )
+    b_vis = box(
+        L,
+        290,
+        w,
+        170,
+        "vision",
+        "vision tower (vision.py): CLIP ViT-L/14",
+        [
+            f"patches {sh['patches']} @ kernel^T = stride-14 conv",
+            "+ class token + positions, pre_layrnorm",
+            f"{cfg.vision_config.num_hidden_layers} pre-LN blocks: "
+            f"attention ({cfg.vision_config.num_attention_heads} heads), "
+            "quick_gelu MLP",
+        ],
+        "last_hidden_state " + sh["vision_last"],
+    )
+    box(
+        L,
+        500,
+        w,
+        170,
+        "connector",
+        "connector (connector.py)",
+        [
+            "post_layernorm on all 257 tokens, L2-normalise,",
+            f"dense -> {sh['projected']};",
+            f"{cfg.latent_query_num} latent queries attend to [image; queries]",
+        ],
+        "image_embeds " + sh["image_embeds"],
+    )
+    b_dec = box(
+        R,
+        335,
+        w,
+        235,
+        "decoder",
+        "decoder (decoder.py)",
+        [
+            "embed ids; image rows -> the 64 slots; x sqrt(2048)",
+            "+ sinusoid positions (pad-aware)",
+            f"{cfg.text_config.layers} pre-LN blocks with sub-LN: attention",
+            f"({cfg.text_config.attention_heads} heads) + inner_attn_ln, gelu FFN + ffn_layernorm",
+            "final layer_norm; logits = h @ embed_tokens^T",
+            "(KV cache: cache.py)",
+        ],
+        "logits " + sh["logits"],
+    )
+    b_gen = box(
+        R,
+        610,
+        w,
+        120,
+        "generation",
+        "generate (generation/)",
+        ["prefill once, then one token per step;", "greedy · beam search · sampling, processors"],
+        "ids [B, T + new]",
+    )
+    box(
+        R,
+        770,
+        w,
+        110,
+        "output",
+        "decode + post_process_generation",
+        ["caption, [(phrase, (start, end), [boxes])]", "-> draw.py: boxes on the image"],
+    )
+    cx = lambda b: b[0] + b[2] // 2  # noqa: E731
     _arrow(d, (cx(b_img), 90), (cx(b_img), 130))
     _arrow(d, (cx(b_txt), 115), (cx(b_txt), 155))
     _arrow(d, (cx(b_pix), 250), (cx(b_pix), 290))
@@ -631,8 +837,9 @@ def patch_grid_figure(n: int = 32, cell: int = 30):
     ul, lr = 44, 863
     for k in (ul, lr):
         r, c = divmod(k, n)
-        d.rectangle([margin + c * cell, top + r * cell, margin + (c + 1) * cell, top + (r + 1) * cell],
-                    fill=(255, 205, 120))
+        d.rectangle(
+            [margin + c * cell, top + r * cell, margin + (c + 1) * cell, top + (r + 1) * cell], fill=(255, 205, 120)
+        )
     for i in range(n + 1):
         w = 2 if i % 2 == 0 else 1
         col = (120, 120, 120) if i % 2 == 0 else (205, 205, 205)
@@ -640,20 +847,45 @@ def patch_grid_figure(n: int = 32, cell: int = 30):
         d.line([(margin, top + i * cell), (margin + side, top + i * cell)], fill=col, width=w)
     for k in range(n * n):
         r, c = divmod(k, n)
-        d.text((margin + c * cell + cell / 2, top + r * cell + cell / 2), str(k), fill=(70, 70, 70), font=small,
-               anchor="mm")
+        d.text(
+            (margin + c * cell + cell / 2, top + r * cell + cell / 2),
+            str(k),
+            fill=(70, 70, 70),
+            font=small,
+            anchor="mm",
+        )
     for i in range(0, n, 4):
-        d.text((margin + i * cell + cell / 2, top - 6), f"col {i}" if i == 0 else str(i), fill=(0, 0, 0), font=label,
-               anchor="mb")
-        d.text((margin - 6, top + i * cell + cell / 2), f"row {i}" if i == 0 else str(i), fill=(0, 0, 0), font=label,
-               anchor="rm")
+        d.text(
+            (margin + i * cell + cell / 2, top - 6),
+            f"col {i}" if i == 0 else str(i),
+            fill=(0, 0, 0),
+            font=label,
+            anchor="mb",
+        )
+        d.text(
+            (margin - 6, top + i * cell + cell / 2),
+            f"row {i}" if i == 0 else str(i),
+            fill=(0, 0, 0),
+            font=label,
+            anchor="rm",
+        )
     x1, y1, x2, y2 = patch_indices_to_box(ul, lr, n)
-    d.rectangle([margin + x1 * side, top + y1 * side, margin + x2 * side, top + y2 * side], outline=(200, 30, 30),
-                width=4)
-    d.text((margin, 12), f"<patch_index_k>: cell k = 32·row + col of a 32x32 grid (id 64013 + k); grey lines: the "
-           f"16x16 ViT patches", fill=(0, 0, 0), font=head)
-    d.text((margin, 38), f"box (0.390625, 0.046875, 0.984375, 0.828125) <-> cells ({ul}, {lr}): "
-           "the upper-left and lower-right cells, joined centre to centre", fill=(160, 20, 20), font=label)
+    d.rectangle(
+        [margin + x1 * side, top + y1 * side, margin + x2 * side, top + y2 * side], outline=(200, 30, 30), width=4
+    )
+    d.text(
+        (margin, 12),
+        "<patch_index_k>: cell k = 32·row + col of a 32x32 grid (id 64013 + k); grey lines: the 16x16 ViT patches",
+        fill=(0, 0, 0),
+        font=head,
+    )
+    d.text(
+        (margin, 38),
+        f"box (0.390625, 0.046875, 0.984375, 0.828125) <-> cells ({ul}, {lr}): "
+        "the upper-left and lower-right cells, joined centre to centre",
+        fill=(160, 20, 20),
+        font=label,
+    )
     return img
 
 
@@ -672,11 +904,17 @@ def save_png(img, path: Path) -> bool:
 
 # ================================================================================================================
 
+
 def generated_blocks(skip_parity: bool) -> dict[str, tuple[str, str]]:
     """name -> (file, body) for every block to write."""
-    blocks = {"params": ("architecture.md", params_block()), "shapes": ("architecture.md", shapes_block()),
-              "storage": ("backends.md", storage_block()), "erf": ("backends.md", erf_block()),
-              "api": ("api.md", api_block()), "cli": ("api.md", cli_block())}
+    blocks = {
+        "params": ("architecture.md", params_block()),
+        "shapes": ("architecture.md", shapes_block()),
+        "storage": ("backends.md", storage_block()),
+        "erf": ("backends.md", erf_block()),
+        "api": ("api.md", api_block()),
+        "cli": ("api.md", cli_block()),
+    }
     if not skip_parity:
         try:
             import torch  # noqa: F401

@@ -14,6 +14,7 @@ cells and ``notebooks/_setup.py`` (which builds the checkpoint the lessons run o
 an edited notebook or a changed setup makes the check fail until the lessons are rendered again. The execution
 itself is tested by tests/test_notebooks.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def execute(path: Path):
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute()
     return nb
 
@@ -105,8 +107,10 @@ def render(path: Path) -> Path:
     FIGURES.mkdir(parents=True, exist_ok=True)
     for old in FIGURES.glob(f"{path.stem}_*.png"):
         old.unlink()
-    parts = [STAMP.format(name=path.name, digest=inputs_digest(path)),
-             f"<!-- do not edit: edit notebooks/{path.name} and run python docs/render_lessons.py -->"]
+    parts = [
+        STAMP.format(name=path.name, digest=inputs_digest(path)),
+        f"<!-- do not edit: edit notebooks/{path.name} and run python docs/render_lessons.py -->",
+    ]
     counter = [0]
     for cell in nb.cells:
         if cell.cell_type == "markdown":
@@ -133,8 +137,9 @@ def stale_lessons() -> list[str]:
         if not m or m.group(1) != path.name:
             problems.append(f"{target.relative_to(ROOT)} has no render stamp for {path.name}")
         elif m.group(2) != inputs_digest(path):
-            problems.append(f"{target.relative_to(ROOT)} was rendered from another version of {path.name} "
-                            "or notebooks/_setup.py")
+            problems.append(
+                f"{target.relative_to(ROOT)} was rendered from another version of {path.name} or notebooks/_setup.py"
+            )
         for fig in re.findall(r"\]\((figures/[^)]+)\)", text):
             if not (LESSONS / fig).is_file():
                 problems.append(f"{target.relative_to(ROOT)} shows {fig}, which does not exist")

@@ -12,6 +12,7 @@ random-weight demo checkpoint (whose words are noise and which draws no box of i
 already grounds "two dogs", so the picture shows how a box, its label and its phrase are drawn; the page's banner
 says the weights are random.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 OUT = DOCS / "figures" / "web_page.png"
 SAMPLE = ROOT / "kosmos2_ref" / "assets" / "two_dogs.jpg"
-GROUNDED_PROMPT = ("<grounding> An image of<phrase> two dogs</phrase>"
-                   "<object><patch_index_0072><patch_index_1016></object>")
+GROUNDED_PROMPT = (
+    "<grounding> An image of<phrase> two dogs</phrase><object><patch_index_0072><patch_index_1016></object>"
+)
 VIEWPORT = {"width": 1280, "height": 960}
 TIMEOUT_MS = 600_000
 
@@ -59,8 +61,10 @@ def start_server(model, random_weights: bool):
 
 
 def wait_done(page, label: str) -> None:
-    page.wait_for_function("(label) => document.body.dataset.done === label || "
-                           "(document.body.dataset.done || '').endsWith('failed')", arg=label)
+    page.wait_for_function(
+        "(label) => document.body.dataset.done === label || (document.body.dataset.done || '').endsWith('failed')",
+        arg=label,
+    )
     if page.get_attribute("body", "data-done") != label:
         raise SystemExit(f"the page failed: {page.inner_text('#status')}")
 
@@ -73,7 +77,7 @@ def use_the_page(page, url: str, random_weights: bool) -> None:
     page.click("#queries button >> text='21'")
     wait_done(page, "reading the connector")
     photo = page.locator("#photo").bounding_box()
-    at = lambda fx, fy: (photo["x"] + fx * photo["width"], photo["y"] + fy * photo["height"])   # noqa: E731
+    at = lambda fx, fy: (photo["x"] + fx * photo["width"], photo["y"] + fy * photo["height"])  # noqa: E731
     page.mouse.move(*at(0.28, 0.12))
     page.mouse.down()
     page.mouse.move(*at(0.51, 0.97), steps=6)
@@ -95,12 +99,15 @@ def browser_path() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: real weights if cached, "
-                                                       "else the random-weight demo checkpoint)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder (default: real weights if cached, else the random-weight demo checkpoint)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"where to save it (default {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
-    from playwright.sync_api import sync_playwright
     import PIL.Image
+    from playwright.sync_api import sync_playwright
 
     model, random_weights = load_model(args.model)
     httpd = start_server(model, random_weights)
@@ -117,8 +124,7 @@ def main(argv=None) -> int:
         httpd.server_close()
     # 256 colours keep the file small; the page is mostly flat colour (the photo and heat map dither a little).
     PIL.Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(args.out, optimize=True)
-    print(f"saved {args.out} ({args.out.stat().st_size // 1024} KB, {'random' if random_weights else 'real'} "
-          f"weights)")
+    print(f"saved {args.out} ({args.out.stat().st_size // 1024} KB, {'random' if random_weights else 'real'} weights)")
     return 0
 
 

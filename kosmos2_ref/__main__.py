@@ -1,4 +1,5 @@
 """``python -m kosmos2_ref ...`` runs the command line (see :mod:`kosmos2_ref.cli`)."""
+
 import sys
 
 from .cli import main

@@ -8,6 +8,7 @@ NumPy has no ``erf``; the exact-GELU of the text decoder needs one, so :func:`er
 approximation accurate to float32 (tested against ``math.erf`` in ``tests/test_layers.py``). On CuPy the
 library's own ``cupyx.scipy.special.erf`` is used.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ def _erfc_poly(xp, z):
         poly += c
         poly *= t
     poly += -1.26551223
-    poly -= z * z                          # exponent: -z² + poly
+    poly -= z * z  # exponent: -z² + poly
     r = xp.exp(poly, out=poly)
     r *= t
     return r
@@ -48,13 +49,13 @@ def erfc_numpy(x):
     """Complementary error function on a NumPy (or CuPy) array, in the array's own float dtype."""
     xp = get_xp(x)
     z = xp.abs(x)
-    r = _erfc_poly(xp, z)                   # erfc(|x|)
+    r = _erfc_poly(xp, z)  # erfc(|x|)
     # erfc(-z) = 2 - erfc(z) where x < 0. The two cases are blended with 0/1 weights (the products are exact, so
     # this equals xp.where(x >= 0, r, 2 - r) bit for bit) because NumPy's ``where`` on a data-dependent mask
     # runs ~8x slower than these few arithmetic passes.
     neg = (x < 0).astype(r.dtype)
     out = (2.0 - r) * neg
-    neg -= 1.0                              # -(1 - neg)
+    neg -= 1.0  # -(1 - neg)
     r *= neg
     out -= r
     return out
@@ -70,7 +71,7 @@ class Backend:
     """An array namespace plus the few functions the model needs that are not in it."""
 
     name: str
-    xp: Any                               # numpy or cupy
+    xp: Any  # numpy or cupy
     erf: Callable[[Any], Any]
     erfc: Callable[[Any], Any]
 
@@ -88,7 +89,7 @@ def to_numpy(a):
     """Any backend's array (or a scalar / None) -> NumPy on the host."""
     if a is None or type(a) is np.ndarray:
         return a
-    if hasattr(a, "get"):              # a CuPy array (or the test suite's strict stand-in): the explicit download
+    if hasattr(a, "get"):  # a CuPy array (or the test suite's strict stand-in): the explicit download
         return a.get()
     return np.asarray(a)
 
@@ -155,8 +156,9 @@ def _make_cupy_backend() -> Backend:
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        raise BackendError(f"backend='cupy' found no usable CUDA GPU ({type(exc).__name__}: {exc}); "
-                           "use backend='numpy'") from None
+        raise BackendError(
+            f"backend='cupy' found no usable CUDA GPU ({type(exc).__name__}: {exc}); use backend='numpy'"
+        ) from None
     if n < 1:
         raise BackendError("backend='cupy' found no CUDA GPU on this machine; use backend='numpy'")
     try:

@@ -9,6 +9,7 @@ Python's bool is a subclass of int (and JSON's true arrives as True), so ``isins
 passed where a count or an id is expected would otherwise be taken as 1. NumPy's scalars count as numbers here
 (``numbers.Integral`` / ``numbers.Real`` include them); ``np.bool_`` does not.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -32,6 +33,7 @@ def is_real(v) -> bool:
 # ==============================================================================================================
 # Arrays
 
+
 def as_array(name: str, a, expected: str):
     """``a`` itself when it is a NumPy array or a device array, else made into a host array (nested lists, a CPU
     torch tensor, ...); a ValueError naming ``name`` when it cannot be one (rows of different lengths)."""
@@ -40,8 +42,10 @@ def as_array(name: str, a, expected: str):
     try:
         return np.asarray(a)
     except (ValueError, TypeError):
-        raise ValueError(f"{name} must be an array of shape {expected}, got a {type(a).__name__} that does not "
-                         f"make one (rows of different lengths?)") from None
+        raise ValueError(
+            f"{name} must be an array of shape {expected}, got a {type(a).__name__} that does not "
+            f"make one (rows of different lengths?)"
+        ) from None
 
 
 def float_array(name: str, a, expected: str):
@@ -63,22 +67,25 @@ def finite_float32(name: str, a, xp):
     """
     if type(a) is not np.ndarray:
         return xp.asarray(a, dtype=xp.float32)
-    with np.errstate(over="ignore"):          # an overflow becomes inf, which is refused just below
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which is refused just below
         a = a.astype(np.float32, copy=False)
     if not np.isfinite(a).all():
         n = int((~np.isfinite(a)).sum())
-        raise ValueError(f"{name} holds {n} non-finite value(s) (NaN or inf) among its {a.size}: expected finite "
-                         f"numbers")
+        raise ValueError(
+            f"{name} holds {n} non-finite value(s) (NaN or inf) among its {a.size}: expected finite numbers"
+        )
     return xp.asarray(a)
 
 
 def host_int_array(name: str, a, ndim: int = 2) -> np.ndarray:
     """A host int64 array of ``ndim`` dims (bools become 0/1), or a ValueError naming ``name``."""
     try:
-        a = np.asarray(to_numpy(a))      # nested lists of different lengths fail here
+        a = np.asarray(to_numpy(a))  # nested lists of different lengths fail here
     except (ValueError, TypeError):
-        raise ValueError(f"{name} must be an integer array of shape [batch, tokens], got a {type(a).__name__} "
-                         f"that does not make one (rows of different lengths?)") from None
+        raise ValueError(
+            f"{name} must be an integer array of shape [batch, tokens], got a {type(a).__name__} "
+            f"that does not make one (rows of different lengths?)"
+        ) from None
     if a.dtype == bool:
         a = a.astype(np.int64)
     if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
@@ -96,24 +103,30 @@ def check_flags(**flags) -> None:
 # ==============================================================================================================
 # The model's inputs (``config`` is a Kosmos2Config; ``xp`` the backend's array module)
 
+
 def check_pixel_values(config, pixel_values, xp, batch: int | None = None):
     """pixel_values [B, 3, H, W] (array-likes accepted) as finite float32 on ``xp``; B must be ``batch`` when
     given (the rows of the prompt)."""
     vc = config.vision_config
     pixel_values = as_array("pixel_values", pixel_values, "[batch, 3, height, width]")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != vc.num_channels:
-        raise ValueError(f"pixel_values must have shape [batch, {vc.num_channels}, height, width], "
-                         f"got {tuple(pixel_values.shape)}")
+        raise ValueError(
+            f"pixel_values must have shape [batch, {vc.num_channels}, height, width], got {tuple(pixel_values.shape)}"
+        )
     if batch is not None and pixel_values.shape[0] != batch:
-        raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but input_ids has {batch} rows: the "
-                         f"batch sizes must agree")
+        raise ValueError(
+            f"pixel_values holds {pixel_values.shape[0]} images but input_ids has {batch} rows: the "
+            f"batch sizes must agree"
+        )
     if not np.issubdtype(np.dtype(pixel_values.dtype.name), np.floating):
-        raise ValueError(f"pixel_values must be a float array (preprocessed by Kosmos2Processor), "
-                         f"got dtype {pixel_values.dtype}")
+        raise ValueError(
+            f"pixel_values must be a float array (preprocessed by Kosmos2Processor), got dtype {pixel_values.dtype}"
+        )
     p = vc.patch_size
     if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
-        raise ValueError(f"pixel_values of size {pixel_values.shape[2]}x{pixel_values.shape[3]} is smaller than "
-                         f"one {p}x{p} patch")
+        raise ValueError(
+            f"pixel_values of size {pixel_values.shape[2]}x{pixel_values.shape[3]} is smaller than one {p}x{p} patch"
+        )
     return finite_float32("pixel_values", pixel_values, xp)
 
 
@@ -132,10 +145,10 @@ class TextInputs:
     input_ids: np.ndarray | None
     attention_mask: np.ndarray | None
     image_embeds_position_mask: np.ndarray | None
-    image_embeds: object | None              # [B, Q, C] float32 on the backend
+    image_embeds: object | None  # [B, Q, C] float32 on the backend
     labels: np.ndarray | None
     position_ids: np.ndarray | None
-    inputs_embeds: object | None             # [B, T, C]
+    inputs_embeds: object | None  # [B, T, C]
 
 
 def check_token_ids(config, input_ids=None, inputs_embeds=None):
@@ -148,8 +161,9 @@ def check_token_ids(config, input_ids=None, inputs_embeds=None):
     if inputs_embeds is not None:
         inputs_embeds = float_array("inputs_embeds", inputs_embeds, f"[batch, tokens, {tc.embed_dim}]")
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != tc.embed_dim:
-            raise ValueError(f"inputs_embeds must have shape [batch, tokens, {tc.embed_dim}], "
-                             f"got {tuple(inputs_embeds.shape)}")
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, tokens, {tc.embed_dim}], got {tuple(inputs_embeds.shape)}"
+            )
         return None, inputs_embeds, *inputs_embeds.shape[:2]
     input_ids = host_int_array("input_ids", input_ids)
     B, T = input_ids.shape
@@ -167,8 +181,10 @@ def check_attention_mask(attention_mask, B: int, T: int, past_length: int = 0):
         return None
     attention_mask = host_int_array("attention_mask", attention_mask)
     if attention_mask.shape != (B, past_length + T):
-        raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(B, past_length + T)} "
-                         f"(batch, cached + new tokens)")
+        raise ValueError(
+            f"attention_mask has shape {attention_mask.shape}, expected {(B, past_length + T)} "
+            f"(batch, cached + new tokens)"
+        )
     if not np.isin(attention_mask, (0, 1)).all():
         raise ValueError("attention_mask must hold only 0 and 1")
     return attention_mask
@@ -203,15 +219,19 @@ def check_image_slots(config, image_embeds_position_mask, B: int, T: int) -> np.
     """image_embeds_position_mask [B, T] marking exactly latent_query_num image slots per row, as host int64."""
     Q = config.latent_query_num
     if image_embeds_position_mask is None:
-        raise ValueError(f"image_embeds_position_mask is required with an image: it marks the {Q} positions where "
-                         f"the image embeddings go")
+        raise ValueError(
+            f"image_embeds_position_mask is required with an image: it marks the {Q} positions where "
+            f"the image embeddings go"
+        )
     mask = host_int_array("image_embeds_position_mask", image_embeds_position_mask)
     if mask.shape != (B, T):
         raise ValueError(f"image_embeds_position_mask has shape {mask.shape}, expected {(B, T)} like input_ids")
     counts = (mask != 0).sum(axis=1)
     if (counts != Q).any():
-        raise ValueError(f"image_embeds_position_mask marks {counts.tolist()} image positions per row, but each "
-                         f"row needs exactly {Q} (latent_query_num)")
+        raise ValueError(
+            f"image_embeds_position_mask marks {counts.tolist()} image positions per row, but each "
+            f"row needs exactly {Q} (latent_query_num)"
+        )
     return mask
 
 
@@ -224,9 +244,18 @@ def check_image_embeds(config, image_embeds, B: int, xp):
     return xp.asarray(image_embeds, dtype=xp.float32)
 
 
-def check_text_inputs(config, xp, input_ids=None, attention_mask=None, image_embeds_position_mask=None,
-                      image_embeds=None, labels=None, position_ids=None, inputs_embeds=None,
-                      past_length: int = 0) -> TextInputs:
+def check_text_inputs(
+    config,
+    xp,
+    input_ids=None,
+    attention_mask=None,
+    image_embeds_position_mask=None,
+    image_embeds=None,
+    labels=None,
+    position_ids=None,
+    inputs_embeds=None,
+    past_length: int = 0,
+) -> TextInputs:
     """Validate the text-side inputs of one call (``past_length`` tokens already cached); an image
     (``image_embeds``) needs its slots (``image_embeds_position_mask``), which are read only with it."""
     input_ids, inputs_embeds, B, T = check_token_ids(config, input_ids, inputs_embeds)
@@ -237,5 +266,4 @@ def check_text_inputs(config, xp, input_ids=None, attention_mask=None, image_emb
     if image_embeds is not None:
         image_embeds = check_image_embeds(config, image_embeds, B, xp)
         image_slots = check_image_slots(config, image_embeds_position_mask, B, T)
-    return TextInputs(input_ids, attention_mask, image_slots, image_embeds, labels, position_ids,
-                      inputs_embeds)
+    return TextInputs(input_ids, attention_mask, image_slots, image_embeds, labels, position_ids, inputs_embeds)

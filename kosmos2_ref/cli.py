@@ -21,6 +21,7 @@ miniature trained on synthetic shapes), ``--backend numpy|cupy``,
 Errors (a missing or unreadable image, a bad box, a checkpoint that cannot be found) print one line
 ``kosmos2-ref: error: ...`` on stderr and exit with status 2; ``KOSMOS2_REF_DEBUG=1`` shows the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,26 +61,45 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     the command overrides one given before it, and one given before it is not reset."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     g = parser.add_argument_group("model and output options")
-    g.add_argument("--model", metavar="PATH_OR_ID", default=d(None),
-                   help="checkpoint folder, Hugging Face id, or 'mini' (the packaged miniature trained on "
-                        "synthetic shapes) (default: $KOSMOS2_REF_MODEL, else microsoft/kosmos-2-patch14-224 "
-                        "from the HF cache, downloaded if online)")
-    g.add_argument("--backend", choices=["numpy", "cupy"], default=d(None),
-                   help="array backend (default: $KOSMOS2_BACKEND, else numpy)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=d("float32"),
-                   help="storage dtype of the weight matrices; compute is float32 (default: float32)")
-    g.add_argument("--max-new-tokens", type=int, metavar="N", default=d(None),
-                   help="tokens to generate (default: 64; 16 for ground)")
+    g.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        default=d(None),
+        help="checkpoint folder, Hugging Face id, or 'mini' (the packaged miniature trained on "
+        "synthetic shapes) (default: $KOSMOS2_REF_MODEL, else microsoft/kosmos-2-patch14-224 "
+        "from the HF cache, downloaded if online)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=["numpy", "cupy"],
+        default=d(None),
+        help="array backend (default: $KOSMOS2_BACKEND, else numpy)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=d("float32"),
+        help="storage dtype of the weight matrices; compute is float32 (default: float32)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        default=d(None),
+        help="tokens to generate (default: 64; 16 for ground)",
+    )
     g.add_argument("--json", action="store_true", default=d(False), help="print the result as JSON")
-    g.add_argument("--draw", metavar="OUT.png", default=d(None),
-                   help="also write the image with the boxes drawn on it")
+    g.add_argument("--draw", metavar="OUT.png", default=d(None), help="also write the image with the boxes drawn on it")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import jobs
 
-    parser = _Parser(prog=PROG, description="KOSMOS-2 in NumPy: grounded captions, phrase grounding, region "
-                     "descriptions and image embeddings.", epilog="Run `kosmos2-ref demo` to see it work.")
+    parser = _Parser(
+        prog=PROG,
+        description="KOSMOS-2 in NumPy: grounded captions, phrase grounding, region descriptions and image embeddings.",
+        epilog="Run `kosmos2-ref demo` to see it work.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -92,15 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_task_commands(sub, jobs) -> None:
     """caption, ground, describe and embed: the model's jobs, each over one image or many."""
-    images_help = ("image files or folders (a folder's images sorted by name); one image file and no --out "
-                   "prints the result as before, anything more writes JSON Lines")
+    images_help = (
+        "image files or folders (a folder's images sorted by name); one image file and no --out "
+        "prints the result as before, anything more writes JSON Lines"
+    )
     text_out_help = "write the JSON Lines records to FILE (default: stdout), one per image as it finishes"
 
     p = sub.add_parser("caption", help="grounded caption of an image: the phrases it names and their boxes")
     p.add_argument("images", nargs="*", metavar="IMAGE", help=images_help)
-    p.add_argument("--prompt", default=None,
-                   help='prompt (default: "<grounding> An image of"; try "<grounding> Describe this image in '
-                        'detail:")')
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help='prompt (default: "<grounding> An image of"; try "<grounding> Describe this image in detail:")',
+    )
     jobs.add_batch_arguments(p, jobs.TEXT_BATCH_SIZE, text_out_help)
     _global_options(p, suppress=True)
 
@@ -112,52 +136,78 @@ def _add_task_commands(sub, jobs) -> None:
 
     p = sub.add_parser("describe", help="describe what is inside a box (referring expression generation)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help=images_help)
-    p.add_argument("--box", required=True, metavar="x1,y1,x2,y2",
-                   help="the region: normalised to [0, 1], or in pixels (of each image) when any value is above 1")
+    p.add_argument(
+        "--box",
+        required=True,
+        metavar="x1,y1,x2,y2",
+        help="the region: normalised to [0, 1], or in pixels (of each image) when any value is above 1",
+    )
     jobs.add_batch_arguments(p, jobs.TEXT_BATCH_SIZE, text_out_help)
     _global_options(p, suppress=True)
 
     p = sub.add_parser("embed", help="image embeddings [N, 64, 2048] and pooled CLIP vectors [N, 1024]")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (a folder's images sorted)")
     jobs.add_batch_arguments(
-        p, jobs.EMBED_BATCH_SIZE, out_required=True,
+        p,
+        jobs.EMBED_BATCH_SIZE,
+        out_required=True,
         out_help="FILE.npy: embeddings there, pooled vectors in FILE.pooled.npy and one record per finished row in "
-                 "FILE.index.jsonl, all written row by row (memory stays flat; resumable); FILE.npz: one archive "
-                 "with arrays image_embeds, pooled and names, held in memory and written at the end (small sets)")
+        "FILE.index.jsonl, all written row by row (memory stays flat; resumable); FILE.npz: one archive "
+        "with arrays image_embeds, pooled and names, held in memory and written at the end (small sets)",
+    )
     _global_options(p, suppress=True)
-
 
 
 def _add_tool_commands(sub) -> None:
     """convert, demo and serve."""
-    p = sub.add_parser("convert", help="write a safetensors checkpoint folder from any checkpoint this package "
-                                       "loads (safetensors or pytorch_model.bin, a folder or a Hub id)")
+    p = sub.add_parser(
+        "convert",
+        help="write a safetensors checkpoint folder from any checkpoint this package "
+        "loads (safetensors or pytorch_model.bin, a folder or a Hub id)",
+    )
     p.add_argument("src", help="checkpoint folder or Hugging Face id")
     p.add_argument("dst", help="the new folder to write (must not exist; it appears only when complete)")
-    p.add_argument("--dtype", dest="convert_dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="convert every tensor to this dtype (default: keep each as stored)")
+    p.add_argument(
+        "--dtype",
+        dest="convert_dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="convert every tensor to this dtype (default: keep each as stored)",
+    )
 
-    p = sub.add_parser("demo", help="caption the packaged sample photo and draw its boxes (real weights if "
-                                    "available; else the miniature, trained on synthetic shapes, captions a "
-                                    "generated scene)")
+    p = sub.add_parser(
+        "demo",
+        help="caption the packaged sample photo and draw its boxes (real weights if "
+        "available; else the miniature, trained on synthetic shapes, captions a "
+        "generated scene)",
+    )
     p.add_argument("--image", default=None, help="caption this image instead of the packaged one")
     _global_options(p, suppress=True)
 
-    p = sub.add_parser("serve", help="a local web page and JSON API: caption, ground, describe a drawn box, the "
-                                     "connector's attention (docs/web.md)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p = sub.add_parser(
+        "serve",
+        help="a local web page and JSON API: caption, ground, describe a drawn box, the "
+        "connector's attention (docs/web.md)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
-                   help="largest image upload accepted (default 10)")
-    p.add_argument("--queue", type=int, default=4, metavar="N",
-                   help="requests that may wait for the model; more get 503 (default 4)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=10.0, metavar="MB", help="largest image upload accepted (default 10)"
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests that may wait for the model; more get 503 (default 4)",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     _global_options(p, suppress=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -195,8 +245,7 @@ def _check_output(option: str, value: str, what: str, path: Path | None = None, 
 def _load_model(args, model_id: str | None = None):
     from .model import Kosmos2
 
-    return Kosmos2.from_pretrained(model_id or args.model or default_model(), backend=args.backend,
-                                   dtype=args.dtype)
+    return Kosmos2.from_pretrained(model_id or args.model or default_model(), backend=args.backend, dtype=args.dtype)
 
 
 def _run_text_batch(args, job) -> int:
@@ -210,25 +259,44 @@ def _run_text_batch(args, job) -> int:
         _check_output("--out", args.out, "a .jsonl file to write")
     paths = jobs.collect_inputs(args.images, args.recursive, args.list)
     if args.engine == "ray":
-        from .ray_jobs import import_ray     # Ray is optional: imported only for --engine ray
+        from .ray_jobs import import_ray  # Ray is optional: imported only for --engine ray
 
-        import_ray()                                    # installed? say so before anything is written
+        import_ray()  # installed? say so before anything is written
     records = jobs.RecordFile(args.out, args.resume, job.name, job.prompt)
     try:
         progress = jobs.Progress(job.name, len(paths), already_done=sum(p in records.done for p in paths))
         if args.engine == "ray":
-            from . import ray_jobs      # only for --engine ray (it needs the optional Ray)
+            from . import ray_jobs  # only for --engine ray (it needs the optional Ray)
 
             with jobs.StopOnInterrupt() as stop:
                 outcome = ray_jobs.run_text_job(
-                    args.model or default_model(), job, paths, records, backend=args.backend, dtype=args.dtype,
-                    batch_size=args.batch_size, workers=args.workers, address=args.address,
-                    on_error=args.on_error, progress=progress, stop=stop)
+                    args.model or default_model(),
+                    job,
+                    paths,
+                    records,
+                    backend=args.backend,
+                    dtype=args.dtype,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    address=args.address,
+                    on_error=args.on_error,
+                    progress=progress,
+                    stop=stop,
+                )
         else:
             model = _load_model(args)
             with jobs.StopOnInterrupt() as stop:
-                outcome = jobs.run_text_job(model, None, job, paths, records, batch_size=args.batch_size,
-                                            on_error=args.on_error, progress=progress, stop=stop)
+                outcome = jobs.run_text_job(
+                    model,
+                    None,
+                    job,
+                    paths,
+                    records,
+                    batch_size=args.batch_size,
+                    on_error=args.on_error,
+                    progress=progress,
+                    stop=stop,
+                )
     finally:
         records.close()
     progress.finish(outcome.interrupted)
@@ -249,37 +317,61 @@ def _run_embed_batch(args) -> tuple[int, dict]:
         _check_output("--out", args.out, f"{what} to write", path, subject)
     paths = jobs.collect_inputs(args.images, args.recursive, args.list)
     if args.engine == "ray":
-        from .ray_jobs import import_ray     # Ray is optional: imported only for --engine ray
+        from .ray_jobs import import_ray  # Ray is optional: imported only for --engine ray
 
         import_ray()
-    model = _load_model(args)          # memory-mapped: cheap, and it gives the shapes (ray: the workers compute)
+    model = _load_model(args)  # memory-mapped: cheap, and it gives the shapes (ray: the workers compute)
     embeds_row, pooled_row = jobs.embedding_row_shapes(model)
     files = jobs.EmbeddingFiles(args.out, paths, embeds_row, pooled_row, resume=args.resume)
     try:
         progress = jobs.Progress("embed", len(paths), already_done=len(files.done))
         with jobs.StopOnInterrupt() as stop:
             if args.engine == "ray":
-                from . import ray_jobs      # only for --engine ray (it needs the optional Ray)
+                from . import ray_jobs  # only for --engine ray (it needs the optional Ray)
 
                 outcome = ray_jobs.run_embed_job(
-                    args.model or default_model(), paths, files, backend=args.backend, dtype=args.dtype,
-                    batch_size=args.batch_size, workers=args.workers, address=args.address,
-                    on_error=args.on_error, progress=progress, stop=stop)
+                    args.model or default_model(),
+                    paths,
+                    files,
+                    backend=args.backend,
+                    dtype=args.dtype,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    address=args.address,
+                    on_error=args.on_error,
+                    progress=progress,
+                    stop=stop,
+                )
             else:
-                outcome = jobs.run_embed_job(model, None, paths, files, batch_size=args.batch_size,
-                                             on_error=args.on_error, progress=progress, stop=stop)
+                outcome = jobs.run_embed_job(
+                    model,
+                    None,
+                    paths,
+                    files,
+                    batch_size=args.batch_size,
+                    on_error=args.on_error,
+                    progress=progress,
+                    stop=stop,
+                )
     finally:
         files.close()
     progress.finish(outcome.interrupted)
-    summary = {"out": str(files.embeds_path), "pooled_out": str(files.pooled_path), "index": str(files.index_path),
-               "count": len(paths), "done": outcome.done, "errors": outcome.errors,
-               "image_embeds_shape": files.header["image_embeds_shape"], "pooled_shape": files.header["pooled_shape"],
-               "images": paths, "model": model.name_or_path}
+    summary = {
+        "out": str(files.embeds_path),
+        "pooled_out": str(files.pooled_path),
+        "index": str(files.index_path),
+        "count": len(paths),
+        "done": outcome.done,
+        "errors": outcome.errors,
+        "image_embeds_shape": files.header["image_embeds_shape"],
+        "pooled_shape": files.header["pooled_shape"],
+        "images": paths,
+        "model": model.name_or_path,
+    }
     if outcome.interrupted:
         print(jobs.interrupted_message(outcome), file=sys.stderr)
         return 130, summary
     return 0, summary
-
 
 
 def _max_new(args, default: int) -> int:
@@ -308,7 +400,7 @@ def _draw(image_path: Path, entities, out_path: str, image=None) -> Path:
     target = Path(out_path).expanduser()
     try:
         save_image(draw_entities(img, entities), target)
-    except OSError as exc:              # name what the user gave, not the temporary file
+    except OSError as exc:  # name what the user gave, not the temporary file
         raise CLIError(f"--draw {out_path!r}: cannot write it: {exc.strerror or _one_line(exc)}") from exc
     return target
 
@@ -321,6 +413,7 @@ def _stream_to_stdout(args):
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
+
     return on_text
 
 
@@ -331,6 +424,7 @@ def _emit_json(obj) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Commands
 
+
 def _caption_result(args, model, image, prompt: str, label: str = ""):
     """Caption ``image`` (a path or a PIL image), streaming to a terminal."""
     from . import tasks
@@ -338,8 +432,13 @@ def _caption_result(args, model, image, prompt: str, label: str = ""):
     stream = _stream_to_stdout(args)
     if stream is not None and label:
         sys.stdout.write(label + " ")
-    result = tasks.caption(model, str(image) if isinstance(image, Path) else image, prompt=prompt,
-                           max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS), on_text=stream)
+    result = tasks.caption(
+        model,
+        str(image) if isinstance(image, Path) else image,
+        prompt=prompt,
+        max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS),
+        on_text=stream,
+    )
     return result, stream is not None
 
 
@@ -347,7 +446,7 @@ def cmd_caption(args) -> int:
     from . import jobs
     from .tasks import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS
 
-    prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt     # "" is a prompt too: the image alone
+    prompt = DEFAULT_CAPTION_PROMPT if args.prompt is None else args.prompt  # "" is a prompt too: the image alone
     if jobs.wants_batch(args):
         job = jobs.TextJob.caption(prompt, _max_new(args, DEFAULT_MAX_NEW_TOKENS))
         return _run_text_batch(args, job)
@@ -356,8 +455,14 @@ def cmd_caption(args) -> int:
     result, streamed = _caption_result(args, model, image_path, prompt)
     drawn = _draw(image_path, result.entities, args.draw) if args.draw else None
     if args.json:
-        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
-                    **({"drawn": str(drawn)} if drawn else {})})
+        _emit_json(
+            {
+                **result.to_dict(),
+                "image": str(image_path),
+                "model": model.name_or_path,
+                **({"drawn": str(drawn)} if drawn else {}),
+            }
+        )
         return 0
     if streamed:
         print()
@@ -372,22 +477,29 @@ def cmd_caption(args) -> int:
 def cmd_ground(args) -> int:
     from . import jobs, tasks
 
-    if not args.images and not args.list:      # argparse gave the only argument to the phrase
-        raise CLIError(f"ground needs images and a phrase: {PROG} ground IMAGE... PHRASE (got only "
-                       f"{args.phrase!r})")
+    if not args.images and not args.list:  # argparse gave the only argument to the phrase
+        raise CLIError(f"ground needs images and a phrase: {PROG} ground IMAGE... PHRASE (got only {args.phrase!r})")
     if jobs.wants_batch(args):
         job = jobs.TextJob.ground(args.phrase, _max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
         return _run_text_batch(args, job)
     image_path = _check_image_path(args.images[0])
     model = _load_model(args)
-    result = tasks.ground(model, str(image_path), args.phrase,
-                          max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS))
-    entities = [tasks.Entity(result.phrase, (0, len(result.phrase)), result.boxes, result.pixel_boxes)] \
-        if result.boxes else []
+    result = tasks.ground(
+        model, str(image_path), args.phrase, max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS)
+    )
+    entities = (
+        [tasks.Entity(result.phrase, (0, len(result.phrase)), result.boxes, result.pixel_boxes)] if result.boxes else []
+    )
     drawn = _draw(image_path, entities, args.draw) if args.draw else None
     if args.json:
-        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
-                    **({"drawn": str(drawn)} if drawn else {})})
+        _emit_json(
+            {
+                **result.to_dict(),
+                "image": str(image_path),
+                "model": model.name_or_path,
+                **({"drawn": str(drawn)} if drawn else {}),
+            }
+        )
         return 0
     if result.boxes:
         print(f"{result.phrase}:")
@@ -409,17 +521,22 @@ def cmd_describe(args) -> int:
         return _run_text_batch(args, job)
     image_path = _check_image_path(args.images[0])
     image = load_image(str(image_path))
-    box = tasks.normalise_box(args.box, image.size)       # a bad box fails before the model loads
+    box = tasks.normalise_box(args.box, image.size)  # a bad box fails before the model loads
     model = _load_model(args)
-    result = tasks.describe(model, image, box,
-                            max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
+    result = tasks.describe(model, image, box, max_new_tokens=_max_new(args, tasks.DEFAULT_MAX_NEW_TOKENS))
     drawn = None
     if args.draw:
         region = tasks.Entity(result.description, (0, len(result.description)), [result.box], [result.pixel_box])
         drawn = _draw(image_path, [region], args.draw, image)
     if args.json:
-        _emit_json({**result.to_dict(), "image": str(image_path), "model": model.name_or_path,
-                    **({"drawn": str(drawn)} if drawn else {})})
+        _emit_json(
+            {
+                **result.to_dict(),
+                "image": str(image_path),
+                "model": model.name_or_path,
+                **({"drawn": str(drawn)} if drawn else {}),
+            }
+        )
         return 0
     print(result.description)
     print(f"  box {_fmt_box(result.box)}  pixels {tuple(result.pixel_box)}")
@@ -433,24 +550,24 @@ def _save_outputs(option: str, value: str, outputs) -> None:
     file. Each is written to a temporary file beside its path; only when all are written are they moved into place.
     On any failure the temporaries are removed and the old outputs are left as they were (one already moved is put
     back from a hard link kept until the end); an OSError is reported naming ``option`` and the output path."""
-    staged: list[tuple[Path, Path]] = []            # (temporary, path)
-    backups: dict[Path, Path] = {}                  # path -> a link to its old contents
+    staged: list[tuple[Path, Path]] = []  # (temporary, path)
+    backups: dict[Path, Path] = {}  # path -> a link to its old contents
     moved: list[Path] = []
     current = outputs[0][0]
     try:
         for current, write in outputs:
             tmp = current.with_name(f".{current.name}.partial")
-            staged.append((tmp, current))           # before the file exists: a signal after open leaves none
+            staged.append((tmp, current))  # before the file exists: a signal after open leaves none
             with open(tmp, "wb") as f:
                 write(f)
-        for tmp, current in staged[:-1]:            # the last one moved needs no way back
+        for _tmp, current in staged[:-1]:  # the last one moved needs no way back
             if current.is_file():
                 backup = current.with_name(f".{current.name}.old")
                 if backup.is_file() or backup.is_symlink():
                     backup.unlink()
                 try:
                     os.link(current, backup)
-                except OSError:                     # no hard links on this file system
+                except OSError:  # no hard links on this file system
                     import shutil
 
                     shutil.copy2(current, backup)
@@ -465,8 +582,10 @@ def _save_outputs(option: str, value: str, outputs) -> None:
             else:
                 path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise CLIError(f"{option} {value!r}: cannot write {str(current)!r}: {exc.strerror or _one_line(exc)} "
-                           f"(no output was changed)") from exc
+            raise CLIError(
+                f"{option} {value!r}: cannot write {str(current)!r}: {exc.strerror or _one_line(exc)} "
+                f"(no output was changed)"
+            ) from exc
         raise
     finally:
         for leftover in [tmp for tmp, _ in staged] + list(backups.values()):
@@ -493,9 +612,11 @@ def cmd_embed(args) -> int:
         _emit_json(summary)
     else:
         errors = f" ({summary['errors']} could not be read: see the index)" if summary["errors"] else ""
-        print(f"embedded {summary['done']} of {summary['count']} image(s){errors}: image_embeds "
-              f"{tuple(summary['image_embeds_shape'])}, pooled {tuple(summary['pooled_shape'])} -> {out}, "
-              f"{pooled_out} and {summary['index']}")
+        print(
+            f"embedded {summary['done']} of {summary['count']} image(s){errors}: image_embeds "
+            f"{tuple(summary['image_embeds_shape'])}, pooled {tuple(summary['pooled_shape'])} -> {out}, "
+            f"{pooled_out} and {summary['index']}"
+        )
     return code
 
 
@@ -506,24 +627,36 @@ def _embed_npz(args, out: Path) -> int:
 
     from . import jobs, tasks
 
-    _check_output("--out", args.out, "a .npz file to write")        # before the slow part
+    _check_output("--out", args.out, "a .npz file to write")  # before the slow part
     jobs.check_batch_arguments(args)
     if args.resume or args.engine != "local":
-        raise CLIError(f"--resume and --engine ray need --out FILE.npy (streamed row by row); {args.out!r} is "
-                       f"written at the end")
+        raise CLIError(
+            f"--resume and --engine ray need --out FILE.npy (streamed row by row); {args.out!r} is written at the end"
+        )
     paths = jobs.collect_inputs(args.images, args.recursive, args.list)
     model = _load_model(args)
     result = tasks.embed(model, paths, batch_size=args.batch_size)
-    _save_outputs("--out", args.out, [(out, lambda f: np.savez(
-        f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array(paths)))])
-    summary = {"out": str(out), "pooled_out": str(out), "count": len(paths),
-               "image_embeds_shape": list(result.image_embeds.shape), "pooled_shape": list(result.pooled.shape),
-               "images": paths, "model": model.name_or_path}
+    _save_outputs(
+        "--out",
+        args.out,
+        [(out, lambda f: np.savez(f, image_embeds=result.image_embeds, pooled=result.pooled, names=np.array(paths)))],
+    )
+    summary = {
+        "out": str(out),
+        "pooled_out": str(out),
+        "count": len(paths),
+        "image_embeds_shape": list(result.image_embeds.shape),
+        "pooled_shape": list(result.pooled.shape),
+        "images": paths,
+        "model": model.name_or_path,
+    }
     if args.json:
         _emit_json(summary)
     else:
-        print(f"embedded {len(paths)} image(s): image_embeds {tuple(result.image_embeds.shape)}, "
-              f"pooled {tuple(result.pooled.shape)} -> {out}")
+        print(
+            f"embedded {len(paths)} image(s): image_embeds {tuple(result.image_embeds.shape)}, "
+            f"pooled {tuple(result.pooled.shape)} -> {out}"
+        )
     return 0
 
 
@@ -532,7 +665,7 @@ def demo_image() -> Path:
     return Path(__file__).resolve().parent / "assets" / "two_dogs.jpg"
 
 
-DEMO_SCENE_SEED = 3      # the generated scene the miniature captions in the demo
+DEMO_SCENE_SEED = 3  # the generated scene the miniature captions in the demo
 DEMO_SCENE_SIZE = 224
 
 
@@ -543,24 +676,31 @@ def cmd_demo(args) -> int:
     image_path = _check_image_path(args.image) if args.image else demo_image()
     if not image_path.is_file():
         raise CLIError(f"the packaged demo image is missing: {str(image_path)!r}")
-    if not args.draw:                   # main() checked a --draw given; check the default before the slow part
-        _check_output("--draw", DEFAULT_DEMO_DRAW, "an image file to write (choose another with --draw)",
-                      subject=f"the demo's output {DEFAULT_DEMO_DRAW!r} (the --draw default)")
+    if not args.draw:  # main() checked a --draw given; check the default before the slow part
+        _check_output(
+            "--draw",
+            DEFAULT_DEMO_DRAW,
+            "an image file to write (choose another with --draw)",
+            subject=f"the demo's output {DEFAULT_DEMO_DRAW!r} (the --draw default)",
+        )
     explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
     if explicit:
-        model = _load_model(args, explicit)          # the user asked for it: failing is an error
+        model = _load_model(args, explicit)  # the user asked for it: failing is an error
     else:
         try:
             folder = resolve_checkpoint(default_model())
         except CheckpointNotFoundError as exc:
-            why = _one_line(exc).split(": ")[0]          # what is missing, without the how-to-get-it advice
-            print(f"{PROG}: real weights unavailable ({why}); showing the miniature instead: a small Kosmos-2 "
-                  f"trained on synthetic shapes, on a generated scene", file=sys.stderr)
+            why = _one_line(exc).split(": ")[0]  # what is missing, without the how-to-get-it advice
+            print(
+                f"{PROG}: real weights unavailable ({why}); showing the miniature instead: a small Kosmos-2 "
+                f"trained on synthetic shapes, on a generated scene",
+                file=sys.stderr,
+            )
             folder = resolve_checkpoint(MINI_MODEL)
         model = _load_model(args, str(folder))
     miniature = is_miniature(getattr(model, "folder", None))
     scene = None
-    if miniature and not args.image:    # the miniature knows shapes, not photos: show it a scene of its world
+    if miniature and not args.image:  # the miniature knows shapes, not photos: show it a scene of its world
         from . import world
 
         scene = world.make_scene(DEMO_SCENE_SEED, image_size=DEMO_SCENE_SIZE)
@@ -570,12 +710,14 @@ def cmd_demo(args) -> int:
         image, shown = image_path, image_path.name
     label = "[miniature]" if miniature else ""
     result, streamed = _caption_result(args, model, image, DEFAULT_CAPTION_PROMPT, label)
-    drawn = _draw(image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW,
-                  image=image if scene is not None else None)
+    drawn = _draw(
+        image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW, image=image if scene is not None else None
+    )
     if args.json:
         where = {"image": None, "scene": _scene_dict(scene)} if scene is not None else {"image": str(image_path)}
-        _emit_json({**result.to_dict(), **where, "model": model.name_or_path, "miniature": miniature,
-                    "drawn": str(drawn)})
+        _emit_json(
+            {**result.to_dict(), **where, "model": model.name_or_path, "miniature": miniature, "drawn": str(drawn)}
+        )
         return 0
     if streamed:
         print()
@@ -587,8 +729,11 @@ def cmd_demo(args) -> int:
 
 
 def _scene_dict(scene) -> dict:
-    return {"seed": scene.seed, "size": scene.image_size,
-            "objects": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in scene.objects]}
+    return {
+        "seed": scene.seed,
+        "size": scene.image_size,
+        "objects": [{"colour": o.colour, "shape": o.shape, "box": list(o.box)} for o in scene.objects],
+    }
 
 
 def cmd_serve(args) -> int:
@@ -606,19 +751,26 @@ def cmd_serve(args) -> int:
     explicit = args.model or os.environ.get("KOSMOS2_REF_MODEL")
     if explicit:
         model = _load_model(args, explicit)
-    else:                               # as `demo` does: the real weights, else a labelled random model
+    else:  # as `demo` does: the real weights, else a labelled random model
         try:
             folder = resolve_checkpoint(default_model())
         except CheckpointNotFoundError as exc:
-            print(f"{PROG}: real weights unavailable ({_one_line(exc)}); serving a small RANDOM-weight model "
-                  f"instead (its captions are noise; pass --model to choose one)", file=sys.stderr)
+            print(
+                f"{PROG}: real weights unavailable ({_one_line(exc)}); serving a small RANDOM-weight model "
+                f"instead (its captions are noise; pass --model to choose one)",
+                file=sys.stderr,
+            )
             folder = demo_checkpoint()
         model = _load_model(args, str(folder))
-    service = ModelService(model, random_weights=is_demo_checkpoint(getattr(model, "folder", None)),
-                           max_waiting=args.queue, default_max_new_tokens=_max_new(args, DEFAULT_MAX_NEW_TOKENS))
+    service = ModelService(
+        model,
+        random_weights=is_demo_checkpoint(getattr(model, "folder", None)),
+        max_waiting=args.queue,
+        default_max_new_tokens=_max_new(args, DEFAULT_MAX_NEW_TOKENS),
+    )
     try:
         serve(service, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.quiet)
-    except OSError as exc:              # the port is taken, the address is not this machine's, ...
+    except OSError as exc:  # the port is taken, the address is not this machine's, ...
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or _one_line(exc)}") from exc
     return 0
 
@@ -632,8 +784,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "ground": cmd_ground, "describe": cmd_describe, "embed": cmd_embed,
-            "demo": cmd_demo, "serve": cmd_serve, "convert": cmd_convert}
+COMMANDS = {
+    "caption": cmd_caption,
+    "ground": cmd_ground,
+    "describe": cmd_describe,
+    "embed": cmd_embed,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "convert": cmd_convert,
+}
 
 
 class Terminated(BaseException):
@@ -670,7 +829,7 @@ def _run(args) -> int:
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        if args.draw:                   # check the target before the slow part
+        if args.draw:  # check the target before the slow part
             target = _check_output("--draw", args.draw, "an image file to write")
             import PIL.Image
 
@@ -682,11 +841,11 @@ def _run(args) -> int:
         return 130
     except Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)
-        return 143                      # 128 + SIGTERM, as a shell reports a command ended by it
-    except BrokenPipeError:             # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
+        return 143  # 128 + SIGTERM, as a shell reports a command ended by it
+    except BrokenPipeError:  # the reader went away (`kosmos2-ref caption x.png --json | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so Python's final flush of stdout does not fail again
-        return 141                      # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     except (ValueError, OSError, ImportError, MemoryError) as exc:
         if os.environ.get("KOSMOS2_REF_DEBUG"):
             raise

@@ -18,6 +18,7 @@ probable were those two words when they were chosen". From the scores of the run
 A box of a random-weight model is noise, and so is its confidence; the numbers mean something only for a trained
 checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,9 +30,9 @@ from .backend import to_numpy
 from .processing.grounding import patch_indices_to_box
 from .processing.tokenizer import BOO_TOKEN, BOP_TOKEN, DOM_TOKEN, EOO_TOKEN, EOP_TOKEN, patch_index_token
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Token probabilities
+
 
 def token_probabilities(scores: Sequence, tokens: Sequence[int]) -> np.ndarray:
     """p[t] = softmax(scores[t])[tokens[t]] for each generated step t: [steps] float64.
@@ -45,7 +46,7 @@ def token_probabilities(scores: Sequence, tokens: Sequence[int]) -> np.ndarray:
         raise ValueError(f"scores has {len(scores)} steps but {len(tokens)} tokens were given; they must be equal")
     probs = np.empty(len(tokens), np.float64)
     for t, (step, token) in enumerate(zip(scores, tokens)):
-        s = np.asarray(to_numpy(step), dtype=np.float64).reshape(-1)          # [V]
+        s = np.asarray(to_numpy(step), dtype=np.float64).reshape(-1)  # [V]
         if not 0 <= token < s.size:
             raise ValueError(f"token {token} at step {t} is outside the {s.size} scores of that step")
         top = s.max()
@@ -58,6 +59,7 @@ def token_probabilities(scores: Sequence, tokens: Sequence[int]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Where the grounded phrases are in the ids
+
 
 @dataclass(frozen=True)
 class TagIds:
@@ -74,6 +76,7 @@ class TagIds:
     @classmethod
     def from_tokenizer(cls, tokenizer, num_patches: int = 1024) -> "TagIds":
         """Look the tags up in ``tokenizer`` (anything with ``token_to_id``); a missing tag is a ValueError."""
+
         def lookup(token: str) -> int:
             i = tokenizer.token_to_id(token)
             if i is None:
@@ -83,8 +86,15 @@ class TagIds:
         first = lookup(patch_index_token(0))
         if lookup(patch_index_token(num_patches - 1)) != first + num_patches - 1:
             raise ValueError("the tokenizer's patch-index tokens are not consecutive ids")
-        return cls(lookup(BOP_TOKEN), lookup(EOP_TOKEN), lookup(BOO_TOKEN), lookup(EOO_TOKEN), lookup(DOM_TOKEN),
-                   first, num_patches)
+        return cls(
+            lookup(BOP_TOKEN),
+            lookup(EOP_TOKEN),
+            lookup(BOO_TOKEN),
+            lookup(EOO_TOKEN),
+            lookup(DOM_TOKEN),
+            first,
+            num_patches,
+        )
 
     def is_patch(self, i: int) -> bool:
         return self.first_patch <= i < self.first_patch + self.num_patches
@@ -97,10 +107,10 @@ class TagIds:
 class Group:
     """One ``[<phrase> … </phrase>] <object> … </object>`` in the ids (positions index the whole sequence)."""
 
-    phrase_positions: list[int]                  # the phrase's word tokens (empty: no phrase before <object>)
+    phrase_positions: list[int]  # the phrase's word tokens (empty: no phrase before <object>)
     object_position: int
-    pair_positions: list[tuple[int, int]]        # each box's two location tokens
-    pairs: list[tuple[int, int]]                 # each box's (upper-left, lower-right) patch indices
+    pair_positions: list[tuple[int, int]]  # each box's two location tokens
+    pairs: list[tuple[int, int]]  # each box's (upper-left, lower-right) patch indices
 
 
 def _phrase_before(ids: Sequence[int], obj: int, tags: TagIds) -> list[int]:
@@ -108,7 +118,7 @@ def _phrase_before(ids: Sequence[int], obj: int, tags: TagIds) -> list[int]:
     if obj < 3 or ids[obj - 1] != tags.end_phrase:
         return []
     j = obj - 2
-    while j >= 0 and not tags.is_tag(ids[j]):       # the words: anything but a tag (the regex's [^<]+)
+    while j >= 0 and not tags.is_tag(ids[j]):  # the words: anything but a tag (the regex's [^<]+)
         j -= 1
     if j < 0 or ids[j] != tags.phrase or j == obj - 2:
         return []
@@ -153,6 +163,7 @@ def find_groups(ids: Sequence[int], tags: TagIds) -> list[Group]:
 # ----------------------------------------------------------------------------------------------------------------
 # Confidence of each entity
 
+
 @dataclass
 class BoxConfidence:
     """The probabilities of one box's two location tokens and their product (None where the prompt gave it)."""
@@ -174,8 +185,8 @@ class BoxConfidence:
 class EntityConfidence:
     """How probable the tokens of one entity were: the phrase's words (mean), ``<object>``, and each box."""
 
-    phrase: float | None                                 # mean word probability; None if given or absent
-    object: float | None                                 # p(<object>): the decision to ground the phrase
+    phrase: float | None  # mean word probability; None if given or absent
+    object: float | None  # p(<object>): the decision to ground the phrase
     boxes: list[BoxConfidence] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -191,13 +202,21 @@ def _prob_at(probs: np.ndarray, prompt_length: int, position: int) -> float | No
 def _group_confidence(group: Group, pairs_of_entity: Sequence[int], probs, prompt_length) -> EntityConfidence:
     words = [_prob_at(probs, prompt_length, p) for p in group.phrase_positions]
     phrase = float(np.mean(words)) if words and all(w is not None for w in words) else None
-    boxes = [BoxConfidence(_prob_at(probs, prompt_length, a), _prob_at(probs, prompt_length, b))
-             for a, b in (group.pair_positions[k] for k in pairs_of_entity)]
+    boxes = [
+        BoxConfidence(_prob_at(probs, prompt_length, a), _prob_at(probs, prompt_length, b))
+        for a, b in (group.pair_positions[k] for k in pairs_of_entity)
+    ]
     return EntityConfidence(phrase, _prob_at(probs, prompt_length, group.object_position), boxes)
 
 
-def entity_confidences(ids: Sequence[int], prompt_length: int, probs: Sequence[float], tags: TagIds,
-                       entities=None, num_patches_per_side: int = 32) -> list[EntityConfidence | None]:
+def entity_confidences(
+    ids: Sequence[int],
+    prompt_length: int,
+    probs: Sequence[float],
+    tags: TagIds,
+    entities=None,
+    num_patches_per_side: int = 32,
+) -> list[EntityConfidence | None]:
     """One :class:`EntityConfidence` per entity of ``post_process_generation``, in its order.
 
     ``ids``: the whole sequence (prompt + generated); ``probs``: :func:`token_probabilities` of the generated
@@ -210,7 +229,7 @@ def entity_confidences(ids: Sequence[int], prompt_length: int, probs: Sequence[f
     ids = [int(i) for i in ids]
     if len(probs) != len(ids) - prompt_length:
         raise ValueError(f"probs has {len(probs)} entries but {len(ids) - prompt_length} tokens were generated")
-    found = []                                   # (boxes, confidence) in post-processing's order
+    found = []  # (boxes, confidence) in post-processing's order
     for group in find_groups(ids, tags):
         boxes = [patch_indices_to_box(a, b, num_patches_per_side) for a, b in group.pairs]
         if group.phrase_positions:
@@ -222,7 +241,10 @@ def entity_confidences(ids: Sequence[int], prompt_length: int, probs: Sequence[f
     out: list[EntityConfidence | None] = []
     for k, entity in enumerate(entities):
         boxes = entity[2] if isinstance(entity, tuple) else entity.boxes
-        same = k < len(found) and len(found[k][0]) == len(boxes) and all(
-            np.allclose(a, b, atol=1e-9) for a, b in zip(found[k][0], boxes))
+        same = (
+            k < len(found)
+            and len(found[k][0]) == len(boxes)
+            and all(np.allclose(a, b, atol=1e-9) for a, b in zip(found[k][0], boxes))
+        )
         out.append(found[k][1] if same else None)
     return out

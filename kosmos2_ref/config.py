@@ -4,11 +4,12 @@ Mirrors ``transformers/models/kosmos2/configuration_kosmos2.py`` (docs/numerics.
 ``microsoft/kosmos-2-patch14-224``. Keys we do not model are kept in ``extra`` (not fatal), so generation keys
 such as ``text_config.no_repeat_ngram_size`` stay available to :mod:`kosmos2_ref.generation`.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _build(cls, d: dict, aliases: dict[str, str], where: str):
     for key, value in d.items():
         key2 = aliases.get(key, key)
         if key2 in names:
-            if key2 in kwargs and key != key2:   # the canonical name wins over its alias
+            if key2 in kwargs and key != key2:  # the canonical name wins over its alias
                 continue
             kwargs[key2] = value
         else:
@@ -38,7 +39,7 @@ def _build(cls, d: dict, aliases: dict[str, str], where: str):
     try:
         return cls(**kwargs, extra=extra)
     except ConfigError:
-        raise                                   # it names its key already ("text_config.layer_norm_eps ...")
+        raise  # it names its key already ("text_config.layer_norm_eps ...")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -47,6 +48,7 @@ def _build(cls, d: dict, aliases: dict[str, str], where: str):
 # the right thing, and each of those fails far from here (a NumPy type error at the first forward) or not at all (a
 # negative eps gives NaN logits, the string "false" is truthy, an out-of-range pad id shifts every position), so
 # each is refused at load, naming the key. Keys we only carry along (dropout rates, dtype names, ...) are not checked.
+
 
 def _check_positive_ints(obj, names, where):
     for n in names:
@@ -75,8 +77,10 @@ def _check_token_id(v, name, vocab_size, where, optional: bool):
         return
     if not is_int(v) or not 0 <= v < vocab_size:
         also = " or null" if optional else ""
-        raise ConfigError(f"{where}.{name} must be a token id, an integer in [0, {vocab_size - 1}] "
-                          f"(below vocab_size){also}, got {v!r}")
+        raise ConfigError(
+            f"{where}.{name} must be a token id, an integer in [0, {vocab_size - 1}] "
+            f"(below vocab_size){also}, got {v!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,24 @@ class VisionConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_positive_ints(self, ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                    "num_channels", "image_size", "patch_size"], "vision_config")
+        _check_positive_ints(
+            self,
+            [
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_channels",
+                "image_size",
+                "patch_size",
+            ],
+            "vision_config",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"vision_config.hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(
+                f"vision_config.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"vision_config.hidden_act={self.hidden_act!r}: expected 'quick_gelu' or 'gelu'")
         _check_eps(self, "vision_config")
@@ -138,11 +155,15 @@ class TextConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_positive_ints(self, ["vocab_size", "max_position_embeddings", "embed_dim", "layers", "ffn_dim",
-                                    "attention_heads"], "text_config")
+        _check_positive_ints(
+            self,
+            ["vocab_size", "max_position_embeddings", "embed_dim", "layers", "ffn_dim", "attention_heads"],
+            "text_config",
+        )
         if self.embed_dim % self.attention_heads:
-            raise ConfigError(f"text_config.embed_dim={self.embed_dim} is not divisible by "
-                              f"attention_heads={self.attention_heads}")
+            raise ConfigError(
+                f"text_config.embed_dim={self.embed_dim} is not divisible by attention_heads={self.attention_heads}"
+            )
         if self.activation_function not in ("gelu", "quick_gelu"):
             raise ConfigError(f"text_config.activation_function={self.activation_function!r}: expected 'gelu'")
         _check_eps(self, "text_config")
@@ -151,7 +172,7 @@ class TextConfig:
         # (docs/numerics.md §6.2)
         _check_token_id(self.pad_token_id, "pad_token_id", self.vocab_size, "text_config", optional=False)
         _check_token_id(self.bos_token_id, "bos_token_id", self.vocab_size, "text_config", optional=True)
-        several = isinstance(self.eos_token_id, list)                  # generation accepts one id or a list
+        several = isinstance(self.eos_token_id, list)  # generation accepts one id or a list
         for e in self.eos_token_id if several else [self.eos_token_id]:
             _check_token_id(e, "eos_token_id", self.vocab_size, "text_config", optional=not several)
 
@@ -166,8 +187,12 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
-        return _build(cls, d, {"hidden_size": "embed_dim", "num_hidden_layers": "layers",
-                               "num_attention_heads": "attention_heads"}, "text_config")
+        return _build(
+            cls,
+            d,
+            {"hidden_size": "embed_dim", "num_hidden_layers": "layers", "num_attention_heads": "attention_heads"},
+            "text_config",
+        )
 
 
 @dataclass(frozen=True)
@@ -203,7 +228,7 @@ class Kosmos2Config:
             text = read_text(path)
         except ConfigError:
             raise
-        except ValueError as exc:              # a broken link, not a file, unreadable, not UTF-8
+        except ValueError as exc:  # a broken link, not a file, unreadable, not UTF-8
             raise ConfigError(f"config file {exc}") from None
         try:
             d = json.loads(text)
@@ -224,14 +249,21 @@ class Kosmos2Config:
 
     def to_dict(self) -> dict:
         """A ``config.json``-shaped dict (transformers can read it back)."""
+
         def one(c, model_type):
             d = {k: v for k, v in asdict(c).items() if k != "extra"}
             d.update(c.extra)
             d.setdefault("model_type", model_type)
             return d
+
         out = dict(self.extra)
-        out.update({"model_type": "kosmos-2", "latent_query_num": self.latent_query_num,
-                    "text_config": one(self.text_config, "kosmos_2_text_model"),
-                    "vision_config": one(self.vision_config, "kosmos_2_vision_model")})
+        out.update(
+            {
+                "model_type": "kosmos-2",
+                "latent_query_num": self.latent_query_num,
+                "text_config": one(self.text_config, "kosmos_2_text_model"),
+                "vision_config": one(self.vision_config, "kosmos_2_vision_model"),
+            }
+        )
         out.setdefault("architectures", ["Kosmos2ForConditionalGeneration"])
         return out

@@ -10,6 +10,7 @@ them, vectors included, as ``model.to(dtype).save_pretrained`` does -- and strea
 the weights are never held in memory whole. The output appears only when complete: everything is written into a
 temporary folder beside ``dst``, which is renamed to ``dst`` at the end and removed on any failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,24 +23,31 @@ import numpy as np
 
 from .config import Kosmos2Config
 from .hub import resolve_checkpoint
-from .weights import (CONVERT_CHUNK_BYTES, SINGLE_FILE, STORAGE_DTYPES, WeightsError, convert_storage,
-                      plan_weights)
+from .weights import CONVERT_CHUNK_BYTES, SINGLE_FILE, STORAGE_DTYPES, WeightsError, convert_storage, plan_weights
 
 # storage name -> safetensors dtype tag, and back
 _TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
 # Files copied unchanged when the source has them (config.json is rewritten; the weights are converted).
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "added_tokens.json", "sentencepiece.bpe.model", "preprocessor_config.json", "processor_config.json")
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def _chunks(raw: np.ndarray, src_tag: str, dst_tag: str):
     """The tensor's bytes in ``dst_tag``, CONVERT_CHUNK_BYTES of source at a time (row-major order)."""
-    flat = np.ascontiguousarray(raw).reshape(-1)        # a view for every contiguous tensor (all but strided .bin)
+    flat = np.ascontiguousarray(raw).reshape(-1)  # a view for every contiguous tensor (all but strided .bin)
     per_chunk = max(1, CONVERT_CHUNK_BYTES // flat.dtype.itemsize)
     for i in range(0, flat.size, per_chunk):
-        part = flat[i:i + per_chunk]
+        part = flat[i : i + per_chunk]
         if src_tag == dst_tag:
             yield part
         elif dst_tag == "F64":
@@ -48,8 +56,9 @@ def _chunks(raw: np.ndarray, src_tag: str, dst_tag: str):
             yield convert_storage(part, src_tag, _NAMES[dst_tag])
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...], object]],
-                      metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: Path, tensors: list[tuple[str, str, tuple[int, ...], object]], metadata: dict[str, str]
+) -> None:
     """Write a safetensors file from ``(name, dtype tag, shape, chunks)`` entries, ``chunks`` an iterable of arrays
     whose bytes follow one another: an 8-byte little-endian header length, the JSON header (padded with spaces to
     a multiple of 8, as the safetensors library pads it), then each tensor's bytes in header order."""
@@ -64,12 +73,12 @@ def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...],
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name, tag, shape, chunks in tensors:
+        for name, _tag, _shape, chunks in tensors:
             start = f.tell()
             for part in chunks:
                 f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
             want = header[name]["data_offsets"]
-            if f.tell() - start != want[1] - want[0]:          # a bug, never a user error: refuse the file
+            if f.tell() - start != want[1] - want[0]:  # a bug, never a user error: refuse the file
                 raise RuntimeError(f"{name}: wrote {f.tell() - start} bytes, the header says {want[1] - want[0]}")
         f.flush()
         os.fsync(f.fileno())
@@ -102,13 +111,14 @@ def convert_checkpoint(src, dst: str | Path, dtype: str | None = None, **hub_kwa
         raise WeightsError(f"dtype={dtype!r} is not supported: expected one of {STORAGE_DTYPES} (or None: as stored)")
     dst = Path(dst).expanduser()
     if dst.exists():
-        raise WeightsError(f"output folder {str(dst)!r} already exists: convert writes a new folder, choose another "
-                           f"name or remove it")
+        raise WeightsError(
+            f"output folder {str(dst)!r} already exists: convert writes a new folder, choose another name or remove it"
+        )
     if not dst.parent.is_dir():
         raise WeightsError(f"output folder {str(dst)!r}: its parent folder does not exist")
     folder = resolve_checkpoint(src, **hub_kwargs)
     cfg = Kosmos2Config.from_pretrained(folder)
-    plan = plan_weights(folder, cfg)                       # every check before anything is written
+    plan = plan_weights(folder, cfg)  # every check before anything is written
     tensors = []
     for key, (f, fkey) in plan.items():
         src_tag = f.st_dtype(fkey)
@@ -123,8 +133,8 @@ def convert_checkpoint(src, dst: str | Path, dtype: str | None = None, **hub_kwa
         for name in COPIED_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, tmp / name)
-        os.chmod(tmp, 0o755)                               # mkdtemp makes it private; the result is a normal folder
-        os.rename(tmp, dst)                                # atomic: dst appears complete, or not at all
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal folder
+        os.rename(tmp, dst)  # atomic: dst appears complete, or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ It is built once into ``$KOSMOS2_REF_CACHE`` (else ``$XDG_CACHE_HOME/kosmos2_ref
 as ``demo-tiny-<version>``, written in a temporary folder and renamed into place, so an interrupted or concurrent
 build never leaves a half-written checkpoint behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,21 +24,34 @@ import numpy as np
 
 from .config import Kosmos2Config
 from .processing import Kosmos2Processor
-from .weights import expected_shapes, save_safetensors
 from .version import __version__
+from .weights import expected_shapes, save_safetensors
 
 DEMO_SEED = 2023
 # Bump when the recipe changes, so caches built by an older recipe are rebuilt, not reused.
 DEMO_RECIPE = 1
 DEMO_CONFIG = {
-    "text_config": {"vocab_size": 65037, "embed_dim": 32, "layers": 2, "ffn_dim": 64, "attention_heads": 4,
-                    "max_position_embeddings": 2048, "no_repeat_ngram_size": 3},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "image_size": 224, "patch_size": 14},
+    "text_config": {
+        "vocab_size": 65037,
+        "embed_dim": 32,
+        "layers": 2,
+        "ffn_dim": 64,
+        "attention_heads": 4,
+        "max_position_embeddings": 2048,
+        "no_repeat_ngram_size": 3,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 14,
+    },
     "latent_query_num": 64,
 }
 GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-MARKER = "kosmos2_ref_demo.json"   # names the recipe; its presence also says "random weights"
+MARKER = "kosmos2_ref_demo.json"  # names the recipe; its presence also says "random weights"
 
 
 def cache_root() -> Path:
@@ -49,8 +63,13 @@ def cache_root() -> Path:
 
 
 def _marker() -> dict:
-    return {"random_weights": True, "recipe": DEMO_RECIPE, "seed": DEMO_SEED, "kosmos2_ref": __version__,
-            "note": "seeded random weights: a demo of the pipeline, not of the model; its outputs are noise"}
+    return {
+        "random_weights": True,
+        "recipe": DEMO_RECIPE,
+        "seed": DEMO_SEED,
+        "kosmos2_ref": __version__,
+        "note": "seeded random weights: a demo of the pipeline, not of the model; its outputs are noise",
+    }
 
 
 def is_demo_checkpoint(folder) -> bool:
@@ -74,8 +93,11 @@ def random_weights(cfg: Kosmos2Config, seed: int = DEMO_SEED) -> dict[str, np.nd
             a = centre + 0.2 * rng.standard_normal(shape, dtype=np.float32)
         else:
             fan_in = math.prod(shape[1:])
-            std = 0.5 if any(s in key for s in ("embed_tokens", "latent_query", "position_embedding")) \
+            std = (
+                0.5
+                if any(s in key for s in ("embed_tokens", "latent_query", "position_embedding"))
                 else 1.0 / math.sqrt(fan_in)
+            )
             a = std * rng.standard_normal(shape, dtype=np.float32)
         flat[key] = a.astype(np.float32, copy=False)
     return flat
@@ -86,8 +108,9 @@ def build_demo_checkpoint(folder: str | Path, seed: int = DEMO_SEED) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Kosmos2Config.from_dict(json.loads(json.dumps(DEMO_CONFIG)))
-    save_safetensors(random_weights(cfg, seed), folder / "model.safetensors",
-                     metadata={"kosmos2_ref_demo": "random weights"})
+    save_safetensors(
+        random_weights(cfg, seed), folder / "model.safetensors", metadata={"kosmos2_ref_demo": "random weights"}
+    )
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     Kosmos2Processor.default().save_pretrained(folder)
@@ -110,15 +133,15 @@ def demo_checkpoint(root: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
         build_demo_checkpoint(tmp)
-        tmp.chmod(0o755)                         # mkdtemp makes it private; the cache is not secret
-        if final.exists():                       # an older recipe (or a broken folder): replace it
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not secret
+        if final.exists():  # an older recipe (or a broken folder): replace it
             stale = root / f".stale-{final.name}-{os.getpid()}"
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.replace(tmp, final)               # atomic on one file system
+            os.replace(tmp, final)  # atomic on one file system
         except OSError:
-            if not (final / MARKER).is_file():   # not a concurrent build that won the race
+            if not (final / MARKER).is_file():  # not a concurrent build that won the race
                 raise
     finally:
         if tmp.exists():

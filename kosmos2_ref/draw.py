@@ -13,6 +13,7 @@
 
 Pillow only; fonts are PIL's built-in default (scalable where Pillow was built with FreeType).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,18 @@ from .processing.image import load_image
 
 # Tableau-10 plus a few: distinct hues that stay readable on photos.
 PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 215, 0), (0, 128, 128),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 215, 0),
+    (0, 128, 128),
 ]
 
 
@@ -62,14 +73,20 @@ def load_font(size: int):
 def _as_rgb_image(image) -> PIL.Image.Image:
     """A copy of ``image`` (a path, a PIL image or an array) as the RGB image the model sees (processing.image's
     ``load_image``)."""
-    return load_image(image, "image").copy()     # drawn on: never the caller's image
+    return load_image(image, "image").copy()  # drawn on: never the caller's image
 
 
 def _check_entity(entity, i: int) -> Entity:
     if isinstance(entity, Entity):
         return entity
-    hint = (": a (phrase, span, boxes) tuple of post_process_generation becomes one with "
-            "processing.entities_to_pixel_boxes(entities, image.size)") if isinstance(entity, (tuple, list)) else ""
+    hint = (
+        (
+            ": a (phrase, span, boxes) tuple of post_process_generation becomes one with "
+            "processing.entities_to_pixel_boxes(entities, image.size)"
+        )
+        if isinstance(entity, (tuple, list))
+        else ""
+    )
     raise ValueError(f"entities[{i}] must be a kosmos2_ref.processing.grounding.Entity{hint}; got {entity!r}"[:400])
 
 
@@ -79,9 +96,14 @@ def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
 
 
-def draw_boxes(image, boxes: Iterable[Sequence[float]], labels: Sequence[str | None] | None = None,
-               colours: Sequence[tuple[int, int, int]] | None = None, width: int | None = None,
-               size: int | None = None) -> PIL.Image.Image:
+def draw_boxes(
+    image,
+    boxes: Iterable[Sequence[float]],
+    labels: Sequence[str | None] | None = None,
+    colours: Sequence[tuple[int, int, int]] | None = None,
+    width: int | None = None,
+    size: int | None = None,
+) -> PIL.Image.Image:
     """A copy of ``image`` with normalised ``boxes`` drawn, each with its label (if any) on a filled background.
 
     A label sits just above its box's top-left corner, or inside the box where there is no room above.
@@ -91,21 +113,20 @@ def draw_boxes(image, boxes: Iterable[Sequence[float]], labels: Sequence[str | N
     labels = list(labels) if labels is not None else [None] * len(boxes)
     colours = list(colours) if colours is not None else [colour(i) for i in range(len(boxes))]
     if not (len(labels) == len(colours) == len(boxes)):
-        raise ValueError(f"got {len(boxes)} boxes, {len(labels)} labels and {len(colours)} colours; "
-                         f"they must be equal")
+        raise ValueError(f"got {len(boxes)} boxes, {len(labels)} labels and {len(colours)} colours; they must be equal")
     width = width or line_width(img.size)
     font = load_font(size or font_size(img.size))
     draw = PIL.ImageDraw.Draw(img)
     pixel = [box_to_pixels(b, img.size) for b in boxes]
-    for (x1, y1, x2, y2), fill in zip(pixel, colours):     # all boxes first, so labels stay on top
+    for (x1, y1, x2, y2), fill in zip(pixel, colours):  # all boxes first, so labels stay on top
         draw.rectangle((x1, y1, x2, y2), outline=fill, width=width)
     pad = max(1, width)
-    for (x1, y1, x2, y2), text, fill in zip(pixel, labels, colours):
+    for (x1, y1, _x2, _y2), text, fill in zip(pixel, labels, colours):
         if not text:
             continue
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 2 * pad, bottom - top + 2 * pad
-        ly = y1 - th if y1 - th >= 0 else y1 + width              # above the box, else inside it
+        ly = y1 - th if y1 - th >= 0 else y1 + width  # above the box, else inside it
         lx = min(max(x1, 0), max(img.width - tw, 0))
         draw.rectangle((lx, ly, lx + tw - 1, ly + th - 1), fill=fill)
         draw.text((lx + pad - left, ly + pad - top), text, fill=_text_colour(fill), font=font)
@@ -129,6 +150,7 @@ def draw_entities(image, entities, width: int | None = None, size: int | None = 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention of the connector's latent queries
 
+
 def attention_map(projection_attentions, query: int = 0, batch: int = 0) -> np.ndarray:
     """Latent query ``query``'s attention over the patch grid, mean over heads: [side, side] float32.
 
@@ -139,15 +161,16 @@ def attention_map(projection_attentions, query: int = 0, batch: int = 0) -> np.n
     if a.ndim != 4:
         raise ValueError(f"projection_attentions must be [batch, heads, queries, keys], got shape {a.shape}")
     B, H, Q, S = a.shape
-    patches = S - Q - 1                                            # drop CLS and the latent keys
+    patches = S - Q - 1  # drop CLS and the latent keys
     side = math.isqrt(max(patches, 0))
     if patches <= 0 or side * side != patches:
-        raise ValueError(f"projection_attentions has {S} keys for {Q} queries: expected 1 + side² image keys "
-                         f"then {Q} latent keys")
+        raise ValueError(
+            f"projection_attentions has {S} keys for {Q} queries: expected 1 + side² image keys then {Q} latent keys"
+        )
     if not 0 <= batch < B:
         raise ValueError(f"batch={batch} is out of range for {B} images")
-    mean = a[batch].mean(axis=0)                                   # [H, Q, S] -> [Q, S]
-    grid = mean[:, 1:1 + patches].reshape(Q, side, side)           # [Q, 256] -> [Q, 16, 16]
+    mean = a[batch].mean(axis=0)  # [H, Q, S] -> [Q, S]
+    grid = mean[:, 1 : 1 + patches].reshape(Q, side, side)  # [Q, 256] -> [Q, 16, 16]
     if query is None:
         return grid
     if not -Q <= query < Q:
@@ -156,8 +179,19 @@ def attention_map(projection_attentions, query: int = 0, batch: int = 0) -> np.n
 
 
 # A perceptual dark-to-bright ramp (close to matplotlib's "inferno"): anchor colours interpolated linearly.
-_RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-                  (250, 193, 39), (252, 255, 164)], dtype=np.float64)
+_RAMP = np.array(
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
 
 
 def colourise(values: np.ndarray) -> np.ndarray:
@@ -177,8 +211,9 @@ def _heat_over(img: PIL.Image.Image, grid: np.ndarray, alpha: float) -> PIL.Imag
     return PIL.Image.blend(img, heat, alpha)
 
 
-def attention_heatmap(projection_attentions, image, query: int = 0, batch: int = 0,
-                      alpha: float = 0.55) -> PIL.Image.Image:
+def attention_heatmap(
+    projection_attentions, image, query: int = 0, batch: int = 0, alpha: float = 0.55
+) -> PIL.Image.Image:
     """``image`` with latent query ``query``'s attention (mean over heads, min-max scaled) blended over it.
 
     The image is shown as the model saw it: resized to a square (the processor ignores the aspect ratio).
@@ -189,11 +224,12 @@ def attention_heatmap(projection_attentions, image, query: int = 0, batch: int =
     return _heat_over(img.resize((side, side), PIL.Image.BICUBIC), grid, alpha)
 
 
-def attention_grid(projection_attentions, image, batch: int = 0, columns: int = 8, cell: int = 112,
-                   alpha: float = 0.55) -> PIL.Image.Image:
+def attention_grid(
+    projection_attentions, image, batch: int = 0, columns: int = 8, cell: int = 112, alpha: float = 0.55
+) -> PIL.Image.Image:
     """All latent queries' heat maps as one picture: ``columns`` per row, each ``cell`` px square and numbered."""
     img = _as_rgb_image(image).resize((cell, cell), PIL.Image.BICUBIC)
-    grids = attention_map(projection_attentions, None, batch)         # [Q, side, side]
+    grids = attention_map(projection_attentions, None, batch)  # [Q, side, side]
     Q = grids.shape[0]
     rows = math.ceil(Q / columns)
     gap = 2
@@ -203,9 +239,9 @@ def attention_grid(projection_attentions, image, batch: int = 0, columns: int = 
         tile = _heat_over(img, grids[q], alpha)
         d = PIL.ImageDraw.Draw(tile)
         label = str(q)
-        l, t, r, b = d.textbbox((0, 0), label, font=font)
-        d.rectangle((0, 0, r - l + 3, b - t + 3), fill=(0, 0, 0))
-        d.text((2 - l, 2 - t), label, fill=(255, 255, 255), font=font)
+        left, top, right, bottom = d.textbbox((0, 0), label, font=font)
+        d.rectangle((0, 0, right - left + 3, bottom - top + 3), fill=(0, 0, 0))
+        d.text((2 - left, 2 - top), label, fill=(255, 255, 255), font=font)
         sheet.paste(tile, ((q % columns) * (cell + gap), (q // columns) * (cell + gap)))
     return sheet
 
@@ -216,8 +252,9 @@ def save_image(img: PIL.Image.Image, path) -> None:
     ext = path.suffix.lower()
     fmt = PIL.Image.registered_extensions().get(ext)
     if fmt is None:
-        raise ValueError(f"cannot write an image to {str(path)!r}: unknown extension {ext or '(none)'!r}; "
-                         f"use .png or .jpg")
+        raise ValueError(
+            f"cannot write an image to {str(path)!r}: unknown extension {ext or '(none)'!r}; use .png or .jpg"
+        )
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
     tmp = path.with_name(f".{path.name}.partial")

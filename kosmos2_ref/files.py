@@ -6,6 +6,7 @@ tells the two apart, :func:`read_bytes` / :func:`read_text` name the file and th
 :func:`read_json_object` reads the small JSON files (configs, tokenizer settings).
 Each raises a ValueError that names the path, what is wrong and what was expected.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def _kind(path: Path) -> str:
 
 
 def broken_link_message(path: Path) -> str:
-    return (f"{str(path)!r} is a broken symbolic link: it points to {os.readlink(path)!r}, which does not exist "
-            f"(an interrupted download or a deleted cache file?); fetch the file again or remove the link")
+    return (
+        f"{str(path)!r} is a broken symbolic link: it points to {os.readlink(path)!r}, which does not exist "
+        f"(an interrupted download or a deleted cache file?); fetch the file again or remove the link"
+    )
 
 
 def file_present(path: str | Path) -> bool:
@@ -54,7 +57,7 @@ def read_bytes(path: str | Path) -> bytes:
         raise ValueError(f"{str(path)!r} does not exist")
     try:
         return path.read_bytes()
-    except OSError as err:       # PermissionError, EIO, ...
+    except OSError as err:  # PermissionError, EIO, ...
         raise ValueError(f"{str(path)!r} cannot be read: {err.strerror or err}") from None
 
 

@@ -21,6 +21,7 @@ bounded by short timeouts, so nothing hangs: a TCP probe (skipped behind a proxy
 that resolves the revision to a commit (``model_info``, :data:`INFO_TIMEOUT_S`), then the download of that commit,
 whose requests time out after ``etag_timeout`` and ``HF_HUB_DOWNLOAD_TIMEOUT``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -31,24 +32,38 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_MODEL_ID = "microsoft/kosmos-2-patch14-224"
-MINI_MODEL = "mini"     # the miniature trained on synthetic shapes, shipped in kosmos2_ref/assets/mini
+MINI_MODEL = "mini"  # the miniature trained on synthetic shapes, shipped in kosmos2_ref/assets/mini
 MINI_FOLDER = Path(__file__).resolve().parent / "assets" / "mini"
 
 # The files of a Hub checkpoint this package reads; the 6.6 GB pytorch_model.bin is not among them.
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-    "processor_config.json", "sentencepiece.bpe.model",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "sentencepiece.bpe.model",
 ]
 # The PyTorch weights, fetched only when a repository has no safetensors (read by kosmos2_ref.torch_pickle).
 BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
 # What a processor reads: the tokenizer (tokenizer.json, else the SentencePiece model) and the image settings.
-PROCESSOR_PATTERNS = ["tokenizer.json", "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
-                      "added_tokens.json", "preprocessor_config.json", "processor_config.json"]
+PROCESSOR_PATTERNS = [
+    "tokenizer.json",
+    "sentencepiece.bpe.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
 NEEDS = ("model", "processor")
-CONNECT_TIMEOUT_S = 5.0     # the reachability probe, DNS included
-INFO_TIMEOUT_S = 10.0       # the repository-info request that resolves the revision (model_info)
-ETAG_TIMEOUT_S = 10.0       # huggingface_hub's metadata request; reads time out after HF_HUB_DOWNLOAD_TIMEOUT
+CONNECT_TIMEOUT_S = 5.0  # the reachability probe, DNS included
+INFO_TIMEOUT_S = 10.0  # the repository-info request that resolves the revision (model_info)
+ETAG_TIMEOUT_S = 10.0  # huggingface_hub's metadata request; reads time out after HF_HUB_DOWNLOAD_TIMEOUT
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -60,6 +75,7 @@ class CheckpointNotFoundError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Where the cache is
+
 
 def default_model() -> str:
     """The checkpoint used when none is named: ``$KOSMOS2_REF_MODEL``, else :data:`DEFAULT_MODEL_ID`."""
@@ -96,6 +112,7 @@ def repo_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Looking in the cache
 
+
 def _named(folder: Path, name: str) -> str:
     """``name`` as a missing file is named in messages: "(a broken symbolic link)" added when it is one, so that a
     message never says a folder has no file that a listing of it shows."""
@@ -107,8 +124,13 @@ def broken_links(folder: Path) -> list[str]:
     """The files of ``folder`` that this package reads (:data:`ALLOW_PATTERNS`, :data:`BIN_PATTERNS`) and that are
     broken symbolic links."""
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
-    return [_named(folder, p.name) for p in entries if p.is_symlink() and not p.exists()
-            and any(fnmatch.fnmatch(p.name, pattern) for pattern in ALLOW_PATTERNS + BIN_PATTERNS)]
+    return [
+        _named(folder, p.name)
+        for p in entries
+        if p.is_symlink()
+        and not p.exists()
+        and any(fnmatch.fnmatch(p.name, pattern) for pattern in ALLOW_PATTERNS + BIN_PATTERNS)
+    ]
 
 
 def _missing_weights(folder: Path) -> list[str]:
@@ -116,17 +138,19 @@ def _missing_weights(folder: Path) -> list[str]:
     a single file, else an index and every shard it names; safetensors, else PyTorch ``.bin``."""
     import json
 
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (folder / single).is_file():
             return []
         if (folder / index).is_file():
             try:
                 shards = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return []   # a corrupt index is reported by the weights loader, with the file named
+                return []  # a corrupt index is reported by the weights loader, with the file named
             return [_named(folder, s) for s in shards if not (folder / s).is_file()]
-    if (folder / "model.safetensors").is_symlink():        # there, but a broken link
+    if (folder / "model.safetensors").is_symlink():  # there, but a broken link
         return [_named(folder, "model.safetensors")]
     return ["model.safetensors (or pytorch_model.bin)"]
 
@@ -156,13 +180,14 @@ def _snapshot_named(repo: Path, revision: str) -> Path | None:
         commit = ref.read_text(encoding="utf-8").strip()
         if commit and (repo / "snapshots" / commit).is_dir():
             return repo / "snapshots" / commit
-    if (repo / "snapshots" / revision).is_dir():   # a commit hash given as the revision
+    if (repo / "snapshots" / revision).is_dir():  # a commit hash given as the revision
         return repo / "snapshots" / revision
     return None
 
 
-def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
-                  need: str = "model") -> tuple[Path | None, Path | None]:
+def find_in_cache(
+    repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None, need: str = "model"
+) -> tuple[Path | None, Path | None]:
     """Look ``repo_id`` up in the cache: (a complete snapshot or None, an incomplete candidate or None).
 
     The snapshot named by ``refs/<revision or main>`` wins when complete; without a revision, the newest complete
@@ -176,8 +201,11 @@ def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: str | Pa
         return named, None
     if revision is not None:
         return None, named
-    candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
-                        reverse=True) if snapshots.is_dir() else []
+    candidates = (
+        sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        if snapshots.is_dir()
+        else []
+    )
     for snap in candidates:
         if not missing_files(snap, need):
             return snap, None
@@ -187,6 +215,7 @@ def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: str | Pa
 
 # ----------------------------------------------------------------------------------------------------------------
 # Downloading
+
 
 def _endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
     """Can we open a TCP connection to the Hub endpoint within ``timeout`` seconds (DNS included)?
@@ -206,7 +235,7 @@ def _endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             result["ok"] = True
-        except Exception as exc:   # any failure means "not reachable"; a probe thread must never raise
+        except Exception as exc:  # any failure means "not reachable"; a probe thread must never raise
             result["error"] = f"{type(exc).__name__}: {exc}"
 
     thread = threading.Thread(target=probe, daemon=True)
@@ -231,12 +260,19 @@ def _offline_reason() -> str:
 
 
 def _get_help(repo_id: str) -> str:
-    return (f"download it where there is network with `hf download {repo_id}` (pip install 'kosmos2-ref[hub]') "
-            f"and copy the cache folder here, or pass a local checkpoint folder")
+    return (
+        f"download it where there is network with `hf download {repo_id}` (pip install 'kosmos2-ref[hub]') "
+        f"and copy the cache folder here, or pass a local checkpoint folder"
+    )
 
 
-def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
-             token: str | bool | None = None, need: str = "model") -> Path:
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    need: str = "model",
+) -> Path:
     """Download the files of :data:`ALLOW_PATTERNS` of ``repo_id`` into the Hugging Face cache (with progress
     bars on stderr) and return the snapshot folder; :class:`CheckpointNotFoundError` when that cannot be done.
 
@@ -252,50 +288,66 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
     except ImportError:
         raise CheckpointNotFoundError(
             f"{where} and huggingface_hub, needed to download it, is not installed: run "
-            f"`pip install 'kosmos2-ref[hub]'`, or pass a local checkpoint folder") from None
+            f"`pip install 'kosmos2-ref[hub]'`, or pass a local checkpoint folder"
+        ) from None
     ok, why = _endpoint_reachable()
     if not ok:
-        raise CheckpointNotFoundError(f"{where} and the Hugging Face Hub cannot be reached ({why}): "
-                                      f"{_get_help(repo_id)}")
+        raise CheckpointNotFoundError(
+            f"{where} and the Hugging Face Hub cannot be reached ({why}): {_get_help(repo_id)}"
+        )
     import sys
 
     what = "processor files" if need == "processor" else "safetensors weights, config and tokenizer files"
     print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} ({what} only)", file=sys.stderr)
 
     def fetch(patterns):
-        return Path(huggingface_hub.snapshot_download(
-            repo_id, revision=commit, cache_dir=str(cache), allow_patterns=patterns,
-            etag_timeout=ETAG_TIMEOUT_S, token=token, library_name="kosmos2-ref"))
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id,
+                revision=commit,
+                cache_dir=str(cache),
+                allow_patterns=patterns,
+                etag_timeout=ETAG_TIMEOUT_S,
+                token=token,
+                library_name="kosmos2-ref",
+            )
+        )
 
     try:
         # snapshot_download would resolve the revision with no timeout; resolved here first, it skips that request
         commit = huggingface_hub.model_info(repo_id, revision=revision, token=token, timeout=INFO_TIMEOUT_S).sha
         folder = fetch(PROCESSOR_PATTERNS if need == "processor" else ALLOW_PATTERNS)
         if need == "model" and _missing_weights(folder) and not list(folder.glob("*.safetensors*")):
-            print(f"kosmos2-ref: {repo_id} has no safetensors weights; downloading its pytorch_model.bin",
-                  file=sys.stderr)
+            print(
+                f"kosmos2-ref: {repo_id} has no safetensors weights; downloading its pytorch_model.bin", file=sys.stderr
+            )
             folder = fetch(BIN_PATTERNS)
-    except Exception as exc:   # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
+    except Exception as exc:  # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
         kind = type(exc).__name__
         first = _first_sentence(exc)
-        if "Timeout" in kind:      # httpx's ReadTimeout, ConnectTimeout, ...
+        if "Timeout" in kind:  # httpx's ReadTimeout, ConnectTimeout, ...
             endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
             raise CheckpointNotFoundError(
                 f"{where} and the Hugging Face Hub ({endpoint}) did not answer in time ({kind}: {first}): "
-                f"{_get_help(repo_id)}") from None
+                f"{_get_help(repo_id)}"
+            ) from None
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
             raise CheckpointNotFoundError(
                 f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
                 f"{first}): check the id and revision (or the path, if a local folder was meant), log in with "
-                f"`hf auth login` if the repository is gated, or pass a local checkpoint folder") from None
-        raise CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): "
-                                      f"{_get_help(repo_id)}") from None
+                f"`hf auth login` if the repository is gated, or pass a local checkpoint folder"
+            ) from None
+        raise CheckpointNotFoundError(
+            f"{where} and downloading it failed ({kind}: {first}): {_get_help(repo_id)}"
+        ) from None
     _write_ref(repo_folder(repo_id, cache), revision or "main", commit)
     lacking = missing_files(folder, need)
     if lacking:
         kind = "a Kosmos-2 processor" if need == "processor" else "a Kosmos-2 checkpoint"
-        raise CheckpointNotFoundError(f"{repo_id!r} was downloaded to {folder} but has no {', '.join(lacking)}: "
-                                      f"it is not {kind} this package can read")
+        raise CheckpointNotFoundError(
+            f"{repo_id!r} was downloaded to {folder} but has no {', '.join(lacking)}: "
+            f"it is not {kind} this package can read"
+        )
     return folder
 
 
@@ -312,14 +364,17 @@ def _write_ref(repo: Path, revision: str, commit: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point
 
+
 def mini_folder() -> Path:
     """The packaged miniature's folder (weights, config, tokenizer and image settings). The name ``"mini"``
     always means it; a local folder called mini is ``"./mini"``."""
     folder = MINI_FOLDER
     missing = missing_files(folder) if folder.is_dir() else ["the folder"]
     if missing:
-        raise CheckpointNotFoundError(f"the miniature model {MINI_MODEL!r} is incomplete in this installation: "
-                                      f"{str(folder)!r} lacks {', '.join(missing)}; reinstall kosmos2-ref")
+        raise CheckpointNotFoundError(
+            f"the miniature model {MINI_MODEL!r} is incomplete in this installation: "
+            f"{str(folder)!r} lacks {', '.join(missing)}; reinstall kosmos2-ref"
+        )
     return folder
 
 
@@ -328,8 +383,15 @@ def is_miniature(folder) -> bool:
     return folder is not None and (Path(folder) / "mini.json").is_file()
 
 
-def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-                       local_files_only: bool = False, token: str | bool | None = None, need: str = "model") -> Path:
+def resolve_checkpoint(
+    path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    need: str = "model",
+) -> Path:
     """A local folder holding ``config.json``, or a Hub id -> the checkpoint folder (see the module docstring).
 
     ``revision`` picks a branch, tag or commit of a Hub id; ``cache_dir`` overrides the cache folder;
@@ -340,8 +402,10 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
     if need not in NEEDS:
         raise ValueError(f"need must be one of {NEEDS}, got {need!r}")
     if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointNotFoundError(f"the checkpoint must be a folder path or a Hub id like {DEFAULT_MODEL_ID!r} "
-                                      f"(a str or os.PathLike), got {path!r}")
+        raise CheckpointNotFoundError(
+            f"the checkpoint must be a folder path or a Hub id like {DEFAULT_MODEL_ID!r} "
+            f"(a str or os.PathLike), got {path!r}"
+        )
     if not isinstance(path, str):
         path = os.fspath(path)
     if path == MINI_MODEL:
@@ -350,14 +414,17 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
     if folder.is_dir():
         broken = broken_links(folder)
         if broken:
-            raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} holds broken symbolic links: "
-                                          f"{', '.join(broken)}; fetch those files again or remove the links")
+            raise CheckpointNotFoundError(
+                f"checkpoint folder {str(folder)!r} holds broken symbolic links: "
+                f"{', '.join(broken)}; fetch those files again or remove the links"
+            )
         if not (folder / "config.json").is_file():
             raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} has no config.json")
         return folder
     if folder.exists():
-        raise CheckpointNotFoundError(f"checkpoint path {str(folder)!r} is a file; expected a folder holding "
-                                      f"config.json and model.safetensors")
+        raise CheckpointNotFoundError(
+            f"checkpoint path {str(folder)!r} is a file; expected a folder holding config.json and model.safetensors"
+        )
     if not is_hub_id(path):
         raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
 
@@ -368,11 +435,13 @@ def resolve_checkpoint(path, *, revision: str | None = None, cache_dir: str | Pa
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     if offline:
         if partial is not None:
-            what = (f"{path!r} is in the Hugging Face cache ({partial}) without "
-                    f"{', '.join(missing_files(partial, need))}")
+            what = (
+                f"{path!r} is in the Hugging Face cache ({partial}) without {', '.join(missing_files(partial, need))}"
+            )
         else:
-            what = (f"{path!r} is neither a local folder nor in the Hugging Face cache ({cache})"
-                    + (f" at revision {revision!r}" if revision else ""))
+            what = f"{path!r} is neither a local folder nor in the Hugging Face cache ({cache})" + (
+                f" at revision {revision!r}" if revision else ""
+            )
         reason = "local_files_only=True" if local_files_only else _offline_reason()
         raise CheckpointNotFoundError(f"{what}, and {reason} forbids downloading it: {_get_help(path)}")
     return download(path, revision=revision, cache_dir=cache_dir, token=token, need=need)

@@ -25,6 +25,7 @@ Records of the text jobs::
 ``seconds`` is the record's share of its batch's wall time (load, preprocess, generate, decode). A field such as a
 per-box ``confidence`` can be added to ok records by passing ``annotate`` to :func:`run_text_job` (see there).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 ON_ERROR_CHOICES = ("record", "stop")
 ENGINES = ("local", "ray")
-TEXT_BATCH_SIZE = 4             # generation keeps a KV cache per row: smaller batches than embed
+TEXT_BATCH_SIZE = 4  # generation keeps a KV cache per row: smaller batches than embed
 EMBED_BATCH_SIZE = 8
 INDEX_FORMAT = "kosmos2-ref embed index 1"
 
@@ -74,6 +75,7 @@ def note(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
+
 
 @dataclass
 class _Skipped:
@@ -153,16 +155,20 @@ def collect_inputs(items: Iterable[str], recursive: bool = False, list_file: str
     skipped.duplicates = len(paths) - len(unique)
     _note_skipped(skipped)
     if not unique:
-        raise JobError("no images to process: the folders given hold no image files "
-                       f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                       + (" (pass --recursive to include their sub-folders)" if skipped.sub_folders else ""))
+        raise JobError(
+            "no images to process: the folders given hold no image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            + (" (pass --recursive to include their sub-folders)" if skipped.sub_folders else "")
+        )
     return unique
 
 
 def _note_skipped(skipped: _Skipped) -> None:
     if skipped.other_files:
-        note(f"skipped {skipped.other_files} file(s) in the folders given without an image extension "
-             f"({' '.join(sorted(IMAGE_EXTENSIONS))})")
+        note(
+            f"skipped {skipped.other_files} file(s) in the folders given without an image extension "
+            f"({' '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     if skipped.sub_folders:
         note(f"skipped {skipped.sub_folders} sub-folder(s) (pass --recursive to include them)")
     if skipped.duplicates:
@@ -171,6 +177,7 @@ def _note_skipped(skipped: _Skipped) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # JSON Lines output
+
 
 def _complete_lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
     """(line number, line, offset after it) for every complete (newline-ended) line of ``path``, read as a stream
@@ -238,15 +245,19 @@ class RecordFile:
 
     def _load_done(self, job: str | None, prompt: str | None) -> None:
         end = 0
-        for record, end in _read_records(self.path, "--out"):
+        for record, end in _read_records(self.path, "--out"):  # noqa: B007 (end is read after the loop)
             if "path" not in record:
-                raise JobError(f"--out {str(self.path)!r}: a record has no \"path\"; is it a kosmos2-ref output?")
+                raise JobError(f'--out {str(self.path)!r}: a record has no "path"; is it a kosmos2-ref output?')
             if job is not None and record.get("job", job) != job:
-                raise JobError(f"--resume: {str(self.path)!r} holds {record.get('job')} records, not {job}; "
-                               f"write this job to another file")
+                raise JobError(
+                    f"--resume: {str(self.path)!r} holds {record.get('job')} records, not {job}; "
+                    f"write this job to another file"
+                )
             if prompt is not None and record.get("status") == "ok" and record.get("prompt") != prompt:
-                raise JobError(f"--resume: {str(self.path)!r} was written with prompt {record.get('prompt')!r}, "
-                               f"not {prompt!r}; write this job to another file")
+                raise JobError(
+                    f"--resume: {str(self.path)!r} was written with prompt {record.get('prompt')!r}, "
+                    f"not {prompt!r}; write this job to another file"
+                )
             self.done.add(record["path"])
         _truncate_partial_line(self.path, end)
 
@@ -258,8 +269,10 @@ class RecordFile:
             raise
         except OSError as exc:
             where = str(self.path) if self.path else "stdout"
-            raise JobError(f"--out: cannot write to {where!r}: {exc.strerror or _one_line(exc)} (the complete "
-                           f"records are kept; --resume continues)") from exc
+            raise JobError(
+                f"--out: cannot write to {where!r}: {exc.strerror or _one_line(exc)} (the complete "
+                f"records are kept; --resume continues)"
+            ) from exc
 
     def close(self) -> None:
         if self._file is not sys.stdout:
@@ -269,10 +282,11 @@ class RecordFile:
 # ----------------------------------------------------------------------------------------------------------------
 # Embedding output: .npy files filled row by row
 
+
 def embedding_paths(out: str) -> tuple[Path, Path, Path]:
     """--out FILE.npy -> (FILE.npy, FILE.pooled.npy, FILE.index.jsonl)."""
     path = Path(out).expanduser()
-    stem = path.name[:-len(path.suffix)]
+    stem = path.name[: -len(path.suffix)]
     return path, path.with_name(stem + ".pooled.npy"), path.with_name(stem + ".index.jsonl")
 
 
@@ -288,42 +302,48 @@ class RowFile:
         try:
             self._fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
         except OSError as exc:
-            raise JobError(f"--out: cannot {'write' if create else 'reopen'} {str(path)!r}: "
-                           f"{exc.strerror or _one_line(exc)}") from exc
+            raise JobError(
+                f"--out: cannot {'write' if create else 'reopen'} {str(path)!r}: {exc.strerror or _one_line(exc)}"
+            ) from exc
         self.offset = self._write_header() if create else self._check_header()
 
     def _write_header(self) -> int:
         with os.fdopen(os.dup(self._fd), "wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": self.shape})
             offset = f.tell()
-        os.ftruncate(self._fd, offset + self.shape[0] * self.row_bytes)     # the full size, a sparse file
+        os.ftruncate(self._fd, offset + self.shape[0] * self.row_bytes)  # the full size, a sparse file
         return offset
 
     def _check_header(self) -> int:
         with os.fdopen(os.dup(self._fd), "rb") as f:
             try:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
             except ValueError as exc:
                 raise JobError(f"--resume: {str(self.path)!r} is not a .npy file: {_one_line(exc)}") from exc
             offset = f.tell()
         if tuple(shape) != self.shape or fortran or dtype != np.dtype("<f4"):
-            raise JobError(f"--resume: {str(self.path)!r} holds {dtype} {tuple(shape)}, not float32 {self.shape}: "
-                           f"it was written for other images or another model")
+            raise JobError(
+                f"--resume: {str(self.path)!r} holds {dtype} {tuple(shape)}, not float32 {self.shape}: "
+                f"it was written for other images or another model"
+            )
         return offset
 
     def write(self, row: int, values: np.ndarray) -> None:
         data = memoryview(np.ascontiguousarray(values, dtype="<f4").reshape(-1)).cast("B")
         position = self.offset + row * self.row_bytes
         try:
-            while data:                                 # pwrite may write less than asked
+            while data:  # pwrite may write less than asked
                 written = os.pwrite(self._fd, data, position)
                 data, position = data[written:], position + written
         except OSError as exc:
-            raise JobError(f"--out: cannot write row {row} of {str(self.path)!r}: {exc.strerror or _one_line(exc)} "
-                           f"(the rows its index lists are complete; --resume continues)") from exc
+            raise JobError(
+                f"--out: cannot write row {row} of {str(self.path)!r}: {exc.strerror or _one_line(exc)} "
+                f"(the rows its index lists are complete; --resume continues)"
+            ) from exc
 
     def close(self) -> None:
         os.close(self._fd)
@@ -343,21 +363,29 @@ class EmbeddingFiles:
     they were written for the same inputs and shapes; :attr:`done` holds the rows already listed.
     """
 
-    def __init__(self, out: str, paths: list[str], embeds_row: tuple[int, int], pooled_row: tuple[int],
-                 resume: bool = False):
+    def __init__(
+        self, out: str, paths: list[str], embeds_row: tuple[int, int], pooled_row: tuple[int], resume: bool = False
+    ):
         self.embeds_path, self.pooled_path, self.index_path = embedding_paths(out)
-        self.header = {"format": INDEX_FORMAT, "count": len(paths), "inputs_sha256": inputs_digest(paths),
-                       "image_embeds_shape": [len(paths), *embeds_row], "pooled_shape": [len(paths), *pooled_row]}
+        self.header = {
+            "format": INDEX_FORMAT,
+            "count": len(paths),
+            "inputs_sha256": inputs_digest(paths),
+            "image_embeds_shape": [len(paths), *embeds_row],
+            "pooled_shape": [len(paths), *pooled_row],
+        }
         self.done: set[int] = set()
         self.errors = 0
         resuming = resume and self.index_path.is_file()
         if resuming:
             self._load_index()
-        else:                   # a fresh run: never overwrite results (a --resume without an index is fresh too)
+        else:  # a fresh run: never overwrite results (a --resume without an index is fresh too)
             for path in (self.embeds_path, self.pooled_path, self.index_path):
                 if resume and path.is_file() and path.stat().st_size > 0:
-                    raise JobError(f"--resume: {str(path)!r} exists but its index {str(self.index_path)!r} does "
-                                   f"not, so its complete rows are unknown; remove it and start again")
+                    raise JobError(
+                        f"--resume: {str(path)!r} exists but its index {str(self.index_path)!r} does "
+                        f"not, so its complete rows are unknown; remove it and start again"
+                    )
                 _refuse_existing("--out", path)
         self.embeds = RowFile(self.embeds_path, len(paths), embeds_row, create=not resuming)
         self.pooled = RowFile(self.pooled_path, len(paths), pooled_row, create=not resuming)
@@ -367,7 +395,7 @@ class EmbeddingFiles:
 
     def _load_index(self) -> None:
         end, header = 0, None
-        for record, end in _read_records(self.index_path, "--resume: the index"):
+        for record, end in _read_records(self.index_path, "--resume: the index"):  # noqa: B007 (read after the loop)
             if header is None:
                 header = record
                 self._check_header(header)
@@ -375,8 +403,7 @@ class EmbeddingFiles:
                 self.done.add(record["row"])
                 self.errors += record.get("status") == "error"
         if header is None:
-            raise JobError(f"--resume: the index {str(self.index_path)!r} is empty; remove the outputs and start "
-                           f"again")
+            raise JobError(f"--resume: the index {str(self.index_path)!r} is empty; remove the outputs and start again")
         _truncate_partial_line(self.index_path, end)
 
     def _check_header(self, header: dict) -> None:
@@ -384,9 +411,11 @@ class EmbeddingFiles:
         if header.get("format") != INDEX_FORMAT:
             raise JobError(f"{where} is not a kosmos2-ref embedding index")
         if header.get("count") != self.header["count"] or header.get("inputs_sha256") != self.header["inputs_sha256"]:
-            raise JobError(f"{where} was written for another list of images ({header.get('count')} of them; this "
-                           f"run has {self.header['count']}): pass the same images, in the same order, as the "
-                           f"first run")
+            raise JobError(
+                f"{where} was written for another list of images ({header.get('count')} of them; this "
+                f"run has {self.header['count']}): pass the same images, in the same order, as the "
+                f"first run"
+            )
         for key in ("image_embeds_shape", "pooled_shape"):
             if header.get(key) != self.header[key]:
                 raise JobError(f"{where}: {key} {header.get(key)} but this model gives {self.header[key]}")
@@ -396,9 +425,10 @@ class EmbeddingFiles:
             self._index.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._index.flush()
         except OSError as exc:
-            raise JobError(f"--out: cannot write the index {str(self.index_path)!r}: "
-                           f"{exc.strerror or _one_line(exc)} (the rows it lists are complete; --resume continues)"
-                           ) from exc
+            raise JobError(
+                f"--out: cannot write the index {str(self.index_path)!r}: "
+                f"{exc.strerror or _one_line(exc)} (the rows it lists are complete; --resume continues)"
+            ) from exc
 
     def write_ok(self, row: int, path: str, embeds: np.ndarray, pooled: np.ndarray) -> None:
         self.embeds.write(row, embeds)
@@ -417,6 +447,7 @@ class EmbeddingFiles:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Progress and interruption
+
 
 class Progress:
     """Progress on stderr: on a terminal, a bar redrawn per batch with done/total, images/s and the time left;
@@ -444,8 +475,10 @@ class Progress:
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         eta = f"{int(left // 60)}:{int(left % 60):02d}" if left == left else "?"
-        self.stream.write(f"\r{self.job} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                          f"{rate:.2f} images/s, {eta} left ")
+        self.stream.write(
+            f"\r{self.job} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{rate:.2f} images/s, {eta} left "
+        )
         self.stream.flush()
 
     def finish(self, interrupted: bool = False) -> None:
@@ -455,8 +488,10 @@ class Progress:
         new = self.done - self.already
         resumed = f" ({self.already} done before)" if self.already else ""
         status = "interrupted: " if interrupted else ""
-        self.stream.write(f"{self.job}: {status}{new} image(s) in {elapsed:.1f} s ({self.rate():.2f} images/s), "
-                          f"{self.errors} error(s); {self.done}/{self.total} done{resumed}\n")
+        self.stream.write(
+            f"{self.job}: {status}{new} image(s) in {elapsed:.1f} s ({self.rate():.2f} images/s), "
+            f"{self.errors} error(s); {self.done}/{self.total} done{resumed}\n"
+        )
         self.stream.flush()
 
 
@@ -488,6 +523,7 @@ class StopOnInterrupt:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading a batch
 
+
 @dataclass
 class Loaded:
     """One image of a batch: its path and the PIL image, or the one-line reason it could not be read."""
@@ -495,7 +531,7 @@ class Loaded:
     path: str
     image: object = None
     error: str | None = None
-    extra: object = None                    # a job's per-image value (describe: the normalised box)
+    extra: object = None  # a job's per-image value (describe: the normalised box)
 
 
 def load_batch(paths: list[str], on_error: str, prepare: Callable | None = None) -> list[Loaded]:
@@ -520,7 +556,7 @@ def load_batch(paths: list[str], on_error: str, prepare: Callable | None = None)
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @dataclass
@@ -534,6 +570,7 @@ class JobOutcome:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Text jobs: caption, ground, describe
+
 
 @dataclass
 class TextJob:
@@ -557,7 +594,7 @@ class TextJob:
 
     @classmethod
     def describe(cls, box, max_new_tokens: int) -> "TextJob":
-        tasks.normalise_box(box, (1 << 30, 1 << 30))    # a malformed box fails now, before any image is read
+        tasks.normalise_box(box, (1 << 30, 1 << 30))  # a malformed box fails now, before any image is read
         return cls("describe", tasks.DESCRIBE_PROMPT, max_new_tokens, box=box)
 
     def prepare(self, image):
@@ -586,14 +623,24 @@ def _generate_batch(model, processor, job: TextJob, batch: list[Loaded]):
     would be padded as batched generation needs: a left-padded row generates what it generates alone.
     """
     bboxes = [[item.extra] for item in batch] if job.name == "describe" else None
-    inputs = processor(text=[job.prompt] * len(batch), images=[item.image for item in batch], bboxes=bboxes,
-                       padding=True, padding_side="left")
+    inputs = processor(
+        text=[job.prompt] * len(batch),
+        images=[item.image for item in batch],
+        bboxes=bboxes,
+        padding=True,
+        padding_side="left",
+    )
     from .generation import generate
 
-    out = generate(model, pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                          attention_mask=inputs["attention_mask"],
-                          image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                          max_new_tokens=job.max_new_tokens, return_dict_in_generate=True)
+    out = generate(
+        model,
+        pixel_values=inputs["pixel_values"],
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        image_embeds_position_mask=inputs["image_embeds_position_mask"],
+        max_new_tokens=job.max_new_tokens,
+        return_dict_in_generate=True,
+    )
     ids = np.asarray(to_numpy(out.sequences))
     return processor.batch_decode(ids, skip_special_tokens=True), out
 
@@ -612,8 +659,14 @@ def error_record(job: str, path: str, message: str) -> dict:
     return {"path": path, "status": "error", "job": job, "error": message}
 
 
-def text_batch_records(model, processor, job: TextJob, chunk: list[str], on_error: str = "record",
-                       annotate: Callable[[dict, int, object], None] | None = None) -> list[dict]:
+def text_batch_records(
+    model,
+    processor,
+    job: TextJob,
+    chunk: list[str],
+    on_error: str = "record",
+    annotate: Callable[[dict, int, object], None] | None = None,
+) -> list[dict]:
     """The records of one batch of image paths, in their order (errors in their place). ``processor`` must be
     a processor (see :func:`kosmos2_ref.tasks.model_processor`). Used by the local loop and by the Ray workers."""
     t0 = time.perf_counter()
@@ -636,10 +689,19 @@ def text_batch_records(model, processor, job: TextJob, chunk: list[str], on_erro
     return records
 
 
-def run_text_job(model, processor, job: TextJob, paths: list[str], records: RecordFile, *,
-                 batch_size: int = TEXT_BATCH_SIZE, on_error: str = "record", progress: Progress | None = None,
-                 stop: StopOnInterrupt | None = None,
-                 annotate: Callable[[dict, int, object], None] | None = None) -> JobOutcome:
+def run_text_job(
+    model,
+    processor,
+    job: TextJob,
+    paths: list[str],
+    records: RecordFile,
+    *,
+    batch_size: int = TEXT_BATCH_SIZE,
+    on_error: str = "record",
+    progress: Progress | None = None,
+    stop: StopOnInterrupt | None = None,
+    annotate: Callable[[dict, int, object], None] | None = None,
+) -> JobOutcome:
     """Run ``job`` over ``paths`` in batches, skipping those ``records`` already holds; write one record per image
     in input order, batch by batch.
 
@@ -661,8 +723,9 @@ def run_text_job(model, processor, job: TextJob, paths: list[str], records: Reco
     return outcome
 
 
-def count_batch(outcome: JobOutcome, batch_records: list[dict], progress: Progress | None,
-                 stop: StopOnInterrupt | None) -> bool:
+def count_batch(
+    outcome: JobOutcome, batch_records: list[dict], progress: Progress | None, stop: StopOnInterrupt | None
+) -> bool:
     """Count a written batch; True when the job should stop here (Ctrl-C asked for it)."""
     errors = sum(r["status"] == "error" for r in batch_records)
     outcome.done += len(batch_records)
@@ -677,6 +740,7 @@ def count_batch(outcome: JobOutcome, batch_records: list[dict], progress: Progre
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embeddings
+
 
 def embedding_row_shapes(model) -> tuple[tuple[int, int], tuple[int]]:
     """([Q, C], [D]): one image's embeddings (latent queries × text width) and its pooled CLIP vector."""
@@ -697,8 +761,12 @@ def embed_batch(model, processor, chunk: list[str], on_error: str = "record"):
         e, _, vision = model.encode_image(pixel_values)
         embeds[good] = np.asarray(to_numpy(e), dtype=np.float32)
         pooled[good] = np.asarray(to_numpy(vision.pooler_output), dtype=np.float32)
-    entries = [{"path": item.path, "status": "ok"} if item.error is None else
-               {"path": item.path, "status": "error", "error": item.error} for item in batch]
+    entries = [
+        {"path": item.path, "status": "ok"}
+        if item.error is None
+        else {"path": item.path, "status": "error", "error": item.error}
+        for item in batch
+    ]
     return entries, embeds, pooled
 
 
@@ -711,9 +779,17 @@ def write_embed_rows(files: EmbeddingFiles, rows: list[int], entries: list[dict]
             files.write_error(row, entry["path"], entry["error"])
 
 
-def run_embed_job(model, processor, paths: list[str], files: EmbeddingFiles, *,
-                  batch_size: int = EMBED_BATCH_SIZE, on_error: str = "record", progress: Progress | None = None,
-                  stop: StopOnInterrupt | None = None) -> JobOutcome:
+def run_embed_job(
+    model,
+    processor,
+    paths: list[str],
+    files: EmbeddingFiles,
+    *,
+    batch_size: int = EMBED_BATCH_SIZE,
+    on_error: str = "record",
+    progress: Progress | None = None,
+    stop: StopOnInterrupt | None = None,
+) -> JobOutcome:
     """Embed the rows of ``paths`` that ``files`` does not list yet, batch by batch, writing each row's values and
     then its index record. Nothing is kept in memory beyond the batch being computed."""
     processor = tasks.model_processor(model, processor)
@@ -732,27 +808,52 @@ def run_embed_job(model, processor, paths: list[str], files: EmbeddingFiles, *,
 # ----------------------------------------------------------------------------------------------------------------
 # The command line's side: options and the commands' batch paths
 
+
 def add_batch_arguments(parser, batch_size: int, out_help: str, out_required: bool = False) -> None:
     """The options of a batch job: inputs (--recursive, --list), output (--out, --resume, --on-error), batching."""
     g = parser.add_argument_group("many images")
     g.add_argument("--recursive", action="store_true", help="include the images of sub-folders too")
-    g.add_argument("--list", metavar="FILE", default=None,
-                   help="also process the images listed in FILE: one path per line, relative to FILE's folder; "
-                        "blank lines and # comments are skipped")
+    g.add_argument(
+        "--list",
+        metavar="FILE",
+        default=None,
+        help="also process the images listed in FILE: one path per line, relative to FILE's folder; "
+        "blank lines and # comments are skipped",
+    )
     g.add_argument("--out", metavar="FILE", required=out_required, default=None, help=out_help)
-    g.add_argument("--resume", action="store_true",
-                   help="continue the output of an interrupted run: skip the images it already holds")
-    g.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="record",
-                   help="an image that cannot be read: write an error record and go on (default), or stop")
-    g.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
-                   help=f"images per forward pass (default {batch_size})")
-    g.add_argument("--engine", choices=ENGINES, default="local",
-                   help="local: this process (default); ray: a pool of Ray workers, each loading the model once "
-                        "(pip install 'kosmos2-ref[ray]'); the outputs are the same files")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the output of an interrupted run: skip the images it already holds",
+    )
+    g.add_argument(
+        "--on-error",
+        choices=ON_ERROR_CHOICES,
+        default="record",
+        help="an image that cannot be read: write an error record and go on (default), or stop",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        metavar="N",
+        help=f"images per forward pass (default {batch_size})",
+    )
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); ray: a pool of Ray workers, each loading the model once "
+        "(pip install 'kosmos2-ref[ray]'); the outputs are the same files",
+    )
     g.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: workers (default 2)")
-    g.add_argument("--address", default=None, metavar="ADDR",
-                   help="--engine ray: the cluster to join (auto: the one `ray start` runs here); default: start "
-                        "Ray on this machine")
+    g.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: the cluster to join (auto: the one `ray start` runs here); default: start "
+        "Ray on this machine",
+    )
 
 
 def wants_batch(args) -> bool:
@@ -776,5 +877,7 @@ def check_batch_arguments(args) -> None:
 
 
 def interrupted_message(outcome: JobOutcome) -> str:
-    return (f"kosmos2-ref: interrupted after {outcome.done} of {outcome.total} image(s); run the same command with "
-            f"--resume to finish")
+    return (
+        f"kosmos2-ref: interrupted after {outcome.done} of {outcome.total} image(s); run the same command with "
+        f"--resume to finish"
+    )

@@ -19,10 +19,10 @@ from .cache import KVCache
 from .checks import TextInputs, check_flags, check_float_input, check_pixel_values, check_text_inputs, is_int
 from .config import ConfigError, Kosmos2Config
 from .connector import image_to_text
+from .decoder import TextOutput, causal_lm_loss, text_forward
 from .files import file_present, read_text
 from .hub import resolve_checkpoint
 from .primitives import reference_mode, resolve_reference
-from .decoder import TextOutput, causal_lm_loss, text_forward
 from .vision import VisionOutput, vision_forward
 from .weights import STORAGE_DTYPES, expected_shapes, load_flat, unflatten
 

@@ -17,6 +17,7 @@ so no request can name a file of its own choosing. docs/web.md lists the API.
 
 Every error is a JSON object ``{"error": "..."}`` with a 4xx/5xx status; the server keeps serving.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .service import MAX_UPLOAD_BYTES, ModelService, RequestError
 from . import world
+from .service import MAX_UPLOAD_BYTES, ModelService, RequestError
 
 PACKAGE = Path(__file__).resolve().parent
 WEB = PACKAGE / "web"
@@ -45,7 +46,7 @@ STATIC = {
     "/samples/two_dogs.jpg": (PACKAGE / "assets" / "two_dogs.jpg", "image/jpeg"),
 }
 MAX_JSON_BYTES = 64 * 1024
-SOCKET_TIMEOUT_S = 60          # a client that stops sending mid-request frees its thread after this
+SOCKET_TIMEOUT_S = 60  # a client that stops sending mid-request frees its thread after this
 
 
 class ClientGone(Exception):
@@ -55,11 +56,12 @@ class ClientGone(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # The request handler
 
+
 class Handler(BaseHTTPRequestHandler):
     """One request: route it, run it, answer JSON (or a static file, a PNG, an event stream)."""
 
     server_version = "kosmos2-ref"
-    protocol_version = "HTTP/1.0"       # one request per connection: an event stream ends when it closes
+    protocol_version = "HTTP/1.0"  # one request per connection: an event stream ends when it closes
     timeout = SOCKET_TIMEOUT_S
 
     # ------------------------------------------------------------------------------------------------ answers
@@ -80,8 +82,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_json(self, status: int, obj, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
-                   extra)
+        self._send(
+            status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8", extra
+        )
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unknown method) as JSON too."""
@@ -132,8 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(f"the request body is not valid JSON ({exc}); expected an object such as "
-                               f'{{"image_id": "..."}}') from None
+            raise RequestError(
+                f'the request body is not valid JSON ({exc}); expected an object such as {{"image_id": "..."}}'
+            ) from None
         if not isinstance(obj, dict):
             raise RequestError(f"the request body must be a JSON object, got a JSON {type(obj).__name__}")
         unknown = sorted(set(obj) - allowed)
@@ -146,18 +150,31 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------------------ routing
     def do_GET(self):
-        self._dispatch({"/api/info": self.api_info, "/api/attention": self.api_attention,
-                        "/api/heatmap": self.api_heatmap, "/api/scene.png": self.api_scene})
+        self._dispatch(
+            {
+                "/api/info": self.api_info,
+                "/api/attention": self.api_attention,
+                "/api/heatmap": self.api_heatmap,
+                "/api/scene.png": self.api_scene,
+            }
+        )
 
     do_HEAD = do_GET
 
     def do_POST(self):
-        self._dispatch({"/api/images": self.api_images, "/api/caption": self.api_caption,
-                        "/api/ground": self.api_ground, "/api/describe": self.api_describe})
+        self._dispatch(
+            {
+                "/api/images": self.api_images,
+                "/api/caption": self.api_caption,
+                "/api/ground": self.api_ground,
+                "/api/describe": self.api_describe,
+            }
+        )
 
     def _not_allowed(self):
-        self.send_json(405, {"error": f"method {self.command} is not allowed; use GET or POST"},
-                       {"Allow": "GET, HEAD, POST"})
+        self.send_json(
+            405, {"error": f"method {self.command} is not allowed; use GET or POST"}, {"Allow": "GET, HEAD, POST"}
+        )
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -167,12 +184,15 @@ class Handler(BaseHTTPRequestHandler):
         can then neither read the API through a DNS name that points at 127.0.0.1 nor make the browser run the
         model for it."""
         allowed = self.server.allowed_hosts
-        if allowed is None:                              # --host chose to serve the network: its own choice
+        if allowed is None:  # --host chose to serve the network: its own choice
             return
         host = self.headers.get("Host", "")
         if host not in allowed:
-            raise RequestError(f"requests must be addressed to this machine (Host {sorted(allowed)[0]!r} or "
-                               f"similar), not {host[:100]!r}", 403)
+            raise RequestError(
+                f"requests must be addressed to this machine (Host {sorted(allowed)[0]!r} or "
+                f"similar), not {host[:100]!r}",
+                403,
+            )
         origin = self.headers.get("Origin")
         if origin is not None and origin.removeprefix("http://") not in allowed:
             raise RequestError(f"requests from another site ({origin[:100]!r}) are refused", 403)
@@ -194,14 +214,14 @@ class Handler(BaseHTTPRequestHandler):
             self._answer_error(exc.status, str(exc))
         except (ClientGone, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except ValueError as exc:                      # the library refused an input (its messages name it)
+        except ValueError as exc:  # the library refused an input (its messages name it)
             self._answer_error(400, " ".join(str(exc).split())[:500])
-        except Exception as exc:                       # a bug: say so, log it, keep serving
+        except Exception as exc:  # a bug: say so, log it, keep serving
             traceback.print_exc(file=sys.stderr)
             self._answer_error(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
     def _answer_error(self, status: int, message: str) -> None:
-        if getattr(self, "_streaming", False):         # headers are out: report it as the stream's last event
+        if getattr(self, "_streaming", False):  # headers are out: report it as the stream's last event
             try:
                 self._event("error", {"error": message, "status": status})
             except (ClientGone, OSError):
@@ -223,8 +243,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def api_caption(self):
         obj = self._json_body({"image_id", "prompt", "max_new_tokens"}, {"image_id"})
-        stream = self._query().get("stream") in ("1", "true") or "text/event-stream" in self.headers.get(
-            "Accept", "")
+        stream = self._query().get("stream") in ("1", "true") or "text/event-stream" in self.headers.get("Accept", "")
         emit = self._event if stream else None
         result = self.service.caption(obj["image_id"], obj.get("prompt"), obj.get("max_new_tokens"), emit)
         if stream:
@@ -270,12 +289,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.write(f"event: {name}\ndata: {payload}\n\n".encode("utf-8"))
             self.wfile.flush()
-        except OSError as exc:        # raised inside generate: it stops, and the model is free again
+        except OSError as exc:  # raised inside generate: it stops, and the model is free again
             raise ClientGone() from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The server
+
 
 class Kosmos2Server(ThreadingHTTPServer):
     """A thread per connection (daemon threads: Ctrl-C does not wait for a running caption)."""
@@ -283,11 +303,18 @@ class Kosmos2Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 16
-    all_routes = {"/api/info", "/api/attention", "/api/heatmap", "/api/scene.png", "/api/images", "/api/caption",
-                  "/api/ground", "/api/describe"}
+    all_routes = {
+        "/api/info",
+        "/api/attention",
+        "/api/heatmap",
+        "/api/scene.png",
+        "/api/images",
+        "/api/caption",
+        "/api/ground",
+        "/api/describe",
+    }
 
-    def __init__(self, address, service: ModelService, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 quiet: bool = False):
+    def __init__(self, address, service: ModelService, max_upload_bytes: int = MAX_UPLOAD_BYTES, quiet: bool = False):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -297,8 +324,9 @@ class Kosmos2Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
         port = self.server_address[1]
         # On loopback, the names this machine answers to (see Handler._check_origin); elsewhere, any.
-        self.allowed_hosts = ({f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
-                              if is_loopback(host) else None)
+        self.allowed_hosts = (
+            {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")} if is_loopback(host) else None
+        )
 
     @property
     def url(self) -> str:
@@ -315,18 +343,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(service: ModelService, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = MAX_UPLOAD_BYTES, quiet: bool = False, out=None) -> None:
+def serve(
+    service: ModelService,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    quiet: bool = False,
+    out=None,
+) -> None:
     """Serve until Ctrl-C (or SIGTERM), then close the socket and return."""
     out = out or sys.stdout
     httpd = Kosmos2Server((host, port), service, max_upload_bytes, quiet)
     if not is_loopback(host):
-        print(f"kosmos2-ref serve: WARNING: listening on {host}, not 127.0.0.1: anyone who can reach this machine "
-              f"can use the model", file=sys.stderr, flush=True)
-    print(f"kosmos2-ref serve: {service.name}{' (RANDOM weights)' if service.random_weights else ''} on "
-          f"{httpd.url} (Ctrl-C stops it)", file=out, flush=True)
+        print(
+            f"kosmos2-ref serve: WARNING: listening on {host}, not 127.0.0.1: anyone who can reach this machine "
+            f"can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"kosmos2-ref serve: {service.name}{' (RANDOM weights)' if service.random_weights else ''} on "
+        f"{httpd.url} (Ctrl-C stops it)",
+        file=out,
+        flush=True,
+    )
     previous = None
-    if threading.current_thread() is threading.main_thread():     # SIGTERM stops it as cleanly as Ctrl-C
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it as cleanly as Ctrl-C
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         httpd.serve_forever()

@@ -4,6 +4,7 @@ them raise. It imports nothing of the package, so both readers sit above it (doc
 
 NumPy has no bfloat16: bfloat16 weights are held as their raw ``uint16`` bits (the top half of a float32).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-CONVERT_CHUNK_BYTES = 1 << 20       # source bytes read and converted at a time (cache-sized) when converting
+CONVERT_CHUNK_BYTES = 1 << 20  # source bytes read and converted at a time (cache-sized) when converting
 # safetensors dtype tag -> the storage name that holds it unchanged
 ZERO_COPY = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -23,6 +24,7 @@ class WeightsError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # bfloat16 <-> float32 on raw bits (NumPy has no bfloat16 type)
 
+
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bits -> float32: bfloat16 is the top half of a float32, so shift it back up."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -31,9 +33,9 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bits, rounding to nearest even as torch does (NaN kept quiet)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    t = u >> 16                  # the bit that will become the last kept bit ...
+    t = u >> 16  # the bit that will become the last kept bit ...
     t &= 1
-    t += 0x7FFF                  # ... decides ties: add 0x7FFF or 0x8000, then truncate
+    t += 0x7FFF  # ... decides ties: add 0x7FFF or 0x8000, then truncate
     t += u
     t >>= 16
     out = t.astype(np.uint16)
@@ -46,8 +48,10 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion
 
-def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int, ...], tag: str, storage: str,
-                         key: str) -> np.ndarray:
+
+def read_converted_range(
+    path: Path, offset: int, dt: np.dtype, shape: tuple[int, ...], tag: str, storage: str, key: str
+) -> np.ndarray:
     """The contiguous tensor of ``shape`` and raw dtype ``dt`` at byte ``offset`` of ``path``, converted to
     ``storage`` with ordinary file reads of :data:`CONVERT_CHUNK_BYTES` at a time into a new read-only array."""
     out = np.empty(shape, dtype=np.uint16 if storage == "bfloat16" else np.dtype(storage))
@@ -57,7 +61,7 @@ def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         for i in range(0, flat.size, per_chunk):
-            part = chunk[:min(per_chunk, flat.size - i)]
+            part = chunk[: min(per_chunk, flat.size - i)]
             view = memoryview(part).cast("B")
             got = 0
             while got < len(view):
@@ -65,8 +69,8 @@ def read_converted_range(path: Path, offset: int, dt: np.dtype, shape: tuple[int
                 if not n:
                     raise WeightsError(f"weights file {str(path)!r} is truncated: key {key!r} ends early")
                 got += n
-            flat[i:i + part.size] = convert_storage(part, tag, storage)
-    out.flags.writeable = False                    # like the memory-mapped views: weights are read-only
+            flat[i : i + part.size] = convert_storage(part, tag, storage)
+    out.flags.writeable = False  # like the memory-mapped views: weights are read-only
     return out
 
 

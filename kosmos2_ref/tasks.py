@@ -25,6 +25,7 @@ Entities are :class:`processing.grounding.Entity` objects (``tasks.Entity`` is t
 Generation is :func:`kosmos2_ref.generate`: greedy with the checkpoint's defaults unless keyword arguments say
 otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,17 +47,30 @@ from .processing.grounding import Entity, box_to_pixels, entities_to_pixel_boxes
 from .processing.image import ImageProcessorConfig, load_image
 from .processing.tokenizer import Kosmos2Tokenizer
 
-__all__ = ["CaptionResult", "CaptionStreamer", "DescribeResult", "EmbedResult", "Entity", "GroundResult", "caption",
-           "describe", "embed", "ground", "model_processor", "processor_for"]
+__all__ = [
+    "CaptionResult",
+    "CaptionStreamer",
+    "DescribeResult",
+    "EmbedResult",
+    "Entity",
+    "GroundResult",
+    "caption",
+    "describe",
+    "embed",
+    "ground",
+    "model_processor",
+    "processor_for",
+]
 
 DEFAULT_CAPTION_PROMPT = "<grounding> An image of"
 DEFAULT_MAX_NEW_TOKENS = 64
-GROUND_MAX_NEW_TOKENS = 16     # "<object> A B </object>" and the end: a few tokens suffice
-DESCRIBE_PROMPT = "<grounding><phrase> It</phrase>"      # the box is inserted as its <object>
+GROUND_MAX_NEW_TOKENS = 16  # "<object> A B </object>" and the end: a few tokens suffice
+DESCRIBE_PROMPT = "<grounding><phrase> It</phrase>"  # the box is inserted as its <object>
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
+
 
 @dataclass
 class CaptionResult:
@@ -66,12 +80,17 @@ class CaptionResult:
     caption: str
     entities: list[Entity]
     text: str
-    image_size: tuple[int, int]                        # (width, height)
+    image_size: tuple[int, int]  # (width, height)
     prompt: str = DEFAULT_CAPTION_PROMPT
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "caption": self.caption, "entities": [e.to_dict() for e in self.entities],
-                "image_size": list(self.image_size), "prompt": self.prompt}
+        return {
+            "text": self.text,
+            "caption": self.caption,
+            "entities": [e.to_dict() for e in self.entities],
+            "image_size": list(self.image_size),
+            "prompt": self.prompt,
+        }
 
 
 @dataclass
@@ -87,9 +106,15 @@ class GroundResult:
     image_size: tuple[int, int]
 
     def to_dict(self) -> dict:
-        return {"phrase": self.phrase, "boxes": [list(b) for b in self.boxes],
-                "pixel_boxes": [list(b) for b in self.pixel_boxes], "text": self.text, "caption": self.caption,
-                "entities": [e.to_dict() for e in self.entities], "image_size": list(self.image_size)}
+        return {
+            "phrase": self.phrase,
+            "boxes": [list(b) for b in self.boxes],
+            "pixel_boxes": [list(b) for b in self.pixel_boxes],
+            "text": self.text,
+            "caption": self.caption,
+            "entities": [e.to_dict() for e in self.entities],
+            "image_size": list(self.image_size),
+        }
 
 
 @dataclass
@@ -104,9 +129,14 @@ class DescribeResult:
     image_size: tuple[int, int]
 
     def to_dict(self) -> dict:
-        return {"box": list(self.box), "pixel_box": list(self.pixel_box), "description": self.description,
-                "text": self.text, "entities": [e.to_dict() for e in self.entities],
-                "image_size": list(self.image_size)}
+        return {
+            "box": list(self.box),
+            "pixel_box": list(self.pixel_box),
+            "description": self.description,
+            "text": self.text,
+            "entities": [e.to_dict() for e in self.entities],
+            "image_size": list(self.image_size),
+        }
 
 
 @dataclass
@@ -121,6 +151,7 @@ class EmbedResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
+
 
 def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     """``(x1, y1, x2, y2)`` -> normalised floats. Values in [0, 1] are taken as normalised; if any value is
@@ -140,7 +171,7 @@ def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float
     if any(v < 0 for v in values):
         raise ValueError(f"box {tuple(values)}: coordinates must not be negative")
     w, h = image_size
-    if any(v > 1 for v in values):   # pixels
+    if any(v > 1 for v in values):  # pixels
         x1, y1, x2, y2 = values
         if x2 > w or y2 > h:
             raise ValueError(f"box {tuple(values)} (pixels) lies outside the {w}x{h} image")
@@ -153,6 +184,7 @@ def normalise_box(box, image_size: tuple[int, int]) -> tuple[float, float, float
 
 # ----------------------------------------------------------------------------------------------------------------
 # The processor of a model
+
 
 def processor_for(model):
     """The processor of ``model``'s checkpoint folder (its tokenizer and preprocessor files); where the folder
@@ -174,8 +206,8 @@ def processor_for(model):
     return Kosmos2Processor.default()
 
 
-_PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its processor
-_PROCESSORS_LOCK = threading.Lock()     # one build per model when threads ask for it together
+_PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its processor
+_PROCESSORS_LOCK = threading.Lock()  # one build per model when threads ask for it together
 
 
 def model_processor(model, processor=None):
@@ -192,6 +224,7 @@ def model_processor(model, processor=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
+
 
 class CaptionStreamer:
     """A ``put(token_ids)`` / ``end()`` streamer (transformers' ``BaseStreamer`` protocol) that calls
@@ -222,7 +255,7 @@ class CaptionStreamer:
         self.new.extend(ids)
         text = self._clean()
         if text.startswith(self.shown) and len(text) > len(self.shown):
-            self.on_text(text[len(self.shown):])
+            self.on_text(text[len(self.shown) :])
             self.shown = text
 
     def start(self) -> None:
@@ -243,10 +276,15 @@ def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generat
 
     if streamer is not None:
         generate_kwargs["streamer"] = streamer
-    ids = generate(model, pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                          attention_mask=inputs["attention_mask"],
-                          image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                          max_new_tokens=max_new_tokens, **generate_kwargs)
+    ids = generate(
+        model,
+        pixel_values=inputs["pixel_values"],
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        image_embeds_position_mask=inputs["image_embeds_position_mask"],
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
     return np.asarray(to_numpy(getattr(ids, "sequences", ids)))
 
 
@@ -256,8 +294,16 @@ def _check_max_new_tokens(n) -> int:
     return int(n)
 
 
-def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               on_text: Callable[[str], None] | None = None, **generate_kwargs):
+def run_prompt(
+    model,
+    processor,
+    image,
+    prompt: str,
+    bboxes=None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    on_text: Callable[[str], None] | None = None,
+    **generate_kwargs,
+):
     """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image).
 
     ``on_text`` receives the caption piece by piece as it is generated (tags stripped); ``generate_kwargs`` go
@@ -283,8 +329,17 @@ def run_prompt(model, processor, image, prompt: str, bboxes=None, max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # The tasks
 
-def caption(model, image, *, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            on_text: Callable[[str], None] | None = None, processor=None, **generate_kwargs) -> CaptionResult:
+
+def caption(
+    model,
+    image,
+    *,
+    prompt: str = DEFAULT_CAPTION_PROMPT,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    on_text: Callable[[str], None] | None = None,
+    processor=None,
+    **generate_kwargs,
+) -> CaptionResult:
     """A grounded caption of ``image``: the caption, the phrases it grounds and their boxes.
 
     ``prompt`` defaults to ``"<grounding> An image of"``; ``"<grounding> Describe this image in detail:"`` gives
@@ -292,17 +347,18 @@ def caption(model, image, *, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_token
     as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to
     :func:`kosmos2_ref.generate`.
     """
-    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text,
-                                     **generate_kwargs)
+    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text, **generate_kwargs)
     return CaptionResult(cap, entities_to_pixel_boxes(raw, img.size), text, img.size, prompt)
 
 
-def ground(model, image, phrase: str, *, max_new_tokens: int = GROUND_MAX_NEW_TOKENS, processor=None,
-           **generate_kwargs) -> GroundResult:
+def ground(
+    model, image, phrase: str, *, max_new_tokens: int = GROUND_MAX_NEW_TOKENS, processor=None, **generate_kwargs
+) -> GroundResult:
     """Where is ``phrase`` in ``image``? The boxes of the ``<object>`` the model emits right after it."""
     phrase = check_phrase(phrase)
-    text, cap, raw, img = run_prompt(model, processor, image, ground_prompt(phrase), None, max_new_tokens,
-                                     **generate_kwargs)
+    text, cap, raw, img = run_prompt(
+        model, processor, image, ground_prompt(phrase), None, max_new_tokens, **generate_kwargs
+    )
     return ground_result(phrase, text, cap, raw, img.size)
 
 
@@ -328,22 +384,24 @@ def ground_result(phrase: str, text: str, cap: str, raw_entities, image_size) ->
     return GroundResult(phrase, boxes, [box_to_pixels(b, image_size) for b in boxes], text, cap, entities, image_size)
 
 
-def describe(model, image, box, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, processor=None,
-             **generate_kwargs) -> DescribeResult:
+def describe(
+    model, image, box, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, processor=None, **generate_kwargs
+) -> DescribeResult:
     """What is in ``box`` of ``image``? ``box`` is (x1, y1, x2, y2), normalised to [0, 1] or, when any value is
     above 1, in pixels."""
     img = load_image(image)
     if box is None:
         raise ValueError("box is required: (x1, y1, x2, y2), normalised or in pixels")
     norm = normalise_box(box, img.size)
-    text, cap, raw, img = run_prompt(model, processor, img, DESCRIBE_PROMPT, [norm],
-                                     max_new_tokens, **generate_kwargs)
-    return DescribeResult(norm, box_to_pixels(norm, img.size), cap, text, entities_to_pixel_boxes(raw, img.size),
-                          img.size)
+    text, cap, raw, img = run_prompt(model, processor, img, DESCRIBE_PROMPT, [norm], max_new_tokens, **generate_kwargs)
+    return DescribeResult(
+        norm, box_to_pixels(norm, img.size), cap, text, entities_to_pixel_boxes(raw, img.size), img.size
+    )
 
 
-def embed(model, images, *, batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
-          processor=None) -> EmbedResult:
+def embed(
+    model, images, *, batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None, processor=None
+) -> EmbedResult:
     """Image embeddings [N, 64, C] (what the decoder reads) and pooled CLIP vectors [N, 1024] of ``images`` (a
     list of paths / PIL images / arrays, or one), ``batch_size`` at a time. ``progress(done, total, name)`` is
     called with ``done=0`` before the first image and after each image."""
@@ -360,11 +418,11 @@ def embed(model, images, *, batch_size: int = 8, progress: Callable[[int, int, s
     if progress is not None:
         progress(0, len(images), "")
     for start in range(0, len(images), batch_size):
-        chunk = [load_image(im, f"images[{start + j}]") for j, im in enumerate(images[start:start + batch_size])]
-        pv = processor(images=chunk)["pixel_values"]                            # [b, 3, 224, 224]
+        chunk = [load_image(im, f"images[{start + j}]") for j, im in enumerate(images[start : start + batch_size])]
+        pv = processor(images=chunk)["pixel_values"]  # [b, 3, 224, 224]
         e, _, vout = model.encode_image(pv)
-        embeds.append(np.asarray(to_numpy(e), dtype=np.float32))               # [b, 64, C]
-        pooled.append(np.asarray(to_numpy(vout.pooler_output), dtype=np.float32))   # [b, 1024]
+        embeds.append(np.asarray(to_numpy(e), dtype=np.float32))  # [b, 64, C]
+        pooled.append(np.asarray(to_numpy(vout.pooler_output), dtype=np.float32))  # [b, 1024]
         if progress is not None:
             for j in range(len(chunk)):
                 progress(start + j + 1, len(images), names[start + j])

@@ -36,6 +36,7 @@ not a zip but pickles one after another, then the storages' bytes::
 
 It is read the same way: restricted unpickling, then the byte offset of each storage, then memory-mapped views.
 """
+
 from __future__ import annotations
 
 import collections
@@ -54,13 +55,18 @@ from .storage import WeightsError, convert_storage, read_converted_range
 
 # torch's typed storage classes -> (the safetensors dtype tag we reuse for them, the NumPy dtype of the raw bytes)
 STORAGE_TYPES = {
-    "FloatStorage": ("F32", np.dtype("<f4")), "HalfStorage": ("F16", np.dtype("<f2")),
-    "BFloat16Storage": ("BF16", np.dtype("<u2")), "DoubleStorage": ("F64", np.dtype("<f8")),
-    "LongStorage": ("I64", np.dtype("<i8")), "IntStorage": ("I32", np.dtype("<i4")),
-    "ShortStorage": ("I16", np.dtype("<i2")), "CharStorage": ("I8", np.dtype("i1")),
-    "ByteStorage": ("U8", np.dtype("u1")), "BoolStorage": ("BOOL", np.dtype("?")),
+    "FloatStorage": ("F32", np.dtype("<f4")),
+    "HalfStorage": ("F16", np.dtype("<f2")),
+    "BFloat16Storage": ("BF16", np.dtype("<u2")),
+    "DoubleStorage": ("F64", np.dtype("<f8")),
+    "LongStorage": ("I64", np.dtype("<i8")),
+    "IntStorage": ("I32", np.dtype("<i4")),
+    "ShortStorage": ("I16", np.dtype("<i2")),
+    "CharStorage": ("I8", np.dtype("i1")),
+    "ByteStorage": ("U8", np.dtype("u1")),
+    "BoolStorage": ("BOOL", np.dtype("?")),
 }
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C         # the first pickle of a torch < 1.6 file is this number
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a torch < 1.6 file is this number
 
 
 class _Error(ValueError):
@@ -70,13 +76,17 @@ class _Error(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # What the pickle describes: storage types, storages, tensors (plain records, nothing is read yet)
 
+
 class _Record:
     """Base of the records below: the pickle's BUILD opcode (set an object's state) is refused on them, so a record
     cannot be changed after it was checked."""
 
     def __setstate__(self, state):
-        raise _Error("its pickle tries to change a tensor or storage record after building it (a BUILD opcode); "
-                     "torch.save never does")
+        raise _Error(
+            "its pickle tries to change a tensor or storage record after building it (a BUILD opcode); "
+            "torch.save never does"
+        )
+
 
 @dataclass(frozen=True)
 class StorageType(_Record):
@@ -127,8 +137,7 @@ def _ints(v, what: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Our stand-in for ``torch._utils._rebuild_tensor_v2``: record the view, build nothing.
 
     ``requires_grad``, ``backward_hooks`` (an empty OrderedDict in a state dict) and ``metadata`` (Python attributes
@@ -143,8 +152,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise _Error(f"a tensor has size {shape} but stride {strides} (different lengths)")
     last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else storage_offset - 1
     if last >= storage.numel:
-        raise _Error(f"a tensor of size {shape}, stride {strides} at offset {storage_offset} reaches element {last} "
-                     f"of storage {storage.key!r}, which holds {storage.numel}")
+        raise _Error(
+            f"a tensor of size {shape}, stride {strides} at offset {storage_offset} reaches element {last} "
+            f"of storage {storage.key!r}, which holds {storage.numel}"
+        )
     return TensorRef(storage, int(storage_offset), shape, strides)
 
 
@@ -164,11 +175,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
 # torch.storage._load_from_bytes, which plain pickle.dumps(tensor) writes (torch.save never does): it calls torch.load
 # on bytes inside the pickle, and so would need all of this again, recursively, for no checkpoint that exists.
 ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,     # the state dict itself, and empty hook dicts
+    ("collections", "OrderedDict"): collections.OrderedDict,  # the state dict itself, and empty hook dicts
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,  # every tensor
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,        # every tensor, older files
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,  # every tensor, older files
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,  # a tensor saved as nn.Parameter
-    **{("torch", name): StorageType(name) for name in STORAGE_TYPES},   # element types named in persistent ids
+    **{("torch", name): StorageType(name) for name in STORAGE_TYPES},  # element types named in persistent ids
 }
 
 
@@ -179,8 +190,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         # Called for every GLOBAL / STACK_GLOBAL / INST / OBJ / EXT opcode, before anything is called or built.
         found = ALLOWED_GLOBALS.get((module, name))
         if found is None:
-            raise _Error(f"its pickle names {module}.{name}, which a PyTorch state dict never needs; refusing to "
-                         f"load it (nothing from the file was run). Allowed: tensors, storages, OrderedDict")
+            raise _Error(
+                f"its pickle names {module}.{name}, which a PyTorch state dict never needs; refusing to "
+                f"load it (nothing from the file was run). Allowed: tensors, storages, OrderedDict"
+            )
         return found
 
     def persistent_load(self, pid):
@@ -198,6 +211,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The zip archive: members found by name, their bytes memory-mapped
+
 
 def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
     """Where a stored member's bytes start in the file: after its 30-byte local header, name and extra field.
@@ -222,7 +236,7 @@ def is_legacy_format(path: Path) -> bool:
         head = f.read(32)
     try:
         return RestrictedUnpickler(io.BytesIO(head)).load() == LEGACY_MAGIC
-    except Exception:     # anything at all that is not that number (a refused name included): not a legacy file
+    except Exception:  # anything at all that is not that number (a refused name included): not a legacy file
         return False
 
 
@@ -238,8 +252,10 @@ class TorchBinFile:
             raise WeightsError(f"{where} does not exist")
         if not zipfile.is_zipfile(self.path):
             if not is_legacy_format(self.path):
-                raise WeightsError(f"{where} is not a PyTorch checkpoint: expected a zip archive written by "
-                                   f"torch.save (or torch's legacy format)")
+                raise WeightsError(
+                    f"{where} is not a PyTorch checkpoint: expected a zip archive written by "
+                    f"torch.save (or torch's legacy format)"
+                )
             self._open_legacy(where)
             return
         try:
@@ -248,16 +264,26 @@ class TorchBinFile:
                 pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
                 if len(pkl) != 1:
                     raise _Error(f"expected one '<archive>/data.pkl' member, found {pkl or 'none'}")
-                self.prefix = pkl[0][: -len("data.pkl")]            # "archive/"
+                self.prefix = pkl[0][: -len("data.pkl")]  # "archive/"
                 order = infos.get(self.prefix + "byteorder")
                 if order is not None and z.read(order).strip() != b"little":
-                    raise _Error(f"its byteorder is {z.read(order).strip().decode(errors='replace')!r}; only "
-                                 f"little-endian files are supported")
+                    raise _Error(
+                        f"its byteorder is {z.read(order).strip().decode(errors='replace')!r}; only "
+                        f"little-endian files are supported"
+                    )
                 state = RestrictedUnpickler(io.BytesIO(z.read(pkl[0]))).load()
         except _Error as exc:
             raise WeightsError(f"{where}: {exc}") from None
-        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, UnicodeDecodeError, TypeError,
-                AttributeError, IndexError, KeyError) as exc:
+        except (
+            zipfile.BadZipFile,
+            pickle.UnpicklingError,
+            EOFError,
+            UnicodeDecodeError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as exc:
             # TypeError: one of our functions called with the wrong arguments by a crafted pickle; the others: a
             # damaged archive or pickle. Either way nothing from the file has been executed.
             raise WeightsError(f"{where} is corrupt: {type(exc).__name__}: {exc}") from None
@@ -274,11 +300,13 @@ class TorchBinFile:
                 if magic != LEGACY_MAGIC or not is_int(version):
                     raise _Error("its first pickles are not torch's magic number and protocol version")
                 if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
-                    raise _Error(f"it was written on a big-endian machine ({str(sys_info)[:80]}); only little-endian "
-                                 f"files are supported")
+                    raise _Error(
+                        f"it was written on a big-endian machine ({str(sys_info)[:80]}); only little-endian "
+                        f"files are supported"
+                    )
                 state = RestrictedUnpickler(f).load()
                 keys = RestrictedUnpickler(f).load()
-                pos = f.tell()                                  # the first storage's 8-byte length starts here
+                pos = f.tell()  # the first storage's 8-byte length starts here
                 if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                     raise _Error("the list of storage keys after the state dict is malformed")
                 self._check_state(state, where)
@@ -297,12 +325,21 @@ class TorchBinFile:
                     self._storage_offsets[key] = pos + 8
                     pos += 8 + numel * itemsize
                     if numel < 0 or pos > size:
-                        raise WeightsError(f"{where} is truncated: storage {key!r} ({numel} elements) ends past the "
-                                           f"end of the file")
+                        raise WeightsError(
+                            f"{where} is truncated: storage {key!r} ({numel} elements) ends past the end of the file"
+                        )
         except _Error as exc:
             raise WeightsError(f"{where}: {exc}") from None
-        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, TypeError, AttributeError, IndexError,
-                KeyError, struct.error) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            UnicodeDecodeError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            struct.error,
+        ) as exc:
             raise WeightsError(f"{where} is corrupt: {type(exc).__name__}: {exc}") from None
         missing = sorted({t.storage.key for t in self._tensors.values()} - self._storage_offsets.keys())
         if missing:
@@ -313,17 +350,21 @@ class TorchBinFile:
         """The unpickled object must be a dict of name -> tensor record; kept as ``self._tensors``. A storage key
         must be declared the same way (element type and length) by every tensor that uses it: the bounds checks
         rely on it."""
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, TensorRef)
-                                                  for k, v in state.items()):
-            raise WeightsError(f"{where} does not hold a state dict: expected a dict of name -> tensor, got "
-                               f"{type(state).__name__}")
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, TensorRef) for k, v in state.items()
+        ):
+            raise WeightsError(
+                f"{where} does not hold a state dict: expected a dict of name -> tensor, got {type(state).__name__}"
+            )
         declared: dict[str, StorageRef] = {}
         for name, t in state.items():
             first = declared.setdefault(t.storage.key, t.storage)
             if first != t.storage:
-                raise WeightsError(f"{where} is corrupt: tensor {name!r} declares storage {t.storage.key!r} as "
-                                   f"{t.storage.numel} x {t.storage.type.name}, another tensor as {first.numel} x "
-                                   f"{first.type.name}")
+                raise WeightsError(
+                    f"{where} is corrupt: tensor {name!r} declares storage {t.storage.key!r} as "
+                    f"{t.storage.numel} x {t.storage.type.name}, another tensor as {first.numel} x "
+                    f"{first.type.name}"
+                )
         self._tensors: dict[str, TensorRef] = dict(state)
 
     def _locate_storages(self, infos: dict[str, zipfile.ZipInfo], where: str) -> dict[str, int]:
@@ -336,22 +377,29 @@ class TorchBinFile:
                 continue
             info = infos.get(f"{self.prefix}data/{s.key}")
             if info is None:
-                raise WeightsError(f"{where}: tensor {name!r} lives in storage {s.key!r}, but the archive has no "
-                                   f"member {self.prefix}data/{s.key}")
+                raise WeightsError(
+                    f"{where}: tensor {name!r} lives in storage {s.key!r}, but the archive has no "
+                    f"member {self.prefix}data/{s.key}"
+                )
             if info.compress_type != zipfile.ZIP_STORED:
-                raise WeightsError(f"{where}: storage member {info.filename!r} is compressed; torch.save stores "
-                                   f"members uncompressed, which is what lets them be memory-mapped")
+                raise WeightsError(
+                    f"{where}: storage member {info.filename!r} is compressed; torch.save stores "
+                    f"members uncompressed, which is what lets them be memory-mapped"
+                )
             need = s.numel * s.type.dtype.itemsize
             if info.file_size < need:
-                raise WeightsError(f"{where} is truncated: storage {s.key!r} of tensor {name!r} should hold "
-                                   f"{s.numel} elements ({need} bytes) but has {info.file_size} bytes")
+                raise WeightsError(
+                    f"{where} is truncated: storage {s.key!r} of tensor {name!r} should hold "
+                    f"{s.numel} elements ({need} bytes) but has {info.file_size} bytes"
+                )
             try:
                 offsets[s.key] = _member_data_offset(self.path, info)
             except _Error as exc:
                 raise WeightsError(f"{where} is corrupt: {exc}") from None
             if offsets[s.key] + need > self.path.stat().st_size:
-                raise WeightsError(f"{where} is truncated: storage {s.key!r} of tensor {name!r} ends past the end "
-                                   f"of the file")
+                raise WeightsError(
+                    f"{where} is truncated: storage {s.key!r} of tensor {name!r} ends past the end of the file"
+                )
         return offsets
 
     # The SafetensorsFile interface --------------------------------------------------------------------------------
@@ -378,16 +426,17 @@ class TorchBinFile:
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = self._storage_offsets[t.storage.key]
-        storage = self._map[start:start + t.storage.numel * dt.itemsize].view(dt)      # [numel]
+        storage = self._map[start : start + t.storage.numel * dt.itemsize].view(dt)  # [numel]
         if t.is_contiguous():
             n = math.prod(t.shape)
-            return storage[t.offset:t.offset + n].reshape(t.shape)
-        base = storage[t.offset:]
+            return storage[t.offset : t.offset + n].reshape(t.shape)
+        base = storage[t.offset :]
         reach = sum((n - 1) * s for n, s in zip(t.shape, t.stride)) + 1 if all(t.shape) else 0
-        if reach > base.size:       # as_strided does not check bounds: make sure, whatever was checked before
+        if reach > base.size:  # as_strided does not check bounds: make sure, whatever was checked before
             raise WeightsError(f"weights file {str(self.path)!r}: tensor {key!r} reaches past its storage")
-        return np.lib.stride_tricks.as_strided(base, shape=t.shape, strides=[s * dt.itemsize for s in t.stride],
-                                               writeable=False)
+        return np.lib.stride_tricks.as_strided(
+            base, shape=t.shape, strides=[s * dt.itemsize for s in t.stride], writeable=False
+        )
 
     def data_offset(self, key: str) -> int:
         """File offset of the first byte of a contiguous tensor (for chunked reads that bypass the memory map)."""
@@ -399,8 +448,9 @@ class TorchBinFile:
         memory map untouched, as for safetensors), a strided view (rare: a transposed tied weight) from the map."""
         t = self._tensors[key]
         if t.is_contiguous():
-            return read_converted_range(self.path, self.data_offset(key), t.storage.type.dtype, t.shape,
-                                        t.storage.type.tag, storage, key)
+            return read_converted_range(
+                self.path, self.data_offset(key), t.storage.type.dtype, t.shape, t.storage.type.tag, storage, key
+            )
         out = convert_storage(np.ascontiguousarray(self.raw(key)), t.storage.type.tag, storage)
         out = np.array(out, copy=True) if not out.flags.owndata else out
         out.flags.writeable = False

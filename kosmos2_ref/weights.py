@@ -23,6 +23,7 @@ shape and byte range, then the raw little-endian data), so we read it ourselves 
 Storage dtype (``dtype=``) applies to matrices (ndim >= 2); vectors (biases, LayerNorm parameters) are always held
 in float32. Compute is always float32.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,29 +38,49 @@ import numpy as np
 
 from .checks import is_int
 from .config import Kosmos2Config
+
 # re-exported: weights.WeightsError, weights.STORAGE_DTYPES, ... are the names the rest of the package imports
-from .storage import (CONVERT_CHUNK_BYTES, STORAGE_DTYPES, ZERO_COPY, WeightsError,  # noqa: F401
-                      bf16_bits_to_float32, convert_storage, float32_to_bf16_bits, read_converted_range)
+from .storage import (  # noqa: F401
+    CONVERT_CHUNK_BYTES,
+    STORAGE_DTYPES,
+    ZERO_COPY,
+    WeightsError,
+    bf16_bits_to_float32,
+    convert_storage,
+    float32_to_bf16_bits,
+    read_converted_range,
+)
 from .torch_pickle import TorchBinFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-BIN_FILE = "pytorch_model.bin"                     # torch.save's zip format, read by kosmos2_ref.torch_pickle
+BIN_FILE = "pytorch_model.bin"  # torch.save's zip format, read by kosmos2_ref.torch_pickle
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 # safetensors dtype tag -> (numpy dtype of the raw data, bytes per element)
 _ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 # Buffers some transformers versions wrote although they are derived, never learned; ignored silently.
-_DERIVED_BUFFERS = ("vision_model.model.embeddings.position_ids", "text_model.model.embed_positions.weights",
-                    "text_model.model.embed_positions._float_tensor")
+_DERIVED_BUFFERS = (
+    "vision_model.model.embeddings.position_ids",
+    "text_model.model.embed_positions.weights",
+    "text_model.model.embed_positions._float_tensor",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading one safetensors file
+
 
 class SafetensorsFile:
     """A memory-mapped safetensors file: ``keys()``, ``shape(key)``, ``dtype(key)``, ``raw(key)`` (zero-copy)."""
@@ -70,19 +91,24 @@ class SafetensorsFile:
             raise WeightsError(f"weights file {str(self.path)!r} does not exist")
         size = self.path.stat().st_size
         if size < 8:
-            raise WeightsError(f"weights file {str(self.path)!r} is truncated or not safetensors: "
-                               f"{size} bytes, too short for the 8-byte header length")
+            raise WeightsError(
+                f"weights file {str(self.path)!r} is truncated or not safetensors: "
+                f"{size} bytes, too short for the 8-byte header length"
+            )
         with open(self.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n == 0 or 8 + n > size:
-                raise WeightsError(f"weights file {str(self.path)!r} is truncated or not safetensors: header length "
-                                   f"{n} does not fit in the file's {size} bytes")
+                raise WeightsError(
+                    f"weights file {str(self.path)!r} is truncated or not safetensors: header length "
+                    f"{n} does not fit in the file's {size} bytes"
+                )
             raw_header = f.read(n)
         try:
             header = json.loads(raw_header.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WeightsError(f"weights file {str(self.path)!r} is corrupt: its header is not valid JSON ({exc})") \
-                from None
+            raise WeightsError(
+                f"weights file {str(self.path)!r} is corrupt: its header is not valid JSON ({exc})"
+            ) from None
         if not isinstance(header, dict):
             raise WeightsError(f"weights file {str(self.path)!r} is corrupt: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -93,31 +119,39 @@ class SafetensorsFile:
             self._entries[key] = self._parse_entry(key, info, data_len)
         self._check_tiling(data_len)
         self._map = None
-        self._map_lock = threading.Lock()     # two threads reading the first tensor map the file once
+        self._map_lock = threading.Lock()  # two threads reading the first tensor map the file once
 
     def _parse_entry(self, key: str, info, data_len: int):
         """One header entry -> (NumPy dtype, shape, begin, end, tag), every field checked, the key named."""
         where = f"weights file {str(self.path)!r}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise WeightsError(f"{where} is corrupt: bad header entry for key {key!r}: expected an object with "
-                               f"dtype, shape and data_offsets, got {str(info)[:80]}")
+            raise WeightsError(
+                f"{where} is corrupt: bad header entry for key {key!r}: expected an object with "
+                f"dtype, shape and data_offsets, got {str(info)[:80]}"
+            )
         tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
-            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {shape!r}: expected a list of "
-                               f"non-negative integers")
+            raise WeightsError(
+                f"{where} is corrupt: key {key!r} has shape {shape!r}: expected a list of non-negative integers"
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
-            raise WeightsError(f"{where} is corrupt: key {key!r} has data_offsets {offsets!r}: expected two integers "
-                               f"[begin, end]")
+            raise WeightsError(
+                f"{where} is corrupt: key {key!r} has data_offsets {offsets!r}: expected two integers [begin, end]"
+            )
         if tag not in _ST_DTYPES:
             raise WeightsError(f"{where}: key {key!r} has unsupported dtype {tag!r}")
         dt, shape, (begin, end) = _ST_DTYPES[tag], tuple(shape), offsets
         nbytes = math.prod(shape) * dt.itemsize
         if end - begin != nbytes or begin < 0:
-            raise WeightsError(f"{where} is corrupt: key {key!r} has shape {list(shape)} ({nbytes} bytes) but a "
-                               f"byte range of {end - begin}")
+            raise WeightsError(
+                f"{where} is corrupt: key {key!r} has shape {list(shape)} ({nbytes} bytes) but a "
+                f"byte range of {end - begin}"
+            )
         if end > data_len:
-            raise WeightsError(f"{where} is truncated: key {key!r} needs bytes up to {end} of the data section but "
-                               f"the file holds only {data_len}")
+            raise WeightsError(
+                f"{where} is truncated: key {key!r} needs bytes up to {end} of the data section but "
+                f"the file holds only {data_len}"
+            )
         return dt, shape, begin, end, tag
 
     def _check_tiling(self, data_len: int) -> None:
@@ -128,15 +162,21 @@ class SafetensorsFile:
         pos, prev = 0, None
         for key, (_, _, begin, end, _) in sorted(self._entries.items(), key=lambda kv: kv[1][2:4]):
             if begin < pos:
-                raise WeightsError(f"{where} is corrupt: key {key!r} (bytes {begin}..{end}) overlaps key {prev!r} "
-                                   f"(which ends at byte {pos}): tensors may not share bytes")
+                raise WeightsError(
+                    f"{where} is corrupt: key {key!r} (bytes {begin}..{end}) overlaps key {prev!r} "
+                    f"(which ends at byte {pos}): tensors may not share bytes"
+                )
             if begin > pos:
-                raise WeightsError(f"{where} is corrupt: {begin - pos} byte(s) before key {key!r} (at {begin}) "
-                                   f"belong to no tensor: the header's data_offsets must tile the data section")
+                raise WeightsError(
+                    f"{where} is corrupt: {begin - pos} byte(s) before key {key!r} (at {begin}) "
+                    f"belong to no tensor: the header's data_offsets must tile the data section"
+                )
             pos, prev = end, key
         if pos != data_len:
-            raise WeightsError(f"{where} is corrupt: {data_len - pos} byte(s) after the last tensor belong to no "
-                               f"tensor: the header's data_offsets must tile the data section")
+            raise WeightsError(
+                f"{where} is corrupt: {data_len - pos} byte(s) after the last tensor belong to no "
+                f"tensor: the header's data_offsets must tile the data section"
+            )
 
     def keys(self):
         return self._entries.keys()
@@ -154,7 +194,7 @@ class SafetensorsFile:
             with self._map_lock:
                 if self._map is None:
                     self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        buf = self._map[self.data_start + begin:self.data_start + end]
+        buf = self._map[self.data_start + begin : self.data_start + end]
         return buf.view(dt).reshape(shape)
 
     def read_converted(self, key: str, storage: str) -> np.ndarray:
@@ -171,6 +211,7 @@ class SafetensorsFile:
 # ----------------------------------------------------------------------------------------------------------------
 # The expected key set of Kosmos2ForConditionalGeneration
 
+
 def expected_shapes(cfg: Kosmos2Config) -> dict[str, tuple[int, ...]]:
     """Every weight key of ``Kosmos2ForConditionalGeneration`` and its shape, for ``cfg`` (docs/numerics.md §8).
 
@@ -185,8 +226,12 @@ def expected_shapes(cfg: Kosmos2Config) -> dict[str, tuple[int, ...]]:
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             s[pre + f"self_attn.{proj}.weight"] = (C, C)
             s[pre + f"self_attn.{proj}.bias"] = (C,)
-        for ln, dim in (("self_attn.inner_attn_ln", C), ("self_attn_layer_norm", C),
-                        ("ffn.ffn_layernorm", F), ("final_layer_norm", C)):
+        for ln, dim in (
+            ("self_attn.inner_attn_ln", C),
+            ("self_attn_layer_norm", C),
+            ("ffn.ffn_layernorm", F),
+            ("final_layer_norm", C),
+        ):
             s[pre + ln + ".weight"] = (dim,)
             s[pre + ln + ".bias"] = (dim,)
         s[pre + "ffn.fc1.weight"], s[pre + "ffn.fc1.bias"] = (F, C), (F,)
@@ -246,11 +291,14 @@ def _read_index(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise WeightsError(f"index file {str(index)!r} is corrupt: expected JSON with a 'weight_map' "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise WeightsError(
+            f"index file {str(index)!r} is corrupt: expected JSON with a 'weight_map' ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-        raise WeightsError(f"index file {str(index)!r} is corrupt: its 'weight_map' must be a JSON object "
-                           f"mapping each weight name to a shard file name, got {str(weight_map)[:80]}")
+        raise WeightsError(
+            f"index file {str(index)!r} is corrupt: its 'weight_map' must be a JSON object "
+            f"mapping each weight name to a shard file name, got {str(weight_map)[:80]}"
+        )
     return weight_map
 
 
@@ -262,8 +310,10 @@ def _open_checkpoint_files(folder: Path) -> dict[str, Any]:
     chosen = weights_file_of(folder)
     if chosen is None:
         present = sorted(p.name for p in folder.iterdir())[:12]
-        raise WeightsError(f"checkpoint folder {str(folder)!r} has no weights: expected one of "
-                           f"{', '.join(WEIGHT_FILES)} (it holds: {present})")
+        raise WeightsError(
+            f"checkpoint folder {str(folder)!r} has no weights: expected one of "
+            f"{', '.join(WEIGHT_FILES)} (it holds: {present})"
+        )
     if not chosen.name.endswith(".index.json"):
         f = _open_weights_file(chosen)
         return {k: f for k in f.keys()}
@@ -273,8 +323,9 @@ def _open_checkpoint_files(folder: Path) -> dict[str, Any]:
         if fname not in files:
             files[fname] = _open_weights_file(folder / fname)
         if key not in files[fname].keys():
-            raise WeightsError(f"index file {str(chosen)!r} says key {key!r} is in {fname!r}, "
-                               f"but that file has no such key")
+            raise WeightsError(
+                f"index file {str(chosen)!r} says key {key!r} is in {fname!r}, but that file has no such key"
+            )
         out[key] = files[fname]
     return out
 
@@ -288,7 +339,7 @@ def _same_values(f1, k1: str, f2, k2: str) -> bool:
         return False
     a, b = f1.raw(k1), f2.raw(k2)
     rows = max(1, CONVERT_CHUNK_BYTES // max(1, a[:1].nbytes))
-    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, max(len(a), 1), rows))
+    return all(np.array_equal(a[i : i + rows], b[i : i + rows]) for i in range(0, max(len(a), 1), rows))
 
 
 def _resolve_tied_head(folder: Path, where: dict[str, Any], cfg: Kosmos2Config) -> dict[str, tuple[Any, str]]:
@@ -310,10 +361,13 @@ def _resolve_tied_head(folder: Path, where: dict[str, Any], cfg: Kosmos2Config) 
         if _same_values(where[EMBED_KEY], EMBED_KEY, where[HEAD_KEY], HEAD_KEY):
             del source[HEAD_KEY]
         else:
-            warnings.warn(f"checkpoint {str(folder)!r}: config.json ties {HEAD_KEY!r} to {EMBED_KEY!r}, but the "
-                          f"checkpoint holds both with different values, so they are not tied (as transformers "
-                          f"does): the logits use {HEAD_KEY!r}. Set text_config.tie_word_embeddings=false to say "
-                          f"so", stacklevel=4)
+            warnings.warn(
+                f"checkpoint {str(folder)!r}: config.json ties {HEAD_KEY!r} to {EMBED_KEY!r}, but the "
+                f"checkpoint holds both with different values, so they are not tied (as transformers "
+                f"does): the logits use {HEAD_KEY!r}. Set text_config.tie_word_embeddings=false to say "
+                f"so",
+                stacklevel=4,
+            )
     return source
 
 
@@ -334,23 +388,30 @@ def plan_weights(folder: str | Path, cfg: Kosmos2Config) -> dict[str, tuple[Any,
     missing = [k for k in expected if k not in source]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        hint = " (tie_word_embeddings is false, so the LM head is a weight of its own)" \
-            if missing[0] == HEAD_KEY else ""
-        raise WeightsError(f"checkpoint {str(folder)!r} is missing key {missing[0]!r}{more}{hint}: "
-                           f"it does not match its config.json")
+        hint = (
+            " (tie_word_embeddings is false, so the LM head is a weight of its own)" if missing[0] == HEAD_KEY else ""
+        )
+        raise WeightsError(
+            f"checkpoint {str(folder)!r} is missing key {missing[0]!r}{more}{hint}: it does not match its config.json"
+        )
     unexpected = [k for k in source if k not in expected and k not in _DERIVED_BUFFERS]
     if unexpected:
-        warnings.warn(f"checkpoint {str(folder)!r} has {len(unexpected)} unexpected key(s), ignored: "
-                      f"{unexpected[:5]}", stacklevel=4)
+        warnings.warn(
+            f"checkpoint {str(folder)!r} has {len(unexpected)} unexpected key(s), ignored: {unexpected[:5]}",
+            stacklevel=4,
+        )
     plan: dict[str, tuple[Any, str]] = {}
     for key, shape in expected.items():
         f, fkey = source[key]
         if f.shape(fkey) != shape:
-            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has shape {list(f.shape(fkey))}, "
-                               f"but config.json implies {list(shape)}")
+            raise WeightsError(
+                f"weights file {str(f.path)!r}: key {fkey!r} has shape {list(f.shape(fkey))}, "
+                f"but config.json implies {list(shape)}"
+            )
         if f.st_dtype(fkey) not in ("F32", "F16", "BF16", "F64"):
-            raise WeightsError(f"weights file {str(f.path)!r}: key {fkey!r} has dtype {f.st_dtype(fkey)}, expected "
-                               f"a float type")
+            raise WeightsError(
+                f"weights file {str(f.path)!r}: key {fkey!r} has dtype {f.st_dtype(fkey)}, expected a float type"
+            )
         plan[key] = (f, fkey)
     return plan
 
@@ -364,7 +425,7 @@ def load_flat(folder: str | Path, cfg: Kosmos2Config, dtype: str = "float32") ->
     for key, (f, fkey) in plan_weights(folder, cfg).items():
         storage = dtype if len(f.shape(fkey)) >= 2 else "float32"
         if ZERO_COPY.get(f.st_dtype(fkey)) == storage:
-            flat[key] = _contiguous(f.raw(fkey))       # a view of the memory map: no copy, no time
+            flat[key] = _contiguous(f.raw(fkey))  # a view of the memory map: no copy, no time
         else:
             flat[key] = f.read_converted(fkey, storage)
     return flat
@@ -434,6 +495,7 @@ def save_safetensors(flat: dict[str, np.ndarray], path: str | Path, metadata: di
 
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp),
-              metadata={"format": "pt", **(metadata or {})})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})}
+    )
     tmp.replace(path)

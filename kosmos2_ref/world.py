@@ -20,6 +20,7 @@ Boxes are normalised ``(x1, y1, x2, y2)``, tight around the drawn shape. Objects
 below ~11 % even the exact patch-index tokens of a box decode (cell centres) to a box of IoU < 0.5 with it, so
 the smallest objects could not be scored fairly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,9 +36,9 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 85, 215), "yellow": (235, 195, 30)}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 MAX_OBJECTS = 4
-MIN_SIZE, MAX_SIZE = 0.15, 0.5          # object side as a fraction of the image side
-GAP = 0.02                              # the least space between two objects' boxes (fraction of the side)
-DRAW_SIDE = 448                         # shapes are drawn at least this large, then reduced: smooth edges
+MIN_SIZE, MAX_SIZE = 0.15, 0.5  # object side as a fraction of the image side
+GAP = 0.02  # the least space between two objects' boxes (fraction of the side)
+DRAW_SIDE = 448  # shapes are drawn at least this large, then reduced: smooth edges
 
 Box = tuple[float, float, float, float]
 
@@ -63,13 +64,14 @@ class Scene:
     seed: int
     objects: tuple[SceneObject, ...]
     image_size: int
-    background: tuple[int, int, int]     # the ground's base colour
-    texture: str                         # "plain", "noise", "gradient" or "stripes"
+    background: tuple[int, int, int]  # the ground's base colour
+    texture: str  # "plain", "noise", "gradient" or "stripes"
     texture_seed: int
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checks at the boundary
+
 
 def _check_seed(seed) -> int:
     if not is_int(seed) or seed < 0:
@@ -92,6 +94,7 @@ def _check_options(num_objects, image_size, min_size, max_size) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Making a scene
 
+
 def _overlaps(a: Box, b: Box, gap: float) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
@@ -113,8 +116,13 @@ def _place(rng: np.random.Generator, count: int, min_size: float, max_size: floa
     return boxes
 
 
-def make_scene(seed: int, num_objects: int | None = None, image_size: int = 224,
-               min_size: float = MIN_SIZE, max_size: float = MAX_SIZE) -> Scene:
+def make_scene(
+    seed: int,
+    num_objects: int | None = None,
+    image_size: int = 224,
+    min_size: float = MIN_SIZE,
+    max_size: float = MAX_SIZE,
+) -> Scene:
     """The scene of ``seed``: ``num_objects`` (default: 1-4, drawn from the seed) shapes of random colour, shape,
     size (``min_size``-``max_size`` of the side) and place, none touching another. Raises ValueError for bad
     options, naming them."""
@@ -127,7 +135,7 @@ def make_scene(seed: int, num_objects: int | None = None, image_size: int = 224,
     for box in boxes:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        objects.append(SceneObject(shape, colour, box))   # every shape fills its square box
+        objects.append(SceneObject(shape, colour, box))  # every shape fills its square box
     grey = int(rng.integers(200, 246))
     tint = rng.integers(-8, 9, size=3)
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
@@ -138,12 +146,13 @@ def make_scene(seed: int, num_objects: int | None = None, image_size: int = 224,
 # ----------------------------------------------------------------------------------------------------------------
 # Drawing
 
+
 def _ground(scene: Scene) -> np.ndarray:
     """The background [S, S, 3] uint8: the base colour, plain or with a faint texture (±10 levels at most)."""
     s = scene.image_size
     rng = np.random.default_rng(scene.texture_seed)
-    base = np.array(scene.background, dtype=np.float32)                     # [3]
-    y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s                        # [S, S] each
+    base = np.array(scene.background, dtype=np.float32)  # [3]
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s  # [S, S] each
     if scene.texture == "noise":
         delta = rng.normal(0.0, 4.0, size=(s, s, 1))
     elif scene.texture == "gradient":
@@ -154,7 +163,7 @@ def _ground(scene: Scene) -> np.ndarray:
         delta = (6.0 * np.sign(np.sin(2 * np.pi * (x + y) / period)))[..., None]
     else:
         delta = np.zeros((s, s, 1), dtype=np.float32)
-    return np.clip(base + delta, 0, 255).astype(np.uint8)                   # [S, S, 3]
+    return np.clip(base + delta, 0, 255).astype(np.uint8)  # [S, S, 3]
 
 
 def _draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: Box, side: int, fill) -> None:
@@ -181,15 +190,16 @@ def render(scene: Scene) -> PIL.Image.Image:
     for obj in scene.objects:
         _draw_shape(draw_colour, obj.shape, obj.box, big, COLOURS[obj.colour])
         _draw_shape(draw_cover, obj.shape, obj.box, big, 255)
-    shapes = np.asarray(colour.resize((s, s), PIL.Image.Resampling.BOX), dtype=np.float32)      # [S, S, 3]
+    shapes = np.asarray(colour.resize((s, s), PIL.Image.Resampling.BOX), dtype=np.float32)  # [S, S, 3]
     alpha = np.asarray(cover.resize((s, s), PIL.Image.Resampling.BOX), dtype=np.float32)[..., None] / 255
     # shapes holds colour × coverage (the rest averaged in as black): add the ground's share
-    pixels = shapes + (1.0 - alpha) * _ground(scene).astype(np.float32)                           # [S, S, 3]
+    pixels = shapes + (1.0 - alpha) * _ground(scene).astype(np.float32)  # [S, S, 3]
     return PIL.Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Texts
+
 
 def object_tokens(boxes: list[Box]) -> str:
     """``<object><patch_index_A><patch_index_B></delimiter_of_multi_objects/>…</object>`` for ``boxes``."""
@@ -208,8 +218,10 @@ def groups(scene: Scene) -> list[tuple[str, str, list[Box]]]:
     out = []
     for colour in COLOURS:
         for shape in SHAPES:
-            boxes = sorted((o.box for o in scene.objects if o.colour == colour and o.shape == shape),
-                           key=lambda b: (b[0] + b[2], b[1] + b[3]))
+            boxes = sorted(
+                (o.box for o in scene.objects if o.colour == colour and o.shape == shape),
+                key=lambda b: (b[0] + b[2], b[1] + b[3]),
+            )
             if boxes:
                 out.append((colour, shape, boxes))
     return out
@@ -252,6 +264,7 @@ def describe_text(obj: SceneObject) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring
+
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes."""

@@ -6,6 +6,7 @@
 A module's imports are read from its source with ``ast`` (nothing is imported). ``from . import x`` counts as an
 import of the submodule ``x`` when there is one; an import of a package counts as one of its ``__init__``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,16 @@ def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     if node.level == 0:
         return node.module or ""
     base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
 def imports_of(module: str, path: Path, modules: dict[str, Path]) -> dict[str, bool]:
     """Imported package module -> True when every import of it is inside a function (lazy)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    lazy_nodes = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                  for n in ast.walk(f)}
+    lazy_nodes = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     out: dict[str, bool] = {}
     for node in ast.walk(tree):
         targets = []

@@ -1,13 +1,12 @@
 """Shared fixtures: seeded random checkpoints built with transformers and saved to temp folders."""
+
 from __future__ import annotations
 
 import os
 import shutil
-import sys
-
-import pytest
 
 import fixtures_model as fm
+import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

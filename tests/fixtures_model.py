@@ -4,6 +4,7 @@
 Every parameter is redrawn, LayerNorms included (weight ≈ 1 ± 0.2, bias ± 0.2): identity LayerNorms hide bugs.
 Only the test suite imports this module (it needs torch and transformers).
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,21 +15,45 @@ import numpy as np
 
 # Tiny config: the real vocabulary layout (65037 ids) so real prompts and patch tokens fit, tiny widths.
 TINY = {
-    "text_config": {"vocab_size": 65037, "embed_dim": 32, "layers": 2, "ffn_dim": 64, "attention_heads": 4,
-                    "max_position_embeddings": 64},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
+    "text_config": {
+        "vocab_size": 65037,
+        "embed_dim": 32,
+        "layers": 2,
+        "ffn_dim": 64,
+        "attention_heads": 4,
+        "max_position_embeddings": 64,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 14,
+    },
     "latent_query_num": 64,
 }
 # Odd head counts and head dims, a different latent query count, a small image.
 TINY_ODD = {
-    "text_config": {"vocab_size": 65037, "embed_dim": 30, "layers": 3, "ffn_dim": 44, "attention_heads": 3,
-                    "max_position_embeddings": 32},
-    "vision_config": {"hidden_size": 35, "intermediate_size": 50, "num_hidden_layers": 3,
-                      "num_attention_heads": 5, "image_size": 56, "patch_size": 14},
+    "text_config": {
+        "vocab_size": 65037,
+        "embed_dim": 30,
+        "layers": 3,
+        "ffn_dim": 44,
+        "attention_heads": 3,
+        "max_position_embeddings": 32,
+    },
+    "vision_config": {
+        "hidden_size": 35,
+        "intermediate_size": 50,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 5,
+        "image_size": 56,
+        "patch_size": 14,
+    },
     "latent_query_num": 7,
 }
-FULL: dict = {}   # transformers' defaults are the released checkpoint's architecture
+FULL: dict = {}  # transformers' defaults are the released checkpoint's architecture
 
 
 def hf_config(cfg: dict):
@@ -90,8 +115,8 @@ def save_bin_checkpoint(model, folder: Path, max_shard_bytes: int | None = None)
     import torch
 
     folder = Path(folder)
-    model.save_pretrained(folder)                     # config.json (+ generation_config.json) ...
-    for f in folder.glob("*.safetensors*"):           # ... and no safetensors
+    model.save_pretrained(folder)  # config.json (+ generation_config.json) ...
+    for f in folder.glob("*.safetensors*"):  # ... and no safetensors
         f.unlink()
     sd = model.state_dict()
     if max_shard_bytes is None:
@@ -109,15 +134,21 @@ def save_bin_checkpoint(model, folder: Path, max_shard_bytes: int | None = None)
         name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
         torch.save(shard, folder / name)
         weight_map.update({k: name for k in shard})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}, indent=2))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}, indent=2)
+    )
     return folder
 
 
 def image_prompt_ids(text_ids, num_image_tokens: int, bos: bool = True, first_image_token_id: int = 4):
     """The processor's layout (docs/numerics.md §10.1): <s> <image> [Q slots] </image> text; and the image mask."""
-    ids = ([0] if bos else []) + [64003] + list(range(first_image_token_id, first_image_token_id + num_image_tokens)) \
-        + [64004] + list(text_ids)
+    ids = (
+        ([0] if bos else [])
+        + [64003]
+        + list(range(first_image_token_id, first_image_token_id + num_image_tokens))
+        + [64004]
+        + list(text_ids)
+    )
     mask = ([0] if bos else []) + [0] + [1] * num_image_tokens + [0] + [0] * len(text_ids)
     return ids, mask
 

@@ -7,6 +7,7 @@ normaliser's ``precompiled_charsmap``). :func:`refill_tokenizer_json` puts them 
 ``kosmos2_ref/assets/sentencepiece.bpe.model``, the model the old tools converted; make_hub_era_fixtures.py
 checked, with the old tools, that the refilled JSON equals the written one exactly.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,11 @@ def refill_tokenizer_json(stripped: dict, spm_model: Path = SPM_MODEL) -> dict:
     spm = read_sentencepiece_model(spm_model)
     out = json.loads(json.dumps(stripped))
     assert out["model"]["vocab"] == REFILL
-    out["model"]["vocab"] = ([[t, 0.0] for t in ("<s>", "<pad>", "</s>", "<unk>")]
-                             + [[p.piece, float(p.score)] for p in spm.pieces[3:]] + [["<mask>", 0.0]])
+    out["model"]["vocab"] = (
+        [[t, 0.0] for t in ("<s>", "<pad>", "</s>", "<unk>")]
+        + [[p.piece, float(p.score)] for p in spm.pieces[3:]]
+        + [["<mask>", 0.0]]
+    )
     _charsmap_slot(out)["precompiled_charsmap"] = base64.b64encode(spm.precompiled_charsmap).decode("ascii")
     return out
 
@@ -58,8 +62,11 @@ def hub_era_folder(dst: Path, weights: str = "safetensors", old_metaspace: bool 
     ``add_prefix_space``): an edit by hand, the one thing here no old tool wrote."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    keep = {"safetensors": {"model.safetensors"}, "bin": {"pytorch_model.bin"},
-            "both": {"model.safetensors", "pytorch_model.bin"}}[weights]
+    keep = {
+        "safetensors": {"model.safetensors"},
+        "bin": {"pytorch_model.bin"},
+        "both": {"model.safetensors", "pytorch_model.bin"},
+    }[weights]
     for f in HUB_ERA.iterdir():
         if f.name in ("model.safetensors", "pytorch_model.bin") and f.name not in keep:
             continue

@@ -10,6 +10,7 @@
   ``a.tolist()``: on CuPy each is a hidden synchronising copy) raises :class:`HostArrayError`.
 ``get_xp`` finds ``STRICT`` through ``__array_namespace__``, as it would find ``cupy``.
 """
+
 from __future__ import annotations
 
 import types
@@ -46,7 +47,7 @@ def _unwrap(a):
 def _wrap(r):
     if isinstance(r, np.ndarray) and not isinstance(r, DeviceArray):
         return r.view(DeviceArray)
-    if isinstance(r, np.generic):                 # a full reduction: CuPy gives a 0-d device array, not a scalar
+    if isinstance(r, np.generic):  # a full reduction: CuPy gives a 0-d device array, not a scalar
         return np.asarray(r).view(DeviceArray)
     if isinstance(r, tuple):
         return tuple(_wrap(x) for x in r)
@@ -75,8 +76,10 @@ class DeviceArray(np.ndarray):
         return np.array(self.view(np.ndarray))
 
     def _implicit(self, *args, **kwargs):
-        raise HostArrayError("implicit device->host transfer (int/float/bool/item/tolist) of a device array: "
-                             "bring results home once, explicitly")
+        raise HostArrayError(
+            "implicit device->host transfer (int/float/bool/item/tolist) of a device array: "
+            "bring results home once, explicitly"
+        )
 
     __bool__ = __int__ = __float__ = __index__ = item = tolist = _implicit
 
@@ -99,7 +102,7 @@ class _StrictNamespace(types.SimpleNamespace):
     def __getattr__(self, name):
         attr = getattr(np, name)
         if isinstance(attr, type) or not callable(attr):
-            return attr                     # dtypes, finfo, constants
+            return attr  # dtypes, finfo, constants
 
         def call(*args, **kwargs):
             if name not in _UPLOADS:

@@ -1,4 +1,5 @@
 """The backend switch: numpy by default, $KOSMOS2_BACKEND overrides, cupy where absent fails clearly."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,14 +4,15 @@ The forward pass (and generation, where present) runs on the strict stand-in nam
 raises on any host array or ``np.*`` call that would break — or silently copy — on CuPy. Its results must equal
 the NumPy backend's bit for bit, since the arithmetic is NumPy's underneath.
 """
+
 from __future__ import annotations
 
+import fixtures_model as fm
 import numpy as np
 import pytest
+from strict_xp import STRICT, STRICT_BACKEND, TRANSFERS, DeviceArray, HostArrayError
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, generate
-from strict_xp import STRICT_BACKEND, TRANSFERS, DeviceArray, HostArrayError, STRICT
 
 
 def test_strict_namespace_catches_host_arrays_and_numpy_calls():
@@ -49,8 +50,14 @@ def test_forward_runs_on_the_strict_namespace(models):
     ref_model, strict = models
     assert isinstance(strict.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"], DeviceArray)
     pv, ids, att, img = _inputs()
-    kw = dict(input_ids=ids, attention_mask=att, image_embeds_position_mask=img, labels=ids,
-              output_hidden_states=True, output_attentions=True)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        labels=ids,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     out = strict(pixel_values=pv, **kw)
     ref = ref_model(pixel_values=pv, **kw)
     assert isinstance(out.logits, DeviceArray) and isinstance(out.image_embeds, DeviceArray)
@@ -65,8 +72,12 @@ def test_cached_step_and_interpolation_on_the_strict_namespace(models):
     for m in (strict, ref_model):
         cache = m.new_cache(2, ids.shape[1] + 2)
         m(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, past_key_values=cache)
-        step = m(input_ids=np.array([[5], [6]]), attention_mask=np.concatenate([att, np.ones((2, 1), int)], 1),
-                 past_key_values=cache, logits_to_keep=1)
+        step = m(
+            input_ids=np.array([[5], [6]]),
+            attention_mask=np.concatenate([att, np.ones((2, 1), int)], 1),
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
         emb = m.get_image_features(np.zeros((1, 3, 168, 252), np.float32), interpolate_pos_encoding=True)
         outs.append((np.asarray(step.logits), np.asarray(emb)))
     assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
@@ -84,8 +95,17 @@ def test_two_byte_storage_on_the_strict_namespace(tiny_checkpoint, storage):
 def test_generate_on_the_strict_namespace(models):
     ref_model, strict = models
     pv, ids, att, img = _inputs()
-    kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-              max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=1, no_repeat_ngram_size=0)
+    kw = dict(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        num_beams=1,
+        no_repeat_ngram_size=0,
+    )
     a = generate(strict, **kw)
     b = generate(ref_model, **kw)
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -100,13 +120,23 @@ def test_one_small_download_per_generated_token(models, mode):
     ref_model, strict = models
     pv, ids, att, img = _inputs()
     B, n = ids.shape[0], 6
-    kw = {"greedy": dict(num_beams=1, do_sample=False), "sample": dict(num_beams=1, do_sample=True, top_k=5),
-          "beam": dict(num_beams=3, do_sample=False)}[mode]
-    kw.update(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-              max_new_tokens=n, min_new_tokens=n, no_repeat_ngram_size=0)
+    kw = {
+        "greedy": dict(num_beams=1, do_sample=False),
+        "sample": dict(num_beams=1, do_sample=True, top_k=5),
+        "beam": dict(num_beams=3, do_sample=False),
+    }[mode]
+    kw.update(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        no_repeat_ngram_size=0,
+    )
     TRANSFERS.count = TRANSFERS.elements = 0
     out = generate(strict, **kw, **({"seed": 3} if mode == "sample" else {}))
-    per_step = {"greedy": B, "sample": B, "beam": 3 * B * 2 * 3}[mode]     # beam: [indices, keys, scores] x B x 2·3
+    per_step = {"greedy": B, "sample": B, "beam": 3 * B * 2 * 3}[mode]  # beam: [indices, keys, scores] x B x 2·3
     print(f"\n  {mode}: {TRANSFERS.count} downloads, {TRANSFERS.elements} elements for {n} tokens x {B} rows")
     assert TRANSFERS.count == n and TRANSFERS.elements == n * per_step
     ref = generate(ref_model, **kw, **({"seed": 3} if mode == "sample" else {}))
@@ -117,6 +147,7 @@ def test_forward_downloads_nothing(models):
     _, strict = models
     pv, ids, att, img = _inputs()
     TRANSFERS.count = 0
-    out = strict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                 output_hidden_states=True)
+    out = strict(
+        pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, output_hidden_states=True
+    )
     assert TRANSFERS.count == 0 and isinstance(out.logits, DeviceArray)

@@ -3,6 +3,7 @@
 No timing is judged here (that is the script's job, on the full model); these tests check that each figure is
 measured and reported, and that the targets are attached to the right rows, for the CPU and the GPU results.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,14 +28,19 @@ def test_tiny_run_measures_every_row(compare, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(compare, "checkpoint", lambda size, storage="float32": folder)
     res = compare.run("tiny", 1, 4, ["bfloat16"], False, "numpy")
     names = [r["metric"] for r in res["rows"]]
-    assert names == ["load (from_pretrained, warm page cache)", "image encoding (vision + connector)",
-                     "time to first token (image + 71-token prefill)",
-                     "per-token decode (KV cache, mean of 16 steps)", "generate 4 new tokens (end to end)",
-                     "peak RSS, load + generate (GB)", "per-token decode, bfloat16 storage vs tf float32",
-                     "peak RSS, bfloat16 storage vs tf float32 (GB)",
-                     "tf bfloat16 peer: image encoding, ours float32",
-                     "tf bfloat16 peer: per-token decode, ours bfloat16",
-                     "tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours bfloat16"]
+    assert names == [
+        "load (from_pretrained, warm page cache)",
+        "image encoding (vision + connector)",
+        "time to first token (image + 71-token prefill)",
+        "per-token decode (KV cache, mean of 16 steps)",
+        "generate 4 new tokens (end to end)",
+        "peak RSS, load + generate (GB)",
+        "per-token decode, bfloat16 storage vs tf float32",
+        "peak RSS, bfloat16 storage vs tf float32 (GB)",
+        "tf bfloat16 peer: image encoding, ours float32",
+        "tf bfloat16 peer: per-token decode, ours bfloat16",
+        "tf bfloat16 peer: peak RSS (GB; tf loads float32 first), ours bfloat16",
+    ]
     for r in res["rows"]:
         assert r["ours"] > 0 and r["transformers"] > 0, r
         assert r["ratio"] == pytest.approx(r["ours"] / r["transformers"])
@@ -43,31 +49,54 @@ def test_tiny_run_measures_every_row(compare, tiny_checkpoint, monkeypatch):
     assert res["rows"][7]["transformers"] == res["rows"][5]["transformers"]
     err = res["storage_error"]["bfloat16"]
     print(f"\n  tiny bfloat16 storage: last-token logits max|Δ| vs float32 = {err:.3e}")
-    assert 0 < err < 1                   # the rounding is real, and small
+    assert 0 < err < 1  # the rounding is real, and small
     assert res["backend"] == "numpy" and res["machine"]["cores"] >= 1
     # the processor and the BLAS kernel are named (#23): every figure is only comparable on the same processor
     m = res["machine"]
     assert m["cpu_model"] and isinstance(m["cpu_flags"], list) and m["cpu_caches"], m
     assert any(k.get("user_api") == "blas" and k.get("architecture") for k in m["blas_kernels"]), m["blas_kernels"]
-    assert all(compare.target_for(r["metric"]) is None for r in res["rows"][8:])   # peer rows carry no target
+    assert all(compare.target_for(r["metric"]) is None for r in res["rows"][8:])  # peer rows carry no target
 
 
 def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
-    machine = {"cpu": "x86_64", "cores": 16, "python": "3.12", "numpy": "2", "numpy_blas": "openblas",
-               "torch": "2", "torch_threads": 16, "transformers": "5", "OPENBLAS_CORETYPE": None,
-               "OPENBLAS_L2_SIZE": None, "commit": "abc1234", "gpu": "NVIDIA H100 80GB HBM3", "cupy": "14",
-               "torch_cuda": "13.0", "gpu_memory_gb": 85.0}
+    machine = {
+        "cpu": "x86_64",
+        "cores": 16,
+        "python": "3.12",
+        "numpy": "2",
+        "numpy_blas": "openblas",
+        "torch": "2",
+        "torch_threads": 16,
+        "transformers": "5",
+        "OPENBLAS_CORETYPE": None,
+        "OPENBLAS_L2_SIZE": None,
+        "commit": "abc1234",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "cupy": "14",
+        "torch_cuda": "13.0",
+        "gpu_memory_gb": 85.0,
+    }
 
     def row(metric, ours, tf):
         return {"metric": metric, "ours": ours, "transformers": tf, "ratio": ours / tf, "unit": "s"}
 
-    gpu = {"size": "full", "backend": "cupy", "machine": machine, "repeats": 5,
-           "rows": [row("image encoding (vision + connector)", 0.012, 0.010),
-                    row("per-token decode (KV cache, mean of 16 steps)", 0.026, 0.020)]}
-    cpu = {"size": "full", "machine": {k: v for k, v in machine.items() if k not in ("gpu", "cupy", "torch_cuda",
-                                                                                       "gpu_memory_gb")},
-           "repeats": 5, "rows": [row("image encoding (vision + connector)", 0.9, 1.0)],
-           "products_alone": [{"what": "image encoding", "ours": 0.9, "ours_products": 0.7, "transformers": 1.0}]}
+    gpu = {
+        "size": "full",
+        "backend": "cupy",
+        "machine": machine,
+        "repeats": 5,
+        "rows": [
+            row("image encoding (vision + connector)", 0.012, 0.010),
+            row("per-token decode (KV cache, mean of 16 steps)", 0.026, 0.020),
+        ],
+    }
+    cpu = {
+        "size": "full",
+        "machine": {k: v for k, v in machine.items() if k not in ("gpu", "cupy", "torch_cuda", "gpu_memory_gb")},
+        "repeats": 5,
+        "rows": [row("image encoding (vision + connector)", 0.9, 1.0)],
+        "products_alone": [{"what": "image encoding", "ours": 0.9, "ours_products": 0.7, "transformers": 1.0}],
+    }
     results = tmp_path / "results"
     results.mkdir()
     (results / "full-cupy.json").write_text(json.dumps(gpu))
@@ -76,14 +105,14 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
     compare.write_docs(results, out)
     text = out.read_text()
     assert text.index("## full\n") < text.index("## full-cupy\n")
-    gpu_part = text[text.index("## full-cupy"):]
+    gpu_part = text[text.index("## full-cupy") :]
     assert "GPU: NVIDIA H100 80GB HBM3" in gpu_part and "eager attention" in gpu_part
     assert "Processor: x86_64, 16 logical cores" in gpu_part
-    assert "| 1.200 | ≤ 1.5 met |" in gpu_part                      # image encoding: the GPU target is 1.5
-    assert "| 1.300 | ≤ 1.2 **not met** |" in gpu_part               # decode: 1.2
-    cpu_part = text[text.index("## full\n"):text.index("## full-cupy")]
+    assert "| 1.200 | ≤ 1.5 met |" in gpu_part  # image encoding: the GPU target is 1.5
+    assert "| 1.300 | ≤ 1.2 **not met** |" in gpu_part  # decode: 1.2
+    cpu_part = text[text.index("## full\n") : text.index("## full-cupy")]
     assert "| 0.900 | ≤ 0.8 **not met** |" in cpu_part and "GPU:" not in cpu_part
-    assert "| image encoding | 0.9000 | 0.7000 | 1.0000 | 0.700 |" in cpu_part    # the floor: products alone against tf
+    assert "| image encoding | 0.9000 | 0.7000 | 1.0000 | 0.700 |" in cpu_part  # the floor: products alone against tf
 
 
 def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
@@ -100,16 +129,27 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     ours = compare.Ours(folder)
     cfg = ours.model.config
     pv, ids, att, img = compare.inputs()
-    pv = pv[:, :, :cfg.vision_config.image_size, :cfg.vision_config.image_size]
+    pv = pv[:, :, : cfg.vision_config.image_size, : cfg.vision_config.image_size]
     calls = compare.record_linears(lambda: ours.encode(pv))
     # 6 per vision block (q, k, v, out, fc1, fc2); the connector: dense, then q, k, v, out of its cross-attention
     assert len(calls) == 6 * cfg.vision_config.num_hidden_layers + 5
     vision = ours.model.params["vision_model"]["model"]["encoder"]["layers"]
-    assert [id(w) for _, w, _ in calls[:6]] == [id(vision[0][a][b]["weight"]) for a, b in (
-        ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "out_proj"),
-        ("mlp", "fc1"), ("mlp", "fc2"))]
-    assert calls[0][0].shape == (1, 1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
-                                 cfg.vision_config.hidden_size)
+    assert [id(w) for _, w, _ in calls[:6]] == [
+        id(vision[0][a][b]["weight"])
+        for a, b in (
+            ("self_attn", "q_proj"),
+            ("self_attn", "k_proj"),
+            ("self_attn", "v_proj"),
+            ("self_attn", "out_proj"),
+            ("mlp", "fc1"),
+            ("mlp", "fc2"),
+        )
+    ]
+    assert calls[0][0].shape == (
+        1,
+        1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
+        cfg.vision_config.hidden_size,
+    )
     for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.decoder):
         assert m.linear is linear
     # the inputs are the real ones: the last call (the connector's out_proj) replayed gives the image embeddings

@@ -1,17 +1,18 @@
 """Boundary defects of issue #15: values read from files, post-processing of odd text, images, unreadable files,
 interrupted writes and the warnings transformers gives. Each case names the input and what was expected."""
+
 from __future__ import annotations
 
 import json
 import re
 
+import fixtures_tokenizer as ft
 import pytest
 
-import fixtures_tokenizer as ft
 from kosmos2_ref.processing.tokenizer import Kosmos2Tokenizer
 
-
 # ------------------------------------------------------------------------------------- tokenizer_config.json
+
 
 def _tokenizer_folder(tmp_path, **changes):
     folder = ft.write_tokenizer_files(tmp_path, "synthetic")
@@ -22,14 +23,17 @@ def _tokenizer_folder(tmp_path, **changes):
     return folder, path
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("clean_up_tokenization_spaces", "false", "true or false"),
-    ("clean_up_tokenization_spaces", 0, "true or false"),
-    ("model_max_length", "2048 tokens", "a positive whole number"),
-    ("model_max_length", 20.5, "a positive whole number"),
-    ("padding_side", "middle", "'right' or 'left'"),
-    ("bos_token", 7, "a token"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("clean_up_tokenization_spaces", "false", "true or false"),
+        ("clean_up_tokenization_spaces", 0, "true or false"),
+        ("model_max_length", "2048 tokens", "a positive whole number"),
+        ("model_max_length", 20.5, "a positive whole number"),
+        ("padding_side", "middle", "'right' or 'left'"),
+        ("bos_token", 7, "a token"),
+    ],
+)
 def test_a_bad_tokenizer_config_value_names_the_file_and_key(tmp_path, key, value, expected):
     folder, path = _tokenizer_folder(tmp_path, **{key: value})
     with pytest.raises(ValueError) as info:
@@ -50,6 +54,7 @@ def test_tokenizer_config_booleans_and_lengths_that_are_fine(tmp_path):
 
 # ------------------------------------------------------------------------------------- generation_config.json
 
+
 def _checkpoint_copy(tiny_checkpoint, tmp_path, generation_config=None, text_config_changes=None):
     import shutil
 
@@ -65,21 +70,23 @@ def _checkpoint_copy(tiny_checkpoint, tmp_path, generation_config=None, text_con
 
 
 def _tiny_prompt():
-    import numpy as np
-
     import fixtures_model as fm
+    import numpy as np
 
     ids, att, img = fm.padded_batch([fm.image_prompt_ids([712, 1648, 9], 64)])
     pv = np.zeros((1, 3, 224, 224), np.float32)
     return dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img)
 
 
-@pytest.mark.parametrize("file, key, value", [
-    ("generation_config.json", "top_k", -1),
-    ("generation_config.json", "do_sample", "false"),
-    ("generation_config.json", "max_new_tokens", 0),
-    ("config.json", "no_repeat_ngram_size", -3),
-])
+@pytest.mark.parametrize(
+    "file, key, value",
+    [
+        ("generation_config.json", "top_k", -1),
+        ("generation_config.json", "do_sample", "false"),
+        ("generation_config.json", "max_new_tokens", 0),
+        ("config.json", "no_repeat_ngram_size", -3),
+    ],
+)
 def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint, tmp_path, file, key, value):
     from kosmos2_ref import Kosmos2, generate
 
@@ -101,6 +108,7 @@ def test_a_refused_generation_setting_from_a_file_names_the_file(tiny_checkpoint
 
 # ------------------------------------------------------------------------------------- post-processing, linear
 
+
 def test_tag_scan_equals_the_regex_and_transformers_on_random_text():
     import random
 
@@ -108,8 +116,22 @@ def test_tag_scan_equals_the_regex_and_transformers_on_random_text():
 
     from kosmos2_ref.processing import grounding
 
-    pieces = ["<", ">", "\n", "a", " b", "<phrase>", "</phrase>", "<object>", "</object>", "<patch_index_0044>",
-              "<patch_index_0863>", "</delimiter_of_multi_objects/>", "<grounding>", " "]
+    pieces = [
+        "<",
+        ">",
+        "\n",
+        "a",
+        " b",
+        "<phrase>",
+        "</phrase>",
+        "<object>",
+        "</object>",
+        "<patch_index_0044>",
+        "<patch_index_0863>",
+        "</delimiter_of_multi_objects/>",
+        "<grounding>",
+        " ",
+    ]
     rng = random.Random(0)
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
@@ -149,16 +171,19 @@ def test_post_processing_is_linear_in_unmatched_brackets_and_entities(tmp_path):
 
 # ------------------------------------------------------------------------------------- patch indices off the grid
 
+
 def test_a_patch_index_off_the_grid_never_becomes_a_box_outside_the_image():
     from transformers.models.kosmos2 import processing_kosmos2 as hf
 
     from kosmos2_ref.processing import Kosmos2Processor
 
     processor = Kosmos2Processor.default()
-    text = ("<image></image><grounding><phrase> a dog</phrase><object><patch_index_9999><patch_index_1023></object>"
-            " and<phrase> a cat</phrase><object><patch_index_0044><patch_index_0863></object>"
-            "</delimiter_of_multi_objects/><patch_index_1024><patch_index_1050></object>"
-            " near<object><patch_index_0000><patch_index_2000></object>")
+    text = (
+        "<image></image><grounding><phrase> a dog</phrase><object><patch_index_9999><patch_index_1023></object>"
+        " and<phrase> a cat</phrase><object><patch_index_0044><patch_index_0863></object>"
+        "</delimiter_of_multi_objects/><patch_index_1024><patch_index_1050></object>"
+        " near<object><patch_index_0000><patch_index_2000></object>"
+    )
     caption, entities = processor.post_process_generation(text)
     assert caption == "a dog and a cat near"
     # the dog's only box and the unnamed box are off the grid: those entities go; the cat keeps its good box
@@ -173,6 +198,7 @@ def test_a_patch_index_off_the_grid_never_becomes_a_box_outside_the_image():
 
 # ------------------------------------------------------------------------------------- float images of 0 and 1
 
+
 def test_a_float_image_of_only_zeros_and_ones_is_intensities(tmp_path):
     import numpy as np
     from transformers import AutoProcessor
@@ -182,12 +208,15 @@ def test_a_float_image_of_only_zeros_and_ones_is_intensities(tmp_path):
     folder = ft.write_tokenizer_files(tmp_path, "synthetic")
     ours = Kosmos2Processor.from_pretrained(folder)
     theirs = AutoProcessor.from_pretrained(folder, backend="pil").image_processor
-    checker = (np.indices((40, 30)).sum(axis=0) % 2)[:, :, None].repeat(3, axis=2)       # [40, 30, 3] 0/1
+    checker = (np.indices((40, 30)).sum(axis=0) % 2)[:, :, None].repeat(3, axis=2)  # [40, 30, 3] 0/1
     as_float, as_levels = checker.astype(np.float32), (checker * 255).astype(np.uint8)
     got = ours(images=as_float)["pixel_values"]
     # the docstring's rule: floats in [0, 1] are intensities, so 1.0 is white, as 255 is
     np.testing.assert_array_equal(got, ours(images=as_levels)["pixel_values"])
-    hf = lambda image: theirs(image, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+
+    def hf(image):
+        return theirs(image, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+
     np.testing.assert_array_equal(got, hf(as_levels))
     # transformers reads the float array as levels 0 and 1 of 255: nearly black (docs/parity.md)
     dark = hf(as_float)
@@ -198,6 +227,7 @@ def test_a_float_image_of_only_zeros_and_ones_is_intensities(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- unreadable files
+
 
 def _link_to_nothing(path):
     path.unlink(missing_ok=True)
@@ -228,7 +258,7 @@ def test_a_folder_or_a_pipe_where_a_file_belongs_is_named(tmp_path):
     (folder / "tokenizer.json").rmdir()
     ft.write_tokenizer_files(folder, "synthetic")
     (folder / "preprocessor_config.json").unlink()
-    os.mkfifo(folder / "preprocessor_config.json")          # reading it would wait for a writer forever
+    os.mkfifo(folder / "preprocessor_config.json")  # reading it would wait for a writer forever
     with pytest.raises(ValueError, match=r"preprocessor_config.json' is a named pipe \(FIFO\); expected a file"):
         Kosmos2Processor.from_pretrained(folder)
 
@@ -289,7 +319,7 @@ def test_a_cached_snapshot_with_a_broken_link_is_named_as_one(tmp_path, tiny_che
 
     cache = tmp_path / "hf"
     snap = make_snapshot(cache, tiny_checkpoint[0], "a" * 40)
-    (snap / "model.safetensors").resolve().unlink()         # the blob is gone, the link stays
+    (snap / "model.safetensors").resolve().unlink()  # the blob is gone, the link stays
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     with pytest.raises(CheckpointNotFoundError, match=r"without model.safetensors \(a broken symbolic link to"):
         resolve_checkpoint(REPO, local_files_only=True)
@@ -329,28 +359,41 @@ def test_a_signal_during_a_write_leaves_no_partial_file(tmp_path, tiny_checkpoin
 
     marker, out_dir = tmp_path / "marker", tmp_path / "out"
     out_dir.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), str(IMAGES / "two_dogs.jpg"),
-                              str(tiny_checkpoint[0]), str(out_dir / "emb.npz")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_WRITE,
+            str(marker),
+            str(IMAGES / "two_dogs.jpg"),
+            str(tiny_checkpoint[0]),
+            str(out_dir / "emb.npz"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        for _ in range(1200):                     # wait (at most 2 minutes) until the write has begun
+        for _ in range(1200):  # wait (at most 2 minutes) until the write has begun
             if marker.exists() or child.poll() is not None:
                 break
             time.sleep(0.1)
         assert marker.exists(), child.communicate()[1][-2000:]
-        assert [p.name for p in out_dir.iterdir()] == [".emb.npz.partial"]      # mid-write
+        assert [p.name for p in out_dir.iterdir()] == [".emb.npz.partial"]  # mid-write
         child.send_signal(getattr(signal, signum))
         _, stderr = child.communicate(timeout=60)
     finally:
         child.kill()
     print(signum, child.returncode, stderr.strip())
     assert child.returncode == (143 if signum == "SIGTERM" else 130)
-    assert list(out_dir.iterdir()) == []                                      # nothing half-written is left
-    assert stderr.strip().splitlines()[-1] == ("kosmos2-ref: terminated" if signum == "SIGTERM"
-                                               else "kosmos2-ref: interrupted")
+    assert list(out_dir.iterdir()) == []  # nothing half-written is left
+    assert stderr.strip().splitlines()[-1] == (
+        "kosmos2-ref: terminated" if signum == "SIGTERM" else "kosmos2-ref: interrupted"
+    )
 
 
 # ------------------------------------------------------------------------------------- warnings, as transformers
+
 
 def _hf_flagged(**kwargs) -> set:
     """The settings transformers' GenerationConfig.validate names as ignored, for ``kwargs`` set by the caller."""
@@ -363,14 +406,17 @@ def _hf_flagged(**kwargs) -> set:
     return set()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=0.7),
-    dict(do_sample=False, top_p=0.9, top_k=5),
-    dict(num_beams=1, length_penalty=2.0),
-    dict(early_stopping=True),
-    dict(do_sample=True, temperature=0.7, top_k=5),     # nothing ignored
-    dict(num_beams=2, length_penalty=2.0),              # nothing ignored
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=0.7),
+        dict(do_sample=False, top_p=0.9, top_k=5),
+        dict(num_beams=1, length_penalty=2.0),
+        dict(early_stopping=True),
+        dict(do_sample=True, temperature=0.7, top_k=5),  # nothing ignored
+        dict(num_beams=2, length_penalty=2.0),  # nothing ignored
+    ],
+)
 def test_ignored_settings_warn_once_as_transformers_does(tiny_checkpoint, kwargs):
     import warnings
 
@@ -384,7 +430,7 @@ def test_ignored_settings_warn_once_as_transformers_does(tiny_checkpoint, kwargs
     ours = [w for w in caught if "generate ignores" in str(w.message)]
     print(kwargs, "transformers:", sorted(theirs), "ours:", [str(w.message)[:80] for w in ours])
     if theirs:
-        assert len(ours) == 1                                    # one warning naming them all
+        assert len(ours) == 1  # one warning naming them all
         named = set(re.findall(r"(\w+)=", str(ours[0].message).split(":")[0]))
         assert named == theirs
     else:
@@ -400,7 +446,7 @@ def test_a_checkpoint_temperature_under_an_explicit_greedy_call_is_not_named(tin
     with pytest.warns(UserWarning, match=r"generate ignores top_p=0.5"):
         generate(model, **_tiny_prompt(), max_new_tokens=1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)            # do_sample=False chosen: quiet, as in transformers
+        warnings.simplefilter("error", UserWarning)  # do_sample=False chosen: quiet, as in transformers
         generate(model, **_tiny_prompt(), max_new_tokens=1, do_sample=False)
     assert _hf_flagged(do_sample=False) == set()
 
@@ -411,14 +457,16 @@ def test_growing_past_the_trained_positions_warns_once(tiny_checkpoint, num_beam
 
     from kosmos2_ref import Kosmos2, generate
 
-    model = Kosmos2.from_pretrained(tiny_checkpoint[0])        # trained on 64 positions; the prompt has 70
+    model = Kosmos2.from_pretrained(tiny_checkpoint[0])  # trained on 64 positions; the prompt has 70
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = generate(model, **_tiny_prompt(), max_new_tokens=5, num_beams=num_beams, eos_token_id=[])
     past = [str(w.message) for w in caught if "positions the model was trained on" in str(w.message)]
     assert out.shape[1] == 70 + 5
-    assert past == ["generate: the sequence (71 tokens) is now longer than the 64 positions the model was trained "
-                    "on (max_position_embeddings); the text may degrade from here"]
-    with warnings.catch_warnings():                            # one new token: the sequence ends there, no warning
+    assert past == [
+        "generate: the sequence (71 tokens) is now longer than the 64 positions the model was trained "
+        "on (max_position_embeddings); the text may degrade from here"
+    ]
+    with warnings.catch_warnings():  # one new token: the sequence ends there, no warning
         warnings.simplefilter("error", UserWarning)
         generate(model, **_tiny_prompt(), max_new_tokens=1, num_beams=num_beams)

@@ -4,6 +4,7 @@ Most runs call ``cli.main([...])`` in-process (fast); a few run ``python -m kosm
 Random weights write random text: the tests check the structure, and where boxes matter a scripted generator
 "writes" a known continuation.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from fixtures_tokenizer import IMAGES
 
 from kosmos2_ref import cli, draw, tasks
 from kosmos2_ref.processing import Kosmos2Processor, box_to_pixels
 
-from fixtures_tokenizer import IMAGES
-
-DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
-SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
+DOGS = IMAGES / "two_dogs.jpg"  # 1200 x 602
+SNOWMAN = IMAGES / "snowman.png"  # 1024 x 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,6 +72,7 @@ def edge_colours(path, pixel_box):
 
 # ---------------------------------------------------------------------------------------------- caption
 
+
 def test_caption_json(capsys, ckpt):
     d = run_json(capsys, "--model", ckpt, "--max-new-tokens", "6", "caption", DOGS)
     assert set(d) >= {"text", "caption", "entities"}
@@ -84,12 +85,21 @@ def test_caption_json(capsys, ckpt):
 
 
 def test_caption_text_output_and_options_after_the_command(capsys, ckpt):
-    code, out, err = run(capsys, "caption", DOGS, "--model", ckpt, "--max-new-tokens", "4",
-                         "--prompt", "<grounding> Describe this image in detail:")
+    code, out, err = run(
+        capsys,
+        "caption",
+        DOGS,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "4",
+        "--prompt",
+        "<grounding> Describe this image in detail:",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("Describe this image in detail:")
-    assert lines[1].startswith("  ")        # the entities (or "(no grounded phrases)")
+    assert lines[1].startswith("  ")  # the entities (or "(no grounded phrases)")
 
 
 def test_caption_with_an_empty_prompt_uses_it(capsys, ckpt):
@@ -109,8 +119,12 @@ def test_caption_streams_on_a_terminal(capsys, ckpt, monkeypatch):
 
 
 def test_caption_draw_boxes_where_the_entities_say(capsys, ckpt, monkeypatch, tmp_path):
-    scripted(monkeypatch, ckpt, "<phrase> a dog</phrase><object><patch_index_0100><patch_index_0400></object> and"
-                                "<phrase> a dog</phrase><object><patch_index_0150><patch_index_0990></object>")
+    scripted(
+        monkeypatch,
+        ckpt,
+        "<phrase> a dog</phrase><object><patch_index_0100><patch_index_0400></object> and"
+        "<phrase> a dog</phrase><object><patch_index_0150><patch_index_0990></object>",
+    )
     out_png = tmp_path / "boxes.png"
     d = run_json(capsys, "--model", ckpt, "--draw", out_png, "caption", DOGS)
     assert d["drawn"] == str(out_png)
@@ -127,8 +141,9 @@ def test_caption_draw_boxes_where_the_entities_say(capsys, ckpt, monkeypatch, tm
 
 # ---------------------------------------------------------------------------------------------- ground
 
+
 def test_ground_json_and_draw(capsys, ckpt, monkeypatch, tmp_path):
-    d = run_json(capsys, "--model", ckpt, "ground", SNOWMAN, "a snowman")        # random: structure only
+    d = run_json(capsys, "--model", ckpt, "ground", SNOWMAN, "a snowman")  # random: structure only
     assert d["phrase"] == "a snowman" and isinstance(d["boxes"], list)
     assert d["text"].startswith("<grounding><phrase> a snowman</phrase>")
 
@@ -144,13 +159,25 @@ def test_ground_json_and_draw(capsys, ckpt, monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- describe
 
+
 def test_describe_json_pixel_and_normalised_boxes(capsys, ckpt, tmp_path):
     a = run_json(capsys, "--model", ckpt, "--max-new-tokens", "4", "describe", DOGS, "--box", "0.1,0.2,0.5,0.9")
     assert set(a) >= {"box", "pixel_box", "description", "text"}
     assert a["box"] == [0.1, 0.2, 0.5, 0.9] and a["pixel_box"] == [120, 120, 600, 541]
     assert a["description"].startswith("It")
-    b = run_json(capsys, "--model", ckpt, "--max-new-tokens", "4", "--draw", tmp_path / "d.png",
-                 "describe", DOGS, "--box", "120,120.4,600,541.8")
+    b = run_json(
+        capsys,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "4",
+        "--draw",
+        tmp_path / "d.png",
+        "describe",
+        DOGS,
+        "--box",
+        "120,120.4,600,541.8",
+    )
     assert b["box"] == pytest.approx(a["box"]) and b["text"] == a["text"]
     assert PIL.Image.open(tmp_path / "d.png").size == (1200, 602)
     assert edge_colours(tmp_path / "d.png", b["pixel_box"]) == [draw.colour(0)] * 3
@@ -158,25 +185,30 @@ def test_describe_json_pixel_and_normalised_boxes(capsys, ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- embed
 
+
 def test_embed_npy_and_folder(capsys, ckpt, tmp_path, tiny_checkpoint):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for name in ("b.png", "a.jpg"):
         PIL.Image.open(DOGS).resize((64, 32)).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    code, out, err = run(capsys, "--json", "--model", ckpt, "embed", DOGS, folder, "--out", tmp_path / "e.npy",
-                         "--batch-size", "2")
+    code, out, err = run(
+        capsys, "--json", "--model", ckpt, "embed", DOGS, folder, "--out", tmp_path / "e.npy", "--batch-size", "2"
+    )
     assert code == 0, err
-    assert "skipped 1 file(s)" in err                      # notes.txt, in one note
+    assert "skipped 1 file(s)" in err  # notes.txt, in one note
     d = json.loads(out)
-    C = 32                                                 # the tiny config's embed_dim and vision width
+    C = 32  # the tiny config's embed_dim and vision width
     assert d["images"] == [str(DOGS), str(folder / "a.jpg"), str(folder / "b.png")]
     e = np.load(tmp_path / "e.npy")
     pooled = np.load(tmp_path / "e.pooled.npy")
     assert e.shape == (3, 64, C) and e.dtype == np.float32 and pooled.shape == (3, C)
     assert d["pooled_out"] == str(tmp_path / "e.pooled.npy") and d["index"] == str(tmp_path / "e.index.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))) == [
-        "e.index.jsonl", "e.npy", "e.pooled.npy"]
+        "e.index.jsonl",
+        "e.npy",
+        "e.pooled.npy",
+    ]
     # the same numbers as the Python API (run unbatched here: a batch of 2 takes other BLAS blockings, so the
     # last bit of a sum may differ; the tolerance is float32 rounding relative to the largest entry)
     from kosmos2_ref import Kosmos2
@@ -198,6 +230,7 @@ def test_embed_npz(capsys, ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- errors
 
+
 def one_line_error(code, out, err, *needles):
     assert code == 2
     lines = err.strip().splitlines()
@@ -212,26 +245,26 @@ def test_errors_are_one_line(capsys, ckpt, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff garbage")
     one_line_error(*run(capsys, "--model", ckpt, "caption", tmp_path / "missing.jpg"), "missing.jpg", "not found")
     one_line_error(*run(capsys, "--model", ckpt, "caption", bad), "broken.jpg", "not a readable image")
-    empty = tmp_path / "empty"                  # a folder is a batch of its images (tests/test_jobs.py); none here
+    empty = tmp_path / "empty"  # a folder is a batch of its images (tests/test_jobs.py); none here
     empty.mkdir()
     one_line_error(*run(capsys, "--model", ckpt, "caption", empty), "no images to process")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0.5,0.5,0.1,0.9"), "x2 > x1")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "a,b,c,d"), "four numbers")
     one_line_error(*run(capsys, "--model", ckpt, "describe", DOGS, "--box", "0,0,5000,10"), "outside")
     one_line_error(*run(capsys, "--model", tmp_path / "no-model", "caption", DOGS), "no-model", "does not exist")
-    one_line_error(*run(capsys, "--model", "someone/not-cached", "caption", DOGS), "someone/not-cached",
-                   "HF_HUB_OFFLINE=1")
+    one_line_error(
+        *run(capsys, "--model", "someone/not-cached", "caption", DOGS), "someone/not-cached", "HF_HUB_OFFLINE=1"
+    )
     one_line_error(*run(capsys, "--model", ckpt, "--draw", tmp_path / "x.unknown", "caption", DOGS), "x.unknown")
     one_line_error(*run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.txt"), ".npy or .npz")
     one_line_error(*run(capsys, "--model", ckpt, "--max-new-tokens", "0", "caption", DOGS), "max-new-tokens")
     one_line_error(*run(capsys, "--model", ckpt, "ground", DOGS, "<b>"), "'<'")
     one_line_error(*run(capsys, "--model", ckpt, "embed", tmp_path / "nope", "--out", tmp_path / "e.npy"), "nope")
-    one_line_error(*run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "no" / "e.npy"),
-                   "does not exist")
+    one_line_error(*run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "no" / "e.npy"), "does not exist")
 
 
 def test_output_paths_are_checked_before_the_model_loads(capsys, tmp_path, monkeypatch):
-    no_model = tmp_path / "no-model"            # were the model loaded first, the error would be about this
+    no_model = tmp_path / "no-model"  # were the model loaded first, the error would be about this
 
     def check(argv, *needles):
         code, out, err = run(capsys, "--model", no_model, *argv)
@@ -251,9 +284,8 @@ def test_output_paths_are_checked_before_the_model_loads(capsys, tmp_path, monke
     (tmp_path / "g.png").mkdir()
     check(["--draw", tmp_path / "g.png", "ground", DOGS, "a dog"], "--draw", "g.png' is a folder", "image file")
     check(["caption", DOGS, "--draw", tmp_path / "no" / "c.png"], "--draw", "folder", "does not exist")
-    check(["describe", DOGS, "--box", "0,0,1,1", "--draw", tmp_path / "a-file" / "c.png"], "--draw",
-          "is not a folder")
-    Path("kosmos2-demo.png").mkdir()                    # the demo's default --draw, in the working folder
+    check(["describe", DOGS, "--box", "0,0,1,1", "--draw", tmp_path / "a-file" / "c.png"], "--draw", "is not a folder")
+    Path("kosmos2-demo.png").mkdir()  # the demo's default --draw, in the working folder
     check(["demo"], "'kosmos2-demo.png'", "is a folder", "--draw")
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -272,13 +304,13 @@ def test_embed_npy_never_overwrites_and_lists_only_complete_rows(capsys, ckpt, t
     one_line_error(code, out, err, "--out", "e.npy", "already exists", "--resume")
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
     code, out, err = run(capsys, "--model", ckpt, "embed", DOGS, "--out", tmp_path / "e.npy", "--resume")
-    one_line_error(code, out, err, "e.npy", "index", "does not")          # no index: its complete rows are unknown
+    one_line_error(code, out, err, "e.npy", "index", "does not")  # no index: its complete rows are unknown
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), old_embeds)
 
     real_pwrite = os.pwrite
 
     def full_disk(fd, data, offset):
-        if os.fstat(fd).st_size == 128 + 32 * 4 * 2:           # the pooled vectors' file of two images
+        if os.fstat(fd).st_size == 128 + 32 * 4 * 2:  # the pooled vectors' file of two images
             raise OSError(28, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -299,8 +331,9 @@ def test_draw_write_error_names_the_option(capsys, ckpt, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device", str(fp))
 
     monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "2", "--draw", tmp_path / "out.png",
-                         "caption", DOGS)
+    code, out, err = run(
+        capsys, "--model", ckpt, "--max-new-tokens", "2", "--draw", tmp_path / "out.png", "caption", DOGS
+    )
     one_line_error(code, out, err, "--draw", "out.png", "No space left on device")
     assert ".partial" not in err
     assert not [p for p in tmp_path.iterdir() if "out.png" in p.name]
@@ -319,14 +352,17 @@ def test_usage_errors_are_one_line(capsys):
 
 # ---------------------------------------------------------------------------------------------- demo and -m
 
+
 def _fresh_env(tmp_path) -> dict:
     """A machine that has never run kosmos2-ref and cannot reach the Hub."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "KOSMOS2_", "XDG_", "TRANSFORMERS_"))}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO_ROOT))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGINGFACE_", "KOSMOS2_", "XDG_", "TRANSFORMERS_"))
+    }
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     return env
 
 
@@ -334,21 +370,27 @@ def test_demo_offline_on_a_fresh_machine(tmp_path):
     env = _fresh_env(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "demo"], env=env, cwd=work,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kosmos2_ref", "demo"], env=env, cwd=work, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     note = proc.stderr.strip().splitlines()
     assert len(note) == 1 and "real weights unavailable" in note[0] and "trained on synthetic shapes" in note[0]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("[miniature] An image of")
     assert lines[-1].endswith("-> kosmos2-demo.png") and "[miniature]" in lines[-1] and "generated scene" in lines[-1]
-    assert PIL.Image.open(work / "kosmos2-demo.png").size == (224, 224)          # the scene, boxes drawn
-    assert not (tmp_path / "home" / ".cache" / "kosmos2_ref").exists()          # the miniature is packaged
+    assert PIL.Image.open(work / "kosmos2-demo.png").size == (224, 224)  # the scene, boxes drawn
+    assert not (tmp_path / "home" / ".cache" / "kosmos2_ref").exists()  # the miniature is packaged
 
     # again, now cached, with --json and --draw
-    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "4", "demo",
-                           "--draw", "out.png"], env=env,
-                          cwd=work, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "4", "demo", "--draw", "out.png"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert d["miniature"] is True and d["drawn"] == "out.png" and set(d) >= {"text", "caption", "entities"}
@@ -362,10 +404,14 @@ def test_a_closed_pipe_ends_quietly(tmp_path, ckpt):
     # the tiny checkpoint was trained on 64 positions, fewer than any image prompt, so generate warns (as
     # transformers does); that warning is not what this test is about
     env["PYTHONWARNINGS"] = "ignore::UserWarning"
-    proc = subprocess.Popen([sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "2", "--model", ckpt,
-                             "caption", str(DOGS)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    proc.stdout.close()                     # nobody will read what it prints
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kosmos2_ref", "--json", "--max-new-tokens", "2", "--model", ckpt, "caption", str(DOGS)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # nobody will read what it prints
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141, err
     assert err == ""
@@ -379,7 +425,7 @@ def test_demo_uses_real_weights_when_given(capsys, ckpt):
 
 
 def test_demo_falls_back_in_process(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)          # the streaming path, labelled too
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the streaming path, labelled too
     code, out, err = run(capsys, "--max-new-tokens", "4", "demo")
     assert code == 0, err
     assert out.startswith("[miniature] An image of")
@@ -388,11 +434,13 @@ def test_demo_falls_back_in_process(capsys, monkeypatch):
 
 def test_python_m_help_and_version():
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--help"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kosmos2_ref", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     for command in ("caption", "ground", "describe", "embed", "demo", "--model", "--json", "--draw"):
         assert command in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "--version"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kosmos2_ref", "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("kosmos2-ref ")

@@ -1,15 +1,17 @@
 """kosmos2_ref.confidence: token probabilities against transformers, and the grounded groups of the ids against
 the processor's own post-processing of the text they decode to."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from fixtures_tokenizer import IMAGES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kosmos2_ref import Kosmos2, Kosmos2Processor, generate
 from kosmos2_ref.confidence import TagIds, entity_confidences, find_groups, token_probabilities
-from fixtures_tokenizer import IMAGES
 
 SETTINGS = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=3, max_new_tokens=16)
 
@@ -38,19 +40,25 @@ def test_probabilities_match_transformers_on_the_same_run(tiny_checkpoint):
     T = inputs["input_ids"].shape[1]
     run = generate(ours, **inputs, output_scores=True, return_dict_in_generate=True, **SETTINGS)
     with torch.no_grad():
-        ref = hf.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_scores=True,
-                          return_dict_in_generate=True, **SETTINGS)
+        ref = hf.generate(
+            **{k: torch.from_numpy(v) for k, v in inputs.items()},
+            output_scores=True,
+            return_dict_in_generate=True,
+            **SETTINGS,
+        )
         ref_f32 = hf.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True).exp()[0].numpy()
         tokens = ref.sequences[0, T:]
-        logp64 = torch.log_softmax(torch.stack(ref.scores)[:, 0].double(), dim=-1)        # [steps, V]
+        logp64 = torch.log_softmax(torch.stack(ref.scores)[:, 0].double(), dim=-1)  # [steps, V]
         ref_f64 = logp64[torch.arange(len(tokens)), tokens].exp().numpy()
     assert np.array_equal(run.sequences, ref.sequences.numpy())
     probs = token_probabilities(run.scores, run.sequences[0, T:])
     err = float(np.abs(probs - ref_f64).max())
     rel_f32 = float((np.abs(probs - ref_f32) / ref_f32).max())
-    print(f"\np(token), {len(probs)} greedy steps (p from {probs.min():.3f} to {probs.max():.3f}): ours vs "
-          f"transformers' scores in float64 max |Δ| = {err:.2e}; vs compute_transition_scores (float32) max "
-          f"relative Δ = {rel_f32:.2e}")
+    print(
+        f"\np(token), {len(probs)} greedy steps (p from {probs.min():.3f} to {probs.max():.3f}): ours vs "
+        f"transformers' scores in float64 max |Δ| = {err:.2e}; vs compute_transition_scores (float32) max "
+        f"relative Δ = {rel_f32:.2e}"
+    )
     assert err < 1e-5
     assert rel_f32 < 1e-3
 
@@ -65,26 +73,34 @@ def test_token_probabilities_by_hand():
 
 
 def test_entity_confidence_by_hand(real_processor, tags):
-    """"<phrase> a dog</phrase><object> A B </object>" generated after a 2-token prompt: the phrase's confidence
+    """ "<phrase> a dog</phrase><object> A B </object>" generated after a 2-token prompt: the phrase's confidence
     is the mean of its two words, the box's the product of its two location tokens."""
     tok = real_processor.tokenizer
     words = tok.encode(" a dog", add_special_tokens=False)
     assert len(words) == 2
-    ids = [0, 64012] + [tags.phrase, *words, tags.end_phrase, tags.object, tags.first_patch + 44,
-                        tags.first_patch + 863, tags.end_object]
+    ids = [0, 64012] + [
+        tags.phrase,
+        *words,
+        tags.end_phrase,
+        tags.object,
+        tags.first_patch + 44,
+        tags.first_patch + 863,
+        tags.end_object,
+    ]
     probs = [0.9, 0.6, 0.4, 0.95, 0.5, 0.2, 0.1, 0.99]
     (conf,) = entity_confidences(ids, 2, probs, tags)
     assert conf.phrase == pytest.approx(0.5) and conf.object == pytest.approx(0.5)
     assert conf.boxes[0].probability == pytest.approx(0.02)
     assert (conf.boxes[0].upper_left, conf.boxes[0].lower_right) == (0.2, 0.1)
-    given_prompt = entity_confidences(ids, 7, probs[5:], tags)[0]     # the phrase and <object> were the prompt's
+    given_prompt = entity_confidences(ids, 7, probs[5:], tags)[0]  # the phrase and <object> were the prompt's
     assert given_prompt.phrase is None and given_prompt.object is None
     assert given_prompt.boxes[0].probability == pytest.approx(0.02)
 
 
 # Random token sequences made of tags, patch tokens and words, in any order (well-formed or not).
-PIECES = st.sampled_from(["phrase", "end_phrase", "object", "end_object", "delimiter", "patch", "patch", "patch",
-                          "word", "word"])
+PIECES = st.sampled_from(
+    ["phrase", "end_phrase", "object", "end_object", "delimiter", "patch", "patch", "patch", "word", "word"]
+)
 
 
 @settings(max_examples=150, deadline=None)

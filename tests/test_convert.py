@@ -1,16 +1,17 @@
 """``kosmos2-ref convert SRC DST [--dtype D]``: any loadable checkpoint -> a safetensors folder that both libraries
 read with the same numbers, written atomically (never a half-written output)."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, cli, convert
 from kosmos2_ref.config import Kosmos2Config
 from kosmos2_ref.weights import WeightsError, load_flat
@@ -35,8 +36,11 @@ def _logits(model_or_hf, torch_side=False):
     pv = np.random.default_rng(9).standard_normal((1, 3, 224, 224)).astype(np.float32)
     if torch_side:
         with torch.no_grad():
-            return model_or_hf(pixel_values=torch.from_numpy(pv), input_ids=torch.tensor([ids]),
-                               image_embeds_position_mask=torch.tensor([img])).logits
+            return model_or_hf(
+                pixel_values=torch.from_numpy(pv),
+                input_ids=torch.tensor([ids]),
+                image_embeds_position_mask=torch.tensor([img]),
+            ).logits
     return model_or_hf(pixel_values=pv, input_ids=np.array([ids]), image_embeds_position_mask=np.array([img])).logits
 
 
@@ -48,16 +52,19 @@ def test_bin_to_safetensors_same_numbers_both_libraries(bin_folder, tmp_path):
     names = sorted(f.name for f in dst.iterdir())
     assert "model.safetensors" in names and "tokenizer.json" in names and "preprocessor_config.json" in names
     assert not any(n.endswith(".bin") for n in names)
-    stored = load_file(dst / "model.safetensors")                  # the safetensors library reads it
-    assert EMBED in stored and HEAD not in stored                  # the tied head once, as save_pretrained does
+    stored = load_file(dst / "model.safetensors")  # the safetensors library reads it
+    assert EMBED in stored and HEAD not in stored  # the tied head once, as save_pretrained does
     cfg = Kosmos2Config.from_pretrained(dst)
     a, b = load_flat(bin_folder, cfg), load_flat(dst, cfg)
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)     # bit for bit
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit for bit
     hf = Kosmos2ForConditionalGeneration.from_pretrained(dst, attn_implementation="eager").eval()
     print()
-    fm.check("logits, converted folder (ours vs transformers)", _logits(Kosmos2.from_pretrained(dst)),
-             _logits(hf, torch_side=True))
-    assert not list(tmp_path.glob(".*partial"))                    # no temp folder left behind
+    fm.check(
+        "logits, converted folder (ours vs transformers)",
+        _logits(Kosmos2.from_pretrained(dst)),
+        _logits(hf, torch_side=True),
+    )
+    assert not list(tmp_path.glob(".*partial"))  # no temp folder left behind
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -67,8 +74,11 @@ def test_dtype_converts_every_tensor_as_torch_does(bin_folder, tiny_checkpoint, 
     dst = tmp_path / dtype
     assert cli.main(["convert", str(bin_folder), str(dst), "--dtype", dtype]) == 0
     tdt = getattr(torch, dtype)
-    header = json.loads((dst / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
-        (dst / "model.safetensors").read_bytes()[:8], "little")])
+    header = json.loads(
+        (dst / "model.safetensors").read_bytes()[
+            8 : 8 + int.from_bytes((dst / "model.safetensors").read_bytes()[:8], "little")
+        ]
+    )
     tag = {"bfloat16": "BF16", "float16": "F16"}[dtype]
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {tag}
     from safetensors.torch import load_file as load_torch
@@ -76,13 +86,16 @@ def test_dtype_converts_every_tensor_as_torch_does(bin_folder, tiny_checkpoint, 
     got = load_torch(dst / "model.safetensors")
     ref = tiny_checkpoint[1].state_dict()
     for k, t in got.items():
-        assert torch.equal(t.view(torch.int16), ref[k].to(tdt).view(torch.int16)), k      # bit for bit
+        assert torch.equal(t.view(torch.int16), ref[k].to(tdt).view(torch.int16)), k  # bit for bit
     config = json.loads((dst / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == dtype
     hf = Kosmos2ForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, attn_implementation="eager").eval()
     print()
-    fm.check(f"logits, {dtype} converted folder (ours vs transformers)", _logits(Kosmos2.from_pretrained(dst)),
-             _logits(hf, torch_side=True))
+    fm.check(
+        f"logits, {dtype} converted folder (ours vs transformers)",
+        _logits(Kosmos2.from_pretrained(dst)),
+        _logits(hf, torch_side=True),
+    )
 
 
 def test_untied_head_that_differs_is_kept(tiny_checkpoint, tmp_path):
@@ -123,6 +136,7 @@ def test_failure_midway_leaves_nothing(bin_folder, tmp_path, monkeypatch):
     def failing(*args):
         calls.append(1)
         return disk_full() if len(calls) == 5 else real(*args)
+
     monkeypatch.setattr(convert, "_chunks", failing)
     with pytest.raises(OSError, match="No space left"):
         convert.convert_checkpoint(bin_folder, tmp_path / "out")
@@ -156,5 +170,8 @@ def test_hub_era_bin_converts_and_transformers_reads_the_result(tmp_path):
     assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
     hf = Kosmos2ForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, attn_implementation="eager")
     print()
-    fm.check("logits, converted 4.37 .bin (ours vs transformers)", _logits(Kosmos2.from_pretrained(dst)),
-             _logits(hf.eval(), torch_side=True))
+    fm.check(
+        "logits, converted 4.37 .bin (ours vs transformers)",
+        _logits(Kosmos2.from_pretrained(dst)),
+        _logits(hf.eval(), torch_side=True),
+    )

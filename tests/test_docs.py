@@ -4,6 +4,7 @@ relative link must point at a file that exists.
 
 When a test here fails after a code change, run ``python docs/make_docs.py`` and commit the regenerated docs.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ make_docs = _load_make_docs()
 def test_parameter_table_in_architecture_md_is_the_computed_one():
     written = make_docs.read_block(DOCS / "architecture.md", "params")
     assert written is not None, "docs/architecture.md lost its params block markers"
-    assert written == make_docs.params_block(), \
+    assert written == make_docs.params_block(), (
         "docs/architecture.md's parameter table is stale: run python docs/make_docs.py"
+    )
 
 
 def test_parameter_table_adds_up_to_the_released_model():
@@ -44,25 +46,34 @@ def test_parameter_table_adds_up_to_the_released_model():
     cfg = Kosmos2Config()
     parts = make_docs.param_parts(cfg)
     assert sum(n for _, _, n in parts) == sum(math.prod(s) for s in expected_shapes(cfg).values()) == 1_664_485_376
-    assert sum(k for _, k, _ in parts) == len(expected_shapes(cfg)) == 885     # 886 keys minus the tied head
+    assert sum(k for _, k, _ in parts) == len(expected_shapes(cfg)) == 885  # 886 keys minus the tied head
     assert "**1,664,485,376**" in make_docs.read_block(DOCS / "architecture.md", "params")
 
 
 def test_code_derived_blocks_are_up_to_date():
     stale = make_docs.stale_blocks()
-    assert not stale, f"stale generated blocks {stale} (in {[make_docs.CHECKED[s] for s in stale]}): " \
-                      f"run python docs/make_docs.py"
+    assert not stale, (
+        f"stale generated blocks {stale} (in {[make_docs.CHECKED[s] for s in stale]}): run python docs/make_docs.py"
+    )
 
 
 def test_make_docs_check_command():
-    proc = subprocess.run([sys.executable, str(DOCS / "make_docs.py"), "--check"], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(DOCS / "make_docs.py"), "--check"], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_every_generated_block_has_its_markers():
-    for name, fname in {"params": "architecture.md", "shapes": "architecture.md", "parity": "parity.md",
-                        "storage": "backends.md", "erf": "backends.md", "api": "api.md", "cli": "api.md"}.items():
+    for name, fname in {
+        "params": "architecture.md",
+        "shapes": "architecture.md",
+        "parity": "parity.md",
+        "storage": "backends.md",
+        "erf": "backends.md",
+        "api": "api.md",
+        "cli": "api.md",
+    }.items():
         body = make_docs.read_block(DOCS / fname, name)
         assert body is not None, f"docs/{fname}: block {name!r} missing"
         assert body.strip(), f"docs/{fname}: block {name!r} is empty: run python docs/make_docs.py"
@@ -73,11 +84,20 @@ def _tiny_model():
     from kosmos2_ref.config import Kosmos2Config
     from kosmos2_ref.weights import expected_shapes, unflatten
 
-    cfg = Kosmos2Config.from_dict({
-        "text_config": {"embed_dim": 24, "layers": 2, "ffn_dim": 40, "attention_heads": 3},
-        "vision_config": {"hidden_size": 20, "intermediate_size": 36, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "image_size": 56, "patch_size": 14},
-        "latent_query_num": 5})
+    cfg = Kosmos2Config.from_dict(
+        {
+            "text_config": {"embed_dim": 24, "layers": 2, "ffn_dim": 40, "attention_heads": 3},
+            "vision_config": {
+                "hidden_size": 20,
+                "intermediate_size": 36,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 56,
+                "patch_size": 14,
+            },
+            "latent_query_num": 5,
+        }
+    )
     rng = np.random.default_rng(0)
     flat = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in expected_shapes(cfg).items()}
     return Kosmos2(cfg, unflatten(flat)), cfg
@@ -95,25 +115,38 @@ def test_documented_shapes_are_the_shapes_the_code_produces():
     T = ids.shape[1]
     pv = np.random.default_rng(1).standard_normal((B, 3, 56, 56)).astype(np.float32)
     cache = model.new_cache(B, T)
-    out = model(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img, past_key_values=cache,
-                output_hidden_states=True, output_attentions=True)
+    out = model(
+        pixel_values=pv,
+        input_ids=ids,
+        image_embeds_position_mask=img,
+        past_key_values=cache,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     vo = out.vision_model_output
     got = {
-        "pixel_values": pv.shape, "input_ids": ids.shape,
+        "pixel_values": pv.shape,
+        "input_ids": ids.shape,
         "patches": (B, vo.last_hidden_state.shape[1] - 1, 3 * 14 * 14),
-        "patch_embeds": patch_embed(pv, model.params["vision_model"]["model"]["embeddings"]["patch_embedding"]
-                                    ["weight"]).shape,
-        "vision_tokens": vo.hidden_states[0].shape, "vision_attn": vo.attentions[0].shape,
-        "vision_last": vo.last_hidden_state.shape, "pooler": vo.pooler_output.shape,
-        "projection_attentions": out.projection_attentions.shape, "image_embeds": out.image_embeds.shape,
-        "text_embeds": out.hidden_states[0].shape, "text_attn": out.attentions[0].shape,
-        "last_hidden_state": out.last_hidden_state.shape, "logits": out.logits.shape,
-        "kv_cache": cache.keys[0][:, :, :cache.length].shape,
+        "patch_embeds": patch_embed(
+            pv, model.params["vision_model"]["model"]["embeddings"]["patch_embedding"]["weight"]
+        ).shape,
+        "vision_tokens": vo.hidden_states[0].shape,
+        "vision_attn": vo.attentions[0].shape,
+        "vision_last": vo.last_hidden_state.shape,
+        "pooler": vo.pooler_output.shape,
+        "projection_attentions": out.projection_attentions.shape,
+        "image_embeds": out.image_embeds.shape,
+        "text_embeds": out.hidden_states[0].shape,
+        "text_attn": out.attentions[0].shape,
+        "last_hidden_state": out.last_hidden_state.shape,
+        "logits": out.logits.shape,
+        "kv_cache": cache.keys[0][:, :, : cache.length].shape,
     }
     step = model(input_ids=np.full((B, 1), 712), past_key_values=cache)
     got["step_logits"] = step.logits.shape
     documented = make_docs.dataflow_shapes(cfg, B, T, T)
-    not_observable = {"vision_mlp", "projected", "connector_kv", "text_ffn"}   # intermediates no output returns
+    not_observable = {"vision_mlp", "projected", "connector_kv", "text_ffn"}  # intermediates no output returns
     assert set(documented) == set(got) | not_observable, "a documented tensor is neither checked nor exempted"
     for key, shape in got.items():
         assert tuple(documented[key][2]) == tuple(shape), f"{key}: documented {documented[key][2]}, code gives {shape}"
@@ -131,7 +164,7 @@ def test_quick_start_in_api_md_runs(tmp_path, monkeypatch):
     text = (DOCS / "api.md").read_text(encoding="utf-8")
     quick = text.split("## Quick start", 1)[1]
     code = re.search(r"```python\n(.*?)```", quick, re.S).group(1)
-    monkeypatch.setenv("KOSMOS2_REF_CACHE", str(tmp_path))      # the demo checkpoint is built here
+    monkeypatch.setenv("KOSMOS2_REF_CACHE", str(tmp_path))  # the demo checkpoint is built here
     monkeypatch.chdir(ROOT)
     scope: dict = {}
     exec(compile(code, "docs/api.md (quick start)", "exec"), scope)

@@ -1,6 +1,7 @@
 """The fast primitives' own machinery (kosmos2_ref.fast): the few-row and block-wise products, the 2-byte
 widening, the registry of finite float16 matrices, attention in query blocks. Each against float64 or against
 the whole (unblocked) form; tests/test_fast_vs_reference.py holds each fast primitive beside its textbook one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,7 @@ def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in,
     from kosmos2_ref.weights import float32_to_bf16_bits
 
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * n_in * 5)            # 5 rows of W per block
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * n_in * 5)  # 5 rows of W per block
     monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * n_in * 8)  # 8 rows per block
     rng = np.random.default_rng(rows)
     w32 = rng.standard_normal((37, n_in)).astype(np.float32)
@@ -41,7 +42,7 @@ def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in,
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
     b = rng.standard_normal(37).astype(np.float32)
     wide = as_float32(w)
-    assert not np.array_equal(wide, w32)                                      # the rounding is real
+    assert not np.array_equal(wide, w32)  # the rounding is real
     ref = x.astype(np.float64) @ wide.astype(np.float64).T + b
     got = linear(x, w, b)
     assert got.shape == (rows, 37) and got.dtype == np.float32
@@ -56,9 +57,9 @@ def test_widen_pairs_is_exact_for_every_two_byte_pattern(storage):
     from kosmos2_ref.fast import widen_pairs
 
     pattern = np.arange(1 << 16, dtype=np.uint16)
-    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]])            # [3, 65536]
+    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]])  # [3, 65536]
     src = rows if storage == "bfloat16" else rows.view(np.float16)
-    ref = as_float32(src)                                                      # [3, 65536] float32
+    ref = as_float32(src)  # [3, 65536] float32
     even = np.empty((3, 1 << 15), np.float32)
     odd = np.empty_like(even)
     widen_pairs(src, even, odd)
@@ -71,7 +72,7 @@ def test_widen_pairs_is_exact_for_every_two_byte_pattern(storage):
         widen_pairs(clean, e2, o2)
         assert np.array_equal(e2.view(np.uint32), as_float32(clean)[:, 0::2].view(np.uint32))
         assert np.array_equal(o2.view(np.uint32), as_float32(clean)[:, 1::2].view(np.uint32))
-        assert (np.abs(as_float32(clean)) < 2.0 ** -14).sum() > 2000                  # subnormals were in it
+        assert (np.abs(as_float32(clean)) < 2.0**-14).sum() > 2000  # subnormals were in it
     np.testing.assert_array_equal(even.view(np.uint32), ref[:, 0::2].view(np.uint32))
     np.testing.assert_array_equal(odd.view(np.uint32), ref[:, 1::2].view(np.uint32))
 
@@ -95,16 +96,17 @@ def test_widen_pairs_scaled_float16_is_exact_times_two_to_the_minus_112():
     from kosmos2_ref.fast import widen_pairs
 
     pattern = np.arange(1 << 16, dtype=np.uint16)
-    pattern = pattern[pattern & 0x7C00 != 0x7C00]                              # every finite float16
-    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]]).view(np.float16)   # [3, 63488]
+    pattern = pattern[pattern & 0x7C00 != 0x7C00]  # every finite float16
+    rows = np.stack([pattern, np.roll(pattern, 1), pattern[::-1]]).view(np.float16)  # [3, 63488]
     even = np.empty((3, rows.shape[1] // 2), np.float32)
     odd = np.empty_like(even)
     assert widen_pairs(rows, even, odd, scaled=True) is True
     for half, ref in ((even, rows[:, 0::2]), (odd, rows[:, 1::2])):
         exact = ref.astype(np.float32)
-        assert np.array_equal((half * np.float32(2.0 ** 112)).view(np.uint32), exact.view(np.uint32))
-        assert np.array_equal(half.view(np.uint32), (exact.astype(np.float64) * 2.0 ** -112).astype(np.float32)
-                              .view(np.uint32))
+        assert np.array_equal((half * np.float32(2.0**112)).view(np.uint32), exact.view(np.uint32))
+        assert np.array_equal(
+            half.view(np.uint32), (exact.astype(np.float64) * 2.0**-112).astype(np.float32).view(np.uint32)
+        )
     assert widen_pairs(rows, even, odd) is True
     bad = np.array([[1.0, np.inf]], dtype=np.float16)
     assert widen_pairs(bad, np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)) is False
@@ -116,24 +118,23 @@ def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite
     with an inf, and x too large to scale (|x| ≥ 2^16) keep the checked way; the entry goes with the matrix."""
     import gc
 
-
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)            # 5 rows of W per block
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)  # 5 rows of W per block
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((37, 24)) * 0.05).astype(np.float16)
-    w[0, :4] = [6e-8, -6e-8, 0.0, -0.0]                                      # subnormals and zeros scale too
+    w[0, :4] = [6e-8, -6e-8, 0.0, -0.0]  # subnormals and zeros scale too
     w.flags.writeable = False
     x = rng.standard_normal((1, 24)).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     assert not fast._known_finite(w)
     first = linear(x, w)
     assert fast._known_finite(w)
-    second = linear(x, w)                                                    # the scaled path
+    second = linear(x, w)  # the scaled path
     np.testing.assert_array_equal(second.view(np.uint32), first.view(np.uint32))
     np.testing.assert_allclose(second, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
-    big = x * np.float32(2.0 ** 17)                                          # × 2^112 would overflow: checked way
-    np.testing.assert_allclose(linear(big, w), ref * 2.0 ** 17, rtol=1e-5, atol=1e-5 * np.abs(ref).max() * 2 ** 17)
+    big = x * np.float32(2.0**17)  # × 2^112 would overflow: checked way
+    np.testing.assert_allclose(linear(big, w), ref * 2.0**17, rtol=1e-5, atol=1e-5 * np.abs(ref).max() * 2**17)
 
     writable = w.copy()
     linear(x, writable)
@@ -154,16 +155,16 @@ def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite
 
 def test_keys_needed_by_a_block_of_queries():
     """Only trailing keys hidden from every query of the block are left out, and none when a query sees nothing."""
-    from kosmos2_ref.fast import _keys_needed
     from kosmos2_ref.decoder import decoder_attention_mask
+    from kosmos2_ref.fast import _keys_needed
 
-    causal = decoder_attention_mask(None, 1, 6, 2, np)                        # [1, 1, 6, 8], 2 cached keys
-    assert [_keys_needed(causal[..., t:t + 2, :], 8) for t in (0, 2, 4)] == [4, 6, 8]
-    left = decoder_attention_mask(np.array([[0, 0, 0, 1, 1, 1]]), 1, 6, 0, np)   # 3 pad queries see nothing
-    assert _keys_needed(left[..., 0:2, :], 6) == 6                          # pad rows spread over hidden keys
+    causal = decoder_attention_mask(None, 1, 6, 2, np)  # [1, 1, 6, 8], 2 cached keys
+    assert [_keys_needed(causal[..., t : t + 2, :], 8) for t in (0, 2, 4)] == [4, 6, 8]
+    left = decoder_attention_mask(np.array([[0, 0, 0, 1, 1, 1]]), 1, 6, 0, np)  # 3 pad queries see nothing
+    assert _keys_needed(left[..., 0:2, :], 6) == 6  # pad rows spread over hidden keys
     assert _keys_needed(left[..., 3:5, :], 6) == 5
     bias = np.zeros((1, 1, 2, 5), np.float32)
-    bias[..., 3:] = -1e30                                                   # very negative, but not "hidden"
+    bias[..., 3:] = -1e30  # very negative, but not "hidden"
     assert _keys_needed(bias, 5) == 5
     assert _keys_needed(None, 7) == 7 and _keys_needed(np.zeros((1, 1, 2, 1), np.float32), 7) == 7
 

@@ -9,14 +9,15 @@ float64 reciprocal where the textbook divides: 1e-6 × (|w|·max|x̂| + |b|). Th
 softmax do the very same operations and must agree bit for bit. Measured errors are printed (pytest -s).
 Outputs must have the textbook's memory layout (row-major for a row-major input, and for every product).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from kosmos2_ref import fast, layers
-from kosmos2_ref.layers import NEG_INF_F32
 from kosmos2_ref.decoder import decoder_attention_mask
+from kosmos2_ref.layers import NEG_INF_F32
 from kosmos2_ref.weights import float32_to_bf16_bits
 
 rng = np.random.default_rng(17)
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 def small_blocks(monkeypatch):
     """Blocks of a few rows / elements, so tiny arrays take the blocked paths (partial last blocks included)."""
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
-    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)            # ~3 rows of W per block (K = 64)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 64 * 3)  # ~3 rows of W per block (K = 64)
     monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", 4 * 64 * 5)
     monkeypatch.setattr(fast, "ELEMENTWISE_BLOCK", 7)
     monkeypatch.setattr(fast, "TRANSPOSE_TILE", (2, 3))
@@ -38,8 +39,9 @@ def close(name, got, ref, scale, tol):
     """Same shape and dtype, same non-finite entries, finite ones within tol × scale; prints the error."""
     assert got.shape == ref.shape and got.dtype == ref.dtype == np.float32, (got.shape, ref.shape, got.dtype)
     assert np.array_equal(np.isnan(got), np.isnan(ref)), f"{name}: NaN entries differ"
-    assert np.array_equal(np.where(np.isinf(got), np.sign(got), 0), np.where(np.isinf(ref), np.sign(ref), 0)), \
+    assert np.array_equal(np.where(np.isinf(got), np.sign(got), 0), np.where(np.isinf(ref), np.sign(ref), 0)), (
         f"{name}: inf entries differ"
+    )
     fin = np.isfinite(ref)
     err = float(np.abs(got[fin].astype(np.float64) - ref[fin]).max()) if fin.any() else 0.0
     bound = tol * float(np.max(scale)) if np.size(scale) else 0.0
@@ -54,9 +56,10 @@ def same_layout(got, ref):
 # --------------------------------------------------------------------------------------------------------------
 # linear
 
+
 def _x(lead, K, layout):
     x = rng.standard_normal(lead + (K,)).astype(np.float32)
-    if layout == "strided":                    # every other row of a larger array: not contiguous
+    if layout == "strided":  # every other row of a larger array: not contiguous
         x = np.repeat(x, 2, axis=0)[::2] if x.ndim > 1 and x.shape[0] else x
         x = np.concatenate([x, x], axis=-1)[..., ::2]
     elif layout == "column-major":
@@ -67,14 +70,14 @@ def _x(lead, K, layout):
 def _weight(N, K, storage, writable=True, special=False):
     w32 = (rng.standard_normal((N, K)) * 0.5).astype(np.float32)
     if special:
-        w32[0, 0] = 3e-6 if storage != "bfloat16" else 1e-40      # a subnormal of the storage type
+        w32[0, 0] = 3e-6 if storage != "bfloat16" else 1e-40  # a subnormal of the storage type
         w32[min(1, N - 1), -1] = -0.0
     if storage == "float32":
         w = w32
     elif storage == "float16":
         w = w32.astype(np.float16)
         if special and N > 2:
-            w[2, 0] = np.inf                                    # x ≥ 0 below, so the row is +inf either way
+            w[2, 0] = np.inf  # x ≥ 0 below, so the row is +inf either way
             w[min(3, N - 1), -1] = np.nan
     else:
         w = float32_to_bf16_bits(w32)
@@ -93,14 +96,20 @@ def test_linear(storage, K, layout, small_blocks):
     for lead in ROWS:
         for writable in (True, False):
             for bias in (None, rng.standard_normal(11).astype(np.float32)):
-                x = np.abs(_x(lead, K, layout))             # ≥ 0: an inf weight gives +inf, never inf − inf
+                x = np.abs(_x(lead, K, layout))  # ≥ 0: an inf weight gives +inf, never inf − inf
                 w = _weight(11, K, storage, writable, special=True)
-                for _ in range(2):                          # the second time a read-only float16 is known finite
+                for _ in range(2):  # the second time a read-only float16 is known finite
                     got, ref = fast.linear(x, w, bias), layers.linear(x, w, bias)
                     scale = x.reshape(-1, K) @ np.abs(np.nan_to_num(layers.as_float32(w), posinf=0.0)).T
                     scale = (scale + (0 if bias is None else np.abs(bias))) if scale.size else scale
-                    close(f"linear {storage} K={K} rows {lead} {layout} {'rw' if writable else 'ro'}"
-                          f"{'' if bias is None else ' +b'}", got, ref, scale, 1e-5)
+                    close(
+                        f"linear {storage} K={K} rows {lead} {layout} {'rw' if writable else 'ro'}"
+                        f"{'' if bias is None else ' +b'}",
+                        got,
+                        ref,
+                        scale,
+                        1e-5,
+                    )
                     assert got.flags.c_contiguous
 
 
@@ -113,15 +122,16 @@ def test_linear_weight_first_keeps_rows_and_layout():
         got = fast._matmul_weight_first(x, w, bias)
         ref = layers.linear(x, w, bias)
         assert got.flags.c_contiguous and got.shape == (2, 37, 70)
-        close("weight-first [2,37,50] x [70,50]", got, ref, np.abs(x).reshape(-1, 50) @ np.abs(w).T + np.abs(b),
-              1e-5)
+        close("weight-first [2,37,50] x [70,50]", got, ref, np.abs(x).reshape(-1, 50) @ np.abs(w).T + np.abs(b), 1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # layer_norm
 
-@pytest.mark.parametrize("case", ["C=1", "constant rows", "offset 1e4", "zero rows", "strided", "reversed",
-                                  "column-major", "[1,1,2048]"])
+
+@pytest.mark.parametrize(
+    "case", ["C=1", "constant rows", "offset 1e4", "zero rows", "strided", "reversed", "column-major", "[1,1,2048]"]
+)
 def test_layer_norm(case):
     shapes = {"C=1": (3, 1), "zero rows": (0, 5), "[1,1,2048]": (1, 1, 2048)}
     x = rng.standard_normal(shapes.get(case, (9, 33))).astype(np.float32)
@@ -148,6 +158,7 @@ def test_layer_norm(case):
 # --------------------------------------------------------------------------------------------------------------
 # Element-wise activations and softmax: the same operations, so bit for bit
 
+
 @pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
 @pytest.mark.parametrize("case", ["small", "blocks", "strided", "reversed", "column-major", "tails"])
 def test_activations_bit_for_bit(name, case, small_blocks):
@@ -161,8 +172,7 @@ def test_activations_bit_for_bit(name, case, small_blocks):
     elif case == "column-major":
         x = np.asfortranarray(x)
     elif case == "tails":
-        x = np.array([[-40.0, -12.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 12.0, 40.0, np.inf, -np.inf, np.nan]],
-                     np.float32)
+        x = np.array([[-40.0, -12.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 12.0, 40.0, np.inf, -np.inf, np.nan]], np.float32)
     got, ref = getattr(fast, name)(x), getattr(layers, name)(x)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert np.array_equal(got, ref, equal_nan=True), f"{name} {case}: {np.abs(got - ref).max()}"
@@ -172,9 +182,9 @@ def test_activations_bit_for_bit(name, case, small_blocks):
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_softmax_in_place_bit_for_bit(axis):
     x = (rng.standard_normal((4, 7)) * 30).astype(np.float32)
-    x[1, 2:] = -np.inf                          # some keys dropped
-    x[2, :] = NEG_INF_F32                       # a row of masked-but-finite values
-    x[3, :] = -np.inf                           # nothing seen: NaN on both sides
+    x[1, 2:] = -np.inf  # some keys dropped
+    x[2, :] = NEG_INF_F32  # a row of masked-but-finite values
+    x[3, :] = -np.inf  # nothing seen: NaN on both sides
     ref = layers.softmax(x, axis=axis)
     got = fast.softmax_in_place(x.copy(), axis=axis)
     assert np.array_equal(got, ref, equal_nan=True)
@@ -183,9 +193,10 @@ def test_softmax_in_place_bit_for_bit(axis):
 # --------------------------------------------------------------------------------------------------------------
 # attention
 
+
 def _qkv(B, H, T, S, D, contiguous=True):
     q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float32) for n in (T, S, S))
-    if not contiguous:           # as split_heads hands them over: transposed views of [B, T, H, D]
+    if not contiguous:  # as split_heads hands them over: transposed views of [B, T, H, D]
         q, k, v = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (q, k, v))
     return q, k, v
 
@@ -207,12 +218,12 @@ def _mask(kind, B, T, past):
     if kind == "causal+right pad":
         att[0, -3:] = 0
         return decoder_attention_mask(att, B, T, past, np)
-    if kind == "all hidden":                      # every key hidden from query 0 (finite min and −inf mixed)
+    if kind == "all hidden":  # every key hidden from query 0 (finite min and −inf mixed)
         m = decoder_attention_mask(None, B, T, past, np).copy()
         m[..., 0, :] = NEG_INF_F32
         m[..., 0, -1] = -np.inf
         return m
-    m = np.zeros((1, 1, 1, S), np.float32)        # a plain additive bias, very negative but not "hidden"
+    m = np.zeros((1, 1, 1, S), np.float32)  # a plain additive bias, very negative but not "hidden"
     m[..., -2:] = -1e30
     return m
 

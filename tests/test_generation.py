@@ -6,11 +6,13 @@ docs/numerics.md §7.2 and §7.3: cached decoding equals an uncached forward at 
 decodes exactly as it does alone. Last, generation runs on the strict stand-in device namespace (backend
 neutrality).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation import logits_process as hf_lp
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref import generation as gen
 from kosmos2_ref.cache import KVCache
@@ -47,27 +48,28 @@ def hf(processor, ids, scores):
 # --------------------------------------------------------------------------------------------------------------
 # Processors: hand-computed cases
 
+
 def test_repetition_penalty_by_hand():
     scores = np.array([[1.0, -1.0, 2.0, 0.5]], np.float32)
     out = gen.repetition_penalty_processor(2.0, np.array([0]))(np.array([[0, 1, 1]]), scores)
-    assert out.tolist() == [[0.5, -2.0, 2.0, 0.5]]              # token 1 twice: penalised once
+    assert out.tolist() == [[0.5, -2.0, 2.0, 0.5]]  # token 1 twice: penalised once
     out = gen.repetition_penalty_processor(2.0, np.array([1]))(np.array([[0, 1, 1]]), scores)
-    assert out.tolist() == [[1.0, -2.0, 2.0, 0.5]]              # position 0 (a left pad) does not count
-    assert scores.tolist() == [[1.0, -1.0, 2.0, 0.5]]            # the input is left alone
+    assert out.tolist() == [[1.0, -2.0, 2.0, 0.5]]  # position 0 (a left pad) does not count
+    assert scores.tolist() == [[1.0, -1.0, 2.0, 0.5]]  # the input is left alone
 
 
 def test_banned_ngrams_by_hand():
     seq = np.array([5, 6, 7, 5, 6])
-    assert gen.banned_ngram_tokens(seq, 3).tolist() == [7]       # (5, 6) was followed by 7
-    assert gen.banned_ngram_tokens(seq, 2).tolist() == [7]       # (6,) was followed by 7
+    assert gen.banned_ngram_tokens(seq, 3).tolist() == [7]  # (5, 6) was followed by 7
+    assert gen.banned_ngram_tokens(seq, 2).tolist() == [7]  # (6,) was followed by 7
     assert gen.banned_ngram_tokens(seq, 1).tolist() == [5, 6, 7]  # every seen token
     assert gen.banned_ngram_tokens(seq, 4).tolist() == []
-    assert gen.banned_ngram_tokens(seq, 6).tolist() == []        # shorter than n
+    assert gen.banned_ngram_tokens(seq, 6).tolist() == []  # shorter than n
 
 
 def test_top_p_by_hand():
     scores = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
-    out = gen.top_p_processor(0.75)(None, scores)               # cumulative ascending: .1 .3 .6 1 -> drop .1
+    out = gen.top_p_processor(0.75)(None, scores)  # cumulative ascending: .1 .3 .6 1 -> drop .1
     assert np.isneginf(out).tolist() == [[True, False, False, False]]
     out = gen.top_p_processor(0.05, min_tokens_to_keep=2)(None, scores)
     assert np.isneginf(out).tolist() == [[True, True, False, False]]
@@ -76,18 +78,19 @@ def test_top_p_by_hand():
 def test_top_k_keeps_ties_by_hand():
     scores = np.array([[3.0, 1.0, 2.0, 2.0, 0.0]], np.float32)
     out = gen.top_k_processor(2)(None, scores)
-    assert np.isneginf(out).tolist() == [[False, True, False, False, True]]   # both 2.0 tie with the 2nd best
+    assert np.isneginf(out).tolist() == [[False, True, False, False, True]]  # both 2.0 tie with the 2nd best
 
 
 def test_min_new_tokens_by_hand():
     scores = np.zeros((2, 5), np.float32)
     proc = gen.min_new_tokens_processor(prompt_length=3, min_new_tokens=2, eos=(2, 4))
-    assert np.isneginf(proc(np.zeros((2, 4), np.int64), scores)[:, [2, 4]]).all()   # 1 new token so far
-    assert np.isfinite(proc(np.zeros((2, 5), np.int64), scores)).all()              # 2 made: EOS allowed
+    assert np.isneginf(proc(np.zeros((2, 4), np.int64), scores)[:, [2, 4]]).all()  # 1 new token so far
+    assert np.isfinite(proc(np.zeros((2, 5), np.int64), scores)).all()  # 2 made: EOS allowed
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Processors: against transformers' classes on random inputs
+
 
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_repetition_penalty_matches_transformers(penalty):
@@ -95,15 +98,14 @@ def test_repetition_penalty_matches_transformers(penalty):
     ids = rng.integers(0, 40, (4, 15))
     scores = rng.standard_normal((4, 50)).astype(np.float32)
     skip = np.array([0, 3, 7, 15])
-    ref = hf(hf_lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.from_numpy(skip)),
-             ids, scores)
+    ref = hf(hf_lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.from_numpy(skip)), ids, scores)
     assert np.array_equal(gen.repetition_penalty_processor(penalty, skip)(ids, scores), ref)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_no_repeat_ngram_matches_transformers(n):
     rng = np.random.default_rng(n)
-    ids = rng.integers(0, 6, (5, 30))                 # a 6-token alphabet: many repeats
+    ids = rng.integers(0, 6, (5, 30))  # a 6-token alphabet: many repeats
     scores = rng.standard_normal((5, 10)).astype(np.float32)
     ref = hf(hf_lp.NoRepeatNGramLogitsProcessor(n), ids, scores)
     ours = gen.no_repeat_ngram_processor(n, np.zeros(5, np.int64))(ids, scores)
@@ -130,14 +132,15 @@ def test_min_new_tokens_matches_transformers():
 @pytest.mark.parametrize("t", [0.3, 1.7])
 def test_temperature_matches_transformers(t):
     scores = np.random.default_rng(3).standard_normal((3, 100)).astype(np.float32)
-    assert np.array_equal(gen.temperature_processor(t)(None, scores),
-                          hf(hf_lp.TemperatureLogitsWarper(t), None, scores))
+    assert np.array_equal(
+        gen.temperature_processor(t)(None, scores), hf(hf_lp.TemperatureLogitsWarper(t), None, scores)
+    )
 
 
 @pytest.mark.parametrize("k,keep", [(1, 1), (10, 1), (1, 2), (500, 1)])
 def test_top_k_matches_transformers(k, keep):
     rng = np.random.default_rng(k)
-    scores = np.round(rng.standard_normal((4, 300)), 1).astype(np.float32)    # rounded: ties at the k-th value
+    scores = np.round(rng.standard_normal((4, 300)), 1).astype(np.float32)  # rounded: ties at the k-th value
     ref = hf(hf_lp.TopKLogitsWarper(k, min_tokens_to_keep=keep), None, scores)
     assert np.array_equal(gen.top_k_processor(k, keep)(None, scores), ref)
 
@@ -177,19 +180,26 @@ def test_processor_order_is_transformers_order():
     s = gen.GenerationSettings(5, 2, True, 0.5, 3, 0.9, 1, 1.0, False, 2, 1.2, (2,), 1)
     procs = gen.build_processors(s, prompt_length=4, skip=np.zeros(1, np.int64))
     names = [p.__qualname__.split(".")[0] for p in procs]
-    assert names == ["repetition_penalty_processor", "no_repeat_ngram_processor", "min_new_tokens_processor",
-                     "temperature_processor", "top_k_processor", "top_p_processor"]
+    assert names == [
+        "repetition_penalty_processor",
+        "no_repeat_ngram_processor",
+        "min_new_tokens_processor",
+        "temperature_processor",
+        "top_k_processor",
+        "top_p_processor",
+    ]
     greedy = gen.build_processors(dataclasses.replace(s, do_sample=False), 4, np.zeros(1, np.int64))
-    assert len(greedy) == 3                                       # warpers only when sampling
+    assert len(greedy) == 3  # warpers only when sampling
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Choosing tokens
 
+
 def test_sampling_follows_the_distribution_and_never_draws_banned_tokens():
     probs = np.array([0.2, 0.5, 0.3, 0.0], np.float32)
     with np.errstate(divide="ignore"):
-        scores = np.broadcast_to(np.log(probs), (20000, 4)).copy()     # log(0) = −inf: banned
+        scores = np.broadcast_to(np.log(probs), (20000, 4)).copy()  # log(0) = −inf: banned
     draws = gen.sample_next_tokens(scores, np.random.default_rng(0))
     freq = np.bincount(draws, minlength=4) / len(draws)
     print(f"\n  sampled frequencies {freq.round(4).tolist()} for {probs.tolist()}")
@@ -203,19 +213,24 @@ def test_greedy_takes_the_first_maximum():
 # --------------------------------------------------------------------------------------------------------------
 # KV cache reorder (beam search)
 
+
 def test_cache_reorder_gathers_and_repeats_rows():
     xp = np
     cache = KVCache(2, 3, 2, 4, capacity=6, xp=xp)
     for step in range(3):
         for layer in range(2):
-            k = np.full((3, 2, 1, 4), 0.0, np.float32) + np.arange(3, dtype=np.float32)[:, None, None, None] \
-                + 10.0 * step + 100.0 * layer
+            k = (
+                np.full((3, 2, 1, 4), 0.0, np.float32)
+                + np.arange(3, dtype=np.float32)[:, None, None, None]
+                + 10.0 * step
+                + 100.0 * layer
+            )
             cache.update(layer, k, -k)
         cache.advance(1)
     cache.reorder(np.array([2, 0, 0, 1]))
     assert cache.batch_size == 4 and cache.length == 3 and cache.capacity == 6
     for layer in range(2):
-        stored = cache.keys[layer][:, 0, :3, 0]                      # [4, 3]
+        stored = cache.keys[layer][:, 0, :3, 0]  # [4, 3]
         expect = np.array([2, 0, 0, 1], np.float32)[:, None] + 10.0 * np.arange(3) + 100.0 * layer
         assert np.array_equal(stored, expect) and np.array_equal(cache.values[layer][:, 0, :3, 0], -expect)
     k, v = cache.update(0, np.zeros((4, 2, 1, 4), np.float32), np.zeros((4, 2, 1, 4), np.float32))
@@ -225,9 +240,11 @@ def test_cache_reorder_gathers_and_repeats_rows():
 # --------------------------------------------------------------------------------------------------------------
 # Settings
 
+
 def _fake_model(text_config=None, generation_config=None):
-    return types.SimpleNamespace(config=Kosmos2Config.from_dict({"text_config": text_config or {}}),
-                                 generation_config=generation_config or {})
+    return types.SimpleNamespace(
+        config=Kosmos2Config.from_dict({"text_config": text_config or {}}), generation_config=generation_config or {}
+    )
 
 
 def test_settings_come_from_the_checkpoint_and_explicit_arguments_win():
@@ -241,14 +258,18 @@ def test_settings_come_from_the_checkpoint_and_explicit_arguments_win():
     s = gen.resolve_settings(m, prompt_length=70)
     assert s.no_repeat_ngram_size == 4 and s.max_new_tokens == 10
     # a max_length that leaves no room (the serialised default 20, say): transformers' default 20, with a warning
-    with pytest.warns(UserWarning, match=r"max_length=60, a total length that leaves no room after the 70-token "
-                                         r"prompt; generating transformers' default 20 new tokens"):
+    with pytest.warns(
+        UserWarning,
+        match=r"max_length=60, a total length that leaves no room after the 70-token "
+        r"prompt; generating transformers' default 20 new tokens",
+    ):
         assert gen.resolve_settings(_fake_model(generation_config={"max_length": 60}), 70).max_new_tokens == 20
     with pytest.raises(ValueError, match=r"max_length='20': expected a positive integer"):
         gen.resolve_settings(_fake_model(generation_config={"max_length": "20"}), prompt_length=70)
-    s = gen.resolve_settings(_fake_model(generation_config={"pad_token_id": None}), 5, eos_token_id=[2, 7],
-                             pad_token_id=None)
-    assert s.eos_token_id == (2, 7) and s.pad_token_id == 1       # text_config's pad id
+    s = gen.resolve_settings(
+        _fake_model(generation_config={"pad_token_id": None}), 5, eos_token_id=[2, 7], pad_token_id=None
+    )
+    assert s.eos_token_id == (2, 7) and s.pad_token_id == 1  # text_config's pad id
 
 
 BAD = [
@@ -284,8 +305,14 @@ BAD = [
 def test_bad_settings_raise_naming_the_argument(model, kw, match):
     pv, ids, att, img = make_inputs([[5, 6]])
     with pytest.raises(ValueError, match=match):
-        generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                        **{"max_new_tokens": 2, **kw})
+        generate(
+            model,
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            **{"max_new_tokens": 2, **kw},
+        )
 
 
 def test_bad_inputs_raise_naming_the_argument(model):
@@ -345,17 +372,28 @@ def test_nested_lists_are_accepted_or_named(model):
 
 def test_outputs_are_int64_prompt_plus_new_and_float32_scores(model):
     pv, ids, att, img = make_inputs([[5, 6], [7, 8, 9]])
-    out = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                          max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+    out = generate(
+        model,
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=3,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     assert isinstance(out, gen.GenerateOutput) and out.sequences.dtype == np.int64
-    assert out.sequences.shape == (2, ids.shape[1] + 3) and np.array_equal(out.sequences[:, :ids.shape[1]], ids)
+    assert out.sequences.shape == (2, ids.shape[1] + 3) and np.array_equal(out.sequences[:, : ids.shape[1]], ids)
     assert len(out.scores) == 3 and all(s.dtype == np.float32 and s.shape == (2, 65037) for s in out.scores)
-    plain = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                            max_new_tokens=3)
+    plain = generate(
+        model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=3
+    )
     assert isinstance(plain, np.ndarray) and np.array_equal(plain, out.sequences)
     # the default length: transformers' 20 new tokens (no length in this checkpoint)
-    assert generate(model, pixel_values=pv, input_ids=ids, attention_mask=att,
-                           image_embeds_position_mask=img).shape[1] == ids.shape[1] + 20
+    assert (
+        generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img).shape[1]
+        == ids.shape[1] + 20
+    )
 
 
 def test_attention_mask_is_inferred_from_pad_like_transformers(model):
@@ -367,6 +405,7 @@ def test_attention_mask_is_inferred_from_pad_like_transformers(model):
 # --------------------------------------------------------------------------------------------------------------
 # Streaming
 
+
 class WordTokenizer:
     """decode(ids) -> "w<id>" words joined by spaces; id 99 is a newline."""
 
@@ -377,7 +416,7 @@ class WordTokenizer:
 def test_text_streamer_releases_whole_words():
     got = []
     st_ = gen.TextStreamer(WordTokenizer(), skip_prompt=True, on_text=lambda t, end: got.append((t, end)))
-    st_.put(np.array([[1, 2, 3]]))             # the prompt: skipped
+    st_.put(np.array([[1, 2, 3]]))  # the prompt: skipped
     for tok in (5, 6, 99, 7):
         st_.put(np.array([tok]))
     st_.end()
@@ -403,25 +442,50 @@ def test_streamer_and_callback_see_every_token(model):
 
     rec, calls = Recorder(), []
     text = gen.TextStreamer(WordTokenizer(), skip_prompt=True, on_text=lambda t, end: None)
-    seq = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                          max_new_tokens=5, no_repeat_ngram_size=2, streamer=rec,
-                          callback=lambda step, toks: calls.append((step, toks.tolist())))
+    seq = generate(
+        model,
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=5,
+        no_repeat_ngram_size=2,
+        streamer=rec,
+        callback=lambda step, toks: calls.append((step, toks.tolist())),
+    )
     assert rec.ended == 1 and np.array_equal(rec.puts[0], ids)
     assert np.array_equal(np.concatenate([p.reshape(1, -1) for p in rec.puts], axis=1), seq)
     assert calls == [(k, [int(seq[0, ids.shape[1] + k])]) for k in range(5)]
-    generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                    max_new_tokens=5, no_repeat_ngram_size=2, streamer=text)
-    assert text.text == WordTokenizer().decode(seq[0, ids.shape[1]:].tolist())
+    generate(
+        model,
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=5,
+        no_repeat_ngram_size=2,
+        streamer=text,
+    )
+    assert text.text == WordTokenizer().decode(seq[0, ids.shape[1] :].tolist())
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Seeded sampling
 
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_seeded_sampling_is_deterministic(model, num_beams):
     pv, ids, att, img = make_inputs([[5, 6, 7], [8, 9, 10]], seed=1)
-    kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=6,
-              do_sample=True, top_k=0, num_beams=num_beams)
+    kw = dict(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=6,
+        do_sample=True,
+        top_k=0,
+        num_beams=num_beams,
+    )
     a, b = generate(model, seed=0, **kw), generate(model, seed=0, **kw)
     c = generate(model, rng=np.random.default_rng(0), **kw)
     others = [generate(model, seed=s, **kw) for s in (1, 2, 3)]
@@ -433,8 +497,14 @@ def test_seeded_sampling_is_deterministic(model, num_beams):
 
 def test_sampling_with_top_k_1_is_greedy(model):
     pv, ids, att, img = make_inputs([[5, 6, 7]], seed=2)
-    kw = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, max_new_tokens=6,
-              no_repeat_ngram_size=2)
+    kw = dict(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=6,
+        no_repeat_ngram_size=2,
+    )
     assert np.array_equal(generate(model, do_sample=True, top_k=1, seed=5, **kw), generate(model, **kw))
 
 
@@ -450,15 +520,27 @@ def test_cached_decoding_equals_uncached_forward(model, texts, seed):
     """Every step's logits from the cache equal a full forward of the whole prefix with no cache."""
     pv, ids, att, img = make_inputs(texts, side="left", seed=seed)
     emb = model.get_image_features(pv)
-    out = generate(model, image_embeds=emb, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                          max_new_tokens=5, no_repeat_ngram_size=0, output_scores=True, return_dict_in_generate=True)
+    out = generate(
+        model,
+        image_embeds=emb,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=5,
+        no_repeat_ngram_size=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     B, T = ids.shape
     worst = 0.0
     for k, step in enumerate(out.scores):
         n = T + k
-        full = model(input_ids=out.sequences[:, :n], image_embeds=emb,
-                     attention_mask=np.concatenate([att, np.ones((B, k), np.int64)], 1),
-                     image_embeds_position_mask=np.concatenate([img, np.zeros((B, k), np.int64)], 1))
+        full = model(
+            input_ids=out.sequences[:, :n],
+            image_embeds=emb,
+            attention_mask=np.concatenate([att, np.ones((B, k), np.int64)], 1),
+            image_embeds_position_mask=np.concatenate([img, np.zeros((B, k), np.int64)], 1),
+        )
         ref = full.logits[:, -1]
         err = float(np.abs(step - ref).max())
         worst = max(worst, err)
@@ -472,20 +554,32 @@ def test_left_padded_row_generates_what_it_generates_alone(model, texts, seed, b
     """Pad-aware positions, and processors that skip the pads: each row of a left-padded batch gives the same
     tokens as the row alone (and the same scores, to float32 tolerance)."""
     pv, ids, att, img = make_inputs(texts, side="left", seed=seed)
-    kw = dict(max_new_tokens=6, no_repeat_ngram_size=2, repetition_penalty=1.2, num_beams=beams,
-              output_scores=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=6,
+        no_repeat_ngram_size=2,
+        repetition_penalty=1.2,
+        num_beams=beams,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     batch = generate(model, pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, **kw)
     for b, text in enumerate(texts):
         p = int((att[b] == 0).sum())
         _, ids1, att1, img1 = make_inputs([text])
-        alone = generate(model, pixel_values=pv[b:b + 1], input_ids=ids1, attention_mask=att1,
-                                image_embeds_position_mask=img1, **kw)
+        alone = generate(
+            model,
+            pixel_values=pv[b : b + 1],
+            input_ids=ids1,
+            attention_mask=att1,
+            image_embeds_position_mask=img1,
+            **kw,
+        )
         row = batch.sequences[b, p:]
         # rows of a batch run to the longest; a row that finished earlier is padded
         n = alone.sequences.shape[1]
         assert np.array_equal(row[:n], alone.sequences[0]) and (row[n:] == 1).all(), (b, p)
         if beams == 1:
-            for k, (s_b, s_1) in enumerate(zip(batch.scores, alone.scores)):
+            for s_b, s_1 in zip(batch.scores, alone.scores):
                 fin = np.isfinite(s_1[0])
                 assert np.array_equal(np.isfinite(s_b[b]), fin)
                 assert np.abs(s_b[b][fin] - s_1[0][fin]).max() <= TOL * max(1.0, float(np.abs(s_1[0][fin]).max()))
@@ -494,16 +588,27 @@ def test_left_padded_row_generates_what_it_generates_alone(model, texts, seed, b
 # --------------------------------------------------------------------------------------------------------------
 # Backend neutrality: generation on the strict stand-in device namespace (tests/strict_xp.py)
 
+
 def test_generation_runs_on_the_strict_namespace(tiny_checkpoint, model):
     from strict_xp import STRICT_BACKEND
 
     strict = Kosmos2.from_pretrained(tiny_checkpoint[0], backend=STRICT_BACKEND)
     pv, ids, att, img = make_inputs([[5, 6, 7], [8]], side="left", seed=3)
-    base = dict(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                max_new_tokens=4, output_scores=True, return_dict_in_generate=True)
-    cases = [dict(), dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=2),
-             dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=0),
-             dict(do_sample=True, num_beams=2, top_k=0, seed=0)]
+    base = dict(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        max_new_tokens=4,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    cases = [
+        dict(),
+        dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=2),
+        dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=0),
+        dict(do_sample=True, num_beams=2, top_k=0, seed=0),
+    ]
     for kw in cases:
         a = generate(strict, **base, **kw)
         b = generate(model, **base, **kw)

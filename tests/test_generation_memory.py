@@ -4,6 +4,7 @@ A huge ``max_new_tokens`` with an early EOS returns at once, as in transformers 
 buffers start at the positions the model was trained on and double as tokens come. Requests whose buffers cannot
 be allocated get a MemoryError saying what was asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,14 @@ import sys
 import textwrap
 import tracemalloc
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref import generation as gen
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def test_a_huge_max_new_tokens_with_an_early_eos_allocates_what_is_used(model):
     inputs = prompt()
     T = inputs["input_ids"].shape[1]
     eos = first_token(model, inputs)
-    tracemalloc.start()             # NumPy reports its array buffers to tracemalloc
+    tracemalloc.start()  # NumPy reports its array buffers to tracemalloc
     try:
-        out = generate(model, **inputs, max_new_tokens=10 ** 6, eos_token_id=eos)
+        out = generate(model, **inputs, max_new_tokens=10**6, eos_token_id=eos)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -54,10 +55,10 @@ def test_a_huge_max_new_tokens_with_an_early_eos_allocates_what_is_used(model):
 
 
 def test_buffers_start_at_the_trained_positions_and_double(model):
-    trained = model.config.text_config.max_position_embeddings          # 64 in the tiny config
-    assert gen.initial_length(model, 10, 30) == 30                      # fits: the whole generation
-    assert gen.initial_length(model, 10, 10 ** 9) == trained            # the trained positions
-    assert gen.initial_length(model, 70, 10 ** 9) == 71                 # a longer prompt: prompt + 1
+    trained = model.config.text_config.max_position_embeddings  # 64 in the tiny config
+    assert gen.initial_length(model, 10, 30) == 30  # fits: the whole generation
+    assert gen.initial_length(model, 10, 10**9) == trained  # the trained positions
+    assert gen.initial_length(model, 70, 10**9) == 71  # a longer prompt: prompt + 1
     a = np.arange(6).reshape(2, 3)
     assert gen.with_room(a, 3, -1) is a
     grown = gen.with_room(a, 4, -1)
@@ -72,16 +73,27 @@ def test_growing_buffers_give_the_ids_and_scores_of_one_forward_each_step(model,
     inputs = prompt(seed=3)
     T = inputs["input_ids"].shape[1]
     assert gen.initial_length(model, T, T + 20) == T + 1
-    out = generate(model, **inputs, max_new_tokens=20, num_beams=num_beams, no_repeat_ngram_size=0,
-                          eos_token_id=[], return_dict_in_generate=True, output_scores=True)
+    out = generate(
+        model,
+        **inputs,
+        max_new_tokens=20,
+        num_beams=num_beams,
+        no_repeat_ngram_size=0,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     assert out.sequences.shape == (1, T + 20)
     if num_beams == 1:
         seq = out.sequences
-        full = model.forward(pixel_values=inputs["pixel_values"], input_ids=seq,
-                             image_embeds_position_mask=np.pad(inputs["image_embeds_position_mask"], ((0, 0), (0, 20))))
-        np.testing.assert_array_equal(full.logits[0, T - 1:-1].argmax(-1), seq[0, T:])
-        steps = np.stack([s[0] for s in out.scores])                         # [20, V]
-        err = float(np.abs(steps - full.logits[0, T - 1:-1]).max())
+        full = model.forward(
+            pixel_values=inputs["pixel_values"],
+            input_ids=seq,
+            image_embeds_position_mask=np.pad(inputs["image_embeds_position_mask"], ((0, 0), (0, 20))),
+        )
+        np.testing.assert_array_equal(full.logits[0, T - 1 : -1].argmax(-1), seq[0, T:])
+        steps = np.stack([s[0] for s in out.scores])  # [20, V]
+        err = float(np.abs(steps - full.logits[0, T - 1 : -1]).max())
         print(f"cached vs uncached logits over 20 steps: max |Δ| {err:.1e}")
         assert err <= 1e-5 * max(1.0, float(np.abs(steps).max()))
 
@@ -116,11 +128,13 @@ def test_max_new_tokens_1e9_under_a_memory_limit(tiny_checkpoint):
     import pathlib
 
     here = pathlib.Path(__file__).parent
-    limit = 6 * 2 ** 30
+    limit = 6 * 2**30
     code = CHILD.format(tests=str(here), folder=str(tiny_checkpoint[0]), limit=limit)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["greedy"] == 1                                          # the EOS came first
-    assert result["beams"].startswith("generate ran out of memory: 1 prompt(s) × 300000 beam(s) = 300000 rows with room for")
+    assert result["greedy"] == 1  # the EOS came first
+    assert result["beams"].startswith(
+        "generate ran out of memory: 1 prompt(s) × 300000 beam(s) = 300000 rows with room for"
+    )

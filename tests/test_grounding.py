@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from kosmos2_ref.processing import grounding
 from kosmos2_ref.processing.grounding import (
-    box_to_patch_indices,
-    check_bboxes_for_single_text,
     Entity,
+    box_to_patch_indices,
     box_to_pixels,
+    check_bboxes_for_single_text,
     entities_to_pixel_boxes,
     insert_patch_index_tokens,
     patch_indices_to_box,
@@ -81,39 +81,51 @@ def test_insert_tokens_single_multi_none_and_empty():
 def test_entities_to_pixel_boxes():
     entities = [("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)]), ("no box", (6, 12), [])]
     assert entities_to_pixel_boxes(entities, (200, 100)) == [
-        Entity("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)], [(100, 25, 200, 75)]), Entity("no box", (6, 12), [], [])]
+        Entity("a dog", (0, 5), [(0.5, 0.25, 1.0, 0.75)], [(100, 25, 200, 75)]),
+        Entity("no box", (6, 12), [], []),
+    ]
     assert entities_to_pixel_boxes(entities, (200, 100))[0].to_dict() == {
-        "phrase": "a dog", "span": [0, 5], "boxes": [[0.5, 0.25, 1.0, 0.75]], "pixel_boxes": [[100, 25, 200, 75]]}
+        "phrase": "a dog",
+        "span": [0, 5],
+        "boxes": [[0.5, 0.25, 1.0, 0.75]],
+        "pixel_boxes": [[100, 25, 200, 75]],
+    }
 
 
-@pytest.mark.parametrize("box, size, pixels", [
-    ((0.1, 0.2, 0.5, 0.75), (1200, 602), (120, 120, 600, 451)),     # int(coordinate · side): truncated
-    ((0.0, 0.0, 1.0, 1.0), (100, 50), (0, 0, 100, 50)),              # the whole image: its pixel edges
-    ((0.999, 0.999, 1.0, 1.0), (100, 50), (99, 49, 100, 50)),        # the last pixel
-    ((0.390625, 0.046875, 0.984375, 0.828125), (1024, 1024), (400, 48, 1008, 848)),
-    ((1 / 3, 1 / 3, 2 / 3, 2 / 3), (3, 3), (1, 1, 2, 2)),
-    ((-1e-12, 0.0, 1 + 1e-12, 1.0), (640, 480), (0, 0, 640, 480)),  # a hair outside [0, 1]: clamped to the image
-    ((-0.5, -2, 3.0, 1.5), (10, 20), (0, 0, 10, 20)),
-    ([0, 0, 1, 1], (7, 5), (0, 0, 7, 5)),                             # ints and lists too
-    ((np.float32(0.5), 0.5, 1.0, 1.0), (2, 2), (1, 1, 2, 2)),
-    ((0.5, 0.5, 0.5, 0.5), (1, 1), (0, 0, 0, 0)),                     # an empty box stays empty
-])
+@pytest.mark.parametrize(
+    "box, size, pixels",
+    [
+        ((0.1, 0.2, 0.5, 0.75), (1200, 602), (120, 120, 600, 451)),  # int(coordinate · side): truncated
+        ((0.0, 0.0, 1.0, 1.0), (100, 50), (0, 0, 100, 50)),  # the whole image: its pixel edges
+        ((0.999, 0.999, 1.0, 1.0), (100, 50), (99, 49, 100, 50)),  # the last pixel
+        ((0.390625, 0.046875, 0.984375, 0.828125), (1024, 1024), (400, 48, 1008, 848)),
+        ((1 / 3, 1 / 3, 2 / 3, 2 / 3), (3, 3), (1, 1, 2, 2)),
+        ((-1e-12, 0.0, 1 + 1e-12, 1.0), (640, 480), (0, 0, 640, 480)),  # a hair outside [0, 1]: clamped to the image
+        ((-0.5, -2, 3.0, 1.5), (10, 20), (0, 0, 10, 20)),
+        ([0, 0, 1, 1], (7, 5), (0, 0, 7, 5)),  # ints and lists too
+        ((np.float32(0.5), 0.5, 1.0, 1.0), (2, 2), (1, 1, 2, 2)),
+        ((0.5, 0.5, 0.5, 0.5), (1, 1), (0, 0, 0, 0)),  # an empty box stays empty
+    ],
+)
 def test_box_to_pixels_is_the_one_rule(box, size, pixels):
     assert box_to_pixels(box, size) == pixels
     assert all(type(v) is int for v in box_to_pixels(box, size))
 
 
-@pytest.mark.parametrize("box, size, message", [
-    ((0.1, 0.2, 0.3), (10, 10), r"box must be \(x1, y1, x2, y2\), four finite numbers .* got \(0.1, 0.2, 0.3\)"),
-    ((0.1, 0.2, 0.3, float("nan")), (10, 10), r"box must be .* four finite numbers"),
-    ((0.1, 0.2, 0.3, float("inf")), (10, 10), r"four finite numbers"),
-    ((0.1, None, 0.3, 0.4), (10, 10), r"four finite numbers"),
-    ((True, 0.2, 0.3, 0.4), (10, 10), r"four finite numbers"),
-    ("0.1,0.2,0.3,0.4", (10, 10), r"four finite numbers"),
-    ((0.1, 0.2, 0.3, 0.4), (0, 10), r"image_size must be \(width, height\) as positive ints, got \(0, 10\)"),
-    ((0.1, 0.2, 0.3, 0.4), (10.0, 10), r"image_size must be"),
-    ((0.1, 0.2, 0.3, 0.4), (10,), r"image_size must be"),
-])
+@pytest.mark.parametrize(
+    "box, size, message",
+    [
+        ((0.1, 0.2, 0.3), (10, 10), r"box must be \(x1, y1, x2, y2\), four finite numbers .* got \(0.1, 0.2, 0.3\)"),
+        ((0.1, 0.2, 0.3, float("nan")), (10, 10), r"box must be .* four finite numbers"),
+        ((0.1, 0.2, 0.3, float("inf")), (10, 10), r"four finite numbers"),
+        ((0.1, None, 0.3, 0.4), (10, 10), r"four finite numbers"),
+        ((True, 0.2, 0.3, 0.4), (10, 10), r"four finite numbers"),
+        ("0.1,0.2,0.3,0.4", (10, 10), r"four finite numbers"),
+        ((0.1, 0.2, 0.3, 0.4), (0, 10), r"image_size must be \(width, height\) as positive ints, got \(0, 10\)"),
+        ((0.1, 0.2, 0.3, 0.4), (10.0, 10), r"image_size must be"),
+        ((0.1, 0.2, 0.3, 0.4), (10,), r"image_size must be"),
+    ],
+)
 def test_box_to_pixels_errors(box, size, message):
     with pytest.raises(ValueError, match=message):
         box_to_pixels(box, size)
@@ -143,8 +155,11 @@ def test_box_to_indices_errors(box, message):
         ([(1024, 5)], r"bboxes\[0\]: patch indices must lie in \[0, 1023\], got \(1024, 5\)"),
         ([(-1, 5)], r"patch indices must lie in \[0, 1023\]"),
         # the lower-right cell above (row) or left of (column) the upper-left one
-        ([(1000, 5)], r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, "
-                      r"column 5\) lies above or left of cell 1000 \(row 31, column 8\) on the 32 × 32 grid"),
+        (
+            [(1000, 5)],
+            r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, "
+            r"column 5\) lies above or left of cell 1000 \(row 31, column 8\) on the 32 × 32 grid",
+        ),
         ([(37, 36)], r"cell 36 \(row 1, column 4\) lies above or left of cell 37 \(row 1, column 5\)"),
         ([(64, 31)], r"cell 31 \(row 0, column 31\) lies above or left of cell 64 \(row 2, column 0\)"),
         ([None, [(0, 1023), (31, 32)]], r"bboxes\[1\]\[1\]: \(31, 32\) is not \(upper_left, lower_right\)"),
@@ -170,8 +185,11 @@ def test_check_bboxes_accepts_ordered_patch_indices():
 @pytest.mark.parametrize(
     "entities, message",
     [
-        ([("a", (0, 1), [(0.1, 0.2)])], r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
-                                        r"numbers, got \(0.1, 0.2\)"),
+        (
+            [("a", (0, 1), [(0.1, 0.2)])],
+            r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
+            r"numbers, got \(0.1, 0.2\)",
+        ),
         ([("a", (0, 1), []), ("b", (2, 3), [(0, 0, 1, 1), (0.1, None, 0.3, 0.4)])], r"entities\[1\] \('b'\): box 1"),
         ([("a", (0, 1), [(0.1, 0.2, 0.3, float("nan"))])], r"entities\[0\] \('a'\): box 0 must be .* got \(0.1"),
         ([("a", (0, 1))], r"entities\[0\] must be \(name, \(start, end\), \[\(x1, y1, x2, y2\), ...\]\)"),
@@ -260,7 +278,9 @@ def test_post_processing_never_raises_and_spans_index_the_caption(text):
 def test_whitespace_only_phrase_gives_an_empty_name_as_transformers_does():
     # A phrase of only spaces strips to "" and its span may not index the caption (transformers' arithmetic,
     # kept for parity; checked against transformers in tests/parity).
-    caption, entities = post_process_generation("<phrase> </phrase><object><patch_index_0001><patch_index_0002></object> b")
+    caption, entities = post_process_generation(
+        "<phrase> </phrase><object><patch_index_0001><patch_index_0002></object> b"
+    )
     assert caption == "b"
     assert entities[0][0] == ""
 

@@ -9,6 +9,7 @@
 * In the model files, every line that changes an array's shape says the shape it makes, in a comment.
 * ruff (configured in pyproject.toml) finds nothing to report, and the formatted files are formatted.
 """
+
 from __future__ import annotations
 
 import ast
@@ -72,7 +73,7 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != "kosmos2_ref":
                 continue
-            for a in node.names:                        # `from . import jobs` imports the module jobs
+            for a in node.names:  # `from . import jobs` imports the module jobs
                 sub = f"{target}.{a.name}"
                 found.add(sub if sub in modules else target)
     found.discard(name)
@@ -83,8 +84,11 @@ def private_imports(path: Path) -> list[str]:
     bad = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("kosmos2_ref")):
-            bad += [f"{module_name(path)}: from {'.' * node.level}{node.module or ''} import {a.name}"
-                    for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            bad += [
+                f"{module_name(path)}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
     return bad
 
 
@@ -105,7 +109,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (c := visit(n)):
                 return c
         stack.pop()
@@ -148,10 +152,15 @@ def long_functions(path: Path) -> list[tuple[int, str, bool]]:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         length = node.end_lineno - node.lineno + 1
-        doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) \
-            and isinstance(getattr(node.body[0], "value", None), ast.Constant) else None
+        doc = (
+            node.body[0]
+            if node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(getattr(node.body[0], "value", None), ast.Constant)
+            else None
+        )
         if doc is not None:
-            length -= doc.end_lineno - doc.lineno + 1          # a docstring is not code
+            length -= doc.end_lineno - doc.lineno + 1  # a docstring is not code
         first = min([node.lineno] + [d.lineno for d in node.decorator_list])
         reason = first >= 2 and lines[first - 2].strip().startswith("# Long on purpose:")
         out.append((length, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", reason))
@@ -164,13 +173,17 @@ def test_no_long_function_without_a_stated_reason():
     for length, where, reason in rows[:8]:
         print(f"  {length:4d}  {where}{'  (long on purpose)' if reason else ''}")
     over = [f"{where}: {length} lines" for length, where, reason in rows if length > MAX_FUNCTION_LINES and not reason]
-    assert not over, (f"functions over {MAX_FUNCTION_LINES} lines with no '# Long on purpose: …' comment above "
-                      "them:\n" + "\n".join(over))
+    assert not over, (
+        f"functions over {MAX_FUNCTION_LINES} lines with no '# Long on purpose: …' comment above "
+        "them:\n" + "\n".join(over)
+    )
 
 
 MODEL_FILES = ["layers.py", "fast.py", "vision.py", "connector.py", "decoder.py", "cache.py", "model.py"]
-SHAPE_CHANGE = re.compile(r"\.reshape\(|\.transpose\(|\.swapaxes\(|\bsplit_heads\(|\bmerge_heads\(|"
-                          r"\bconcatenate\(|\.stack\(|\bexpand_dims\(|\bbroadcast_to\(|\[:, None\]|\[None\]")
+SHAPE_CHANGE = re.compile(
+    r"\.reshape\(|\.transpose\(|\.swapaxes\(|\bsplit_heads\(|\bmerge_heads\(|"
+    r"\bconcatenate\(|\.stack\(|\bexpand_dims\(|\bbroadcast_to\(|\[:, None\]|\[None\]"
+)
 SHAPE_NOTE = re.compile(r"\[[^\]]*\]|->|→")
 
 
@@ -179,7 +192,7 @@ def unexplained_shape_changes(path: Path) -> list[str]:
     bad = []
     for i, line in enumerate(lines):
         code, _, comment = line.partition("#")
-        if not SHAPE_CHANGE.search(code) or code.lstrip().startswith(("def ", "return (", "\"", "'")):
+        if not SHAPE_CHANGE.search(code) or code.lstrip().startswith(("def ", "return (", '"', "'")):
             continue
         prev = lines[i - 1].strip() if i else ""
         if SHAPE_NOTE.search(comment) or (prev.startswith("#") and SHAPE_NOTE.search(prev)):

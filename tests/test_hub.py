@@ -3,6 +3,7 @@
 The cache is a fake one in a temp folder (HF_HUB_CACHE), laid out as huggingface_hub writes it: blobs named by
 hash, snapshots of symlinks, refs/main naming the snapshot. Nothing here touches the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """No test sees the machine's real cache, proxy or offline settings."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for var in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_ENDPOINT",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
-def make_snapshot(cache: Path, source: Path, commit: str, repo: str = REPO, files=None, ref: str | None = "main",
-                  mtime: float | None = None) -> Path:
+def make_snapshot(
+    cache: Path,
+    source: Path,
+    commit: str,
+    repo: str = REPO,
+    files=None,
+    ref: str | None = "main",
+    mtime: float | None = None,
+) -> Path:
     """Put ``source``'s files into ``cache`` as a huggingface_hub snapshot (blobs + symlinks)."""
     repo_dir = cache / ("models--" + repo.replace("/", "--"))
     snap = repo_dir / "snapshots" / commit
@@ -54,6 +72,7 @@ def make_snapshot(cache: Path, source: Path, commit: str, repo: str = REPO, file
 
 
 # ---------------------------------------------------------------------------------------------- local folders
+
 
 def test_local_folder(tiny_checkpoint):
     folder, _ = tiny_checkpoint
@@ -97,12 +116,13 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the cache
 
+
 def test_hub_id_found_in_cache_and_loads(tiny_checkpoint, tmp_path, monkeypatch):
     folder, _ = tiny_checkpoint
     cache = tmp_path / "hf"
     snap = make_snapshot(cache, folder, "a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")          # found locally: the network is never needed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # found locally: the network is never needed
     assert resolve_checkpoint(REPO) == snap
     model = Kosmos2.from_pretrained(REPO)
     ref = Kosmos2.from_pretrained(folder)
@@ -115,7 +135,7 @@ def test_refs_main_wins_over_newer_snapshot(tiny_checkpoint, tmp_path, monkeypat
     folder, _ = tiny_checkpoint
     cache = tmp_path / "hf"
     main = make_snapshot(cache, folder, "1" * 40, mtime=1_000_000)
-    make_snapshot(cache, folder, "2" * 40, ref=None, mtime=2_000_000)     # newer, but not main
+    make_snapshot(cache, folder, "2" * 40, ref=None, mtime=2_000_000)  # newer, but not main
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert resolve_checkpoint(REPO) == main
 
@@ -125,7 +145,7 @@ def test_newest_complete_snapshot_without_refs(tiny_checkpoint, tmp_path, monkey
     cache = tmp_path / "hf"
     make_snapshot(cache, folder, "1" * 40, ref=None, mtime=1_000_000)
     newest = make_snapshot(cache, folder, "2" * 40, ref=None, mtime=2_000_000)
-    make_snapshot(cache, folder, "3" * 40, ref=None, files={"config.json"}, mtime=3_000_000)   # incomplete
+    make_snapshot(cache, folder, "3" * 40, ref=None, files={"config.json"}, mtime=3_000_000)  # incomplete
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert resolve_checkpoint(REPO) == newest
 
@@ -134,7 +154,7 @@ def test_incomplete_main_falls_back_to_complete_snapshot(tiny_checkpoint, tmp_pa
     folder, _ = tiny_checkpoint
     cache = tmp_path / "hf"
     full = make_snapshot(cache, folder, "1" * 40, ref=None)
-    make_snapshot(cache, folder, "2" * 40, files={"config.json"})          # main, but without weights
+    make_snapshot(cache, folder, "2" * 40, files={"config.json"})  # main, but without weights
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert resolve_checkpoint(REPO) == full
 
@@ -156,7 +176,8 @@ def test_sharded_snapshot_needs_every_shard(tmp_path, monkeypatch):
     src.mkdir()
     (src / "config.json").write_text("{}")
     (src / "model.safetensors.index.json").write_text(
-        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    )
     (src / "model-00001-of-00002.safetensors").write_bytes(b"x")
     cache = tmp_path / "hf"
     snap = make_snapshot(cache, src, "1" * 40)
@@ -173,9 +194,10 @@ def test_sharded_snapshot_needs_every_shard(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- offline
 
+
 def _one_sentence(msg: str) -> None:
     assert "\n" not in msg and "Traceback" not in msg
-    assert msg.count(". ") == 0, msg           # one sentence: no full stop inside
+    assert msg.count(". ") == 0, msg  # one sentence: no full stop inside
 
 
 def test_offline_not_cached(tmp_path, monkeypatch):
@@ -204,14 +226,19 @@ def test_offline_partial_snapshot_names_missing_weights(tmp_path, monkeypatch):
 
 
 def test_offline_cli_one_line_no_traceback(tmp_path):
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     env.pop("KOSMOS2_REF_MODEL", None)
     from fixtures_tokenizer import IMAGES
 
     image = str(IMAGES / "two_dogs.jpg")
-    proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "caption", image], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kosmos2_ref", "caption", image],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -220,6 +247,7 @@ def test_offline_cli_one_line_no_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- download
+
 
 class FakeHub:
     """Stands in for huggingface_hub.model_info and snapshot_download: records the download, writes a snapshot."""
@@ -253,14 +281,23 @@ def test_download_when_not_cached(tiny_checkpoint, tmp_path, monkeypatch):
     _install_fake(monkeypatch, fake)
     got = resolve_checkpoint(REPO)
     assert got.parent.name == "snapshots" and (got / "model.safetensors").is_file()
-    (repo_id, kwargs), = fake.calls
+    ((repo_id, kwargs),) = fake.calls
     assert repo_id == REPO
     assert kwargs["cache_dir"] == str(tmp_path / "hf")
     assert kwargs["etag_timeout"] <= 30
     patterns = kwargs["allow_patterns"]
-    for name in ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-                 "processor_config.json", "sentencepiece.bpe.model"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "sentencepiece.bpe.model",
+    ):
         assert name in patterns
     assert not any(p.endswith(".bin") for p in patterns)
     # now cached: a second call does not download
@@ -276,14 +313,14 @@ class SilentServer:
 
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.held = []          # accepted connections, kept open and unanswered
+        self.held = []  # accepted connections, kept open and unanswered
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
         while True:
             try:
                 self.held.append(self.sock.accept()[0])
-            except OSError:     # closed
+            except OSError:  # closed
                 return
 
     def close(self):
@@ -304,15 +341,33 @@ def test_a_hub_that_never_answers_fails_in_one_line(tmp_path, proxy):
     try:
         endpoint = f"http://127.0.0.1:{server.port}"
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env.update(HF_HUB_CACHE=str(tmp_path / "empty"), HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO_ROOT),
-                   NO_PROXY="", HF_HUB_DISABLE_TELEMETRY="1")
+        env.update(
+            HF_HUB_CACHE=str(tmp_path / "empty"),
+            HF_ENDPOINT=endpoint,
+            PYTHONPATH=str(REPO_ROOT),
+            NO_PROXY="",
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
         env.pop("KOSMOS2_REF_MODEL", None)
-        if proxy:   # the probe is skipped; the http:// endpoint itself is still reached directly
+        if proxy:  # the probe is skipped; the http:// endpoint itself is still reached directly
             env["HTTPS_PROXY"] = endpoint
         t = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "kosmos2_ref", "caption", str(IMAGES / "two_dogs.jpg"),
-                               "--model", "org/never-answers"], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=90)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kosmos2_ref",
+                "caption",
+                str(IMAGES / "two_dogs.jpg"),
+                "--model",
+                "org/never-answers",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         took = time.monotonic() - t
     finally:
         server.close()
@@ -324,10 +379,13 @@ def test_a_hub_that_never_answers_fails_in_one_line(tmp_path, proxy):
     assert endpoint in lines[0] and "org/never-answers" in lines[0]
 
 
-@pytest.mark.parametrize("error, expect", [
-    (OSError("Connection reset by peer. Please retry. Or not."), "downloading it failed"),
-    (type("RepositoryNotFoundError", (Exception,), {})("404 Client Error"), "check the id"),
-])
+@pytest.mark.parametrize(
+    "error, expect",
+    [
+        (OSError("Connection reset by peer. Please retry. Or not."), "downloading it failed"),
+        (type("RepositoryNotFoundError", (Exception,), {})("404 Client Error"), "check the id"),
+    ],
+)
 def test_download_failure_is_one_sentence(tmp_path, monkeypatch, error, expect):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     _install_fake(monkeypatch, FakeHub(None, error))
@@ -348,7 +406,7 @@ def test_unreachable_hub_does_not_call_download(tmp_path, monkeypatch):
 
 def test_missing_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)        # import raises ImportError
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
     with pytest.raises(CheckpointNotFoundError, match=r"pip install 'kosmos2-ref\[hub\]'") as info:
         resolve_checkpoint(REPO)
     _one_sentence(str(info.value))
@@ -379,18 +437,25 @@ def test_proxy_skips_probe(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- a mistyped path
 
-TYPO = "modles/kosmos2"      # meant ./models/kosmos2, but it reads as a Hub id
+TYPO = "modles/kosmos2"  # meant ./models/kosmos2, but it reads as a Hub id
 
 
-@pytest.mark.parametrize("reachable, offline, expect", [
-    ((True, ""), False, "is not a local folder and could not be fetched from the Hugging Face Hub"),
-    ((False, "gaierror: Name or service not known"), False, "is neither a local folder nor in the Hugging Face cache"),
-    ((True, ""), True, "is neither a local folder nor in the Hugging Face cache"),
-])
+@pytest.mark.parametrize(
+    "reachable, offline, expect",
+    [
+        ((True, ""), False, "is not a local folder and could not be fetched from the Hugging Face Hub"),
+        (
+            (False, "gaierror: Name or service not known"),
+            False,
+            "is neither a local folder nor in the Hugging Face cache",
+        ),
+        ((True, ""), True, "is neither a local folder nor in the Hugging Face cache"),
+    ],
+)
 def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch, reachable, offline, expect):
     """Online or not, the error says there is no local folder of that name, not only that the Hub lacks it."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models" / "kosmos2").mkdir(parents=True)         # the folder that was meant
+    (tmp_path / "models" / "kosmos2").mkdir(parents=True)  # the folder that was meant
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     if offline:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -405,6 +470,7 @@ def test_mistyped_relative_path_says_no_such_local_folder(tmp_path, monkeypatch,
 
 # ---------------------------------------------------------------------------------------------- .bin, processor only
 
+
 @pytest.fixture(scope="module")
 def bin_only_folder(tiny_checkpoint, tmp_path_factory):
     """The tiny model as transformers 4.x saved it without safetensors: config.json + pytorch_model.bin."""
@@ -415,8 +481,7 @@ def bin_only_folder(tiny_checkpoint, tmp_path_factory):
     return folder
 
 
-def test_bin_only_snapshot_is_found_in_the_cache_when_online(bin_only_folder, tiny_checkpoint, tmp_path,
-                                                             monkeypatch):
+def test_bin_only_snapshot_is_found_in_the_cache_when_online(bin_only_folder, tiny_checkpoint, tmp_path, monkeypatch):
     """The cache's .bin-only snapshot is complete: it loads, online, without trying to download."""
     import fixtures_model as fm
 
@@ -440,8 +505,7 @@ def test_processor_only_cache_loads_the_processor(tiny_checkpoint, tmp_path, mon
 
     folder, _ = tiny_checkpoint
     cache = tmp_path / "hf"
-    processor_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                       "preprocessor_config.json"]
+    processor_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"]
     make_snapshot(cache, folder, "c" * 40, files=processor_files)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -449,8 +513,11 @@ def test_processor_only_cache_loads_the_processor(tiny_checkpoint, tmp_path, mon
     ref = Kosmos2Processor.from_pretrained(folder)
     a, b = ours(text="<grounding> An image of"), ref(text="<grounding> An image of")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(CheckpointNotFoundError, match=r"without config\.json, model\.safetensors \(or "
-                                                      r"pytorch_model\.bin\)"):
+    with pytest.raises(
+        CheckpointNotFoundError,
+        match=r"without config\.json, model\.safetensors \(or "
+        r"pytorch_model\.bin\)",
+    ):
         Kosmos2.from_pretrained(REPO)
 
 
@@ -461,8 +528,11 @@ def test_weights_only_cache_does_not_satisfy_the_processor(tiny_checkpoint, tmp_
     make_snapshot(cache, tiny_checkpoint[0], "d" * 40, files=["config.json", "model.safetensors"])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointNotFoundError, match=r"without tokenizer\.json \(or sentencepiece\.bpe\.model\), "
-                                                      r"preprocessor_config\.json"):
+    with pytest.raises(
+        CheckpointNotFoundError,
+        match=r"without tokenizer\.json \(or sentencepiece\.bpe\.model\), "
+        r"preprocessor_config\.json",
+    ):
         Kosmos2Processor.from_pretrained(REPO)
 
 
@@ -473,8 +543,9 @@ class PatternHub(FakeHub):
         import fnmatch
 
         self.calls.append((repo_id, kwargs))
-        files = [f.name for f in self.source.iterdir() if any(fnmatch.fnmatch(f.name, p)
-                                                              for p in kwargs["allow_patterns"])]
+        files = [
+            f.name for f in self.source.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in kwargs["allow_patterns"])
+        ]
         return str(make_snapshot(Path(kwargs["cache_dir"]), self.source, "f" * 40, repo=repo_id, files=files))
 
 
@@ -507,5 +578,5 @@ def test_processor_download_fetches_processor_files_only(tiny_checkpoint, tmp_pa
     fake = PatternHub(tiny_checkpoint[0])
     _install_fake(monkeypatch, fake)
     Kosmos2Processor.from_pretrained(REPO)
-    (_, kwargs), = fake.calls
+    ((_, kwargs),) = fake.calls
     assert kwargs["allow_patterns"] == hub.PROCESSOR_PATTERNS

@@ -1,4 +1,5 @@
 """The package never imports torch or transformers (they are test-only dependencies)."""
+
 from __future__ import annotations
 
 import ast
@@ -9,9 +10,11 @@ import sys
 
 
 def test_import_does_not_pull_torch_or_transformers():
-    code = ("import sys, kosmos2_ref, kosmos2_ref.model, kosmos2_ref.generation, kosmos2_ref.processing; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')); "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, kosmos2_ref, kosmos2_ref.model, kosmos2_ref.generation, kosmos2_ref.processing; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, f"kosmos2_ref imported {r.stdout.strip()} {r.stderr[-2000:]}"
 
@@ -27,8 +30,9 @@ def test_generation_depends_on_the_model_never_the_reverse():
     """One-way arrows: generation imports model and checks; model imports neither generation nor private names."""
     root = pathlib.Path(__file__).resolve().parents[1] / "kosmos2_ref"
     model = (root / "model.py").read_text(encoding="utf-8")
-    assert not re.search(r"^\s*(from\s+\.+generation|import\s+kosmos2_ref\.generation|from\s+kosmos2_ref\.generation)",
-                         model, re.M)
+    assert not re.search(
+        r"^\s*(from\s+\.+generation|import\s+kosmos2_ref\.generation|from\s+kosmos2_ref\.generation)", model, re.M
+    )
     files = [root / "model.py", root / "checks.py", *sorted((root / "generation").glob("*.py"))]
     offenders = []
     for path in files:

@@ -4,6 +4,7 @@ or interrupted run resumes to the same output, and embedding memory does not gro
 
 No timing assertions: the subprocess tests wait for records to appear on disk, never for a duration.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import fixtures_model as fm
 import numpy as np
 import PIL.Image
 import pytest
-
-from kosmos2_ref import Kosmos2, cli, jobs, tasks
-
-import fixtures_model as fm
 from fixtures_tokenizer import IMAGES
+
+from kosmos2_ref import Kosmos2, cli, tasks
 
 DOGS = IMAGES / "two_dogs.jpg"
 SNOWMAN = IMAGES / "snowman.png"
@@ -104,11 +104,11 @@ def messy_folder(tmp_path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- inputs and records
 
+
 def test_a_folder_with_bad_files_gives_one_record_per_image(capsys, ckpt, messy_folder, tmp_path):
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "caption", messy_folder,
-                         "--batch-size", "3")
+    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "caption", messy_folder, "--batch-size", "3")
     assert code == 0, err
-    recs = [json.loads(line) for line in out.splitlines()]                 # stdout: JSON Lines
+    recs = [json.loads(line) for line in out.splitlines()]  # stdout: JSON Lines
     names = ["a_dogs.jpg", "b_truncated.jpg", "c_snowman.png", "d_not_an_image.png"]
     assert [r["path"] for r in recs] == [str(messy_folder / n) for n in names]
     assert [r["status"] for r in recs] == ["ok", "error", "ok", "error"]
@@ -117,11 +117,21 @@ def test_a_folder_with_bad_files_gives_one_record_per_image(capsys, ckpt, messy_
     ok = recs[0]
     assert set(ok) == {"path", "status", "job", "prompt", "text", "caption", "entities", "image_size", "seconds"}
     assert ok["job"] == "caption" and ok["prompt"] == "<grounding> An image of" and ok["image_size"] == [64, 40]
-    assert "1 file(s)" in err and "1 sub-folder(s)" in err and "--recursive" in err     # notes, one line each
-    assert "caption: 4 image(s)" in err and "2 error(s)" in err                        # the summary line
+    assert "1 file(s)" in err and "1 sub-folder(s)" in err and "--recursive" in err  # notes, one line each
+    assert "caption: 4 image(s)" in err and "2 error(s)" in err  # the summary line
 
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "caption", messy_folder, "--recursive",
-                         "--out", tmp_path / "r.jsonl")
+    code, out, err = run(
+        capsys,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "4",
+        "caption",
+        messy_folder,
+        "--recursive",
+        "--out",
+        tmp_path / "r.jsonl",
+    )
     assert code == 0, err and out == ""
     paths = [r["path"] for r in records(tmp_path / "r.jsonl")]
     assert paths == [str(messy_folder / n) for n in names[:4]] + [str(messy_folder / "sub" / "e_snowman.png")]
@@ -134,15 +144,28 @@ def test_a_list_file_and_the_ground_and_describe_forms(capsys, ckpt, messy_folde
     code, out, err = run(capsys, "--model", ckpt, "ground", "--list", listing, "a dog")
     assert code == 0, err
     recs = [json.loads(line) for line in out.splitlines()]
-    assert [r["path"] for r in recs] == [str(messy_folder / "a_dogs.jpg"), str(messy_folder / "c_snowman.png"),
-                                         str(messy_folder / "gone.jpg")]       # relative to the list's folder
+    assert [r["path"] for r in recs] == [
+        str(messy_folder / "a_dogs.jpg"),
+        str(messy_folder / "c_snowman.png"),
+        str(messy_folder / "gone.jpg"),
+    ]  # relative to the list's folder
     assert [r["status"] for r in recs] == ["ok", "ok", "error"] and "not found" in recs[2]["error"]
     assert recs[0]["phrase"] == "a dog" and {"boxes", "pixel_boxes", "entities"} <= set(recs[0])
 
     # describe with a pixel box: normalised by each image's size; outside one image -> that image's error record
     big = small_copy(DOGS, tmp_path / "big.png", (200, 100))
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "describe", messy_folder / "a_dogs.jpg",
-                         big, "--box", "10,10,100,50")
+    code, out, err = run(
+        capsys,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "4",
+        "describe",
+        messy_folder / "a_dogs.jpg",
+        big,
+        "--box",
+        "10,10,100,50",
+    )
     assert code == 0, err
     small, large = [json.loads(line) for line in out.splitlines()]
     assert small["status"] == "error" and "outside the 64x40 image" in small["error"]
@@ -154,8 +177,9 @@ def test_batched_records_equal_one_image_runs(capsys, ckpt, model, tmp_path):
     """Every image of a batch generates what it generates alone (greedy): the batched records equal the one-image
     task functions' results, for all three text jobs."""
     paths = noise_images(tmp_path / "noise", 5) + [small_copy(DOGS, tmp_path / "noise" / "z.jpg")]
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "8", "caption", tmp_path / "noise",
-                         "--batch-size", "4")
+    code, out, err = run(
+        capsys, "--model", ckpt, "--max-new-tokens", "8", "caption", tmp_path / "noise", "--batch-size", "4"
+    )
     assert code == 0, err
     for rec, path in zip([json.loads(line) for line in out.splitlines()], paths, strict=True):
         alone = tasks.caption(model, path, max_new_tokens=8).to_dict()
@@ -167,8 +191,19 @@ def test_batched_records_equal_one_image_runs(capsys, ckpt, model, tmp_path):
         alone = tasks.ground(model, path, "a dog").to_dict()
         assert {k: rec[k] for k in alone} == json.loads(json.dumps(alone))
 
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "6", "describe", *paths[:3],
-                         "--box", "0.1,0.2,0.6,0.9", "--batch-size", "3")
+    code, out, err = run(
+        capsys,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "6",
+        "describe",
+        *paths[:3],
+        "--box",
+        "0.1,0.2,0.6,0.9",
+        "--batch-size",
+        "3",
+    )
     assert code == 0, err
     for rec, path in zip([json.loads(line) for line in out.splitlines()], paths[:3], strict=True):
         alone = tasks.describe(model, path, (0.1, 0.2, 0.6, 0.9), max_new_tokens=6).to_dict()
@@ -177,8 +212,9 @@ def test_batched_records_equal_one_image_runs(capsys, ckpt, model, tmp_path):
 
 def test_progress_bar_on_a_terminal(capsys, ckpt, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "3", "embed", DOGS, SNOWMAN, "--out",
-                         "e.npy", "--batch-size", "1")
+    code, out, err = run(
+        capsys, "--model", ckpt, "--max-new-tokens", "3", "embed", DOGS, SNOWMAN, "--out", "e.npy", "--batch-size", "1"
+    )
     assert code == 0, err
     bars = [part for part in err.split("\r") if part.startswith("embed [")]
     assert len(bars) == 2 and "1/2" in bars[0] and "2/2" in bars[1]
@@ -190,7 +226,7 @@ def test_progress_bar_on_a_terminal(capsys, ckpt, monkeypatch):
 def test_one_image_without_out_behaves_as_before(capsys, ckpt):
     code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "4", "--json", "caption", DOGS)
     assert code == 0, err
-    d = json.loads(out)                                      # one JSON document (indented), not a record
+    d = json.loads(out)  # one JSON document (indented), not a record
     assert d["image"] == str(DOGS) and "status" not in d
 
 
@@ -199,7 +235,7 @@ def test_outputs_are_never_overwritten_and_resume_checks_the_job(capsys, ckpt, t
     out.write_text('{"path": "x", "status": "ok", "job": "caption", "prompt": "<grounding> An image of"}\n')
     code, _, err = run(capsys, "--model", ckpt, "caption", DOGS, SNOWMAN, "--out", out)
     assert code == 2 and "already exists; pass --resume" in err and len(err.strip().splitlines()) == 1
-    assert out.read_text().count("\n") == 1                                  # untouched
+    assert out.read_text().count("\n") == 1  # untouched
     code, _, err = run(capsys, "--model", ckpt, "ground", DOGS, "a dog", "--out", out, "--resume")
     assert code == 2 and "holds caption records, not ground" in err
     code, _, err = run(capsys, "--model", ckpt, "caption", DOGS, "--prompt", "Hi", "--out", out, "--resume")
@@ -225,27 +261,48 @@ def test_resume_skips_what_is_done_and_drops_a_partial_line(capsys, ckpt, messy_
     full = records(tmp_path / "full.jsonl")
     part = tmp_path / "part.jsonl"
     lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
-    part.write_text("".join(lines[:2]) + lines[2][:25])             # two records, then a run killed mid-write
+    part.write_text("".join(lines[:2]) + lines[2][:25])  # two records, then a run killed mid-write
     code, out, err = run(capsys, *args, "--out", part, "--resume")
     assert code == 0, err
     assert "(2 done before)" in err
     assert without_seconds(records(part)) == without_seconds(full)
-    assert records(part)[:2] == full[:2]                            # the finished records were kept as they were
+    assert records(part)[:2] == full[:2]  # the finished records were kept as they were
 
 
 def test_on_error_stop_stops_before_the_bad_batch(capsys, ckpt, messy_folder, tmp_path):
-    code, out, err = run(capsys, "--model", ckpt, "--max-new-tokens", "3", "caption", messy_folder,
-                         "--on-error", "stop", "--batch-size", "1", "--out", tmp_path / "s.jsonl")
+    code, out, err = run(
+        capsys,
+        "--model",
+        ckpt,
+        "--max-new-tokens",
+        "3",
+        "caption",
+        messy_folder,
+        "--on-error",
+        "stop",
+        "--batch-size",
+        "1",
+        "--out",
+        tmp_path / "s.jsonl",
+    )
     assert code == 2 and "b_truncated.jpg" in err and "--resume" in err and len(err.strip().splitlines()) <= 3
     assert [r["path"] for r in records(tmp_path / "s.jsonl")] == [str(messy_folder / "a_dogs.jpg")]
 
 
 # ---------------------------------------------------------------------------------------------- real processes
 
+
 def _cli_process(argv, tmp_path, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kosmos2_ref", *map(str, argv)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kosmos2_ref", *map(str, argv)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _wait_for_records(proc, path: Path, count: int) -> None:
@@ -275,7 +332,7 @@ def test_a_killed_or_interrupted_run_resumes_to_the_uninterrupted_output(capsys,
     else:
         assert proc.returncode == 130, err
         assert "--resume" in err and "Traceback" not in err
-        assert out.read_text().endswith("\n")                       # stopped between records
+        assert out.read_text().endswith("\n")  # stopped between records
     done = out.read_bytes().count(b"\n")
     assert 2 <= done < 24, "the run finished before it could be stopped"
 
@@ -287,10 +344,12 @@ def test_a_killed_or_interrupted_run_resumes_to_the_uninterrupted_output(capsys,
 
 # ---------------------------------------------------------------------------------------------- embeddings
 
+
 def test_embed_streams_rows_with_an_index_and_resumes(capsys, ckpt, model, messy_folder, tmp_path):
     out = tmp_path / "e.npy"
-    code, stdout, err = run(capsys, "--model", ckpt, "embed", messy_folder, "--recursive", "--out", out,
-                            "--batch-size", "2")
+    code, stdout, err = run(
+        capsys, "--model", ckpt, "embed", messy_folder, "--recursive", "--out", out, "--batch-size", "2"
+    )
     assert code == 0, err
     assert "embedded 5 of 5 image(s) (2 could not be read" in stdout
     index = records(tmp_path / "e.index.jsonl")
@@ -300,7 +359,7 @@ def test_embed_streams_rows_with_an_index_and_resumes(capsys, ckpt, model, messy
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "ok"]
     embeds, pooled = np.load(out), np.load(tmp_path / "e.pooled.npy")
     assert embeds.shape == (5, 64, 32) and embeds.dtype == np.float32 and pooled.shape == (5, 32)
-    assert not embeds[[1, 3]].any() and not pooled[[1, 3]].any()                 # error rows stay zero
+    assert not embeds[[1, 3]].any() and not pooled[[1, 3]].any()  # error rows stay zero
     good = [r["path"] for r in rows if r["status"] == "ok"]
     ref = tasks.embed(model, good, batch_size=1)
     scale = np.abs(ref.image_embeds).max()
@@ -311,7 +370,7 @@ def test_embed_streams_rows_with_an_index_and_resumes(capsys, ckpt, model, messy
     expected = embeds.copy()
     lines = (tmp_path / "e.index.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "e.index.jsonl").write_text("".join(lines[:3]) + lines[3][:10])
-    unwritten = np.load(out, mmap_mode="r+")                  # the rows not listed were never written
+    unwritten = np.load(out, mmap_mode="r+")  # the rows not listed were never written
     unwritten[2:] = 0
     unwritten.flush()
     del unwritten
@@ -335,7 +394,7 @@ def test_embed_rows_the_index_lists_are_complete_when_a_write_fails(capsys, ckpt
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) == 3:                 # the second image's embeddings (after row 0: embeddings, pooled)
+        if len(calls) == 3:  # the second image's embeddings (after row 0: embeddings, pooled)
             raise OSError(28, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -347,8 +406,7 @@ def test_embed_rows_the_index_lists_are_complete_when_a_write_fails(capsys, ckpt
     listed = records(tmp_path / "e.index.jsonl")[1:]
     assert [r["row"] for r in listed] == [0]
     ref = tasks.embed(model, [DOGS, SNOWMAN], batch_size=1)
-    np.testing.assert_allclose(np.load(out)[0], ref.image_embeds[0], rtol=0,
-                               atol=1e-6 * np.abs(ref.image_embeds).max())
+    np.testing.assert_allclose(np.load(out)[0], ref.image_embeds[0], rtol=0, atol=1e-6 * np.abs(ref.image_embeds).max())
     code, stdout, err = run(capsys, "--model", ckpt, "embed", DOGS, SNOWMAN, "--out", out, "--resume")
     assert code == 0, err
     np.testing.assert_allclose(np.load(out), ref.image_embeds, rtol=0, atol=1e-6 * np.abs(ref.image_embeds).max())
@@ -363,12 +421,20 @@ WIDE["text_config"].update(embed_dim=512, ffn_dim=64, layers=1, vocab_size=1024,
 def _peak_rss_kib(argv, cwd) -> int:
     """Run the CLI in a child that reports its own peak resident memory: VmHWM of /proc/self/status (KiB). Not
     ru_maxrss, which Linux carries over from the process that forked the child (here pytest, with torch loaded)."""
-    code = ("import sys; from kosmos2_ref import cli; status = cli.main(sys.argv[1:]); "
-            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
-            "print('PEAK', hwm, file=sys.stderr); sys.exit(status)")
+    code = (
+        "import sys; from kosmos2_ref import cli; status = cli.main(sys.argv[1:]); "
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
+        "print('PEAK', hwm, file=sys.stderr); sys.exit(status)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=SUBPROCESS_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, argv)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stderr.rsplit("PEAK", 1)[1].split()[0])
 
@@ -383,13 +449,16 @@ def test_embed_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     noise_images(tmp_path / "n40", 40, side=16)
     noise_images(tmp_path / "n200", 200, side=16)
     per_image_kib = 64 * 512 * 4 / 1024
-    held = (200 - 40) * per_image_kib                                       # 20480 KiB
-    peak = {n: _peak_rss_kib(["--model", folder, "embed", tmp_path / f"n{n}", "--out", tmp_path / f"e{n}.npy"],
-                             tmp_path) for n in (40, 200)}
-    in_memory = _peak_rss_kib(["--model", folder, "embed", tmp_path / "n200", "--out", tmp_path / "e200.npz"],
-                              tmp_path)
-    print(f"\npeak RSS (KiB): .npy 40 images {peak[40]}, 200 images {peak[200]} (+{peak[200] - peak[40]}); "
-          f".npz 200 images {in_memory} (+{in_memory - peak[40]}); holding 160 more embeddings: {held:.0f}")
+    held = (200 - 40) * per_image_kib  # 20480 KiB
+    peak = {
+        n: _peak_rss_kib(["--model", folder, "embed", tmp_path / f"n{n}", "--out", tmp_path / f"e{n}.npy"], tmp_path)
+        for n in (40, 200)
+    }
+    in_memory = _peak_rss_kib(["--model", folder, "embed", tmp_path / "n200", "--out", tmp_path / "e200.npz"], tmp_path)
+    print(
+        f"\npeak RSS (KiB): .npy 40 images {peak[40]}, 200 images {peak[200]} (+{peak[200] - peak[40]}); "
+        f".npz 200 images {in_memory} (+{in_memory - peak[40]}); holding 160 more embeddings: {held:.0f}"
+    )
     assert peak[200] - peak[40] < held / 2
-    assert in_memory - peak[40] > held                  # the measurement does see embeddings held in memory
+    assert in_memory - peak[40] > held  # the measurement does see embeddings held in memory
     assert np.load(tmp_path / "e200.npy", mmap_mode="r").shape == (200, 64, 512)

@@ -1,12 +1,14 @@
 """The primitives against plain float64 references, over hypothesis-drawn shapes and values: the textbook ones of
 kosmos2_ref.layers, and where the model runs a faster form (kosmos2_ref.fast), that one too."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kosmos2_ref import fast, layers
@@ -64,8 +66,16 @@ def test_softmax_matches_float64(data):
 
 @BOTH
 @settings(max_examples=50, deadline=None)
-@given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 7), P=st.integers(0, 5), D=st.integers(1, 8),
-       seed=st.integers(0, 2**16), causal=st.booleans(), pad=st.booleans())
+@given(
+    B=st.integers(1, 3),
+    H=st.integers(1, 4),
+    T=st.integers(1, 7),
+    P=st.integers(0, 5),
+    D=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    causal=st.booleans(),
+    pad=st.booleans(),
+)
 def test_attention_with_masks_matches_float64(ops, B, H, T, P, D, seed, causal, pad):
     rng = np.random.default_rng(seed)
     S = T + P
@@ -77,7 +87,7 @@ def test_attention_with_masks_matches_float64(ops, B, H, T, P, D, seed, causal, 
         allowed &= np.arange(S)[None, :] <= (P + np.arange(T))[:, None]
     if pad:
         keep = rng.random((B, S)) > 0.3
-        keep[:, P:] = True      # every query keeps at least itself
+        keep[:, P:] = True  # every query keeps at least itself
         allowed &= keep[:, None, None, :]
     mask = np.where(allowed, 0.0, NEG_INF_F32).astype(np.float32)
     out, probs = ops.attention(q, k, v, mask, scale=1.0 / math.sqrt(D))
@@ -123,7 +133,7 @@ def test_erf_and_erfc_against_math():
     err = np.abs(got - ref).max()
     rel_c = (np.abs(got_c - ref_c) / np.maximum(ref_c, 1e-30))[ref_c > 1e-30].max()
     print(f"\n  erf max abs error {err:.2e}, erfc max relative error {rel_c:.2e}")
-    assert err < 5e-7        # ~4 float32 ulps at 1.0
+    assert err < 5e-7  # ~4 float32 ulps at 1.0
     # relative: for z ≈ 6 the float32 rounding of the exponent −z² alone is ~36 × 6e-8 ≈ 2e-6
     assert rel_c < 1e-5
 
@@ -132,13 +142,13 @@ def test_erf_and_erfc_against_math():
 def test_gelu_is_exact_erf_form_not_tanh(ops):
     x = np.linspace(-12, 12, 4801).astype(np.float32)
     ref = np.array([0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in x.astype(np.float64)])
-    tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     got = ops.gelu(x)
     assert got.dtype == np.float32
     err = np.abs(got - ref).max()
     print(f"\n  gelu max abs error {err:.2e} (tanh form: {np.abs(tanh_form - ref).max():.2e})")
     assert err < 2e-6
-    assert np.abs(tanh_form - ref).max() > 1e-4     # the check can tell the two forms apart
+    assert np.abs(tanh_form - ref).max() > 1e-4  # the check can tell the two forms apart
 
 
 @BOTH

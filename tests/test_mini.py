@@ -1,4 +1,5 @@
 """The packaged miniature by name: ``Kosmos2.from_pretrained("mini")``, its processor, its tasks, its errors."""
+
 from __future__ import annotations
 
 import json

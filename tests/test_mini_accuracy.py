@@ -7,6 +7,7 @@ code pass, and a broken one (wrong weights, a decoding or processing bug, a box-
 bar (0.15 against the best fixed box's 0.036; random weights score 0). The shipped miniature does not caption
 (0 on 500 scenes), so its caption bars are 0: those lines only report.
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,7 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import evaluate_mini as ev  # noqa: E402
 
 N_SCENES = 40
-BARS = {"ground": 0.15, "caption_named": 0.0, "caption_boxes": 0.0, "describe": 0.02}   # measured on 500 scenes: see docs/miniature.md
+BARS = {
+    "ground": 0.15,
+    "caption_named": 0.0,
+    "caption_boxes": 0.0,
+    "describe": 0.02,
+}  # measured on 500 scenes: see docs/miniature.md
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ tests/parity/test_processor_parity.py; here the configuration, the input contrac
 
 import json
 
+import fixtures_tokenizer as ft
 import numpy as np
 import PIL.Image
 import pytest
 
-import fixtures_tokenizer as ft
 from kosmos2_ref.processing.image import (
-    load_image,
     ImageProcessorConfig,
     center_crop,
+    load_image,
     preprocess_images,
     to_rgb_uint8,
 )
@@ -41,7 +41,9 @@ def test_config_round_trip_and_use_square_size():
     assert config == ImageProcessorConfig()
     assert config.resize_target(600, 1200) == (224, 224)  # aspect ratio ignored
     # 5.x quirk (docs/numerics.md §12.4): with use_square_size the resize is to 224 whatever size says.
-    assert ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "size": {"shortest_edge": 180}}).resize_target(9, 9) == (224, 224)
+    assert ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "size": {"shortest_edge": 180}}).resize_target(
+        9, 9
+    ) == (224, 224)
     plain = ImageProcessorConfig.from_dict({**ft.PREPROCESSOR_CONFIG, "use_square_size": False})
     assert plain.resize_target(600, 1200) == (224, 448) and plain.resize_target(1000, 300) == (746, 224)
 
@@ -116,8 +118,11 @@ def test_any_size_down_to_one_pixel(size):
 def test_high_bit_depth_images_are_refused(mode):
     # Pillow's convert("RGB") clips to [0, 255]: 16-bit pixels came out nearly white, floats in [0, 1] black.
     image = PIL.Image.new(mode, (6, 4))
-    with pytest.raises(ValueError, match=rf"images: the PIL image of size \(6, 4\) has mode {mode} .* clipped to "
-                       r"8 bits; expected an 8-bit image"):
+    with pytest.raises(
+        ValueError,
+        match=rf"images: the PIL image of size \(6, 4\) has mode {mode} .* clipped to "
+        r"8 bits; expected an 8-bit image",
+    ):
         preprocess_images(image)
 
 
@@ -197,7 +202,10 @@ def test_corrupt_file(tmp_path):
     "array, message",
     [
         (np.zeros((0, 4, 3), np.uint8), r"images: the array is empty \(an array of shape \(0, 4, 3\)"),
-        (np.zeros((4, 4, 2), np.uint8), r"expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\)"),
+        (
+            np.zeros((4, 4, 2), np.uint8),
+            r"expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\)",
+        ),
         (np.zeros((3, 4, 5), np.uint8), r"\(channels last\), got an array of shape \(3, 4, 5\)"),
         (np.zeros((4,), np.uint8), r"expected an array of shape \(H, W\)"),
         (np.zeros((4, 4, 3), bool), "expected a uint8 or float array, got an array of shape .* dtype bool"),
@@ -237,7 +245,7 @@ def test_load_image_takes_every_image_the_processor_takes(tmp_path):
     (str or Path, EXIF-rotated), a PIL image of any 8-bit mode or an array -> the RGB image whose pixels the
     processor would use."""
     rgb = PIL.Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
-    assert load_image(rgb) is rgb                                   # nothing to convert: the same image
+    assert load_image(rgb) is rgb  # nothing to convert: the same image
     path = tmp_path / "a.png"
     rgb.save(path)
     for given in (path, str(path), np.asarray(rgb), np.asarray(rgb) / 255.0, rgb.convert("RGBA"), rgb.convert("P")):
@@ -250,24 +258,30 @@ def test_load_image_takes_every_image_the_processor_takes(tmp_path):
     assert (np.asarray(load_image(grey)) == 7).all() and load_image(grey).size == (5, 3)
     rotated = tmp_path / "rotated.jpg"
     exif = PIL.Image.Exif()
-    exif[0x0112] = 6                                                # "rotate 90° clockwise to display"
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
     PIL.Image.new("RGB", (8, 4), (200, 10, 10)).save(rotated, exif=exif)
     assert load_image(rotated).size == (4, 8)
 
 
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((4, 4, 2), np.uint8), r"photo: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
-                                    r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)"),
-    (np.zeros((0, 4, 3), np.uint8), r"photo: the array is empty"),
-    (np.full((2, 2, 3), np.nan), r"photo: the array holds NaN or infinite values"),
-    (np.full((2, 2, 3), 1.5), r"photo: float pixels must lie in \[0, 1\] \(or be integers in \[0, 255\]\)"),
-    (np.full((2, 2, 3), 300), r"photo: integer-valued pixels must lie in \[0, 255\]"),
-    (np.zeros((2, 2, 3), bool), r"photo: expected a uint8 or float array"),
-    (PIL.Image.new("I;16", (4, 4), 40000), r"photo: the PIL image of size \(4, 4\) has mode I;16 .* 8-bit image"),
-    (PIL.Image.new("RGB", (0, 0)), r"photo: the image is empty"),
-    (3, r"photo: expected a PIL image, a path \(str or pathlib.Path\) or a uint8/float array .* got int 3"),
-    (None, r"photo: expected a PIL image, a path .* got NoneType None"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (
+            np.zeros((4, 4, 2), np.uint8),
+            r"photo: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
+            r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)",
+        ),
+        (np.zeros((0, 4, 3), np.uint8), r"photo: the array is empty"),
+        (np.full((2, 2, 3), np.nan), r"photo: the array holds NaN or infinite values"),
+        (np.full((2, 2, 3), 1.5), r"photo: float pixels must lie in \[0, 1\] \(or be integers in \[0, 255\]\)"),
+        (np.full((2, 2, 3), 300), r"photo: integer-valued pixels must lie in \[0, 255\]"),
+        (np.zeros((2, 2, 3), bool), r"photo: expected a uint8 or float array"),
+        (PIL.Image.new("I;16", (4, 4), 40000), r"photo: the PIL image of size \(4, 4\) has mode I;16 .* 8-bit image"),
+        (PIL.Image.new("RGB", (0, 0)), r"photo: the image is empty"),
+        (3, r"photo: expected a PIL image, a path \(str or pathlib.Path\) or a uint8/float array .* got int 3"),
+        (None, r"photo: expected a PIL image, a path .* got NoneType None"),
+    ],
+)
 def test_load_image_refuses_what_the_processor_refuses(image, message):
     with pytest.raises(ValueError, match=message):
         load_image(image, "photo")
@@ -281,7 +295,7 @@ def test_load_image_names_a_bad_file(tmp_path):
     with pytest.raises(ValueError, match=r"photo: '.*bad\.jpg' is not a readable image file"):
         load_image(bad, "photo")
     with pytest.raises(ValueError, match=r"photo: "):
-        load_image(tmp_path, "photo")                                   # a folder
+        load_image(tmp_path, "photo")  # a folder
     deep = tmp_path / "deep.png"
     PIL.Image.fromarray(np.full((4, 6), 40000, np.uint16)).save(deep)
     with pytest.raises(ValueError, match=r"photo: the image file '.*deep\.png' has mode I.*16-bit"):

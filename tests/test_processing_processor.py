@@ -6,11 +6,11 @@ Parity with transformers' AutoProcessor on the same folders is in tests/parity/t
 import json
 import re
 
+import fixtures_tokenizer as ft
 import numpy as np
 import PIL.Image
 import pytest
 
-import fixtures_tokenizer as ft
 from kosmos2_ref.processing import Kosmos2Processor
 
 IMAGE = PIL.Image.new("RGB", (30, 20), (120, 30, 200))
@@ -106,10 +106,18 @@ def test_decode_and_post_processing(real):
     ids = real(text="<grounding> An image of", images=IMAGE)["input_ids"]
     generated = np.concatenate([ids, [[64007, 10, 43867, 64008, 64009, 64057, 64876, 64010, 2]]], axis=1)
     text = real.batch_decode(generated, skip_special_tokens=True)[0]
-    assert text.endswith("</image><grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>")
-    assert real.post_process_generation(text) == ("An image of a snowman", [("a snowman", (12, 21), [(0.390625, 0.046875, 0.984375, 0.828125)])])
+    assert text.endswith(
+        "</image><grounding> An image of<phrase> a snowman</phrase>"
+        "<object><patch_index_0044><patch_index_0863></object>"
+    )
+    assert real.post_process_generation(text) == (
+        "An image of a snowman",
+        [("a snowman", (12, 21), [(0.390625, 0.046875, 0.984375, 0.828125)])],
+    )
     assert real.post_process_image_text_to_text(generated) == [text.split("</image>")[-1]]
-    assert real.entities_to_pixel_boxes(real.post_process_generation(text)[1], (64, 32))[0].pixel_boxes == [(25, 1, 63, 26)]
+    assert real.entities_to_pixel_boxes(real.post_process_generation(text)[1], (64, 32))[0].pixel_boxes == [
+        (25, 1, 63, 26)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -122,17 +130,24 @@ def test_decode_and_post_processing(real):
         (dict(text=[]), "text must be a str or a non-empty list of str"),
         (dict(text=["a", "b"], images=[IMAGE]), "got 2 texts and 1 images"),
         (dict(text="a", images=IMAGE, num_image_tokens=0), "num_image_tokens must be a positive int, got 0"),
-        (dict(text="a", images=IMAGE, first_image_token_id=65000),
-         r"first_image_token_id must be an int with first_image_token_id \+ num_image_tokens <= 65037"),
+        (
+            dict(text="a", images=IMAGE, first_image_token_id=65000),
+            r"first_image_token_id must be an int with first_image_token_id \+ num_image_tokens <= 65037",
+        ),
         (dict(text="a", add_eos_token="yes"), "add_eos_token must be True or False, got 'yes'"),
         (dict(text="<phrase>a</phrase>", bboxes=[(1, 2), (3, 4)]), "bboxes has 2 entries but the text has 1"),
         (dict(text="<phrase>a</phrase>", bboxes=[[(1, 2), None]]), "must not contain None"),
         (dict(text="<phrase>a</phrase>", bboxes=[(0.5, 0.1, 0.2, 0.9)]), "x2 > x1 and y2 > y1"),
         (dict(text="<phrase>a</phrase>", bboxes=[(0.5, 0.1, 1.2, 0.9)]), r"normalised to \[0, 1\]"),
-        (dict(text="<phrase>a</phrase>", bboxes=[(2000, 3)]), r"patch indices must lie in \[0, 1023\], got \(2000, 3\)"),
-        (dict(text="<phrase> a dog</phrase>", images=IMAGE, bboxes=[(1000, 5)]),
-         r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, column 5\) "
-         r"lies above or left of cell 1000 \(row 31, column 8\)"),
+        (
+            dict(text="<phrase>a</phrase>", bboxes=[(2000, 3)]),
+            r"patch indices must lie in \[0, 1023\], got \(2000, 3\)",
+        ),
+        (
+            dict(text="<phrase> a dog</phrase>", images=IMAGE, bboxes=[(1000, 5)]),
+            r"bboxes\[0\]: \(1000, 5\) is not \(upper_left, lower_right\) patch indices: cell 5 \(row 0, column 5\) "
+            r"lies above or left of cell 1000 \(row 31, column 8\)",
+        ),
         (dict(text=["<phrase>a</phrase>"], bboxes=[[[(1, 2), (40, 33)]]]), r"bboxes\[0\]\[0\]\[1\]: \(40, 33\) is not"),
         (dict(text=["<phrase>a</phrase>"], bboxes=(1, 2)), "bboxes must be None or a list with one entry per text"),
         (dict(text=["<phrase>a</phrase>"], bboxes=[[(1, 2)], None]), "bboxes has 2 entries but text has 1"),
@@ -141,8 +156,14 @@ def test_decode_and_post_processing(real):
         (dict(text=["a", "b c d"]), r"input_ids: the rows have different lengths \[2, 4\]"),
         (dict(text="a", images="/no/such/image.png"), "images: image file not found: '/no/such/image.png'"),
         (dict(text="a", images=np.zeros((2, 2, 7), np.uint8)), r"images: expected an array of shape \(H, W\)"),
-        (dict(text="a", images=PIL.Image.new("I;16", (4, 4))), r"images: the PIL image .* has mode I;16 .* 8-bit image"),
-        (dict(text="a", images=IMAGE, max_length=20), "max_length=20 truncates the image tokens: a prompt with an image needs at least 67"),
+        (
+            dict(text="a", images=PIL.Image.new("I;16", (4, 4))),
+            r"images: the PIL image .* has mode I;16 .* 8-bit image",
+        ),
+        (
+            dict(text="a", images=IMAGE, max_length=20),
+            "max_length=20 truncates the image tokens: a prompt with an image needs at least 67",
+        ),
     ],
 )
 def test_call_errors(real, kwargs, message):
@@ -178,8 +199,11 @@ def test_bad_image_processor_entry_names_processor_config(tmp_path):
 
 
 def test_entities_to_pixel_boxes_names_a_bad_entity(real):
-    with pytest.raises(ValueError, match=r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
-                       r"numbers, got \(0.1, 0.2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"entities\[0\] \('a'\): box 0 must be \(x1, y1, x2, y2\), four finite "
+        r"numbers, got \(0.1, 0.2\)",
+    ):
         real.entities_to_pixel_boxes([("a", (0, 1), [(0.1, 0.2)])], (10, 10))
 
 

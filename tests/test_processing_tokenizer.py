@@ -9,12 +9,12 @@ import hashlib
 import json
 import shutil
 
+import fixtures_tokenizer as ft
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import fixtures_tokenizer as ft
 from kosmos2_ref.processing.sentencepiece_model import (
     CONTROL,
     NORMAL,
@@ -172,7 +172,7 @@ def test_next_line_character_is_the_one_known_difference_from_sentencepiece(real
 
 
 def test_known_normaliser_differences_from_sentencepiece(real, tmp_path):
-    """"²" followed by a combining accent: SentencePiece keeps the accent ("▁2" + "̀"), the `tokenizers` library's
+    """ "²" followed by a combining accent: SentencePiece keeps the accent ("▁2" + "̀"), the `tokenizers` library's
     Precompiled normaliser (which reads the same charsmap, here and in transformers' fast tokenizer) drops it.
     Found by hypothesis; we follow the `tokenizers` pipeline that transformers' Kosmos2Processor runs."""
     spm = pytest.importorskip("sentencepiece")
@@ -180,11 +180,11 @@ def test_known_normaliser_differences_from_sentencepiece(real, tmp_path):
     assert [i + 1 for i in _spm_processor(spm).encode(text)] == [269, 63904]
     assert real.backend_tokenizer.normalizer.normalize_str(text) == "2"
     assert real.encode(text, add_special_tokens=False) == [269]
-    assert real.encode("2\u0300", add_special_tokens=False) == [269, 63904]     # the accent alone is kept
+    assert real.encode("2\u0300", add_special_tokens=False) == [269, 63904]  # the accent alone is kept
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(ft.write_tokenizer_files(tmp_path, "real")))
-    assert hf(text, add_special_tokens=False)["input_ids"] == [269]                # transformers does as we do
+    assert hf(text, add_special_tokens=False)["input_ids"] == [269]  # transformers does as we do
 
 
 _SPM = {}
@@ -200,8 +200,10 @@ def test_real_ids_equal_sentencepiece_on_whitespace_and_unicode(real):
     spm = pytest.importorskip("sentencepiece")
     processor = _spm_processor(spm)
     fairseq = {0: 3, 1: 0, 2: 2}
-    for text in ["  two  spaces\tand\ttabs\nnew\nline  ", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "café naïve", "日本語のテキスト",
-                 "emoji 😀👍🏽", "a\u3000b", "x\u00a0y", "mixed\r\nCRLF", "", " ", "ﬁ ①②③ Ⅻ", "a\u200bb", "\x00\x01"]:  # fmt: skip
+    awkward = ["  two  spaces\tand\ttabs\nnew\nline  ", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "café naïve", "日本語のテキスト",
+               "emoji 😀👍🏽", "a\u3000b", "x\u00a0y", "mixed\r\nCRLF", "", " ",
+               "ﬁ ①②③ Ⅻ", "a\u200bb", "\x00\x01"]  # fmt: skip
+    for text in awkward:
         expected = [fairseq.get(i, i + 1) for i in processor.encode(text)]
         assert real.encode(text, add_special_tokens=False) == expected, text
 
@@ -222,7 +224,11 @@ def test_sentencepiece_folder_equals_tokenizer_json_folder(tmp_path):
 
 def test_save_and_reload(tmp_path, synthetic):
     synthetic.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     again = Kosmos2Tokenizer.from_pretrained(tmp_path)
     assert again.encode_batch(["<grounding> an image of"]) == synthetic.encode_batch(["<grounding> an image of"])
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "XLMRobertaTokenizer"
@@ -273,7 +279,10 @@ def test_padding_and_truncation_strategies(synthetic):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(padding="sideways"), "padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got 'sideways'"),
+        (
+            dict(padding="sideways"),
+            "padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got 'sideways'",
+        ),
         (dict(truncation="only_second"), "truncation must be True, False, None, 'longest_first'"),
         (dict(padding=True, padding_side="up"), "padding_side must be 'right' or 'left', got 'up'"),
         (dict(max_length=-3), "max_length must be a non-negative int or None, got -3"),

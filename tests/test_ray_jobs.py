@@ -4,6 +4,7 @@ once mid-run still gives complete output with every image exactly once.
 
 Skipped where Ray Data is not installed (``pip install 'kosmos2-ref[ray]'``).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from kosmos2_ref import Kosmos2, cli, jobs, ray_jobs  # noqa: E402
-
 from fixtures_tokenizer import IMAGES  # noqa: E402
+
+from kosmos2_ref import Kosmos2, cli, jobs, ray_jobs  # noqa: E402
 
 DOGS = IMAGES / "two_dogs.jpg"
 
@@ -55,28 +56,42 @@ def run(capsys, *argv):
 
 
 def records(path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in Path(path).read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in Path(path).read_text().splitlines()
+    ]
 
 
 def test_ray_gives_the_single_process_outputs(capsys, ckpt, folder, tmp_path):
     common = ["--model", ckpt, "--max-new-tokens", "6"]
     assert run(capsys, *common, "caption", folder, "--batch-size", "3", "--out", tmp_path / "local.jsonl")[0] == 0
-    code, out, err = run(capsys, *common, "caption", folder, "--batch-size", "3", "--engine", "ray",
-                         "--workers", "2", "--out", tmp_path / "ray.jsonl")
+    code, out, err = run(
+        capsys,
+        *common,
+        "caption",
+        folder,
+        "--batch-size",
+        "3",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        "--out",
+        tmp_path / "ray.jsonl",
+    )
     assert code == 0, err
     local, on_ray = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
     assert len(local) == 11 and sum(r["status"] == "error" for r in local) == 2
     assert on_ray == local
 
     assert run(capsys, "--model", ckpt, "embed", folder, "--out", tmp_path / "local.npy")[0] == 0
-    code, out, err = run(capsys, "--model", ckpt, "embed", folder, "--out", tmp_path / "ray.npy", "--engine", "ray",
-                         "--batch-size", "4")
+    code, out, err = run(
+        capsys, "--model", ckpt, "embed", folder, "--out", tmp_path / "ray.npy", "--engine", "ray", "--batch-size", "4"
+    )
     assert code == 0, err
     assert records(tmp_path / "ray.index.jsonl") == records(tmp_path / "local.index.jsonl")
     for name in ("{}.npy", "{}.pooled.npy"):
         a, b = np.load(tmp_path / name.format("local")), np.load(tmp_path / name.format("ray"))
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())   # other batches: BLAS rounding
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())  # other batches: BLAS rounding
 
 
 def test_a_worker_that_dies_once_still_gives_every_image_exactly_once(ckpt, folder, tmp_path):
@@ -91,9 +106,9 @@ def test_a_worker_that_dies_once_still_gives_every_image_exactly_once(ckpt, fold
     out = jobs.RecordFile(str(tmp_path / "ray.jsonl"))
     outcome = ray_jobs.run_text_job(ckpt, job, paths, out, batch_size=2, workers=2, fault_once=str(fault))
     out.close()
-    assert fault.is_file()                                          # a worker did exit mid-batch
+    assert fault.is_file()  # a worker did exit mid-batch
     got = records(tmp_path / "ray.jsonl")
-    assert [r["path"] for r in got] == paths                        # all of them, once each, in order
+    assert [r["path"] for r in got] == paths  # all of them, once each, in order
     assert got == records(expected)
     assert outcome.done == len(paths) and outcome.errors == 2
 

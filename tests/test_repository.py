@@ -5,6 +5,7 @@ Four checks: no tracked file names a path outside the repository; every referenc
 third-party data is the data its provenance table describes (sha256); and a copy of the tracked files, put in an
 empty folder, runs the tests that read the real data there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 import fixtures_tokenizer as ft
 
@@ -56,7 +55,7 @@ def test_no_tracked_file_reads_outside_the_repository():
 
 # Documents the project was once built from, which are not in the repository (in pieces, as above).
 ABSENT_DOCUMENT_PATTERNS = [
-    re.compile(r"spec" + r"\s*\(?§", re.IGNORECASE),      # the word, then a section sign (any case)
+    re.compile(r"spec" + r"\s*\(?§", re.IGNORECASE),  # the word, then a section sign (any case)
     re.compile(r"DESIGN" + r"\.md"),
     re.compile(r"KOSMOS2_" + r"SPEC"),
 ]
@@ -109,15 +108,15 @@ def test_references_to_numerics_md_name_existing_sections():
                     bad.append(f"{_line(path, text, m.start())}: {m.group(0)!r} has no section {number}")
         for m in ANCHOR_LINKS.finditer(text):
             if "numerics.md#" not in m.group(0) and path != NUMERICS:
-                continue                                     # "(#…)" on another page is that page's own anchor
+                continue  # "(#…)" on another page is that page's own anchor
             seen += 1
             label, anchor = m.groups()
             if anchor not in sections.values():
                 bad.append(f"{_line(path, text, m.start())}: #{anchor} is no heading of docs/numerics.md")
-            for number in re.findall(SECTION, label):        # "[numerics.md §6.2](…#62-…)": label and anchor agree
+            for number in re.findall(SECTION, label):  # "[numerics.md §6.2](…#62-…)": label and anchor agree
                 if sections.get(number) != anchor:
                     bad.append(f"{_line(path, text, m.start())}: the label says §{number}, the link #{anchor}")
-        if path == NUMERICS:                                 # its own "(§6.2)" cross-references
+        if path == NUMERICS:  # its own "(§6.2)" cross-references
             for m in re.finditer(SECTION, text):
                 seen += 1
                 if m.group(1) not in sections:
@@ -134,8 +133,9 @@ def test_no_tracked_file_cites_a_document_outside_the_repository():
         text = path.read_text(encoding="utf-8", errors="replace")
         for pattern in ABSENT_DOCUMENT_PATTERNS:
             hits += [f"{_line(path, text, m.start())}: {m.group(0)}" for m in pattern.finditer(text)]
-    assert not hits, "references to documents that are not in the repository (use docs/numerics.md):\n" + \
-        "\n".join(hits)
+    assert not hits, "references to documents that are not in the repository (use docs/numerics.md):\n" + "\n".join(
+        hits
+    )
 
 
 def test_data_paths_lie_inside_the_repository():
@@ -188,14 +188,29 @@ def test_a_copy_in_an_empty_folder_runs_the_real_data_tests(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     assert sorted(p.name for p in clone.parent.iterdir()) == ["repo"]
-    tests = ["tests/test_processing_tokenizer.py::test_real_snowman_ids",
-             "tests/test_processing_image.py", "tests/test_repository.py::test_test_data_matches_its_provenance"]
+    tests = [
+        "tests/test_processing_tokenizer.py::test_real_snowman_ids",
+        "tests/test_processing_image.py",
+        "tests/test_repository.py::test_test_data_matches_its_provenance",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=clone,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "error" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
     # The copy's own package was tested, not the one installed from this checkout.
-    probe = subprocess.run([sys.executable, "-c", "import kosmos2_ref, sys; print(kosmos2_ref.__file__)"],
-                           cwd=clone, env=env, capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kosmos2_ref, sys; print(kosmos2_ref.__file__)"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert Path(probe.stdout.strip()).resolve().is_relative_to(clone.resolve()), probe.stdout

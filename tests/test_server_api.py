@@ -5,6 +5,7 @@ asked after each one whether it still answers. The model has random weights: its
 tests check structure and consistency (the streamed tokens are the returned tokens, concurrent requests get the
 result one request alone gets), never the words.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,16 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
+from web_server import SAMPLE, running_server
 
 from kosmos2_ref import Kosmos2
 from kosmos2_ref.demo import demo_checkpoint
 from kosmos2_ref.server import is_loopback
 from kosmos2_ref.service import Busy, ModelService
-from web_server import SAMPLE, running_server
 
-UPLOAD_LIMIT_MB = 1          # the server under test accepts uploads up to 1 MiB
-GROUNDED_PROMPT = ("<grounding> An image of<phrase> a dog</phrase>"
-                   "<object><patch_index_0044><patch_index_0863></object>")
+UPLOAD_LIMIT_MB = 1  # the server under test accepts uploads up to 1 MiB
+GROUNDED_PROMPT = "<grounding> An image of<phrase> a dog</phrase><object><patch_index_0044><patch_index_0863></object>"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,10 @@ def png_bytes(size=(64, 48), colour=(200, 30, 30)) -> bytes:
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A tiny file that claims width × height pixels: a PNG signature, its IHDR chunk and an empty IEND."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -77,13 +79,14 @@ def parse_events(data: bytes) -> list[tuple[str, dict]]:
 # ----------------------------------------------------------------------------------------------------------------
 # What works
 
+
 def test_page_and_info(server):
     status, headers, body = server.request("GET", "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert b"<script" in body
     status, info = server.json("GET", "/api/info")
     assert status == 200
-    assert info["random_weights"] is True                   # the demo checkpoint is labelled as random
+    assert info["random_weights"] is True  # the demo checkpoint is labelled as random
     assert (info["latent_queries"], info["patch_grid"], info["location_grid"]) == (64, 16, 32)
     assert info["max_upload_bytes"] == UPLOAD_LIMIT_MB * 1024 * 1024
 
@@ -92,7 +95,7 @@ def test_upload_gives_the_image_size(server):
     status, body = server.upload(png_bytes((64, 48)))
     assert status == 200
     assert (body["width"], body["height"]) == (64, 48)
-    assert server.upload(png_bytes((64, 48)))[1]["image_id"] == body["image_id"]    # same pixels, same id
+    assert server.upload(png_bytes((64, 48)))[1]["image_id"] == body["image_id"]  # same pixels, same id
 
 
 def test_caption_json(server, image_id):
@@ -100,7 +103,7 @@ def test_caption_json(server, image_id):
     assert status == 200, r
     assert len(r["generated_tokens"]) <= 8
     assert all(0.0 <= t["prob"] <= 1.0 for t in r["generated_tokens"])
-    assert len(r["image_positions"]) == 64                   # the 64 slots of the image embeddings
+    assert len(r["image_positions"]) == 64  # the 64 slots of the image embeddings
     prompt_tokens = [t["token"] for t in r["prompt_tokens"]]
     assert prompt_tokens[:2] == ["<s>", "<image>"] and "</image>" in prompt_tokens and "<grounding>" in prompt_tokens
     assert r["text"].startswith("<grounding> An image of")
@@ -108,15 +111,18 @@ def test_caption_json(server, image_id):
 
 def test_caption_stream_sends_each_token_as_it_is_made(server, image_id):
     status, headers, data = server.request(
-        "POST", "/api/caption?stream=1", json.dumps({"image_id": image_id, "max_new_tokens": 6}).encode(),
-        {"Content-Type": "application/json"})
+        "POST",
+        "/api/caption?stream=1",
+        json.dumps({"image_id": image_id, "max_new_tokens": 6}).encode(),
+        {"Content-Type": "application/json"},
+    )
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = parse_events(data)
     names = [name for name, _ in events]
     assert names[0] == "prompt" and names[-1] == "done"
     streamed = [d["id"] for name, d in events if name == "token"]
     done = events[-1][1]
-    assert streamed == [t["id"] for t in done["generated_tokens"]]     # what streamed is what was generated
+    assert streamed == [t["id"] for t in done["generated_tokens"]]  # what streamed is what was generated
     assert 1 <= len(streamed) <= 6
 
 
@@ -124,12 +130,13 @@ def test_a_grounded_phrase_in_the_prompt_comes_back_as_a_box(server, image_id):
     """Random weights rarely ground anything; a prompt that already holds a grounded phrase gives a known box
     (cells 44 = row 1, column 12 and 863 = row 26, column 31 of the 32 x 32 grid), whose location tokens were
     given, so it has no confidence."""
-    status, r = server.json("POST", "/api/caption", {"image_id": image_id, "prompt": GROUNDED_PROMPT,
-                                                     "max_new_tokens": 4})
+    status, r = server.json(
+        "POST", "/api/caption", {"image_id": image_id, "prompt": GROUNDED_PROMPT, "max_new_tokens": 4}
+    )
     assert status == 200, r
     dog = r["entities"][0]
     assert dog["phrase"] == "a dog"
-    assert np.allclose(dog["boxes"][0], [12.5 / 32, 1.5 / 32, 31.5 / 32, 26.5 / 32])    # cell centres
+    assert np.allclose(dog["boxes"][0], [12.5 / 32, 1.5 / 32, 31.5 / 32, 26.5 / 32])  # cell centres
     assert dog["confidence"]["boxes"][0]["probability"] is None
 
 
@@ -138,11 +145,12 @@ def test_ground_and_describe(server, image_id):
     assert status == 200, g
     assert g["phrase"] == "two dogs" and g["text"].startswith("<grounding><phrase> two dogs</phrase>")
     assert isinstance(g["boxes"], list)
-    status, d = server.json("POST", "/api/describe", {"image_id": image_id, "box": [0.25, 0.5, 0.75, 1.0],
-                                                      "max_new_tokens": 5})
+    status, d = server.json(
+        "POST", "/api/describe", {"image_id": image_id, "box": [0.25, 0.5, 0.75, 1.0], "max_new_tokens": 5}
+    )
     assert status == 200, d
     assert d["box"] == [0.25, 0.5, 0.75, 1.0]
-    assert d["entities"][0]["phrase"] == "It"        # the box given, as the prompt's <object>
+    assert d["entities"][0]["phrase"] == "It"  # the box given, as the prompt's <object>
     assert d["description"].startswith("It")
 
 
@@ -151,7 +159,7 @@ def test_attention_and_heatmap(server, image_id):
     assert status == 200
     weights = np.asarray(a["weights"])
     assert weights.shape == (64, 256) and (weights >= 0).all()
-    assert (weights.sum(axis=1) <= 1 + 1e-4).all()    # a share of each query's attention (CLS, latents get the rest)
+    assert (weights.sum(axis=1) <= 1 + 1e-4).all()  # a share of each query's attention (CLS, latents get the rest)
     status, headers, png = server.request("GET", f"/api/heatmap?image_id={image_id}&query=63")
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert PIL.Image.open(io.BytesIO(png)).size == (448, 448)
@@ -175,15 +183,19 @@ def test_a_generated_scene_is_the_world_s_scene_and_uploads(server):
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: a clear JSON error, and the server still answers afterwards
 
-@pytest.mark.parametrize("data, status, words", [
-    (b"", 400, "empty"),
-    (b"GIF89a but not really an image", 400, "not an image"),
-    (b"<html><script>alert(1)</script></html>", 400, "not an image"),
-    (png_bytes((300, 300))[:120], 400, "could not be decoded"),           # a PNG cut short
-    (huge_png_header(9000, 9000), 413, "pixels"),                        # 81 megapixels in 60 bytes
-    (huge_png_header(20000, 20000), 413, "too large"),                   # beyond Pillow's own bomb limit
-    (b"\xff\xd8" + bytes(UPLOAD_LIMIT_MB * 1024 * 1024), 413, "limit"),  # over the upload limit
-])
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"", 400, "empty"),
+        (b"GIF89a but not really an image", 400, "not an image"),
+        (b"<html><script>alert(1)</script></html>", 400, "not an image"),
+        (png_bytes((300, 300))[:120], 400, "could not be decoded"),  # a PNG cut short
+        (huge_png_header(9000, 9000), 413, "pixels"),  # 81 megapixels in 60 bytes
+        (huge_png_header(20000, 20000), 413, "too large"),  # beyond Pillow's own bomb limit
+        (b"\xff\xd8" + bytes(UPLOAD_LIMIT_MB * 1024 * 1024), 413, "limit"),  # over the upload limit
+    ],
+)
 def test_bad_uploads(server, data, status, words):
     got, body = server.upload(data)
     assert got == status, body
@@ -202,11 +214,23 @@ def test_upload_without_length(server):
     assert server.alive()
 
 
-@pytest.mark.parametrize("path", [
-    "/../pyproject.toml", "/../../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/..%2fserver.py",
-    "/web/app.js", "/app.js/../../cli.py", "//etc/passwd", "/server.py", "/samples/../cli.py",
-    "/samples/..%2f..%2fcli.py", "/assets/two_dogs.jpg", "/index.html%00.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../pyproject.toml",
+        "/../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/..%2fserver.py",
+        "/web/app.js",
+        "/app.js/../../cli.py",
+        "//etc/passwd",
+        "/server.py",
+        "/samples/../cli.py",
+        "/samples/..%2f..%2fcli.py",
+        "/assets/two_dogs.jpg",
+        "/index.html%00.py",
+    ],
+)
 def test_no_path_reaches_a_file_outside_the_fixed_set(server, path):
     status, _, body = server.request("GET", path)
     assert status == 404, (path, body[:200])
@@ -214,19 +238,22 @@ def test_no_path_reaches_a_file_outside_the_fixed_set(server, path):
     assert server.alive()
 
 
-@pytest.mark.parametrize("path, payload, status, words", [
-    ("/api/caption", b"{not json", 400, "not valid JSON"),
-    ("/api/caption", b"[1, 2]", 400, "JSON object"),
-    ("/api/caption", b'{"image_id": "nope"}', 404, "not known"),
-    ("/api/caption", b'{"image": "x"}', 400, "unknown field"),
-    ("/api/caption", b'{"image_id": "IMAGE", "max_new_tokens": 100000}', 400, "max_new_tokens"),
-    ("/api/caption", b'{"image_id": "IMAGE", "prompt": 7}', 400, "prompt"),
-    ("/api/ground", b'{"image_id": "IMAGE"}', 400, "missing field"),
-    ("/api/ground", b'{"image_id": "IMAGE", "phrase": "<object>"}', 400, "must not contain"),
-    ("/api/describe", b'{"image_id": "IMAGE", "box": [0.5, 0.5, 0.2, 0.9]}', 400, "x2 > x1"),
-    ("/api/describe", b'{"image_id": "IMAGE", "box": "0,0,1,1"}', 400, "four numbers"),
-    ("/api/describe", b'{"image_id": "IMAGE", "box": [0, 0, 5000, 10]}', 400, "outside"),
-])
+@pytest.mark.parametrize(
+    "path, payload, status, words",
+    [
+        ("/api/caption", b"{not json", 400, "not valid JSON"),
+        ("/api/caption", b"[1, 2]", 400, "JSON object"),
+        ("/api/caption", b'{"image_id": "nope"}', 404, "not known"),
+        ("/api/caption", b'{"image": "x"}', 400, "unknown field"),
+        ("/api/caption", b'{"image_id": "IMAGE", "max_new_tokens": 100000}', 400, "max_new_tokens"),
+        ("/api/caption", b'{"image_id": "IMAGE", "prompt": 7}', 400, "prompt"),
+        ("/api/ground", b'{"image_id": "IMAGE"}', 400, "missing field"),
+        ("/api/ground", b'{"image_id": "IMAGE", "phrase": "<object>"}', 400, "must not contain"),
+        ("/api/describe", b'{"image_id": "IMAGE", "box": [0.5, 0.5, 0.2, 0.9]}', 400, "x2 > x1"),
+        ("/api/describe", b'{"image_id": "IMAGE", "box": "0,0,1,1"}', 400, "four numbers"),
+        ("/api/describe", b'{"image_id": "IMAGE", "box": [0, 0, 5000, 10]}', 400, "outside"),
+    ],
+)
 def test_bad_requests(server, image_id, path, payload, status, words):
     got, body = server.json("POST", path, raw=payload.replace(b"IMAGE", image_id.encode()))
     assert got == status, body
@@ -234,10 +261,13 @@ def test_bad_requests(server, image_id, path, payload, status, words):
     assert server.alive()
 
 
-@pytest.mark.parametrize("headers, words", [
-    ({"Host": "attacker.example:80"}, "addressed to this machine"),          # a DNS name pointed at 127.0.0.1
-    ({"Origin": "http://attacker.example"}, "another site"),                 # another page's fetch
-])
+@pytest.mark.parametrize(
+    "headers, words",
+    [
+        ({"Host": "attacker.example:80"}, "addressed to this machine"),  # a DNS name pointed at 127.0.0.1
+        ({"Origin": "http://attacker.example"}, "another site"),  # another page's fetch
+    ],
+)
 def test_requests_from_elsewhere_are_refused(server, headers, words):
     status, body = server.json("GET", "/api/info", headers=headers)
     assert status == 403 and words in body["error"]
@@ -281,8 +311,11 @@ def test_a_browser_that_leaves_mid_stream_frees_the_model(server, image_id):
     """Close the connection after the first event of a long caption; the next request is answered in full."""
     body = json.dumps({"image_id": image_id, "max_new_tokens": 128}).encode()
     with socket.create_connection((server.host, server.port), timeout=60) as sock:
-        sock.sendall(f"POST /api/caption?stream=1 HTTP/1.0\r\nHost: 127.0.0.1:{server.port}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            f"POST /api/caption?stream=1 HTTP/1.0\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         first = sock.recv(4096)
     assert b"event: prompt" in first or b"200" in first
     status, r = server.json("POST", "/api/caption", {"image_id": image_id, "max_new_tokens": 3})
@@ -293,6 +326,7 @@ def test_a_browser_that_leaves_mid_stream_frees_the_model(server, image_id):
 # ----------------------------------------------------------------------------------------------------------------
 # The queue, in-process (no timing: the test holds the model itself)
 
+
 def test_requests_beyond_the_queue_are_refused_at_once(checkpoint):
     service = ModelService(Kosmos2.from_pretrained(checkpoint), max_waiting=1)
     image_id = service.upload(png_bytes())["image_id"]
@@ -302,22 +336,23 @@ def test_requests_beyond_the_queue_are_refused_at_once(checkpoint):
         service.caption(image_id, max_new_tokens=2)
         waiting_done.set()
 
-    with service.turn():                                  # the model is busy with "us"
+    with service.turn():  # the model is busy with "us"
         t = threading.Thread(target=waiter)
         t.start()
         deadline = time.monotonic() + 60
-        while service.admitted < 2 and time.monotonic() < deadline:    # until the waiter has taken its place
+        while service.admitted < 2 and time.monotonic() < deadline:  # until the waiter has taken its place
             time.sleep(0.01)
         assert service.admitted == 2
         with pytest.raises(Busy, match="busy"):
             service.caption(image_id, max_new_tokens=2)
         assert not waiting_done.is_set()
     t.join(60)
-    assert waiting_done.is_set()                          # it ran once the model was free
+    assert waiting_done.is_set()  # it ran once the model was free
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Starting and stopping
+
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_the_server_cleanly(checkpoint, how):

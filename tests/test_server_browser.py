@@ -6,6 +6,7 @@ see a box uses a prompt that already holds a grounded phrase (the box comes from
 draw it), and the others compare what the page shows with what the API answers for the same request (greedy
 decoding is deterministic), never with words written down here.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,17 +14,16 @@ import shutil
 
 import numpy as np
 import pytest
+from web_server import SAMPLE, running_server
 
 from kosmos2_ref.draw import colourise
-from web_server import SAMPLE, running_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra: pip install -e '.[dev]'")
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
 if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("no Chromium: install Debian's chromium package (scripts/setup_dev.sh does)", allow_module_level=True)
 
-GROUNDED_PROMPT = ("<grounding> An image of<phrase> a dog</phrase>"
-                   "<object><patch_index_0044><patch_index_0863></object>")
+GROUNDED_PROMPT = "<grounding> An image of<phrase> a dog</phrase><object><patch_index_0044><patch_index_0863></object>"
 TIMEOUT_MS = 120_000
 
 
@@ -61,14 +61,17 @@ def page(browser, server):
 
 
 def wait_done(page, label: str) -> None:
-    page.wait_for_function("(label) => document.body.dataset.done === label || "
-                           "(document.body.dataset.done || '').endsWith('failed')", arg=label)
+    page.wait_for_function(
+        "(label) => document.body.dataset.done === label || (document.body.dataset.done || '').endsWith('failed')",
+        arg=label,
+    )
     assert page.get_attribute("body", "data-done") == label, page.inner_text("#status")
 
 
 def api_caption(server, image_id: str, prompt: str, max_new_tokens: int) -> dict:
-    status, result = server.json("POST", "/api/caption", {"image_id": image_id, "prompt": prompt,
-                                                          "max_new_tokens": max_new_tokens})
+    status, result = server.json(
+        "POST", "/api/caption", {"image_id": image_id, "prompt": prompt, "max_new_tokens": max_new_tokens}
+    )
     assert status == 200, result
     return result
 
@@ -85,7 +88,7 @@ def test_caption_streams_and_draws_the_box_of_a_grounded_phrase(page, server):
     boxes = page.locator("#boxes .box")
     assert boxes.count() >= 1
     assert "a dog" in boxes.first.inner_text()
-    assert page.locator("#caption-text mark").first.inner_text() == "a dog"     # highlighted in its box's colour
+    assert page.locator("#caption-text mark").first.inner_text() == "a dog"  # highlighted in its box's colour
     expected = api_caption(server, image_id(page), GROUNDED_PROMPT, 10)
     generated_rows = page.locator("#tokens tr.generated")
     assert generated_rows.count() == len(expected["generated_tokens"])
@@ -123,7 +126,7 @@ def test_dragging_a_box_describes_it(page):
     wait_done(page, "describing")
     assert page.inner_text("#describe-result").startswith("It")
     drawn = page.locator("#boxes .box.described").bounding_box()
-    assert abs(drawn["x"] - x0) < 3 and abs(drawn["y"] - y0) < 3        # the box drawn is the box dragged
+    assert abs(drawn["x"] - x0) < 3 and abs(drawn["y"] - y0) < 3  # the box drawn is the box dragged
     assert abs(drawn["x"] + drawn["width"] - x1) < 3
 
 
@@ -132,19 +135,22 @@ def test_a_latent_query_heat_map_is_its_attention(page, server):
     wait_done(page, "reading the connector")
     assert page.get_attribute("#heat", "data-query") == "5"
     assert page.is_visible("#heat")
-    pixels = np.asarray(page.evaluate("""() => {
+    pixels = np.asarray(
+        page.evaluate("""() => {
         const c = document.getElementById('heat');
-        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"""), np.int64)
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"""),
+        np.int64,
+    )
     status, attention = server.json("GET", f"/api/attention?image_id={image_id(page)}")
     w = np.asarray(attention["weights"][5])
-    expected = colourise((w - w.min()) / (w.max() - w.min()))                 # draw.py's ramp, min-max scaled
+    expected = colourise((w - w.min()) / (w.max() - w.min()))  # draw.py's ramp, min-max scaled
     assert np.abs(pixels.reshape(-1, 4)[:, :3] - expected).max() <= 1
 
 
 def test_hovering_a_patch_shows_the_query_that_looks_at_it_most(page, server):
     page.check("#connector-toggle")
     photo = page.locator("#photo").bounding_box()
-    page.mouse.move(photo["x"] + 0.3 * photo["width"], photo["y"] + 0.6 * photo["height"])     # patch (9, 4)
+    page.mouse.move(photo["x"] + 0.3 * photo["width"], photo["y"] + 0.6 * photo["height"])  # patch (9, 4)
     page.wait_for_function("document.getElementById('hover-info').textContent.includes('latent query')")
     status, attention = server.json("GET", f"/api/attention?image_id={image_id(page)}")
     best = int(np.argmax(np.asarray(attention["weights"])[:, 9 * 16 + 4]))
@@ -161,7 +167,7 @@ def test_ground_and_the_location_grid(page):
     assert page.is_visible("#grid")
     photo = page.locator("#photo").bounding_box()
     page.mouse.move(photo["x"] + 0.5 * photo["width"] + 1, photo["y"] + 1)
-    assert "<patch_index_0016>" in page.inner_text("#hover-info")               # row 0, column 16
+    assert "<patch_index_0016>" in page.inner_text("#hover-info")  # row 0, column 16
 
 
 def test_an_image_dropped_on_the_page_is_uploaded(page):
@@ -188,7 +194,7 @@ def test_an_upload_that_is_no_image_is_reported_and_the_page_goes_on(page, tmp_p
     page.set_input_files("#file", str(fake))
     page.wait_for_function("(document.body.dataset.done || '').endsWith('failed')")
     assert "not an image" in page.inner_text("#status")
-    page.click("#sample-btn")                                                   # the page still works
+    page.click("#sample-btn")  # the page still works
     wait_done(page, "uploading")
     assert page.get_attribute("#stage", "data-image-id")
 
@@ -198,9 +204,11 @@ def test_a_generated_scene_is_shown_and_uploaded(page):
     wait_done(page, "uploading")
     image_id = page.get_attribute("#stage", "data-image-id")
     assert image_id
-    size = page.evaluate("(() => { const i = document.querySelector('#stage img'); "
-                         "return i ? [i.naturalWidth, i.naturalHeight] : null; })()")
-    assert size is not None and size[0] > 0 and size[0] == size[1], size     # the world's scenes are square
+    size = page.evaluate(
+        "(() => { const i = document.querySelector('#stage img'); "
+        "return i ? [i.naturalWidth, i.naturalHeight] : null; })()"
+    )
+    assert size is not None and size[0] > 0 and size[0] == size[1], size  # the world's scenes are square
 
 
 def test_the_readme_screenshot_script_runs(tmp_path):
@@ -209,13 +217,24 @@ def test_the_readme_screenshot_script_runs(tmp_path):
     import sys
 
     import PIL.Image
-    from kosmos2_ref.demo import demo_checkpoint
     from web_server import REPO
 
+    from kosmos2_ref.demo import demo_checkpoint
+
     out = tmp_path / "page.png"
-    done = subprocess.run([sys.executable, str(REPO / "docs" / "screenshot_page.py"), "--model",
-                           str(demo_checkpoint(tmp_path / "cache")), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "docs" / "screenshot_page.py"),
+            "--model",
+            str(demo_checkpoint(tmp_path / "cache")),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "random weights" in done.stdout
     assert PIL.Image.open(out).size == (1280, 960)

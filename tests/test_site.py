@@ -4,6 +4,7 @@ docs/render_lessons.py writes each notebook with its outputs to docs/lessons/; d
 ``mkdocs build --strict`` and loads the home page and a lesson in headless Chromium, failing on any request that
 got an error status. Chromium and the docs tools are installed by scripts/setup_dev.sh (the README's set-up).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,7 +44,7 @@ def test_the_staleness_check_notices_an_edited_notebook(tmp_path, monkeypatch):
     notebooks = tmp_path / "notebooks"
     shutil.copytree(render_lessons.NOTEBOOKS, notebooks)
     monkeypatch.setattr(render_lessons, "NOTEBOOKS", notebooks)
-    assert render_lessons.stale_lessons() == []            # an unchanged copy is current
+    assert render_lessons.stale_lessons() == []  # an unchanged copy is current
     first = render_lessons.notebook_paths()[0]
     nb = json.loads(first.read_text(encoding="utf-8"))
     nb["cells"][0]["source"] = "# an edited title\n"
@@ -54,8 +55,9 @@ def test_the_staleness_check_notices_an_edited_notebook(tmp_path, monkeypatch):
 
 def test_site_builds_strictly_and_its_pages_load_in_chromium():
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, str(DOCS / "check_site.py")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(DOCS / "check_site.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

@@ -3,23 +3,22 @@
 Random weights write random text, so the end-to-end tests check structure; the parsing of boxes is checked with a
 scripted generator that "writes" a known continuation (``scripted`` below).
 """
+
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from fixtures_tokenizer import IMAGES
 
 from kosmos2_ref import Kosmos2, tasks
 from kosmos2_ref.processing import Kosmos2Processor
 from kosmos2_ref.processing.image import load_image
 
-from fixtures_tokenizer import IMAGES
-
-DOGS = IMAGES / "two_dogs.jpg"      # 1200 x 602
-SNOWMAN = IMAGES / "snowman.png"    # 1024 x 1024
+DOGS = IMAGES / "two_dogs.jpg"  # 1200 x 602
+SNOWMAN = IMAGES / "snowman.png"  # 1024 x 1024
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +41,7 @@ def scripted(monkeypatch, processor, continuation: str):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
 
 def test_caption_structure(tiny):
     model, processor = tiny
@@ -118,12 +118,17 @@ def test_processor_from_model_folder(tiny_checkpoint, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+
 def test_caption_entities_from_generated_tags(tiny, monkeypatch):
     model, processor = tiny
-    scripted(monkeypatch, processor, "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863>"
-                                     "</object> by<phrase> a fire</phrase><object><patch_index_0005>"
-                                     "<patch_index_0005></delimiter_of_multi_objects/><patch_index_0010>"
-                                     "<patch_index_0042></object>")
+    scripted(
+        monkeypatch,
+        processor,
+        "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863>"
+        "</object> by<phrase> a fire</phrase><object><patch_index_0005>"
+        "<patch_index_0005></delimiter_of_multi_objects/><patch_index_0010>"
+        "<patch_index_0042></object>",
+    )
     r = tasks.caption(model, SNOWMAN, processor=processor)
     assert r.caption == "An image of a snowman by a fire"
     snowman, fire = r.entities
@@ -151,7 +156,7 @@ def test_ground_reads_the_object_of_the_phrase(tiny, monkeypatch):
 def test_describe_puts_the_box_in_the_prompt(tiny, monkeypatch):
     model, processor = tiny
     calls = scripted(monkeypatch, processor, " is a dog")
-    d = tasks.describe(model, DOGS, "120,60.2,600,602", processor=processor)     # pixels
+    d = tasks.describe(model, DOGS, "120,60.2,600,602", processor=processor)  # pixels
     assert d.box == pytest.approx((0.1, 0.1, 0.5, 1.0))
     assert d.description == "It is a dog"
     prompt_text = processor.decode(calls[0]["input_ids"][0], skip_special_tokens=True)
@@ -160,26 +165,33 @@ def test_describe_puts_the_box_in_the_prompt(tiny, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-@pytest.mark.parametrize("box, expect", [
-    ((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)),
-    ("0.1,0.2,0.3,0.4", (0.1, 0.2, 0.3, 0.4)),
-    ("100, 50, 200, 100", (0.5, 0.5, 1.0, 1.0)),
-    ([0, 0, 1, 1], (0.0, 0.0, 1.0, 1.0)),
-    ((0, 0, 200, 100), (0.0, 0.0, 1.0, 1.0)),
-])
+
+@pytest.mark.parametrize(
+    "box, expect",
+    [
+        ((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)),
+        ("0.1,0.2,0.3,0.4", (0.1, 0.2, 0.3, 0.4)),
+        ("100, 50, 200, 100", (0.5, 0.5, 1.0, 1.0)),
+        ([0, 0, 1, 1], (0.0, 0.0, 1.0, 1.0)),
+        ((0, 0, 200, 100), (0.0, 0.0, 1.0, 1.0)),
+    ],
+)
 def test_normalise_box(box, expect):
     assert tasks.normalise_box(box, (200, 100)) == pytest.approx(expect)
 
 
-@pytest.mark.parametrize("box, match", [
-    ("a,b,c,d", "four numbers"),
-    ("0.1,0.2,0.3", "four"),
-    ((0.5, 0.2, 0.3, 0.4), "x2 > x1"),
-    ((10, 20, 300, 40), "outside the 200x100 image"),
-    ((-1, 0, 0.5, 0.5), "negative"),
-    ((0, 0, float("nan"), 1), "finite"),
-    (None, "four numbers"),
-])
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        ("a,b,c,d", "four numbers"),
+        ("0.1,0.2,0.3", "four"),
+        ((0.5, 0.2, 0.3, 0.4), "x2 > x1"),
+        ((10, 20, 300, 40), "outside the 200x100 image"),
+        ((-1, 0, 0.5, 0.5), "negative"),
+        ((0, 0, float("nan"), 1), "finite"),
+        (None, "four numbers"),
+    ],
+)
 def test_bad_boxes(box, match):
     with pytest.raises(ValueError, match=match):
         tasks.normalise_box(box, (200, 100))
@@ -190,7 +202,7 @@ def test_transparent_images_are_composited_onto_white_as_the_processor_does(tiny
     # colours hidden under transparent pixels.
     model, processor = tiny
     rgba = np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8)
-    rgba[:10, :, 3] = 0                                                 # the top half fully transparent
+    rgba[:10, :, 3] = 0  # the top half fully transparent
     assert (np.asarray(load_image(rgba))[:10] == 255).all()
     assert (np.asarray(load_image(PIL.Image.fromarray(rgba, "RGBA")))[:10] == 255).all()
     calls = scripted(monkeypatch, processor, " a dog")
@@ -205,8 +217,11 @@ def test_transparent_images_are_composited_onto_white_as_the_processor_does(tiny
 
 
 def test_load_image_refuses_what_the_processor_refuses():
-    with pytest.raises(ValueError, match=r"image: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
-                                         r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image: expected an array of shape \(H, W\), \(H, W, 1\), \(H, W, 3\) or "
+        r"\(H, W, 4\) \(channels last\), got an array of shape \(4, 4, 2\)",
+    ):
         load_image(np.zeros((4, 4, 2), np.uint8))
     # 16-bit images were clipped to 8 bits (nearly white) by convert("RGB")
     with pytest.raises(ValueError, match=r"images\[0\]: the PIL image of size \(4, 4\) has mode I;16 .* 8-bit image"):
@@ -251,7 +266,7 @@ def test_model_processor_is_built_once_per_model_and_shared_by_threads(tiny_chec
     folder, _ = tiny_checkpoint
     model = Kosmos2.from_pretrained(folder)
     given = Kosmos2Processor.from_pretrained(folder)
-    assert tasks.model_processor(model, given) is given                 # a processor given is used as it is
+    assert tasks.model_processor(model, given) is given  # a processor given is used as it is
     seen, start = [], threading.Barrier(4)
 
     def ask():
@@ -265,7 +280,7 @@ def test_model_processor_is_built_once_per_model_and_shared_by_threads(tiny_chec
         t.join()
     assert len(seen) == 4 and all(p is seen[0] for p in seen)
     assert tasks.model_processor(model) is seen[0]
-    assert tasks.model_processor(Kosmos2.from_pretrained(folder)) is not seen[0]     # another model, its own
+    assert tasks.model_processor(Kosmos2.from_pretrained(folder)) is not seen[0]  # another model, its own
     assert seen[0].tokenizer.token_to_id("<grounding>") == 64012
 
 
@@ -273,18 +288,20 @@ def test_the_tasks_left_the_model_class_and_say_where_they_went(tiny):
     from kosmos2_ref import model as model_module
 
     model, _ = tiny
-    for name, where in [("caption", "kosmos2_ref.tasks.caption(model, image, ...)"),
-                        ("ground", "kosmos2_ref.tasks.ground(model, image, phrase, ...)"),
-                        ("describe", "kosmos2_ref.tasks.describe(model, image, box, ...)"),
-                        ("embed", "kosmos2_ref.tasks.embed(model, images, ...)"),
-                        ("processor", "kosmos2_ref.tasks.model_processor(model)")]:
+    for name, where in [
+        ("caption", "kosmos2_ref.tasks.caption(model, image, ...)"),
+        ("ground", "kosmos2_ref.tasks.ground(model, image, phrase, ...)"),
+        ("describe", "kosmos2_ref.tasks.describe(model, image, box, ...)"),
+        ("embed", "kosmos2_ref.tasks.embed(model, images, ...)"),
+        ("processor", "kosmos2_ref.tasks.model_processor(model)"),
+    ]:
         assert model_module.MOVED[name] == where
         assert name not in vars(Kosmos2)
         with pytest.raises(AttributeError, match=rf"^Kosmos2\.{name} has moved: use {re.escape(where)}$"):
             getattr(model, name)
         assert not hasattr(model, name)
     with pytest.raises(AttributeError, match=r"'Kosmos2' object has no attribute 'nonsense'"):
-        model.nonsense
+        model.nonsense  # noqa: B018 (the attribute lookup is what raises)
     assert getattr(model, "folder", None) is not None and getattr(model, "nonsense", 7) == 7
 
 

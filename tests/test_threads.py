@@ -3,6 +3,7 @@
 Stress tests, bounded by a number of rounds (a few seconds), without timing assertions: every thread's every
 result is compared with the result of the same call made alone, before the threads start.
 """
+
 import threading
 
 import numpy as np
@@ -27,7 +28,7 @@ def run_in_threads(jobs: list, rounds: int) -> list:
         for _ in range(rounds):
             try:
                 results[i].append(jobs[i]())
-            except Exception as exc:     # kept, and reported by the comparison below
+            except Exception as exc:  # kept, and reported by the comparison below
                 results[i].append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
@@ -73,7 +74,7 @@ def _inputs(model, seed: int, T: int = 70):
     Q = model.config.latent_query_num
     ids = rng.integers(5, model.config.text_config.vocab_size, size=(1, T))
     img = np.zeros((1, T), np.int64)
-    img[0, 2:2 + Q] = 1
+    img[0, 2 : 2 + Q] = 1
     pixels = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
     return dict(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img)
 

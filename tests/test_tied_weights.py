@@ -13,18 +13,19 @@ logits compared), or gets a clear error.
 | untied config, lm_head missing                          | random head, a report      | WeightsError naming the key |
 | untied config, both keys                                | untied                     | untied                      |
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import warnings
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2
 from kosmos2_ref.weights import WeightsError
 
@@ -44,8 +45,11 @@ def _compare_with_transformers(folder, name):
     ref_model = Kosmos2ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     pv, ids, img = _inputs()
     with torch.no_grad():
-        ref = ref_model(pixel_values=torch.from_numpy(pv), input_ids=torch.from_numpy(ids),
-                        image_embeds_position_mask=torch.from_numpy(img)).logits
+        ref = ref_model(
+            pixel_values=torch.from_numpy(pv),
+            input_ids=torch.from_numpy(ids),
+            image_embeds_position_mask=torch.from_numpy(img),
+        ).logits
     ours = Kosmos2.from_pretrained(folder)
     print()
     fm.check(f"logits, {name}", ours(pixel_values=pv, input_ids=ids, image_embeds_position_mask=img).logits, ref)
@@ -68,6 +72,7 @@ def variant(tiny_checkpoint, tmp_path):
             config_edit(cfg)
             (folder / "config.json").write_text(json.dumps(cfg))
         return folder
+
     return make
 
 
@@ -99,21 +104,28 @@ def test_both_equal_is_one_matrix(variant):
 
 def test_both_different_are_not_tied_and_the_head_makes_the_logits(variant):
     """transformers 5.23 keeps both (and warns); a test that the head wins: the logits differ from the tied ones."""
+
     def edit(f):
         f[HEAD] = (f[EMBED] * 0.5 + 0.01).astype(np.float32)
+
     folder = variant("both_different", edit)
-    with pytest.warns(UserWarning, match=r"holds both with different values, so they are not tied .* the logits "
-                                         r"use 'text_model\.lm_head\.weight'"):
+    with pytest.warns(
+        UserWarning,
+        match=r"holds both with different values, so they are not tied .* the logits "
+        r"use 'text_model\.lm_head\.weight'",
+    ):
         ours, ref = _compare_with_transformers(folder, "both, different (lm_head wins)")
     assert not torch.equal(ref.text_model.lm_head.weight, ref.text_model.model.embed_tokens.weight)
-    assert np.array_equal(ours.params["text_model"]["lm_head"]["weight"],
-                          ref.text_model.lm_head.weight.detach().numpy())
+    assert np.array_equal(
+        ours.params["text_model"]["lm_head"]["weight"], ref.text_model.lm_head.weight.detach().numpy()
+    )
 
 
 def test_derived_buffers_are_ignored_silently(variant):
     def edit(f):
         f["vision_model.model.embeddings.position_ids"] = np.arange(257, dtype=np.int64)[None]
         f["text_model.model.embed_positions.weights"] = np.zeros((66, 32), np.float32)
+
     folder = variant("buffers", edit)
     _no_warnings(lambda: _compare_with_transformers(folder, "with derived buffers"))
 
@@ -127,7 +139,7 @@ def test_unknown_extra_key_warns(variant):
 def test_no_metadata(variant):
     folder = variant("no_metadata", lambda f: None, metadata=None)
     raw = (folder / "model.safetensors").read_bytes()
-    assert b"__metadata__" not in raw[:int.from_bytes(raw[:8], "little") + 8]
+    assert b"__metadata__" not in raw[: int.from_bytes(raw[:8], "little") + 8]
     _no_warnings(lambda: _compare_with_transformers(folder, "no __metadata__"))
 
 
@@ -138,14 +150,18 @@ def _untie(cfg):
 
 def test_untied_config_without_head_is_a_clear_error(variant):
     folder = variant("untied_missing", lambda f: None, config_edit=_untie)
-    with pytest.raises(WeightsError, match=r"missing key 'text_model\.lm_head\.weight' \(tie_word_embeddings is "
-                                           r"false, so the LM head is a weight of its own\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"missing key 'text_model\.lm_head\.weight' \(tie_word_embeddings is "
+        r"false, so the LM head is a weight of its own\)",
+    ):
         Kosmos2.from_pretrained(folder)
 
 
 def test_untied_config_with_both(variant):
     def edit(f):
         f[HEAD] = (f[EMBED][:, ::-1] * 0.3).astype(np.float32)
+
     folder = variant("untied_both", edit, config_edit=_untie)
     ours, _ = _no_warnings(lambda: _compare_with_transformers(folder, "untied, both"))
     assert "lm_head" in ours.params["text_model"]

@@ -1,22 +1,28 @@
 """The checkpoint loader: sharded files, storage dtypes, bfloat16 files without torch, and every bad checkpoint
 getting a clear error that names the file and the key."""
+
 from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2
 from kosmos2_ref.config import ConfigError
 from kosmos2_ref.hub import CheckpointNotFoundError
-from kosmos2_ref.weights import (WeightsError, bf16_bits_to_float32, expected_shapes, float32_to_bf16_bits,
-                                 flatten, unflatten)
+from kosmos2_ref.weights import (
+    WeightsError,
+    bf16_bits_to_float32,
+    expected_shapes,
+    flatten,
+    float32_to_bf16_bits,
+    unflatten,
+)
 
 TOL = 1e-5
 
@@ -42,8 +48,11 @@ def _logits(model, pv, ids, img):
 
 def _hf_logits(hf, pv, ids, img):
     with torch.no_grad():
-        return hf(pixel_values=torch.from_numpy(pv), input_ids=torch.from_numpy(ids),
-                  image_embeds_position_mask=torch.from_numpy(img)).logits
+        return hf(
+            pixel_values=torch.from_numpy(pv),
+            input_ids=torch.from_numpy(ids),
+            image_embeds_position_mask=torch.from_numpy(img),
+        ).logits
 
 
 def test_missing_folder(tmp_path):
@@ -65,7 +74,7 @@ def test_config_not_json(ckpt):
 
 def test_config_bad_value(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["text_config"]["attention_heads"] = 5          # 32 is not divisible by 5
+    cfg["text_config"]["attention_heads"] = 5  # 32 is not divisible by 5
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"embed_dim=32 is not divisible by attention_heads=5"):
         Kosmos2.from_pretrained(ckpt)
@@ -73,17 +82,23 @@ def test_config_bad_value(ckpt):
 
 def test_config_bad_typed_value_names_the_file(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["text_config"]["pad_token_id"] = 999999      # would shift every position silently: must be a real id
+    cfg["text_config"]["pad_token_id"] = 999999  # would shift every position silently: must be a real id
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config\.json: text_config\.pad_token_id must be a token id, an integer in "
-                                          r"\[0, 65036\] \(below vocab_size\), got 999999"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.json: text_config\.pad_token_id must be a token id, an integer in "
+        r"\[0, 65036\] \(below vocab_size\), got 999999",
+    ):
         Kosmos2.from_pretrained(ckpt)
 
 
-@pytest.mark.parametrize("text, msg", [
-    ("[1]", r"generation_config\.json: expected a JSON object of generation settings, got a JSON list"),
-    ("{oops", r"generation_config\.json: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("[1]", r"generation_config\.json: expected a JSON object of generation settings, got a JSON list"),
+        ("{oops", r"generation_config\.json: not valid JSON"),
+    ],
+)
 def test_generation_config_not_an_object(ckpt, text, msg):
     (ckpt / "generation_config.json").write_text(text)
     with pytest.raises(ConfigError, match=msg):
@@ -92,9 +107,12 @@ def test_generation_config_not_an_object(ckpt, text, msg):
 
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(WeightsError, match=r"has no weights: expected one of model\.safetensors, "
-                                          r"model\.safetensors\.index\.json, pytorch_model\.bin, "
-                                          r"pytorch_model\.bin\.index\.json"):
+    with pytest.raises(
+        WeightsError,
+        match=r"has no weights: expected one of model\.safetensors, "
+        r"model\.safetensors\.index\.json, pytorch_model\.bin, "
+        r"pytorch_model\.bin\.index\.json",
+    ):
         Kosmos2.from_pretrained(ckpt)
 
 
@@ -149,8 +167,11 @@ def test_shape_mismatch(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["text_config"]["ffn_dim"] = 48
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WeightsError, match=r"model\.safetensors': key 'text_model\.model\.layers\.0\.ffn\.[\w.]+' has "
-                                           r"shape \[64(, 32)?\], but config\.json implies \[48(, 32)?\]"):
+    with pytest.raises(
+        WeightsError,
+        match=r"model\.safetensors': key 'text_model\.model\.layers\.0\.ffn\.[\w.]+' has "
+        r"shape \[64(, 32)?\], but config\.json implies \[48(, 32)?\]",
+    ):
         Kosmos2.from_pretrained(ckpt)
 
 
@@ -205,8 +226,11 @@ def test_sharded_index_weight_map_not_an_object(tiny_checkpoint, tmp_path, weigh
     _, hf = tiny_checkpoint
     sharded = fm.save_checkpoint(hf, tmp_path / "sharded", max_shard_size="3MB")
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(WeightsError, match=r"index\.json' is corrupt: its 'weight_map' must be a JSON object mapping "
-                                           r"each weight name to a shard file name"):
+    with pytest.raises(
+        WeightsError,
+        match=r"index\.json' is corrupt: its 'weight_map' must be a JSON object mapping "
+        r"each weight name to a shard file name",
+    ):
         Kosmos2.from_pretrained(sharded)
 
 
@@ -223,7 +247,7 @@ def test_float32_storage_is_memory_mapped(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     model = Kosmos2.from_pretrained(folder)
     w = model.params["text_model"]["model"]["embed_tokens"]["weight"]
-    assert w.dtype == np.float32 and not w.flags.owndata and not w.flags.writeable   # a view of the file map
+    assert w.dtype == np.float32 and not w.flags.owndata and not w.flags.writeable  # a view of the file map
 
 
 def test_converted_storage_does_not_keep_the_file_mapped(tiny_checkpoint):
@@ -234,13 +258,13 @@ def test_converted_storage_does_not_keep_the_file_mapped(tiny_checkpoint):
     for key, w in flatten(model.params).items():
         if w.ndim >= 2:
             assert w.dtype == np.uint16 and w.flags.owndata, key
-            assert not w.flags.writeable, key              # read-only, like the memory-mapped views
+            assert not w.flags.writeable, key  # read-only, like the memory-mapped views
 
 
 def test_bf16_bits_round_trip_and_rounding():
     x = np.array([1.0, -2.5, 3.14159, 1e-30, 65504.0, np.inf, -np.inf, 1.00390625, 1.01171875], np.float32)
     ref = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
-    assert np.array_equal(bf16_bits_to_float32(float32_to_bf16_bits(x)), ref)     # nearest-even like torch
+    assert np.array_equal(bf16_bits_to_float32(float32_to_bf16_bits(x)), ref)  # nearest-even like torch
     assert np.isnan(bf16_bits_to_float32(float32_to_bf16_bits(np.array([np.nan], np.float32))))[0]
 
 
@@ -293,20 +317,28 @@ def test_two_byte_files_load_without_torch(tiny_checkpoint, tmp_path, file_dtype
     tdt = getattr(torch, file_dtype)
     low = copy.deepcopy(hf).to(tdt)
     folder = fm.save_checkpoint(low, tmp_path / file_dtype)
-    st = json.loads((folder / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
-        (folder / "model.safetensors").read_bytes()[:8], "little")])
+    st = json.loads(
+        (folder / "model.safetensors").read_bytes()[
+            8 : 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+        ]
+    )
     assert st["text_model.model.embed_tokens.weight"]["dtype"] == ("BF16" if file_dtype == "bfloat16" else "F16")
     from transformers import Kosmos2ForConditionalGeneration
 
     # transformers reads the same 2-byte file back in float32 (a fresh float32 sinusoid table, unlike .to())
-    ref_model = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                                attn_implementation="eager").eval()
+    ref_model = Kosmos2ForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     pv, ids, img = _inputs(4)
     for storage in ("float32", file_dtype):
         ours = Kosmos2.from_pretrained(folder, dtype=storage)
         print()
-        fm.check(f"logits, {file_dtype} file, {storage} storage", _logits(ours, pv, ids, img),
-                 _hf_logits(ref_model, pv, ids, img), TOL)
+        fm.check(
+            f"logits, {file_dtype} file, {storage} storage",
+            _logits(ours, pv, ids, img),
+            _hf_logits(ref_model, pv, ids, img),
+            TOL,
+        )
 
 
 def test_tree_round_trip():
@@ -319,14 +351,15 @@ def test_tree_round_trip():
 # ---------------------------------------------------------------------------------------------------------------
 # The header's byte ranges must tile the data section exactly, as the safetensors library requires
 
+
 def _rewrite_header(path, edit):
     """Rewrite ``path``'s JSON header with ``edit(header)``; the data section is kept byte for byte."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
 
 
 def _two_biases(header):
@@ -337,11 +370,13 @@ def _two_biases(header):
 
 def test_overlapping_tensors_are_refused(ckpt):
     """Two tensors sharing bytes: safetensors refuses the file (InvalidOffset); so do we, naming file and key."""
+
     def overlap(h):
         ea, eb, _, _ = _two_biases(h)
-        eb["data_offsets"] = list(ea["data_offsets"])      # the second bias reads the first one's bytes
+        eb["data_offsets"] = list(ea["data_offsets"])  # the second bias reads the first one's bytes
+
     _rewrite_header(ckpt / "model.safetensors", overlap)
-    with pytest.raises(Exception, match="invalid offset"):   # what the safetensors library itself says
+    with pytest.raises(Exception, match="invalid offset"):  # what the safetensors library itself says
         load_file(ckpt / "model.safetensors")
     with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: key '[\w.]+' .*overlap"):
         Kosmos2.from_pretrained(ckpt)
@@ -349,7 +384,7 @@ def test_overlapping_tensors_are_refused(ckpt):
 
 def test_gap_after_the_last_tensor_is_refused(ckpt):
     path = ckpt / "model.safetensors"
-    path.write_bytes(path.read_bytes() + b"\0" * 16)          # 16 bytes no tensor accounts for
+    path.write_bytes(path.read_bytes() + b"\0" * 16)  # 16 bytes no tensor accounts for
     with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: .*16 byte\(s\) after the last tensor"):
         Kosmos2.from_pretrained(ckpt)
 
@@ -358,7 +393,11 @@ def test_gap_after_the_last_tensor_is_refused(ckpt):
 def test_data_offsets_must_be_two_integers(ckpt, offsets):
     def bad(h):
         next(v for k, v in h.items() if k != "__metadata__")["data_offsets"] = offsets
+
     _rewrite_header(ckpt / "model.safetensors", bad)
-    with pytest.raises(WeightsError, match=r"model\.safetensors' is corrupt: key '[\w.]+' has data_offsets .* "
-                                           r"expected two integers"):
+    with pytest.raises(
+        WeightsError,
+        match=r"model\.safetensors' is corrupt: key '[\w.]+' has data_offsets .* "
+        r"expected two integers",
+    ):
         Kosmos2.from_pretrained(ckpt)

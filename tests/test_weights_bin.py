@@ -4,6 +4,7 @@ what torch saved, whole checkpoints equal to their safetensors load, and a malic
 torch writes every file here (``torch.save``, transformers' ``save_pretrained(safe_serialization=False)``); our
 reader never imports it, which the subprocess test proves by making ``import torch`` fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2
 from kosmos2_ref.config import Kosmos2Config
 from kosmos2_ref.torch_pickle import TorchBinFile
@@ -37,12 +38,16 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 def _same_bits(ours: np.ndarray, ref: torch.Tensor) -> bool:
     want = _bits(ref)
-    return ours.shape == want.shape and ours.dtype == want.dtype and \
-        np.array_equal(np.ascontiguousarray(ours).view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+    return (
+        ours.shape == want.shape
+        and ours.dtype == want.dtype
+        and np.array_equal(np.ascontiguousarray(ours).view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Single tensors: dtypes, shared storages, strided views
+
 
 def _tensor_zoo() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -51,16 +56,20 @@ def _tensor_zoo() -> dict[str, torch.Tensor]:
     bf = torch.randn(9, 4, generator=g).bfloat16()
     return {
         "f32": base,
-        "f32.transposed": base.t(),                      # shares base's storage, strides (1, 10)
-        "f32.block": base[2:5, 3:9],                     # offset 23, strides (10, 1)
-        "f32.every_other": base[:, ::2],                 # strides (10, 2)
-        "f32.row": base[4],                              # a contiguous slice at an offset
-        "f16": half, "f16.transposed": half.t(),
-        "bf16": bf, "bf16.block": bf[1:8:3, 1:],
+        "f32.transposed": base.t(),  # shares base's storage, strides (1, 10)
+        "f32.block": base[2:5, 3:9],  # offset 23, strides (10, 1)
+        "f32.every_other": base[:, ::2],  # strides (10, 2)
+        "f32.row": base[4],  # a contiguous slice at an offset
+        "f16": half,
+        "f16.transposed": half.t(),
+        "bf16": bf,
+        "bf16.block": bf[1:8:3, 1:],
         "f64": torch.randn(3, 2, generator=g, dtype=torch.float64),
-        "i64": torch.arange(7), "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
-        "param": torch.nn.Parameter(torch.randn(2, 3, generator=g)),     # saved through _rebuild_parameter
+        "i64": torch.arange(7),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "param": torch.nn.Parameter(torch.randn(2, 3, generator=g)),  # saved through _rebuild_parameter
     }
 
 
@@ -73,8 +82,8 @@ def test_every_tensor_bit_for_bit(tmp_path):
     for key, t in zoo.items():
         assert _same_bits(f.raw(key), t), key
         assert f.shape(key) == tuple(t.shape), key
-    assert not f.raw("f32").flags.writeable                                   # weights are read-only
-    assert np.shares_memory(f.raw("f32"), f.raw("f32.transposed"))            # one storage, one mapping
+    assert not f.raw("f32").flags.writeable  # weights are read-only
+    assert np.shares_memory(f.raw("f32"), f.raw("f32.transposed"))  # one storage, one mapping
     assert f.st_dtype("bf16") == "BF16" and f.raw("bf16").dtype == np.uint16
 
 
@@ -87,7 +96,7 @@ def test_converted_reads_equal_torch_conversion(tmp_path, storage):
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[storage]
     for key, t in zoo.items():
         if t.dtype == torch.float16 and storage == "bfloat16":
-            ref = t.float().to(tdt)            # float16 -> bfloat16 goes through float32 here, as in weights.py
+            ref = t.float().to(tdt)  # float16 -> bfloat16 goes through float32 here, as in weights.py
         else:
             ref = t.to(tdt)
         assert _same_bits(f.read_converted(key, storage), ref), (key, storage)
@@ -95,6 +104,7 @@ def test_converted_reads_equal_torch_conversion(tmp_path, storage):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Whole checkpoints saved as .bin
+
 
 @pytest.fixture(scope="module")
 def saved_pair(tiny_checkpoint, tmp_path_factory):
@@ -109,8 +119,9 @@ def saved_pair(tiny_checkpoint, tmp_path_factory):
         st = root / f"{name}-st"
         model.save_pretrained(st, safe_serialization=True)
         pt = fm.save_bin_checkpoint(model, root / f"{name}-bin")
-        sharded = fm.save_bin_checkpoint(model, root / f"{name}-bin-sharded",
-                                         max_shard_bytes=2_000_000 // model.dtype.itemsize)
+        sharded = fm.save_bin_checkpoint(
+            model, root / f"{name}-bin-sharded", max_shard_bytes=2_000_000 // model.dtype.itemsize
+        )
         out[name] = (st, pt, sharded)
     return out
 
@@ -129,8 +140,9 @@ def test_bin_checkpoint_equals_safetensors_bit_for_bit(saved_pair, file_dtype):
             ours = load_flat(folder, cfg, storage)
             assert ours.keys() == ref.keys()
             for k in ref:
-                assert ours[k].dtype == ref[k].dtype and np.array_equal(ours[k].view(np.uint8),
-                                                                        ref[k].view(np.uint8)), (folder.name, k)
+                assert ours[k].dtype == ref[k].dtype and np.array_equal(
+                    ours[k].view(np.uint8), ref[k].view(np.uint8)
+                ), (folder.name, k)
     print(f"\n  {file_dtype}: {len(ref)} tensors equal bit for bit (single .bin and {len(shards)} shards)")
 
 
@@ -142,11 +154,15 @@ def test_bin_model_matches_transformers(saved_pair):
     ref_model = Kosmos2ForConditionalGeneration.from_pretrained(pt, attn_implementation="eager").eval()
     ids, img = fm.image_prompt_ids([712, 1648, 9, 10, 43867], 64)
     pv = np.random.default_rng(5).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    ours = Kosmos2.from_pretrained(pt)(pixel_values=pv, input_ids=np.array([ids]),
-                                       image_embeds_position_mask=np.array([img])).logits
+    ours = Kosmos2.from_pretrained(pt)(
+        pixel_values=pv, input_ids=np.array([ids]), image_embeds_position_mask=np.array([img])
+    ).logits
     with torch.no_grad():
-        ref = ref_model(pixel_values=torch.from_numpy(pv), input_ids=torch.tensor([ids]),
-                        image_embeds_position_mask=torch.tensor([img])).logits
+        ref = ref_model(
+            pixel_values=torch.from_numpy(pv),
+            input_ids=torch.tensor([ids]),
+            image_embeds_position_mask=torch.tensor([img]),
+        ).logits
     print()
     fm.check("logits, pytorch_model.bin", ours, ref, 1e-5)
 
@@ -171,13 +187,19 @@ print("torch loaded:", "torch" in sys.modules and sys.modules["torch"] is not No
 """
 
 
-@pytest.mark.parametrize("file_dtype, which", [("float32", "single"), ("float16", "single"),
-                                                ("bfloat16", "single"), ("bfloat16", "sharded")])
+@pytest.mark.parametrize(
+    "file_dtype, which", [("float32", "single"), ("float16", "single"), ("bfloat16", "single"), ("bfloat16", "sharded")]
+)
 def test_bin_loads_where_torch_cannot_be_imported(saved_pair, file_dtype, which):
     st, pt, sharded = saved_pair[file_dtype]
     folder = pt if which == "single" else sharded
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(folder), file_dtype], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, str(folder), file_dtype],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "torch loaded: False"
@@ -193,7 +215,7 @@ def test_safetensors_preferred_when_both_exist(saved_pair, tmp_path):
     st, pt, _ = saved_pair["float32"]
     both = tmp_path / "both"
     shutil.copytree(st, both)
-    (both / "pytorch_model.bin").write_bytes(b"not even a zip")      # never opened
+    (both / "pytorch_model.bin").write_bytes(b"not even a zip")  # never opened
     cfg = Kosmos2Config.from_pretrained(st)
     ref = load_flat(st, cfg)
     assert all(np.array_equal(v, ref[k]) for k, v in load_flat(both, cfg).items())
@@ -205,19 +227,20 @@ def test_transformers_4x_bin_with_both_tied_keys(saved_pair, tmp_path):
     folder = tmp_path / "tied"
     shutil.copytree(pt, folder)
     sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
-    sd["text_model.lm_head.weight"] = sd["text_model.model.embed_tokens.weight"]       # same storage
-    sd["text_model.model.embed_positions.weights"] = torch.zeros(3, 32)                # a derived buffer
+    sd["text_model.lm_head.weight"] = sd["text_model.model.embed_tokens.weight"]  # same storage
+    sd["text_model.model.embed_positions.weights"] = torch.zeros(3, 32)  # a derived buffer
     torch.save(sd, folder / "pytorch_model.bin")
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                       # neither key deserves a warning
+        warnings.simplefilter("error")  # neither key deserves a warning
         flat = load_flat(folder, Kosmos2Config.from_pretrained(folder))
     assert "text_model.lm_head.weight" not in flat
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files we refuse, and the malicious pickle
+
 
 class _RunsACommand:
     """Pickles as a call to os.system: unpickling it with the standard unpickler runs the command."""
@@ -249,15 +272,26 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tiny_checkpoint, tmp_path)
     shutil.copy(tiny_checkpoint[0] / "config.json", folder)
     marker = tmp_path / "ran"
     _malicious_bin(folder / "pytorch_model.bin", marker)
-    with pytest.raises(WeightsError, match=r"pytorch_model\.bin': its pickle names (posix|os)\.system, which a "
-                                           r"PyTorch state dict never needs; refusing to load it"):
+    with pytest.raises(
+        WeightsError,
+        match=r"pytorch_model\.bin': its pickle names (posix|os)\.system, which a "
+        r"PyTorch state dict never needs; refusing to load it",
+    ):
         Kosmos2.from_pretrained(folder)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("builtins", "exec"), ("subprocess", "Popen"),
-                                          ("torch", "load"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-                                          ("collections", "namedtuple")])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("builtins", "eval"),
+        ("builtins", "exec"),
+        ("subprocess", "Popen"),
+        ("torch", "load"),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+        ("collections", "namedtuple"),
+    ],
+)
 def test_any_other_global_is_refused(tmp_path, module, name):
     # PROTO 2; GLOBAL module name; the string "code"; TUPLE1; REDUCE (call it); STOP -- hand-assembled opcodes
     body = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X\x04\x00\x00\x00code\x85R."
@@ -285,8 +319,9 @@ def test_a_record_changed_after_its_checks_is_refused(tmp_path):
     torch.save({"w": torch.ones(10)}, path)
     # before the dict's SETITEM(S), BUILD the tensor with {"offset": 10**6}: EMPTY_DICT, "offset", int, SETITEM, BUILD
     evil = b"}X\x06\x00\x00\x00offsetJ@B\x0f\x00sb"
-    _rewrite_pickle(path, lambda p: p.replace(b"R.", b"R" + evil + b".", 1) if p.endswith(b"R.") else
-                    p[:-2] + evil + p[-2:])
+    _rewrite_pickle(
+        path, lambda p: p.replace(b"R.", b"R" + evil + b".", 1) if p.endswith(b"R.") else p[:-2] + evil + p[-2:]
+    )
     with pytest.raises(WeightsError, match=r"tries to change a tensor or storage record after building it"):
         TorchBinFile(path)
 
@@ -297,8 +332,11 @@ def test_one_storage_declared_twice_differently_is_refused(tmp_path):
     torch.save({"a": torch.ones(10), "b": torch.ones(10, dtype=torch.float64)}, path)
     # make the float64 tensor claim storage '0' (the float32 one's, 40 bytes) instead of its own '1'
     _rewrite_pickle(path, lambda p: p.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000", 1))
-    with pytest.raises(WeightsError, match=r"declares storage '0' as 10 x (Double|Float)Storage, another tensor as "
-                                           r"10 x (Float|Double)Storage"):
+    with pytest.raises(
+        WeightsError,
+        match=r"declares storage '0' as 10 x (Double|Float)Storage, another tensor as "
+        r"10 x (Float|Double)Storage",
+    ):
         TorchBinFile(path)
 
 
@@ -328,8 +366,9 @@ def test_legacy_format_checkpoint_loads(saved_pair, tmp_path):
 def test_legacy_format_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.bin"
-    torch.save({"w": torch.ones(2), "evil": _RunsACommand(f"touch {marker}")}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"w": torch.ones(2), "evil": _RunsACommand(f"touch {marker}")}, path, _use_new_zipfile_serialization=False
+    )
     with pytest.raises(WeightsError, match=r"its pickle names (posix|os)\.system"):
         TorchBinFile(path)
     assert not marker.exists()
@@ -374,8 +413,11 @@ def test_truncated_bin(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         for n, b in members.items():
             z.writestr(n, b)
-    with pytest.raises(WeightsError, match=r"t\.bin' is truncated: storage '0' of tensor 'w' should hold 1000 "
-                                           r"elements \(4000 bytes\) but has 100 bytes"):
+    with pytest.raises(
+        WeightsError,
+        match=r"t\.bin' is truncated: storage '0' of tensor 'w' should hold 1000 "
+        r"elements \(4000 bytes\) but has 100 bytes",
+    ):
         TorchBinFile(path)
     assert len(data) > 4000
 
@@ -417,7 +459,7 @@ def test_bin_storage_is_memory_mapped_not_copied(saved_pair):
     base = w
     while getattr(base, "base", None) is not None:
         base = base.base
-    assert isinstance(base, __import__("mmap").mmap)                     # the mapped file itself
+    assert isinstance(base, __import__("mmap").mmap)  # the mapped file itself
     low = Kosmos2.from_pretrained(pt, dtype="bfloat16")
     w = low.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"]
     assert w.dtype == np.uint16 and w.flags.owndata and not w.flags.writeable

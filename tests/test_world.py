@@ -1,4 +1,5 @@
 """The synthetic world (kosmos2_ref.world): scenes from seeds, their pictures, their Kosmos-2 texts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,13 +25,13 @@ def test_scenes_keep_their_promises(seed):
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
         assert world.MIN_SIZE - 1e-9 <= x2 - x1 <= world.MAX_SIZE + 1e-9
         assert obj.shape in world.SHAPES and obj.colour in world.COLOURS
-        for other in scene.objects[i + 1:]:                     # occlusion-free: boxes apart
+        for other in scene.objects[i + 1 :]:  # occlusion-free: boxes apart
             assert world.iou(obj.box, other.box) == 0.0
 
 
 def test_the_picture_shows_each_object_in_its_colour():
     scene = world.make_scene(5, num_objects=3, image_size=224)
-    pixels = np.asarray(world.render(scene)).astype(int)             # [224, 224, 3]
+    pixels = np.asarray(world.render(scene)).astype(int)  # [224, 224, 3]
     assert pixels.shape == (224, 224, 3)
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
@@ -40,7 +41,7 @@ def test_the_picture_shows_each_object_in_its_colour():
 
 
 def test_caption_text_is_the_kosmos2_format_and_reads_back():
-    scene = world.make_scene(2)          # a green circle, two green triangles, a blue square
+    scene = world.make_scene(2)  # a green circle, two green triangles, a blue square
     text = world.caption_text(scene)
     assert text.startswith("<grounding> An image of<phrase> a green circle</phrase><object><patch_index_")
     assert "<phrase> two green triangles</phrase>" in text and "</delimiter_of_multi_objects/>" in text
@@ -49,7 +50,7 @@ def test_caption_text_is_the_kosmos2_format_and_reads_back():
     assert [name for name, _, _ in entities] == ["a green circle", "two green triangles", "a blue square"]
     for (_, _, boxes), (_, truth) in zip(entities, world.caption_phrases(scene)):
         assert len(boxes) == len(truth)
-        assert all(world.iou(b, t) > 0.75 for b, t in zip(boxes, truth))   # exact tokens, cell-centre decoding
+        assert all(world.iou(b, t) > 0.75 for b, t in zip(boxes, truth))  # exact tokens, cell-centre decoding
 
 
 def test_referring_and_describe_texts():
@@ -73,12 +74,20 @@ def test_objects_are_large_enough_for_exact_tokens_to_score():
         assert world.iou(patch_indices_to_box(*box_to_patch_indices(box)), box) >= 0.5
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
-    (dict(seed=0, num_objects=0), "num_objects"), (dict(seed=0, num_objects=5), "num_objects"),
-    (dict(seed=0, image_size=16), "image_size"), (dict(seed=0, min_size=0.0), "min_size"),
-    (dict(seed=0, max_size=2), "max_size"), (dict(seed=0, min_size=0.4, max_size=0.3), "min_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(seed=-1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(seed=0, num_objects=0), "num_objects"),
+        (dict(seed=0, num_objects=5), "num_objects"),
+        (dict(seed=0, image_size=16), "image_size"),
+        (dict(seed=0, min_size=0.0), "min_size"),
+        (dict(seed=0, max_size=2), "max_size"),
+        (dict(seed=0, min_size=0.4, max_size=0.3), "min_size"),
+    ],
+)
 def test_bad_options_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         world.make_scene(**kwargs)

@@ -4,6 +4,7 @@ The server is the real one (``python -m kosmos2_ref serve``), on the demo checkp
 process prints its URL once it listens (``--port 0`` lets the system pick a free port, so parallel runs never
 collide) and is stopped with SIGINT, as Ctrl-C stops it.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -31,8 +32,9 @@ class Server:
         self.url = f"http://{host}:{port}/"
         self.output: list[str] = []
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 120):
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120
+    ):
         """(status, headers, body bytes) of one request; the path is sent exactly as given."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
@@ -73,10 +75,20 @@ def _reader(stream, lines: list[str], ready: threading.Event, found: dict) -> No
 def running_server(model_folder, *extra_args: str):
     """Start the server on 127.0.0.1 (a free port) for ``model_folder``; stop it with SIGINT afterwards."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "kosmos2_ref", "serve", "--model", str(model_folder), "--host", "127.0.0.1",
-           "--port", "0", *extra_args]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=REPO)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kosmos2_ref",
+        "serve",
+        "--model",
+        str(model_folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra_args,
+    ]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines: list[str] = []
     ready, found = threading.Event(), {}
     threading.Thread(target=_reader, args=(process.stdout, lines, ready, found), daemon=True).start()

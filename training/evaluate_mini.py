@@ -18,6 +18,7 @@ Ours runs through ``kosmos2_ref.tasks``; transformers runs ``generate`` on the s
 scored by the same rules; ``agree`` counts scenes where both produced the same tokens in all three jobs. The
 baseline is the best single fixed box (chosen on 2000 training scenes) and the commonest kind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # tiny products: one BLAS thread is 2x faster here
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny products: one BLAS thread is 2x faster here
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
@@ -41,10 +42,10 @@ IMAGE_SIZE = 224
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring rules (shared by both implementations)
 
+
 def match_count(pred: list, truth: list, thresh: float = 0.5) -> int:
     """How many truth boxes get a distinct predicted box with IoU >= thresh (greedy, best pairs first)."""
-    pairs = sorted(((world.iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)),
-                   reverse=True)
+    pairs = sorted(((world.iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
     used_p, used_t, n = set(), set(), 0
     for score, i, j in pairs:
         if score >= thresh and i not in used_p and j not in used_t:
@@ -88,6 +89,7 @@ def score_describe(text: str, obj: world.SceneObject) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # The two implementations
 
+
 def run_ours(model, processor, scene, image):
     cap = tasks.caption(model, image, processor=processor)
     phrase, truth = ground_query(scene)
@@ -95,8 +97,12 @@ def run_ours(model, processor, scene, image):
     obj = scene.objects[scene.seed % len(scene.objects)]
     de = tasks.describe(model, image, obj.box, processor=processor)
     ent = [(e.phrase, e.span, e.boxes) for e in cap.entities]
-    return {"caption": score_caption(scene, ent), "ground": score_ground(gr.boxes, truth),
-            "describe": score_describe(de.description, obj), "texts": (cap.text, gr.text, de.text)}
+    return {
+        "caption": score_caption(scene, ent),
+        "ground": score_ground(gr.boxes, truth),
+        "describe": score_describe(de.description, obj),
+        "texts": (cap.text, gr.text, de.text),
+    }
 
 
 def run_transformers(model, processor, scene, image):
@@ -105,10 +111,13 @@ def run_transformers(model, processor, scene, image):
     def generate(prompt, bboxes=None, max_new=tasks.DEFAULT_MAX_NEW_TOKENS):
         enc = processor(text=prompt, images=image, bboxes=bboxes, return_tensors="pt")
         with torch.no_grad():
-            ids = model.generate(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"],
-                                 attention_mask=enc["attention_mask"],
-                                 image_embeds_position_mask=enc["image_embeds_position_mask"],
-                                 max_new_tokens=max_new)
+            ids = model.generate(
+                pixel_values=enc["pixel_values"],
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                image_embeds_position_mask=enc["image_embeds_position_mask"],
+                max_new_tokens=max_new,
+            )
         decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
         raw = processor.post_process_generation(decoded, cleanup_and_extract=False)
         caption, entities = processor.post_process_generation(decoded)
@@ -120,28 +129,34 @@ def run_transformers(model, processor, scene, image):
     hit = next((e for e in ent_g if e[1][0] == 0 and e[0] == phrase), None)
     obj = scene.objects[scene.seed % len(scene.objects)]
     raw_d, cap_d, _ = generate("<grounding><phrase> It</phrase>", [obj.box])
-    return {"caption": score_caption(scene, ent_c), "ground": score_ground(hit[2] if hit else [], truth),
-            "describe": score_describe(cap_d, obj), "texts": (raw_c, raw_g, raw_d)}
+    return {
+        "caption": score_caption(scene, ent_c),
+        "ground": score_ground(hit[2] if hit else [], truth),
+        "describe": score_describe(cap_d, obj),
+        "texts": (raw_c, raw_g, raw_d),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Baselines
 
+
 def best_fixed_box(n_train: int = 2000, step: float = 1 / 16) -> tuple[tuple, float]:
     """The one box that has IoU >= 0.5 with the most objects of ``n_train`` training scenes, and that share."""
-    truth = np.array([o.box for s in range(n_train) for o in world.make_scene(s).objects])     # [M, 4]
+    truth = np.array([o.box for s in range(n_train) for o in world.make_scene(s).objects])  # [M, 4]
     edges = np.arange(0, 1 + 1e-9, step)
-    cands = np.array([(x1, y1, x2, y2) for x1 in edges for x2 in edges if x2 > x1
-                      for y1 in edges for y2 in edges if y2 > y1])                            # [K, 4]
+    cands = np.array(
+        [(x1, y1, x2, y2) for x1 in edges for x2 in edges if x2 > x1 for y1 in edges for y2 in edges if y2 > y1]
+    )  # [K, 4]
     best, best_rate = None, -1.0
     for chunk in np.array_split(cands, max(1, len(cands) // 2000)):
-        c, t = chunk[:, None, :], truth[None, :, :]                                           # [k, 1, 4], [1, M, 4]
-        iw = np.clip(np.minimum(c[..., 2], t[..., 2]) - np.maximum(c[..., 0], t[..., 0]), 0, None)   # [k, M]
+        c, t = chunk[:, None, :], truth[None, :, :]  # [k, 1, 4], [1, M, 4]
+        iw = np.clip(np.minimum(c[..., 2], t[..., 2]) - np.maximum(c[..., 0], t[..., 0]), 0, None)  # [k, M]
         ih = np.clip(np.minimum(c[..., 3], t[..., 3]) - np.maximum(c[..., 1], t[..., 1]), 0, None)
         inter = iw * ih
         area_c = (chunk[:, 2] - chunk[:, 0]) * (chunk[:, 3] - chunk[:, 1])
         area_t = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
-        rate = ((inter / (area_c[:, None] + area_t[None, :] - inter)) >= 0.5).mean(1)           # [k]
+        rate = ((inter / (area_c[:, None] + area_t[None, :] - inter)) >= 0.5).mean(1)  # [k]
         if rate.max() > best_rate:
             best_rate, best = float(rate.max()), tuple(float(v) for v in chunk[rate.argmax()])
     return best, best_rate
@@ -150,19 +165,24 @@ def best_fixed_box(n_train: int = 2000, step: float = 1 / 16) -> tuple[tuple, fl
 def baseline(scenes: list, box: tuple) -> dict:
     objects = [o for s in scenes for o in s.objects]
     ground = [score_ground([box], ground_query(s)[1]) for s in scenes]
-    return {"ground": float(np.mean(ground)), "caption_boxes": float(np.mean([world.iou(box, o.box) >= 0.5
-                                                                             for o in objects])),
-            "describe": 1 / (len(world.COLOURS) * len(world.SHAPES))}
+    return {
+        "ground": float(np.mean(ground)),
+        "caption_boxes": float(np.mean([world.iou(box, o.box) >= 0.5 for o in objects])),
+        "describe": 1 / (len(world.COLOURS) * len(world.SHAPES)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def summarise(rows: list[dict], scenes: list) -> dict:
     n_obj = sum(len(s.objects) for s in scenes)
-    return {"caption_named": float(np.mean([r["caption"][0] for r in rows])),
-            "caption_boxes": sum(r["caption"][1] for r in rows) / n_obj,
-            "ground": float(np.mean([r["ground"] for r in rows])),
-            "describe": float(np.mean([r["describe"] for r in rows]))}
+    return {
+        "caption_named": float(np.mean([r["caption"][0] for r in rows])),
+        "caption_boxes": sum(r["caption"][1] for r in rows) / n_obj,
+        "ground": float(np.mean([r["ground"] for r in rows])),
+        "describe": float(np.mean([r["describe"] for r in rows])),
+    }
 
 
 def evaluate_scenes(folder, indices: list[int], with_transformers: bool) -> list[dict]:
@@ -205,10 +225,14 @@ def report(rows: list[dict], folder) -> dict:
     box, train_rate = best_fixed_box()
     root = Path(__file__).resolve().parents[1]
     shown = Path(folder).resolve()
-    shown = shown.relative_to(root) if shown.is_relative_to(root) else shown     # no machine paths in the record
-    result = {"n": len(rows), "model": str(shown), "ours": summarise([r["ours"] for r in rows], scenes),
-              "baseline": {**baseline(scenes, box), "box": box, "train_rate": train_rate},
-              "seconds": {"ours": round(sum(r["seconds_ours"] for r in rows), 1)}}
+    shown = shown.relative_to(root) if shown.is_relative_to(root) else shown  # no machine paths in the record
+    result = {
+        "n": len(rows),
+        "model": str(shown),
+        "ours": summarise([r["ours"] for r in rows], scenes),
+        "baseline": {**baseline(scenes, box), "box": box, "train_rate": train_rate},
+        "seconds": {"ours": round(sum(r["seconds_ours"] for r in rows), 1)},
+    }
     if all("transformers" in r for r in rows):
         result["transformers"] = summarise([r["transformers"] for r in rows], scenes)
         result["agree"] = sum(r["agree"] for r in rows)
@@ -250,12 +274,17 @@ def main(argv=None) -> dict:
 def print_table(r: dict) -> None:
     cols = [("ours", r["ours"])] + ([("transformers", r["transformers"])] if "transformers" in r else [])
     b = r["baseline"]
-    print(f"\n{r['n']} held-out scenes (seeds {HELDOUT_SEED_BASE}..), greedy     target   "
-          + "  ".join(f"{name:>12s}" for name, _ in cols) + "   fixed-box baseline")
-    lines = [("caption: every object named", "caption_named", ">= 0.90", None),
-             ("caption: objects with box IoU >= 0.5", "caption_boxes", ">= 0.80", b["caption_boxes"]),
-             ("ground: IoU >= 0.5", "ground", ">= 0.85", b["ground"]),
-             ("describe: right colour and shape", "describe", ">= 0.85", b["describe"])]
+    print(
+        f"\n{r['n']} held-out scenes (seeds {HELDOUT_SEED_BASE}..), greedy     target   "
+        + "  ".join(f"{name:>12s}" for name, _ in cols)
+        + "   fixed-box baseline"
+    )
+    lines = [
+        ("caption: every object named", "caption_named", ">= 0.90", None),
+        ("caption: objects with box IoU >= 0.5", "caption_boxes", ">= 0.80", b["caption_boxes"]),
+        ("ground: IoU >= 0.5", "ground", ">= 0.85", b["ground"]),
+        ("describe: right colour and shape", "describe", ">= 0.85", b["describe"]),
+    ]
     for label, key, target, base in lines:
         vals = "  ".join(f"{c[key]:12.3f}" for _, c in cols)
         print(f"  {label:<44s} {target:>8s}   {vals}   {'' if base is None else f'{base:.3f}'}")

@@ -4,9 +4,11 @@
 
 Writes ``config.json`` and ``model.safetensors`` with transformers' ``save_pretrained`` (weights stored as
 float16 when every weight fits its range, else float32; config dtype float32: both loaders compute in float32),
-``generation_config.json``, and ``mini.json`` (what it is, how it was trained). The auxiliary heads of training are not part of the model and are dropped. The tokenizer and
+``generation_config.json``, and ``mini.json`` (what it is, how it was trained). The auxiliary heads of training are
+not part of the model and are dropped. The tokenizer and
 image-processor files already in the folder (``make_mini_tokenizer.py``) are kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +34,7 @@ def export(ckpt_path: str, folder: str) -> Path:
     model = train_mini.build_model(len(tokenizer), 0, args.get("size", "base"))
     model.load_state_dict(state["model"])
     largest = max(p.abs().max().item() for p in model.parameters())
-    storage = "float16" if largest < 60000 else "float32"   # 2 bytes (11.5 MB) unless a weight would overflow
+    storage = "float16" if largest < 60000 else "float32"  # 2 bytes (11.5 MB) unless a weight would overflow
     model = model.to(getattr(torch, storage))
     model.save_pretrained(out, safe_serialization=True)
     # ...but computed in float32: transformers loads a checkpoint in its config's dtype, ours always widens
@@ -41,10 +43,14 @@ def export(ckpt_path: str, folder: str) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     (out / "model.safetensors").chmod(0o644)
-    info = {"what": "a miniature Kosmos-2 trained on synthetic shapes (kosmos2_ref.world), not on photos",
-            "steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
-            "parameters": sum(p.numel() for p in model.parameters()), "storage": storage,
-            "recipe": {k: v for k, v in args.items() if k not in ("run", "threads")}}
+    info = {
+        "what": "a miniature Kosmos-2 trained on synthetic shapes (kosmos2_ref.world), not on photos",
+        "steps": state["step"],
+        "training_minutes": round(state["elapsed"] / 60, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "storage": storage,
+        "recipe": {k: v for k, v in args.items() if k not in ("run", "threads")},
+    }
     (out / "mini.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: step {state['step']}, {info['parameters'] / 1e6:.2f} M parameters")
     return out

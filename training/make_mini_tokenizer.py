@@ -9,6 +9,7 @@ XLM-R template ``<s> $A </s>``) is the one transformers' ``XLMRobertaTokenizer``
 
     python training/make_mini_tokenizer.py kosmos2_ref/assets/mini
 """
+
 from __future__ import annotations
 
 import json
@@ -22,22 +23,54 @@ from tokenizers.models import Unigram
 IMAGE_SIZE = 112
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 MASK = "<mask>"
-TAGS = ["</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>", "</phrase>", "<object>", "</object>",
-        "</delimiter_of_multi_objects/>", "<grounding>"]
+TAGS = [
+    "</doc>",
+    "<image>",
+    "</image>",
+    "</chunk>",
+    "</line>",
+    "<phrase>",
+    "</phrase>",
+    "<object>",
+    "</object>",
+    "</delimiter_of_multi_objects/>",
+    "<grounding>",
+]
 WORDS = """an image of a and the two three four one it is there are in this picture
 red green blue yellow circle circles square squares triangle triangles""".split()
 
-SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "mask_token": "<mask>",
-                      "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>"}
-TOKENIZER_CONFIG = {"tokenizer_class": "XLMRobertaTokenizer", "processor_class": "Kosmos2Processor",
-                    "add_prefix_space": True, "clean_up_tokenization_spaces": False, "model_max_length": 2048,
-                    **SPECIAL_TOKENS_MAP}
+SPECIAL_TOKENS_MAP = {
+    "bos_token": "<s>",
+    "cls_token": "<s>",
+    "eos_token": "</s>",
+    "mask_token": "<mask>",
+    "pad_token": "<pad>",
+    "sep_token": "</s>",
+    "unk_token": "<unk>",
+}
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "XLMRobertaTokenizer",
+    "processor_class": "Kosmos2Processor",
+    "add_prefix_space": True,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 2048,
+    **SPECIAL_TOKENS_MAP,
+}
 PREPROCESSOR_CONFIG = {  # Kosmos-2's CLIP preprocessing, at the miniature's image size
-    "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True, "do_convert_rgb": True,
-    "do_normalize": True, "do_rescale": True, "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "CLIPImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "processor_class": "Kosmos2Processor", "resample": 3,
-    "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": IMAGE_SIZE}, "use_square_size": True,
+    "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "Kosmos2Processor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": IMAGE_SIZE},
+    "use_square_size": True,
 }
 
 
@@ -58,10 +91,12 @@ def build_tokenizer() -> Tokenizer:
     vocab = [(name, 0.0) for name in SPECIALS] + pieces() + [(MASK, 0.0)]
     tokenizer = Tokenizer(Unigram(vocab, unk_id=3, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS + [MASK]])
     names = TAGS + [f"<patch_index_{i:04d}>" for i in range(1024)]
     tokenizer.add_tokens([AddedToken(t, lstrip=True, rstrip=False, normalized=False, special=False) for t in names])

@@ -6,6 +6,7 @@ Left: the cross-entropy of the text tokens and of the location tokens (hard targ
 held-out greedy referring accuracy (IoU >= 0.5) and mean IoU, measured every 100 steps during training (on 64
 scenes of 1-4 objects, and on 32 single-object scenes).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,22 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 W, H = 1100, 420
-PANEL = (70, 40, 500, 340)          # x0, y0, width, height of the left panel
+PANEL = (70, 40, 500, 340)  # x0, y0, width, height of the left panel
 GAP = 560
-COLOURS = {"text": (40, 90, 200), "loc": (210, 60, 40), "ground_acc": (30, 150, 70), "ground_miou": (150, 80, 190),
-           "ground1_acc": (230, 150, 20)}
-LABELS = {"text": "text tokens", "loc": "location tokens (hard target)",
-          "ground_acc": "IoU >= 0.5, 64 scenes of 1-4 objects", "ground_miou": "mean IoU, same scenes",
-          "ground1_acc": "IoU >= 0.5, 32 single-object scenes"}
+COLOURS = {
+    "text": (40, 90, 200),
+    "loc": (210, 60, 40),
+    "ground_acc": (30, 150, 70),
+    "ground_miou": (150, 80, 190),
+    "ground1_acc": (230, 150, 20),
+}
+LABELS = {
+    "text": "text tokens",
+    "loc": "location tokens (hard target)",
+    "ground_acc": "IoU >= 0.5, 64 scenes of 1-4 objects",
+    "ground_miou": "mean IoU, same scenes",
+    "ground1_acc": "IoU >= 0.5, 32 single-object scenes",
+}
 
 
 def font(size: int):
@@ -64,8 +74,8 @@ def panel(d, x0, title, rows, keys, ylog, ymin, ymax, xmax):
 
 def main(log: str, out: str) -> None:
     by_step = {}
-    for line in Path(log).read_text().splitlines():       # a resumed run repeats the steps after its last
-        if line.strip():                                   # checkpoint: the later row of a step wins
+    for line in Path(log).read_text().splitlines():  # a resumed run repeats the steps after its last
+        if line.strip():  # checkpoint: the later row of a step wins
             row = json.loads(line)
             by_step[row["step"]] = row
     rows = [by_step[s] for s in sorted(by_step)]
@@ -74,8 +84,17 @@ def main(log: str, out: str) -> None:
     d = ImageDraw.Draw(img)
     train = [r for r in rows if "text" in r]
     panel(d, PANEL[0], "training loss (nats per token)", train, ["text", "loc"], True, 0.01, 10, xmax)
-    panel(d, PANEL[0] + GAP, "held-out referring (greedy)", rows,
-          ["ground_acc", "ground_miou", "ground1_acc"], False, 0, 1, xmax)
+    panel(
+        d,
+        PANEL[0] + GAP,
+        "held-out referring (greedy)",
+        rows,
+        ["ground_acc", "ground_miou", "ground1_acc"],
+        False,
+        0,
+        1,
+        xmax,
+    )
     img.save(out)
     print(f"{out}: {len(rows)} log rows, {xmax:.0f} minutes")
 

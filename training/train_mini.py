@@ -14,6 +14,7 @@ Every step draws fresh scenes from seeds ``step * batch + i`` (training seeds st
 resumed run sees exactly the data it would have seen. A checkpoint (model, optimizer, auxiliary head, step) is
 written every ``--save-every`` seconds, atomically; ``log.jsonl`` holds the losses and the held-out IoU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,40 +33,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kosmos2_ref import world  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "kosmos2_ref" / "assets" / "mini"
-EVAL_SEED_BASE = 1_000_000_000          # held-out scenes: seeds from here on are never trained on
-GRID = 32                               # the 32 × 32 location cells of Kosmos-2's patch-index tokens
+EVAL_SEED_BASE = 1_000_000_000  # held-out scenes: seeds from here on are never trained on
+GRID = 32  # the 32 × 32 location cells of Kosmos-2's patch-index tokens
 N_LOC = GRID * GRID
 
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
 MODEL_SIZES = {
     "base": {
-        "text_config": {"embed_dim": 256, "layers": 4, "ffn_dim": 1024, "attention_heads": 8,
-                        "max_position_embeddings": 512, **NO_DROPOUT},
-        "vision_config": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
-                          "num_attention_heads": 6, "image_size": 112, "patch_size": 14},
+        "text_config": {
+            "embed_dim": 256,
+            "layers": 4,
+            "ffn_dim": 1024,
+            "attention_heads": 8,
+            "max_position_embeddings": 512,
+            **NO_DROPOUT,
+        },
+        "vision_config": {
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 6,
+            "image_size": 112,
+            "patch_size": 14,
+        },
         "latent_query_num": 64,
     },
     "small": {
-        "text_config": {"embed_dim": 192, "layers": 4, "ffn_dim": 768, "attention_heads": 6,
-                        "max_position_embeddings": 512, **NO_DROPOUT},
-        "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                          "num_attention_heads": 4, "image_size": 112, "patch_size": 14},
+        "text_config": {
+            "embed_dim": 192,
+            "layers": 4,
+            "ffn_dim": 768,
+            "attention_heads": 6,
+            "max_position_embeddings": 512,
+            **NO_DROPOUT,
+        },
+        "vision_config": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 112,
+            "patch_size": 14,
+        },
         "latent_query_num": 64,
     },
 }
-PATCH_SIDE = 112 // 14                  # the 8 x 8 patch grid of both sizes (= the 64 latent queries)
+PATCH_SIDE = 112 // 14  # the 8 x 8 patch grid of both sizes (= the 64 latent queries)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model and structured initialisation
 
+
 def sinusoid_codes(n: int, dim: int) -> torch.Tensor:
     """[n, dim] sinusoids of positions 0..n-1, frequencies from a quarter turn over all n (the sine and cosine
     are then monotonic: near-linear and near-quadratic in the position) to half a turn per step."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]                    # [n, 1]
-    freqs = torch.exp(torch.linspace(math.log(0.25 / n), math.log(0.5), dim // 2))   # turns per step
-    angles = 2 * math.pi * pos * freqs[None, :]                            # [n, dim/2]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)        # [n, dim]
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # [n, 1]
+    freqs = torch.exp(torch.linspace(math.log(0.25 / n), math.log(0.5), dim // 2))  # turns per step
+    angles = 2 * math.pi * pos * freqs[None, :]  # [n, dim/2]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # [n, dim]
 
 
 def grid_codes(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -95,11 +121,11 @@ def init_structured(model, first_location_id: int, loc_scale: float, pos_scale: 
     with torch.no_grad():
         vis = model.vision_model.model.embeddings
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        pos = vis.position_embedding.weight                                   # [1 + side², D]
+        pos = vis.position_embedding.weight  # [1 + side², D]
         pos[0].zero_()
         pos[1:] = pos_scale * grid_codes(side, side, pos.shape[1])
-        emb = model.text_model.model.embed_tokens.weight                      # [V, C]
-        emb[first_location_id:first_location_id + N_LOC] = loc_scale * grid_codes(GRID, GRID, emb.shape[1])
+        emb = model.text_model.model.embed_tokens.weight  # [V, C]
+        emb[first_location_id : first_location_id + N_LOC] = loc_scale * grid_codes(GRID, GRID, emb.shape[1])
 
 
 @torch.no_grad()
@@ -129,34 +155,37 @@ def init_connector(model, processor, n: int = 16, sharpness: float = 4.0, out_no
     pixels = image_batch(processor, [900_000_000 + i for i in range(n)])["pixel_values"]
     feats = model.vision_model.model.post_layernorm(model.vision_model(pixel_values=pixels)[0])
     g = torch.Generator().manual_seed(0)
-    basis, _ = torch.linalg.qr(torch.randn(C, C, generator=g))             # [C, C] orthonormal columns
-    image_space, latent_space = basis[:, :Dv], basis[:, Dv:Dv + Q]         # [C, Dv], [C, Q]
-    proj.dense.weight.copy_(image_space * 3.0)                              # unit features -> norm 3
+    basis, _ = torch.linalg.qr(torch.randn(C, C, generator=g))  # [C, C] orthonormal columns
+    image_space, latent_space = basis[:, :Dv], basis[:, Dv : Dv + Q]  # [C, Dv], [C, Q]
+    proj.dense.weight.copy_(image_space * 3.0)  # unit features -> norm 3
     proj.dense.bias.zero_()
-    h = proj.dense(F.normalize(feats, dim=-1))                              # [n, 1 + P, C]
+    h = proj.dense(F.normalize(feats, dim=-1))  # [n, 1 + P, C]
     pos = h[:, 1:].mean(0)
-    pos = pos - pos.mean(0, keepdim=True)                                   # [P, C]
+    pos = pos - pos.mean(0, keepdim=True)  # [P, C]
     p_hat = F.normalize(pos, dim=-1)
-    proj.latent_query.copy_(latent_space.T)                                 # u_i: [Q, C]
-    keep_image = image_space @ image_space.T                                # projector onto the image space
+    proj.latent_query.copy_(latent_space.T)  # u_i: [Q, C]
+    keep_image = image_space @ image_space.T  # projector onto the image space
     att.k_proj.weight.copy_(keep_image)
     att.v_proj.weight.copy_(torch.eye(C))
     for lin in (att.k_proj, att.v_proj, att.q_proj, att.out_proj):
         lin.bias.zero_()
     scores = torch.einsum("phd,nqhd->nhpq", p_hat.reshape(-1, H, D), h.reshape(n, -1, H, D)) / math.sqrt(D)
     a = sharpness / scores.std(-1).mean().item()
-    att.q_proj.weight.copy_(a * p_hat.T @ latent_space.T)                   # u_i -> a p̂_i
+    att.q_proj.weight.copy_(a * p_hat.T @ latent_space.T)  # u_i -> a p̂_i
     att.out_proj.weight.copy_(torch.eye(C))
-    embeds, _ = proj(F.normalize(feats, dim=-1))                            # [n, Q, C]
+    embeds, _ = proj(F.normalize(feats, dim=-1))  # [n, Q, C]
     att.out_proj.weight.mul_(out_norm / embeds.norm(dim=-1).mean().item())
     embeds = embeds * (out_norm / embeds.norm(dim=-1).mean().item())
     # scores [n, H, Q, 1 + P]: slot i's best key, averaged over heads, should be patch i (key i + 1 after CLS)
     hits = (scores.mean(1).argmax(-1) == torch.arange(1, pos.shape[0] + 1)).float().mean().item()
     slots = F.normalize(embeds, dim=-1)
     codes = embeds.mean(0)
-    codes = F.normalize(codes - codes.mean(0, keepdim=True), dim=-1)        # [Q, C]: what says "slot i"
-    return {"slot_attends_own_patch": round(hits, 3), "q_scale": round(a, 1),
-            "slot_cosine": round((slots @ slots.transpose(1, 2)).mean().item(), 3)}, codes
+    codes = F.normalize(codes - codes.mean(0, keepdim=True), dim=-1)  # [Q, C]: what says "slot i"
+    return {
+        "slot_attends_own_patch": round(hits, 3),
+        "q_scale": round(a, 1),
+        "slot_cosine": round((slots @ slots.transpose(1, 2)).mean().item(), 3),
+    }, codes
 
 
 @torch.no_grad()
@@ -168,8 +197,8 @@ def init_locations_from_slots(model, first_location_id: int, slot_codes: torch.T
     emb = model.text_model.model.embed_tokens.weight
     r, c = torch.div(torch.arange(N_LOC), GRID, rounding_mode="floor"), torch.arange(N_LOC) % GRID
     per = GRID // PATCH_SIDE
-    slot = (r // per) * PATCH_SIDE + (c // per)                             # [1024] the patch of each cell
-    emb[first_location_id:first_location_id + N_LOC] += scale * slot_codes[slot]
+    slot = (r // per) * PATCH_SIDE + (c // per)  # [1024] the patch of each cell
+    emb[first_location_id : first_location_id + N_LOC] += scale * slot_codes[slot]
 
 
 class AuxHead(torch.nn.Module):
@@ -182,9 +211,9 @@ class AuxHead(torch.nn.Module):
         super().__init__()
         self.cls = torch.nn.Linear(width, classes)
         self.box = torch.nn.Linear(width, 4)
-        self.cells = torch.nn.Linear(width, 4 * GRID)        # the box's x1, y1, x2, y2 as cells of the 32-grid
+        self.cells = torch.nn.Linear(width, 4 * GRID)  # the box's x1, y1, x2, y2 as cells of the 32-grid
 
-    def forward(self, feats):       # [B, P, D] -> [B, P, classes], [B, P, 4], [B, P, 4, 32]
+    def forward(self, feats):  # [B, P, D] -> [B, P, classes], [B, P, 4], [B, P, 4, 32]
         cells = self.cells(feats).reshape(*feats.shape[:-1], 4, GRID)
         return self.cls(feats), torch.sigmoid(self.box(feats)), cells
 
@@ -248,7 +277,7 @@ def example(seed: int, step: int, args) -> tuple[world.Scene, str, str]:
         refs = world.referring_examples(scene)
         phrase, boxes = refs[int(rng.integers(len(refs)))]
         if len(boxes) == 1 and rng.random() < 0.3:
-            phrase = "a " + phrase[len("the "):]
+            phrase = "a " + phrase[len("the ") :]
         full = world.ground_text(phrase, boxes)
         return scene, full[: full.index("<object>")], full
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
@@ -268,21 +297,27 @@ def make_batch(processor, seeds: list[int], step: int, args, eos_id: int, pad_id
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
     img = torch.zeros((len(rows), T), dtype=torch.long)
-    target = torch.zeros((len(rows), T), dtype=torch.bool)     # positions whose token is predicted
+    target = torch.zeros((len(rows), T), dtype=torch.bool)  # positions whose token is predicted
     for b, (r, m) in enumerate(zip(rows, masks)):
-        ids[b, :len(r)] = torch.tensor(r)
-        att[b, :len(r)] = 1
-        img[b, :len(m)] = torch.tensor(m)
-        target[b, prompt_lens[b]:len(r)] = True
+        ids[b, : len(r)] = torch.tensor(r)
+        att[b, : len(r)] = 1
+        img[b, : len(m)] = torch.tensor(m)
+        target[b, prompt_lens[b] : len(r)] = True
     aux = [patch_targets(sc, PATCH_SIDE) for sc, _, _ in items]
-    return {"pixel_values": full["pixel_values"], "input_ids": ids, "attention_mask": att,
-            "image_embeds_position_mask": img, "target": target,
-            "aux_cls": torch.from_numpy(np.stack([a[0] for a in aux])),
-            "aux_box": torch.from_numpy(np.stack([a[1] for a in aux]))}
+    return {
+        "pixel_values": full["pixel_values"],
+        "input_ids": ids,
+        "attention_mask": att,
+        "image_embeds_position_mask": img,
+        "target": target,
+        "aux_cls": torch.from_numpy(np.stack([a[0] for a in aux])),
+        "aux_box": torch.from_numpy(np.stack([a[1] for a in aux])),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss
+
 
 def soft_location_table(sigma: float) -> torch.Tensor:
     """[1024, 1024]: row i is a 2-D Gaussian over the cells around cell i (sums to 1); sigma 0 = one-hot."""
@@ -290,24 +325,26 @@ def soft_location_table(sigma: float) -> torch.Tensor:
     d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
     if sigma <= 0:
         return torch.eye(N_LOC)
-    w = np.exp(-d2 / (2 * sigma ** 2))
+    w = np.exp(-d2 / (2 * sigma**2))
     return torch.from_numpy((w / w.sum(1, keepdims=True)).astype(np.float32))
 
 
 def image_batch(processor, seeds: list[int]):
     """Stage 0 (images only): pixel values and the per-patch targets of fresh scenes of 1-4 objects."""
-    scenes = [world.make_scene(s, image_size=int(np.random.default_rng([s, 7]).choice([112, 112, 224])))
-              for s in seeds]
+    scenes = [world.make_scene(s, image_size=int(np.random.default_rng([s, 7]).choice([112, 112, 224]))) for s in seeds]
     pixels = processor.image_processor([world.render(sc) for sc in scenes], return_tensors="pt")["pixel_values"]
     aux = [patch_targets(sc, PATCH_SIDE) for sc in scenes]
-    return {"pixel_values": pixels, "aux_cls": torch.from_numpy(np.stack([a[0] for a in aux])),
-            "aux_box": torch.from_numpy(np.stack([a[1] for a in aux]))}
+    return {
+        "pixel_values": pixels,
+        "aux_cls": torch.from_numpy(np.stack([a[0] for a in aux])),
+        "aux_box": torch.from_numpy(np.stack([a[1] for a in aux])),
+    }
 
 
 def image_forward(model, aux_heads, batch):
     """Stage 0: the vision tower and the connector only, with their auxiliary heads."""
     vision = model.vision_model(pixel_values=batch["pixel_values"])
-    feats = model.vision_model.model.post_layernorm(vision[0])                  # [B, 1 + P, Dv]
+    feats = model.vision_model.model.post_layernorm(vision[0])  # [B, 1 + P, Dv]
     image_embeds, _ = model.image_to_text_projection(F.normalize(feats, dim=-1))  # [B, Q, C]
     vision_head, slot_head = aux_heads
     return vision_head(feats[:, 1:]), slot_head(image_embeds)
@@ -324,7 +361,7 @@ def corner_cells(boxes: torch.Tensor) -> torch.Tensor:
 def soft_1d(cells: torch.Tensor, sigma: float = 0.8) -> torch.Tensor:
     """[N] cells -> [N, 32] Gaussian targets around them."""
     d = torch.arange(GRID)[None, :] - cells[:, None]
-    w = torch.exp(-(d.float() ** 2) / (2 * sigma ** 2))
+    w = torch.exp(-(d.float() ** 2) / (2 * sigma**2))
     return w / w.sum(1, keepdim=True)
 
 
@@ -332,12 +369,11 @@ def aux_losses(aux, batch):
     """Cross-entropy of the patch classes, L1 of the boxes and soft cross-entropy of the boxes' corner cells (on
     patches with an object; the cell term counted in aux_box), summed over heads."""
     aux_cls, aux_box = 0.0, 0.0
-    on = batch["aux_cls"] > 0                                                   # [B, P] patches with an object
-    target_cells = corner_cells(batch["aux_box"][on]).reshape(-1)               # [M * 4]
-    q = soft_1d(target_cells)                                                   # [M * 4, 32]
-    for cls_logits, box_pred, cells in aux:                                     # [B, P, K], [B, P, 4], [B, P, 4, 32]
-        aux_cls = aux_cls + F.cross_entropy(cls_logits.reshape(-1, cls_logits.shape[-1]),
-                                            batch["aux_cls"].reshape(-1))
+    on = batch["aux_cls"] > 0  # [B, P] patches with an object
+    target_cells = corner_cells(batch["aux_box"][on]).reshape(-1)  # [M * 4]
+    q = soft_1d(target_cells)  # [M * 4, 32]
+    for cls_logits, box_pred, cells in aux:  # [B, P, K], [B, P, 4], [B, P, 4, 32]
+        aux_cls = aux_cls + F.cross_entropy(cls_logits.reshape(-1, cls_logits.shape[-1]), batch["aux_cls"].reshape(-1))
         if on.any():
             l1 = (box_pred[on] - batch["aux_box"][on]).abs().mean()
             ce = -(q * F.log_softmax(cells[on].reshape(-1, GRID), -1)).sum(1).mean()
@@ -349,11 +385,14 @@ def forward(model, aux_heads, batch):
     """Logits [N, V] at the positions before each target token, and the auxiliary predictions; the vision
     tower runs once for both, the LM head only where a token is predicted."""
     vision = model.vision_model(pixel_values=batch["pixel_values"])
-    feats = model.vision_model.model.post_layernorm(vision[0])                  # [B, 1 + P, Dv]
+    feats = model.vision_model.model.post_layernorm(vision[0])  # [B, 1 + P, Dv]
     image_embeds, _ = model.image_to_text_projection(F.normalize(feats, dim=-1))  # [B, Q, C]
-    hidden = model.text_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    image_embeds=image_embeds,
-                                    image_embeds_position_mask=batch["image_embeds_position_mask"])[0]  # [B, T, C]
+    hidden = model.text_model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        image_embeds=image_embeds,
+        image_embeds_position_mask=batch["image_embeds_position_mask"],
+    )[0]  # [B, T, C]
     logits = model.text_model.lm_head(hidden[:, :-1][batch["target"][:, 1:]])  # [N, V]
     vision_head, slot_head = aux_heads
     return logits, (vision_head(feats[:, 1:]), slot_head(image_embeds))
@@ -361,12 +400,12 @@ def forward(model, aux_heads, batch):
 
 def losses(logits, aux, batch, first_loc: int, soft_table, loc_weight: float):
     """Cross-entropy on the target tokens (soft 2-D targets for location tokens), and the auxiliary terms."""
-    logp = F.log_softmax(logits.float(), dim=-1)                                # [N, V]
-    labels = batch["input_ids"][:, 1:][batch["target"][:, 1:]]                  # [N]
+    logp = F.log_softmax(logits.float(), dim=-1)  # [N, V]
+    labels = batch["input_ids"][:, 1:][batch["target"][:, 1:]]  # [N]
     is_loc = (labels >= first_loc) & (labels < first_loc + N_LOC)
     text_nll = -logp[~is_loc].gather(1, labels[~is_loc, None]).squeeze(1)
-    q = soft_table[labels[is_loc] - first_loc]                                  # [M, 1024]
-    loc_nll = -(q * logp[is_loc][:, first_loc:first_loc + N_LOC]).sum(1)
+    q = soft_table[labels[is_loc] - first_loc]  # [M, 1024]
+    loc_nll = -(q * logp[is_loc][:, first_loc : first_loc + N_LOC]).sum(1)
     loc_hard = -logp[is_loc].gather(1, labels[is_loc, None]).squeeze(1)
     lm = (text_nll.sum() + loc_weight * loc_nll.sum()) / (len(text_nll) + loc_weight * len(loc_nll))
     aux_cls, aux_box = aux_losses(aux, batch)
@@ -375,6 +414,7 @@ def losses(logits, aux, batch, first_loc: int, soft_table, loc_weight: float):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Held-out check: greedy ground, two steps
+
 
 @torch.no_grad()
 def heldout_ground(model, processor, n: int, first_loc: int, num_objects: int | None = None) -> dict:
@@ -396,10 +436,11 @@ def heldout_ground(model, processor, n: int, first_loc: int, num_objects: int | 
     # right padding: read each row's logits at its last real token
     picks = []
     for _ in range(2):
-        logits = model(pixel_values=enc["pixel_values"], input_ids=ids, attention_mask=att,
-                       image_embeds_position_mask=img).logits
+        logits = model(
+            pixel_values=enc["pixel_values"], input_ids=ids, attention_mask=att, image_embeds_position_mask=img
+        ).logits
         last = att.sum(1) - 1
-        loc = logits[torch.arange(len(ids)), last, first_loc:first_loc + N_LOC].argmax(-1)
+        loc = logits[torch.arange(len(ids)), last, first_loc : first_loc + N_LOC].argmax(-1)
         picks.append(loc)
         ids = torch.cat([ids, torch.full((len(ids), 1), 1)], 1)
         att = torch.cat([att, torch.zeros((len(ids), 1), dtype=att.dtype)], 1)
@@ -417,6 +458,7 @@ def heldout_ground(model, processor, n: int, first_loc: int, num_objects: int | 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
+
 
 def lr_at(step: int, args, elapsed: float = 0.0) -> float:
     """Linear warm-up over ``warmup`` steps, then a cosine down to a tenth: over ``total_steps`` steps, or, with
@@ -440,10 +482,12 @@ def param_groups(model, aux_head, args):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "mult": 1.0, "weight_decay": args.weight_decay},
-            {"params": no_decay, "mult": 1.0, "weight_decay": 0.0},
-            {"params": connector, "mult": args.connector_lr_mult, "weight_decay": 0.0},
-            {"params": list(aux_head.parameters()), "mult": 1.0, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "mult": 1.0, "weight_decay": args.weight_decay},
+        {"params": no_decay, "mult": 1.0, "weight_decay": 0.0},
+        {"params": connector, "mult": args.connector_lr_mult, "weight_decay": 0.0},
+        {"params": list(aux_head.parameters()), "mult": 1.0, "weight_decay": 0.0},
+    ]
 
 
 def ckpt_exists(args) -> bool:
@@ -461,8 +505,12 @@ def main(argv=None) -> None:
     p.add_argument("--run", required=True, help="run folder (resumed when it holds ckpt.pt)")
     p.add_argument("--minutes", type=float, default=60.0, help="stop after this much wall time (this launch)")
     p.add_argument("--total-steps", type=int, default=6000, help="the cosine schedule's length")
-    p.add_argument("--schedule-minutes", type=float, default=0.0,
-                   help="run the cosine over this many minutes of training instead of total-steps")
+    p.add_argument(
+        "--schedule-minutes",
+        type=float,
+        default=0.0,
+        help="run the cosine over this many minutes of training instead of total-steps",
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -475,8 +523,12 @@ def main(argv=None) -> None:
     p.add_argument("--pos-scale", type=float, default=0.3)
     p.add_argument("--structured", type=int, default=1, help="0: transformers' own random initialisation")
     p.add_argument("--curriculum", type=int, default=500)
-    p.add_argument("--image-steps", type=int, default=0,
-                   help="stage 0: this many first steps train only the vision tower, connector and aux heads")
+    p.add_argument(
+        "--image-steps",
+        type=int,
+        default=0,
+        help="stage 0: this many first steps train only the vision tower, connector and aux heads",
+    )
     p.add_argument("--image-batch", type=int, default=32)
     p.add_argument("--task-weights", default="", help='"c,g,d": fixed caption/ground/describe shares')
     p.add_argument("--eval-every", type=int, default=200)
@@ -485,10 +537,18 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=list(MODEL_SIZES), default="base")
     p.add_argument("--route-init", type=int, default=1, help="1: the connector starts as slot i = patch i")
-    p.add_argument("--slot-loc-scale", type=float, default=0.0,
-                   help="add this × the slot position codes to the location-token embeddings (0: off)")
-    p.add_argument("--phases", type=int, default=0,
-                   help="> 0: scenes of 1, then up to 2, 3 and 4 objects, this many steps per phase")
+    p.add_argument(
+        "--slot-loc-scale",
+        type=float,
+        default=0.0,
+        help="add this × the slot position codes to the location-token embeddings (0: off)",
+    )
+    p.add_argument(
+        "--phases",
+        type=int,
+        default=0,
+        help="> 0: scenes of 1, then up to 2, 3 and 4 objects, this many steps per phase",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -502,8 +562,12 @@ def main(argv=None) -> None:
     first_loc = tok.convert_tokens_to_ids("<patch_index_0000>")
     model = build_model(len(tok), args.seed, args.size)
     widths = MODEL_SIZES[args.size]
-    aux_head = torch.nn.ModuleList([AuxHead(widths["vision_config"]["hidden_size"], 1 + len(KINDS)),
-                                    AuxHead(widths["text_config"]["embed_dim"], 1 + len(KINDS))])
+    aux_head = torch.nn.ModuleList(
+        [
+            AuxHead(widths["vision_config"]["hidden_size"], 1 + len(KINDS)),
+            AuxHead(widths["text_config"]["embed_dim"], 1 + len(KINDS)),
+        ]
+    )
     if args.structured:
         init_structured(model, first_loc, args.loc_scale, args.pos_scale)
     if args.route_init and not ckpt_exists(args):
@@ -518,7 +582,7 @@ def main(argv=None) -> None:
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
-        aux_head.load_state_dict(state["aux_head"], strict=False)   # heads added later start fresh
+        aux_head.load_state_dict(state["aux_head"], strict=False)  # heads added later start fresh
         opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed {run} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
@@ -535,15 +599,14 @@ def main(argv=None) -> None:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args, elapsed) * g["mult"]
-        if step < args.image_steps:      # stage 0: the image side learns what is where, cheaply
+        if step < args.image_steps:  # stage 0: the image side learns what is where, cheaply
             seeds = [500_000_000 + step * args.image_batch + i for i in range(args.image_batch)]
             batch = image_batch(processor, seeds)
             aux_cls, aux_box = aux_losses(image_forward(model, aux_head, batch), batch)
             lm, parts = torch.zeros(()), {}
         else:
             seeds = [step * args.batch + i for i in range(args.batch)]
-            batch = make_batch(processor, seeds, step - args.image_steps, args, tok.eos_token_id,
-                               tok.pad_token_id)
+            batch = make_batch(processor, seeds, step - args.image_steps, args, tok.eos_token_id, tok.pad_token_id)
             logits, aux = forward(model, aux_head, batch)
             lm, aux_cls, aux_box, parts = losses(logits, aux, batch, first_loc, soft, args.loc_weight)
         loss = lm + args.aux_weight * (aux_cls + 5.0 * aux_box)
@@ -558,8 +621,13 @@ def main(argv=None) -> None:
         count += 1
         elapsed = base_elapsed + time.time() - start
         if step % 25 == 0:
-            row = {"step": step, "minutes": round(elapsed / 60, 2), "lr": lr_at(step, args, elapsed),
-                   "s_per_step": round(time.time() - t0, 3), **{k: round(v / count, 4) for k, v in sums.items()}}
+            row = {
+                "step": step,
+                "minutes": round(elapsed / 60, 2),
+                "lr": lr_at(step, args, elapsed),
+                "s_per_step": round(time.time() - t0, 3),
+                **{k: round(v / count, 4) for k, v in sums.items()},
+            }
             sums, count = {}, 0
             if step % args.eval_every == 0 and step > args.image_steps:
                 row.update(heldout_ground(model, processor, args.eval_n, first_loc))
@@ -569,11 +637,27 @@ def main(argv=None) -> None:
             log.write(json.dumps(row) + "\n")
             log.flush()
         if time.time() - last_save > args.save_every:
-            save(ckpt, {"model": model.state_dict(), "aux_head": aux_head.state_dict(),
-                        "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
+            save(
+                ckpt,
+                {
+                    "model": model.state_dict(),
+                    "aux_head": aux_head.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "elapsed": elapsed,
+                },
+            )
             last_save = time.time()
-    save(ckpt, {"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
-                "step": step, "elapsed": elapsed})
+    save(
+        ckpt,
+        {
+            "model": model.state_dict(),
+            "aux_head": aux_head.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+        },
+    )
     print(f"stopped at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
 
 

@@ -16,6 +16,7 @@
 Each input's best hypothesis is returned, all cut to the longest returned one (pad after EOS). The sequences and
 scores live on the host ([B, K, L] and [B, K]); per step the host sees the 2·num_beams candidates of each input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,14 +36,14 @@ BEAM_NEG = -1.0e9
 class Beams:
     """The state of a beam search over B inputs × K beams, on the host."""
 
-    run_seq: np.ndarray        # [B, K, width] int64: the running beams' tokens (prompt included)
-    run_scores: np.ndarray     # [B, K] float32: their cumulative log-probabilities
-    done_seq: np.ndarray       # [B, K, width] int64: the kept hypotheses
-    done_scores: np.ndarray    # [B, K] float32: their length-penalised scores (BEAM_NEG: an empty slot)
-    done_flag: np.ndarray      # [B, K] bool: the slot holds a hypothesis
-    done_len: np.ndarray       # [B, K] int64: generated tokens of each hypothesis
-    improvable: np.ndarray     # [B] bool: transformers' is_early_stop_heuristic_unsatisfied
-    att_all: np.ndarray        # [B·K, width] int64: the attention mask of every row (generated tokens: 1)
+    run_seq: np.ndarray  # [B, K, width] int64: the running beams' tokens (prompt included)
+    run_scores: np.ndarray  # [B, K] float32: their cumulative log-probabilities
+    done_seq: np.ndarray  # [B, K, width] int64: the kept hypotheses
+    done_scores: np.ndarray  # [B, K] float32: their length-penalised scores (BEAM_NEG: an empty slot)
+    done_flag: np.ndarray  # [B, K] bool: the slot holds a hypothesis
+    done_len: np.ndarray  # [B, K] int64: generated tokens of each hypothesis
+    improvable: np.ndarray  # [B] bool: transformers' is_early_stop_heuristic_unsatisfied
+    att_all: np.ndarray  # [B·K, width] int64: the attention mask of every row (generated tokens: 1)
 
 
 def start_beams(ids: np.ndarray, att: np.ndarray, K: int, width: int, fill: int) -> Beams:
@@ -54,8 +55,16 @@ def start_beams(ids: np.ndarray, att: np.ndarray, K: int, width: int, fill: int)
     run_scores[:, 1:] = BEAM_NEG
     att_all = np.ones((B * K, width), np.int64)
     att_all[:, :T] = np.repeat(att, K, axis=0)
-    return Beams(run_seq, run_scores, run_seq.copy(), np.full((B, K), BEAM_NEG, np.float32),
-                 np.zeros((B, K), bool), np.zeros((B, K), np.int64), np.ones(B, bool), att_all)
+    return Beams(
+        run_seq,
+        run_scores,
+        run_seq.copy(),
+        np.full((B, K), BEAM_NEG, np.float32),
+        np.zeros((B, K), bool),
+        np.zeros((B, K), np.int64),
+        np.ones(B, bool),
+        att_all,
+    )
 
 
 def top_desc(values: np.ndarray, k: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
@@ -69,11 +78,18 @@ def top_candidates(acc, k: int, keys=None):
     best first. ``argpartition`` finds them without sorting all M = num_beams·V."""
     xp = get_xp(acc)
     keys = acc if keys is None else keys
-    part = xp.argpartition(-keys, k - 1, axis=-1)[:, :k]                           # [B, k] unordered
+    part = xp.argpartition(-keys, k - 1, axis=-1)[:, :k]  # [B, k] unordered
     # One download per step: the indices and both score arrays travel together as float64, which holds all of them
     # exactly (indices < num_beams·V < 2^53; float32 scores widen without rounding).
-    home = host(xp.stack([part.astype(xp.float64), xp.take_along_axis(keys, part, axis=-1).astype(xp.float64),
-                          xp.take_along_axis(acc, part, axis=-1).astype(xp.float64)]))   # [3, B, k]
+    home = host(
+        xp.stack(
+            [
+                part.astype(xp.float64),
+                xp.take_along_axis(keys, part, axis=-1).astype(xp.float64),
+                xp.take_along_axis(acc, part, axis=-1).astype(xp.float64),
+            ]
+        )
+    )  # [3, B, k]
     part_h = home[0].astype(np.int64)
     key_h = home[1].astype(keys.dtype)
     acc_h = home[2].astype(acc.dtype)
@@ -91,15 +107,15 @@ def expand(beams: Beams, logp, kk: int, cur_len: int, fill: int, rng=None):
     acc = (logp.reshape(B, K, V) + xp.asarray(beams.run_scores)[:, :, None]).reshape(B, K * V)
     keys = None
     if rng is not None:
-        u = rng.random((B, K * V), dtype=np.float32) + np.float32(1e-20)            # (0, 1), never 1
-        keys = acc + xp.asarray(-np.log(-np.log(u)))                                  # + Gumbel noise
-    cand, cand_scores = top_candidates(acc, kk, keys)                               # host [B, kk]
+        u = rng.random((B, K * V), dtype=np.float32) + np.float32(1e-20)  # (0, 1), never 1
+        keys = acc + xp.asarray(-np.log(-np.log(u)))  # + Gumbel noise
+    cand, cand_scores = top_candidates(acc, kk, keys)  # host [B, kk]
     parent, tok = cand // V, cand % V
-    if cur_len >= beams.run_seq.shape[-1]:                                         # full: double the buffers
+    if cur_len >= beams.run_seq.shape[-1]:  # full: double the buffers
         beams.run_seq = with_room(beams.run_seq, cur_len + 1, fill)
         beams.att_all = with_room(beams.att_all, cur_len + 1, 1)
         beams.done_seq = with_room(beams.done_seq, cur_len + 1, fill)
-    cand_seq = np.take_along_axis(beams.run_seq, parent[:, :, None], axis=1)        # [B, kk, width]
+    cand_seq = np.take_along_axis(beams.run_seq, parent[:, :, None], axis=1)  # [B, kk, width]
     cand_seq[:, :, cur_len] = tok
     return cand_seq, cand_scores, parent, tok
 
@@ -122,17 +138,16 @@ def keep_finished(beams: Beams, cand_seq, cand_scores, finished, new_len: int, s
     B, K = beams.done_scores.shape
     kk = cand_scores.shape[1]
     just_done = finished & (np.arange(kk) < K)[None, :]
-    hyp = cand_scores / (new_len ** s.length_penalty)
+    hyp = cand_scores / (new_len**s.length_penalty)
     full = beams.done_flag.all(axis=1, keepdims=True) & (s.early_stopping is True)
-    for refused in (full, ~beams.improvable[:, None], ~just_done):   # each reason adds its −1e9, as transformers
+    for refused in (full, ~beams.improvable[:, None], ~just_done):  # each reason adds its −1e9, as transformers
         hyp = hyp + refused.astype(np.float32) * BEAM_NEG
-    m_scores = np.concatenate([beams.done_scores, hyp], axis=1)                     # [B, K + kk]
+    m_scores = np.concatenate([beams.done_scores, hyp], axis=1)  # [B, K + kk]
     keep = top_desc(m_scores, K)
     beams.done_seq = np.take_along_axis(np.concatenate([beams.done_seq, cand_seq], 1), keep[:, :, None], axis=1)
     beams.done_scores = np.take_along_axis(m_scores, keep, axis=1)
     beams.done_flag = np.take_along_axis(np.concatenate([beams.done_flag, just_done], 1), keep, axis=1)
-    beams.done_len = np.take_along_axis(np.concatenate([beams.done_len, np.full((B, kk), new_len)], 1), keep,
-                                        axis=1)
+    beams.done_len = np.take_along_axis(np.concatenate([beams.done_len, np.full((B, kk), new_len)], 1), keep, axis=1)
 
 
 def should_stop(beams: Beams, finished, generated: int, s: GenerationSettings) -> bool:
@@ -140,7 +155,7 @@ def should_stop(beams: Beams, finished, generated: int, s: GenerationSettings) -
     Updates each input's ``improvable``; True when the search is over."""
     lp, es = s.length_penalty, s.early_stopping
     best_len = s.max_new_tokens if (es == "never" and lp > 0.0) else generated
-    best_possible = beams.run_scores[:, :1] / (best_len ** lp)                     # [B, 1]
+    best_possible = beams.run_scores[:, :1] / (best_len**lp)  # [B, 1]
     worst_done = np.where(beams.done_flag, beams.done_scores.min(axis=1, keepdims=True), np.float32(BEAM_NEG))
     beams.improvable &= (best_possible > worst_done).any(axis=1)
     return not beams.improvable.any() or (beams.done_flag.all() and es is True) or finished.all()
@@ -153,16 +168,16 @@ def beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng, 
     B, T = ids.shape
     K = s.num_beams
     max_len = T + s.max_new_tokens
-    width = initial_length(model, T, max_len)           # the buffers' length; they double when it is reached
-    kk = max(2, 1 + len(s.eos_token_id)) * K            # candidates kept per input
+    width = initial_length(model, T, max_len)  # the buffers' length; they double when it is reached
+    kk = max(2, 1 + len(s.eos_token_id)) * K  # candidates kept per input
     fill = s.pad_token_id if s.pad_token_id is not None else (s.eos_token_id[0] if s.eos_token_id else -1)
     eos = np.asarray(s.eos_token_id, np.int64)
     beams = start_beams(ids, att, K, width, fill)
-    procs = build_processors(s, T, skip=np.repeat((att != 0).argmax(axis=1), K))    # skip: left padding
+    procs = build_processors(s, T, skip=np.repeat((att != 0).argmax(axis=1), K))  # skip: left padding
     # The prompt runs once per input; the cache is then copied to its K beams (rows b·K … b·K+K-1).
     cache, logits = prefill(model, ids, att, img, image_embeds, width)
     cache.reorder(np.repeat(np.arange(B), K))
-    logits = xp.repeat(logits, K, axis=0)                                          # [B·K, V]
+    logits = xp.repeat(logits, K, axis=0)  # [B·K, V]
     scores_out = []
     cur_len = T
     while True:
@@ -170,7 +185,7 @@ def beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng, 
         if output_scores:
             scores_out.append(host(logp))
         cand_seq, cand_scores, parent, tok = expand(beams, logp, kk, cur_len, fill, rng if s.do_sample else None)
-        finished = np.isin(tok, eos) | (cur_len + 1 >= max_len)                      # [B, kk]
+        finished = np.isin(tok, eos) | (cur_len + 1 >= max_len)  # [B, kk]
         beam_src = keep_running(beams, cand_seq, cand_scores, parent, finished)
         keep_finished(beams, cand_seq, cand_scores, finished, cur_len + 1 - T, s)
         cur_len += 1
@@ -180,5 +195,8 @@ def beam_search(model, s: GenerationSettings, ids, att, img, image_embeds, rng, 
         cache.reorder(beam_src)
         logits = next_logits(model, cache, beams.run_seq.reshape(B * K, -1), beams.att_all, cur_len - 1)
     out_len = T + int(beams.done_len[:, 0].max())
-    return GenerateOutput(beams.done_seq[:, 0, :out_len].copy(), tuple(scores_out) if output_scores else None,
-                          beams.done_scores[:, 0].copy() if output_scores else None)
+    return GenerateOutput(
+        beams.done_seq[:, 0, :out_len].copy(),
+        tuple(scores_out) if output_scores else None,
+        beams.done_scores[:, 0].copy() if output_scores else None,
+    )

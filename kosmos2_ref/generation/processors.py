@@ -4,6 +4,7 @@ ids [N, L] host int64: every token so far, prompt included; scores [N, V] float3
 returns a new array and leaves its input alone. :func:`build_processors` picks them for a call's settings, in
 transformers' order.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def host(a) -> np.ndarray:
 def log_softmax(x):
     """log softmax over the last axis, in float32: (x − max) − log Σ exp(x − max) (torch's formula)."""
     xp = get_xp(x)
-    shifted = x - x.max(axis=-1, keepdims=True)                          # [N, V]
+    shifted = x - x.max(axis=-1, keepdims=True)  # [N, V]
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
@@ -43,18 +44,20 @@ def repetition_penalty_processor(penalty: float, skip: np.ndarray) -> Processor:
     """``RepetitionPenaltyLogitsProcessor``: each token already in a row, counted once, gets its score divided by
     ``penalty`` when positive and multiplied by it when negative. The first ``skip[n]`` positions of row n (its
     left padding; 5.x passes the same as ``prompt_ignore_length``) do not count."""
+
     def process(ids, scores):
         xp = get_xp(scores)
         N, L = ids.shape
         V = scores.shape[-1]
-        counted = np.arange(L)[None, :] >= skip[:, None]                          # [N, L]
+        counted = np.arange(L)[None, :] >= skip[:, None]  # [N, L]
         rows = np.broadcast_to(np.arange(N)[:, None], (N, L))[counted]
-        pairs = np.unique(rows * V + ids[counted])                                 # each (row, token) once
+        pairs = np.unique(rows * V + ids[counted])  # each (row, token) once
         r, t = xp.asarray(pairs // V), xp.asarray(pairs % V)
         picked = scores[r, t]
         out = scores.copy()
         out[r, t] = xp.where(picked < 0, picked * penalty, picked / penalty)
         return out
+
     return process
 
 
@@ -64,8 +67,8 @@ def banned_ngram_tokens(seq: np.ndarray, n: int) -> np.ndarray:
     L = len(seq)
     if L < n:
         return np.zeros(0, np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(seq, n)                    # [L-n+1, n]
-    prefix = seq[L - n + 1:]                                                       # [n-1]
+    windows = np.lib.stride_tricks.sliding_window_view(seq, n)  # [L-n+1, n]
+    prefix = seq[L - n + 1 :]  # [n-1]
     hit = (windows[:, :-1] == prefix[None, :]).all(axis=1)
     return np.unique(windows[hit, -1])
 
@@ -76,42 +79,50 @@ def no_repeat_ngram_processor(n: int, skip: np.ndarray) -> Processor:
     Row n's first ``skip[n]`` positions (left padding) are left out, so a padded row bans what it would ban alone;
     transformers includes the pads, which only matters if the pad id itself ends the sequence.
     """
+
     def process(ids, scores):
         rows, cols = [], []
         for b in range(ids.shape[0]):
-            banned = banned_ngram_tokens(ids[b, skip[b]:], n)
+            banned = banned_ngram_tokens(ids[b, skip[b] :], n)
             rows.append(np.full(len(banned), b, np.int64))
             cols.append(banned)
         return _set_to_neg_inf(scores, np.concatenate(rows), np.concatenate(cols))
+
     return process
 
 
 def min_new_tokens_processor(prompt_length: int, min_new_tokens: int, eos: Sequence[int]) -> Processor:
     """``MinNewTokensLengthLogitsProcessor``: EOS gets −inf while fewer than ``min_new_tokens`` have been made."""
+
     def process(ids, scores):
         if ids.shape[1] - prompt_length >= min_new_tokens:
             return scores
         N = scores.shape[0]
         return _set_to_neg_inf(scores, np.repeat(np.arange(N), len(eos)), np.tile(np.asarray(eos), N))
+
     return process
 
 
 def temperature_processor(temperature: float) -> Processor:
     """``TemperatureLogitsWarper``: scores / temperature."""
+
     def process(ids, scores):
         return scores / temperature
+
     return process
 
 
 def top_k_processor(top_k: int, min_tokens_to_keep: int = 1) -> Processor:
     """``TopKLogitsWarper``: −inf below the k-th largest score (ties with it are kept)."""
+
     def process(ids, scores):
         xp = get_xp(scores)
         k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
-        kth = -xp.partition(-scores, k - 1, axis=-1)[:, k - 1:k]                 # [N, 1] the k-th largest
+        kth = -xp.partition(-scores, k - 1, axis=-1)[:, k - 1 : k]  # [N, 1] the k-th largest
         out = scores.copy()
         out[scores < kth] = -math.inf
         return out
+
     return process
 
 
@@ -129,27 +140,29 @@ def cumsum_f32(p, block: int = 256):
     pad = (-V) % block
     if pad:
         p = xp.concatenate([p, xp.zeros((N, pad), dtype=p.dtype)], axis=1)
-    inner = xp.cumsum(p.reshape(N, -1, block), axis=-1)                           # [N, V/b, b] within blocks
-    before = xp.cumsum(inner[:, :-1, -1], axis=-1)                                 # [N, V/b - 1] block totals
-    offsets = xp.concatenate([xp.zeros((N, 1), dtype=p.dtype), before], axis=1)    # [N, V/b] mass before each
+    inner = xp.cumsum(p.reshape(N, -1, block), axis=-1)  # [N, V/b, b] within blocks
+    before = xp.cumsum(inner[:, :-1, -1], axis=-1)  # [N, V/b - 1] block totals
+    offsets = xp.concatenate([xp.zeros((N, 1), dtype=p.dtype), before], axis=1)  # [N, V/b] mass before each
     return (inner + offsets[:, :, None]).reshape(N, -1)[:, :V]
 
 
 def top_p_processor(top_p: float, min_tokens_to_keep: int = 1) -> Processor:
     """``TopPLogitsWarper`` (nucleus): sort ascending, and drop the tokens whose cumulative probability is
     <= 1 − top_p (the least likely ones), keeping at least ``min_tokens_to_keep``."""
+
     def process(ids, scores):
         xp = get_xp(scores)
         N, V = scores.shape
-        order = xp.argsort(scores, axis=-1)           # [N, V] ascending (no kind=: older CuPy rejects it)
+        order = xp.argsort(scores, axis=-1)  # [N, V] ascending (no kind=: older CuPy rejects it)
         cum = cumsum_f32(softmax(xp.take_along_axis(scores, order, axis=-1), axis=-1))
         drop_sorted = cum <= (1.0 - top_p)
-        drop_sorted[:, V - min_tokens_to_keep:] = False
+        drop_sorted[:, V - min_tokens_to_keep :] = False
         drop = xp.empty_like(drop_sorted)
-        drop[xp.arange(N)[:, None], order] = drop_sorted                         # back to vocabulary order
+        drop[xp.arange(N)[:, None], order] = drop_sorted  # back to vocabulary order
         out = scores.copy()
         out[drop] = -math.inf
         return out
+
     return process
 
 
@@ -183,4 +196,3 @@ def apply_processors(procs: Sequence[Processor], ids: np.ndarray, scores):
     for p in procs:
         scores = p(ids, scores)
     return scores
-

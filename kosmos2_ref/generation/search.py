@@ -14,24 +14,33 @@ gets position 1 + (number of non-pad ids so far, itself included), so a left-pad
 would alone. transformers 5.x uses past_length + 2, which shifts a left-padded row by its pad count; both agree
 on rows without padding.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from ..checks import (as_array, check_attention_mask, check_float_input, check_image_embeds, check_image_slots,
-                      check_pixel_values, check_token_ids)
 from ..backend import get_xp
-from ..layers import softmax
+from ..checks import (
+    as_array,
+    check_attention_mask,
+    check_float_input,
+    check_image_embeds,
+    check_image_slots,
+    check_pixel_values,
+    check_token_ids,
+)
 from ..decoder import position_ids_from_input_ids
+from ..layers import softmax
 from .processors import apply_processors, build_processors, cumsum_f32, host
 from .settings import GenerateOutput, GenerationSettings, warn_past_trained_positions
-
 
 # ==============================================================================================================
 # Inputs, checked once
 
-def prepare_inputs(model, s: GenerationSettings, pixel_values, input_ids, attention_mask,
-                   image_embeds_position_mask, image_embeds):
+
+def prepare_inputs(
+    model, s: GenerationSettings, pixel_values, input_ids, attention_mask, image_embeds_position_mask, image_embeds
+):
     """Check the inputs of one call; return host ids [B, T], attention [B, T], image slots [B, T] and
     image_embeds [B, Q, C] on the backend (the image encoded here, once, after its slots are checked)."""
     if pixel_values is None and image_embeds is None:
@@ -45,8 +54,8 @@ def prepare_inputs(model, s: GenerationSettings, pixel_values, input_ids, attent
         att = default_attention_mask(ids, s)
     img = check_image_slots(cfg, image_embeds_position_mask, B, T)
     if pixel_values is not None:
-        image_embeds = model.encode_image(check_pixel_values(cfg, pixel_values, xp, batch=B))[0]   # [B, Q, C]
-    else:                                                  # lists accepted, NaN/inf refused
+        image_embeds = model.encode_image(check_pixel_values(cfg, pixel_values, xp, batch=B))[0]  # [B, Q, C]
+    else:  # lists accepted, NaN/inf refused
         image_embeds = check_image_embeds(cfg, check_float_input(cfg, "image_embeds", image_embeds, xp), B, xp)
     return ids, att, img, image_embeds
 
@@ -72,11 +81,13 @@ def prompt_length(input_ids) -> int:
 # ==============================================================================================================
 # The prefill, one step, the buffers
 
+
 def prefill(model, ids, att, img, image_embeds, capacity: int):
     """Run the prompt once into a new cache; return (cache, last-position logits [B, V])."""
     cache = model.new_cache(ids.shape[0], capacity)
-    logits = model.decode_step(ids, cache, attention_mask=att, image_embeds=image_embeds,
-                               image_embeds_position_mask=img)
+    logits = model.decode_step(
+        ids, cache, attention_mask=att, image_embeds=image_embeds, image_embeds_position_mask=img
+    )
     return cache, logits
 
 
@@ -88,10 +99,11 @@ def next_logits(model, cache, seq: np.ndarray, att: np.ndarray, cur_len: int):
     included (pad ids get the zero row), exactly the prefill's rule continued, so left padding changes nothing.
     """
     pad_idx = model.config.text_config.pad_token_id
-    pos = position_ids_from_input_ids(seq[:, :cur_len + 1], pad_idx)[:, -1:]      # [N, 1]
-    mask = att[:, :cur_len + 1]
-    return model.decode_step(seq[:, cur_len:cur_len + 1], cache, position_ids=pos,
-                             attention_mask=None if mask.all() else mask)   # all ones: no mask, same numbers
+    pos = position_ids_from_input_ids(seq[:, : cur_len + 1], pad_idx)[:, -1:]  # [N, 1]
+    mask = att[:, : cur_len + 1]
+    return model.decode_step(
+        seq[:, cur_len : cur_len + 1], cache, position_ids=pos, attention_mask=None if mask.all() else mask
+    )  # all ones: no mask, same numbers
 
 
 def initial_length(model, prompt_length: int, max_length: int) -> int:
@@ -108,7 +120,7 @@ def with_room(a: np.ndarray, length: int, fill) -> np.ndarray:
     if a.shape[-1] >= length:
         return a
     out = np.full(a.shape[:-1] + (max(length, 2 * a.shape[-1]),), fill, a.dtype)
-    out[..., :a.shape[-1]] = a
+    out[..., : a.shape[-1]] = a
     return out
 
 
@@ -116,16 +128,18 @@ def out_of_memory(model, s: GenerationSettings, batch: int, prompt_length: int) 
     """The MemoryError of a call whose buffers do not fit, saying what was asked for and what it needs."""
     tc = model.config.text_config
     rows, length = batch * s.num_beams, initial_length(model, prompt_length, prompt_length + s.max_new_tokens)
-    kv = 2 * tc.layers * rows * tc.attention_heads * length * tc.head_dim * 4            # keys and values, float32
+    kv = 2 * tc.layers * rows * tc.attention_heads * length * tc.head_dim * 4  # keys and values, float32
     logits = rows * tc.vocab_size * 4
     return MemoryError(
         f"generate ran out of memory: {batch} prompt(s) × {s.num_beams} beam(s) = {rows} rows with room for {length} "
-        f"tokens need {kv / 2 ** 30:.1f} GiB for the KV cache and {logits / 2 ** 30:.1f} GiB per step for the "
-        f"logits, more than this machine can allocate; use fewer prompts, beams or new tokens")
+        f"tokens need {kv / 2**30:.1f} GiB for the KV cache and {logits / 2**30:.1f} GiB per step for the "
+        f"logits, more than this machine can allocate; use fewer prompts, beams or new tokens"
+    )
 
 
 # ==============================================================================================================
 # Choosing tokens
+
 
 def greedy_next_tokens(scores) -> np.ndarray:
     """argmax per row (the first maximum on ties, like torch). [N, V] -> host [N] int64."""
@@ -137,10 +151,10 @@ def sample_next_tokens(scores, rng: np.random.Generator) -> np.ndarray:
     per row from ``rng``. [N, V] -> host [N] int64. Tokens at −inf (probability 0) are never drawn."""
     xp = get_xp(scores)
     N, V = scores.shape
-    probs = softmax(scores, axis=-1)                                               # [N, V]
+    probs = softmax(scores, axis=-1)  # [N, V]
     cum = cumsum_f32(probs)
-    u = xp.asarray(rng.random(N, dtype=np.float32)) * cum[:, -1]                   # [N] in [0, total mass)
-    idx = (cum <= u[:, None]).sum(axis=-1)                                         # first index with cum > u
+    u = xp.asarray(rng.random(N, dtype=np.float32)) * cum[:, -1]  # [N] in [0, total mass)
+    idx = (cum <= u[:, None]).sum(axis=-1)  # first index with cum > u
     # float rounding can put u at the total mass; fall back to the last token that has probability
     last = (V - 1) - (probs[:, ::-1] > 0).argmax(axis=-1)
     return host(xp.minimum(idx, last)).astype(np.int64)
@@ -149,20 +163,22 @@ def sample_next_tokens(scores, rng: np.random.Generator) -> np.ndarray:
 # ==============================================================================================================
 # The loop
 
-def greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds, rng, output_scores,
-                     streamer, callback) -> GenerateOutput:
+
+def greedy_or_sample(
+    model, s: GenerationSettings, ids, att, img, image_embeds, rng, output_scores, streamer, callback
+) -> GenerateOutput:
     """One token per row per step: processors, then argmax (or a draw). A row that produced EOS is finished:
     from then on it gets the pad id (it is still fed, as in transformers, so every row stays in step). Stops when
     every row is finished or ``max_new_tokens`` are made. ids, att, img: host [B, T], checked."""
     B, T = ids.shape
     max_len = T + s.max_new_tokens
-    width = initial_length(model, T, max_len)       # the buffers' length; they double when it is reached
+    width = initial_length(model, T, max_len)  # the buffers' length; they double when it is reached
     fill = s.pad_token_id if s.pad_token_id is not None else 0
     seq = np.full((B, width), fill, np.int64)
     seq[:, :T] = ids
-    att_all = np.ones((B, width), np.int64)        # generated tokens are always attended (as transformers)
+    att_all = np.ones((B, width), np.int64)  # generated tokens are always attended (as transformers)
     att_all[:, :T] = att
-    procs = build_processors(s, T, skip=(att != 0).argmax(axis=1))     # skip: each row's left padding
+    procs = build_processors(s, T, skip=(att != 0).argmax(axis=1))  # skip: each row's left padding
     eos = np.asarray(s.eos_token_id, np.int64)
     cache, logits = prefill(model, ids, att, img, image_embeds, width)
     if streamer is not None:
@@ -171,12 +187,12 @@ def greedy_or_sample(model, s: GenerationSettings, ids, att, img, image_embeds, 
     scores_out = []
     cur_len = T
     while True:
-        scores = apply_processors(procs, seq[:, :cur_len], logits)                  # [B, V]
+        scores = apply_processors(procs, seq[:, :cur_len], logits)  # [B, V]
         if output_scores:
             scores_out.append(host(scores))
-        tok = sample_next_tokens(scores, rng) if s.do_sample else greedy_next_tokens(scores)   # host [B]
+        tok = sample_next_tokens(scores, rng) if s.do_sample else greedy_next_tokens(scores)  # host [B]
         if len(eos):
-            tok = np.where(unfinished, tok, s.pad_token_id)    # finished rows get pad
+            tok = np.where(unfinished, tok, s.pad_token_id)  # finished rows get pad
         seq, att_all = with_room(seq, cur_len + 1, fill), with_room(att_all, cur_len + 1, 1)
         seq[:, cur_len] = tok
         if streamer is not None:

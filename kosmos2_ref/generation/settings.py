@@ -2,6 +2,7 @@
 once (docs/numerics.md §7.4); the outputs; and the warnings transformers gives (``GenerationConfig.validate``,
 ``MaxLengthCriteria``).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,33 @@ from ..checks import is_int, is_real
 DEFAULT_MAX_NEW_TOKENS = 20
 
 # GenerationConfig defaults of transformers 5.23 (``GenerationConfig._get_default_generation_params``)
-HF_DEFAULTS = {"min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-               "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0,
-               "repetition_penalty": 1.0}
-GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
-                   "length_penalty", "early_stopping", "no_repeat_ngram_size", "repetition_penalty", "eos_token_id",
-                   "pad_token_id")
+HF_DEFAULTS = {
+    "min_new_tokens": 0,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "num_beams": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "no_repeat_ngram_size": 0,
+    "repetition_penalty": 1.0,
+}
+GENERATION_KEYS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 @dataclass
@@ -30,8 +52,8 @@ class GenerateOutput:
     """What ``generate(..., return_dict_in_generate=True)`` returns (transformers' ``GenerateDecoderOnlyOutput`` /
     ``GenerateBeamDecoderOnlyOutput`` field names)."""
 
-    sequences: np.ndarray                       # [B, T + new] int64: prompt + new tokens, pad after EOS
-    scores: tuple | None = None                 # per step [B·num_beams, V] float32 processed scores (output_scores)
+    sequences: np.ndarray  # [B, T + new] int64: prompt + new tokens, pad after EOS
+    scores: tuple | None = None  # per step [B·num_beams, V] float32 processed scores (output_scores)
     sequences_scores: np.ndarray | None = None  # beam search: [B] the returned hypotheses' final scores
 
 
@@ -56,6 +78,7 @@ class GenerationSettings:
 
 # ==============================================================================================================
 # Where a setting comes from
+
 
 def checkpoint_generation_defaults(model) -> dict:
     """The generation settings a checkpoint carries (docs/numerics.md §7.4).
@@ -98,19 +121,25 @@ def new_tokens_from_max_length(max_length, prompt_length: int, stacklevel: int =
     the warning's frame, as ``warnings.warn`` counts it from here.
     """
     if not is_int(max_length) or max_length < 1:
-        raise ValueError(f"generation_config.json sets max_length={max_length!r}: expected a positive integer (the "
-                         f"total length, prompt included)")
+        raise ValueError(
+            f"generation_config.json sets max_length={max_length!r}: expected a positive integer (the "
+            f"total length, prompt included)"
+        )
     if max_length > prompt_length:
         return max_length - prompt_length
-    warnings.warn(f"generation_config.json sets max_length={max_length}, a total length that leaves no room after "
-                  f"the {prompt_length}-token prompt; generating transformers' default {DEFAULT_MAX_NEW_TOKENS} new "
-                  f"tokens instead, as transformers does on this checkpoint. Pass max_new_tokens to choose",
-                  UserWarning, stacklevel=stacklevel)
+    warnings.warn(
+        f"generation_config.json sets max_length={max_length}, a total length that leaves no room after "
+        f"the {prompt_length}-token prompt; generating transformers' default {DEFAULT_MAX_NEW_TOKENS} new "
+        f"tokens instead, as transformers does on this checkpoint. Pass max_new_tokens to choose",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
     return DEFAULT_MAX_NEW_TOKENS
 
 
 # ==============================================================================================================
 # Resolving and validating
+
 
 def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSettings:
     """Merge explicit arguments (those not None) over :func:`checkpoint_generation_defaults` over transformers'
@@ -120,7 +149,7 @@ def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSetting
     if unknown:
         raise TypeError(f"unknown generation settings {sorted(unknown)}")
     ckpt = checkpoint_generation_defaults(model)
-    picked: list[str] = []          # the settings in the order they are read; each is checked once read
+    picked: list[str] = []  # the settings in the order they are read; each is checked once read
 
     def pick(name):
         picked.append(name)
@@ -130,10 +159,14 @@ def resolve_settings(model, prompt_length: int, **explicit) -> GenerationSetting
 
     try:
         max_new = pick("max_new_tokens")
-        if max_new is None and "max_length" in ckpt:          # generation_config.json's total length
+        if max_new is None and "max_length" in ckpt:  # generation_config.json's total length
             max_new = new_tokens_from_max_length(ckpt["max_length"], prompt_length, stacklevel=4)
-        return GenerationSettings(**_lengths(max_new, pick), **_search_mode(pick), **_penalties(pick),
-                                  **_token_ids(pick, model.config.text_config.vocab_size))
+        return GenerationSettings(
+            **_lengths(max_new, pick),
+            **_search_mode(pick),
+            **_penalties(pick),
+            **_token_ids(pick, model.config.text_config.vocab_size),
+        )
     except ValueError as err:
         name = picked[-1] if picked else None
         source = setting_source(model, name) if name and explicit.get(name) is None else None
@@ -162,16 +195,23 @@ def _search_mode(pick) -> dict:
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     temperature = pick("temperature")
     if not is_real(temperature) or not math.isfinite(temperature) or (do_sample and temperature <= 0):
-        raise ValueError(f"temperature must be a number > 0 when sampling (do_sample=True), got {temperature!r}; "
-                         f"for greedy decoding set do_sample=False")
+        raise ValueError(
+            f"temperature must be a number > 0 when sampling (do_sample=True), got {temperature!r}; "
+            f"for greedy decoding set do_sample=False"
+        )
     top_k = pick("top_k")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
     top_p = pick("top_p")
     if not is_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    return {"num_beams": int(num_beams), "do_sample": bool(do_sample), "temperature": float(temperature),
-            "top_k": int(top_k), "top_p": float(top_p)}
+    return {
+        "num_beams": int(num_beams),
+        "do_sample": bool(do_sample),
+        "temperature": float(temperature),
+        "top_k": int(top_k),
+        "top_p": float(top_p),
+    }
 
 
 def _penalties(pick) -> dict:
@@ -187,8 +227,12 @@ def _penalties(pick) -> dict:
     es = pick("early_stopping")
     if es is not True and es is not False and es != "never":
         raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
-    return {"repetition_penalty": float(rep), "no_repeat_ngram_size": int(ngram), "length_penalty": float(lp),
-            "early_stopping": es}
+    return {
+        "repetition_penalty": float(rep),
+        "no_repeat_ngram_size": int(ngram),
+        "length_penalty": float(lp),
+        "early_stopping": es,
+    }
 
 
 def _token_ids(pick, vocab_size: int) -> dict:
@@ -201,7 +245,7 @@ def _token_ids(pick, vocab_size: int) -> dict:
     if pad is not None and (not is_int(pad) or not 0 <= pad < vocab_size):
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size - 1}], got {pad!r}")
     if pad is None and eos:
-        pad = eos[0]            # transformers does the same (with a warning): finished rows need a filler
+        pad = eos[0]  # transformers does the same (with a warning): finished rows need a filler
     return {"eos_token_id": eos, "pad_token_id": None if pad is None else int(pad)}
 
 
@@ -239,16 +283,25 @@ def warn_ignored_settings(s: GenerationSettings, user_set: set, stacklevel: int 
     caller passed; ``stacklevel``: the caller's frame, counted from the function that calls this one."""
     ignored = []
     if not s.do_sample:
-        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in SAMPLING_ONLY
-                    if getattr(s, name) != neutral and _should_warn("do_sample", name, user_set)]
+        ignored += [
+            f"{name}={getattr(s, name)!r}"
+            for name, neutral in SAMPLING_ONLY
+            if getattr(s, name) != neutral and _should_warn("do_sample", name, user_set)
+        ]
     if s.num_beams == 1:
-        ignored += [f"{name}={getattr(s, name)!r}" for name, neutral in BEAM_ONLY
-                    if getattr(s, name) != neutral and _should_warn("num_beams", name, user_set)]
+        ignored += [
+            f"{name}={getattr(s, name)!r}"
+            for name, neutral in BEAM_ONLY
+            if getattr(s, name) != neutral and _should_warn("num_beams", name, user_set)
+        ]
     if ignored:
-        warnings.warn(f"generate ignores {', '.join(ignored)}: temperature, top_p and top_k are used only when "
-                      f"sampling (do_sample=True), early_stopping and length_penalty only by beam search "
-                      f"(num_beams > 1); set the mode that uses them, or leave them unset", UserWarning,
-                      stacklevel=stacklevel + 1)
+        warnings.warn(
+            f"generate ignores {', '.join(ignored)}: temperature, top_p and top_k are used only when "
+            f"sampling (do_sample=True), early_stopping and length_penalty only by beam search "
+            f"(num_beams > 1); set the mode that uses them, or leave them unset",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def warn_past_trained_positions(model, cur_len: int, prompt_length: int) -> None:
@@ -257,6 +310,9 @@ def warn_past_trained_positions(model, cur_len: int, prompt_length: int) -> None
     them in training. (Warned from the decoding loop, two frames below ``generate``'s caller.)"""
     trained = model.config.text_config.max_position_embeddings
     if cur_len == max(trained, prompt_length) + 1:
-        warnings.warn(f"generate: the sequence ({cur_len} tokens) is now longer than the {trained} positions the "
-                      f"model was trained on (max_position_embeddings); the text may degrade from here",
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            f"generate: the sequence ({cur_len} tokens) is now longer than the {trained} positions the "
+            f"model was trained on (max_position_embeddings); the text may degrade from here",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -1,5 +1,6 @@
 """Streaming: text handed out while it is generated (transformers' ``generation/streamers.py`` protocol:
 ``put(ids)`` with the prompt, then each step's tokens, and ``end()``)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -17,15 +18,16 @@ class TextStreamer:
     print); :attr:`text` holds everything released so far. ``tokenizer`` is anything with ``decode(ids, **kw)``.
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, on_text: Callable[[str, bool], None] | None = None,
-                 **decode_kwargs):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, on_text: Callable[[str, bool], None] | None = None, **decode_kwargs
+    ):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
         self.on_text = on_text if on_text is not None else self._print
         self.text = ""
         self._tokens: list[int] = []
-        self._released = 0            # characters of decode(self._tokens) already handed out
+        self._released = 0  # characters of decode(self._tokens) already handed out
         self._saw_prompt = False
 
     @staticmethod
@@ -48,18 +50,17 @@ class TextStreamer:
                 return
         self._tokens.extend(int(i) for i in ids.reshape(-1))
         full = self.tokenizer.decode(self._tokens, **self.decode_kwargs)
-        if full.endswith("\n"):                   # a line is complete: release it and start afresh
-            self._emit(full[self._released:])
+        if full.endswith("\n"):  # a line is complete: release it and start afresh
+            self._emit(full[self._released :])
             self._tokens, self._released = [], 0
             return
         stable = full.rstrip("\ufffd")
         cut = stable.rfind(" ") + 1
         if cut > self._released:
-            self._emit(full[self._released:cut])
+            self._emit(full[self._released : cut])
             self._released = cut
 
     def end(self) -> None:
-        rest = self.tokenizer.decode(self._tokens, **self.decode_kwargs)[self._released:] if self._tokens else ""
+        rest = self.tokenizer.decode(self._tokens, **self.decode_kwargs)[self._released :] if self._tokens else ""
         self._tokens, self._released, self._saw_prompt = [], 0, False
         self._emit(rest, end=True)
-

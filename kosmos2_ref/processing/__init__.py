@@ -6,8 +6,8 @@ It knows nothing of the model (docs/architecture.md). Mirrors transformers 5.23 
 
 from .grounding import (
     Entity,
-    box_to_pixels,
     box_to_patch_indices,
+    box_to_pixels,
     clean_text_and_extract_entities_with_bboxes,
     entities_to_pixel_boxes,
     extract_entities_with_patch_indices,

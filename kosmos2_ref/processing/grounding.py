@@ -131,9 +131,7 @@ def _check_box(box, where: str, num_patch_index_tokens: int) -> None:
     )
 
 
-def check_bboxes_for_single_text(
-    bboxes, where: str = "", num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS
-) -> None:
+def check_bboxes_for_single_text(bboxes, where: str = "", num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> None:
     """Validate the boxes of one text: None, or a list with one entry per ``<phrase>…</phrase>``, each entry None,
     a box tuple, or a list of box tuples (a ``None`` inside such a list is an error). docs/numerics.md §10.3."""
     if bboxes is None:
@@ -155,7 +153,7 @@ def check_bboxes_for_single_text(
 
 
 def _box_tokens(box: tuple, num_patch_index_tokens: int) -> str:
-    """"<patch_index_A> <patch_index_B>" for one box (indices given, or computed from coordinates)."""
+    """ "<patch_index_A> <patch_index_B>" for one box (indices given, or computed from coordinates)."""
     if len(box) == 2:
         upper_left, lower_right = box
     else:
@@ -246,7 +244,8 @@ def extract_entities_with_patch_indices(text: str) -> list[tuple]:
 
 class _PositionsWithoutTags:
     """Where an index of ``text`` lands once the tags are removed: ``len(strip_tags(text[:index]))``
-    (docs/numerics.md §11.2), for many indices without stripping each prefix (which is quadratic in the number of entities).
+    (docs/numerics.md §11.2), for many indices without stripping each prefix (which is quadratic in the number of
+    entities).
 
     The tags of a prefix are the tags of ``text`` that end inside it (the scan is the same up to there, and a tag
     cut by the prefix end has lost its ">"), so the answer is ``index`` less the length of those tags.
@@ -255,7 +254,7 @@ class _PositionsWithoutTags:
     def __init__(self, text: str):
         spans = tag_spans(text)
         self.ends = [end for _, end in spans]
-        self.removed = [0] + list(itertools.accumulate(end - start for start, end in spans))   # before tag k
+        self.removed = [0] + list(itertools.accumulate(end - start for start, end in spans))  # before tag k
 
     def __call__(self, index: int) -> int:
         return index - self.removed[bisect.bisect_right(self.ends, index)]
@@ -296,7 +295,7 @@ def post_process_generation(text: str, cleanup_and_extract: bool = True, num_pat
     (Kosmos2Processor.post_process_generation, docs/numerics.md §11)."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
-    if not isinstance(cleanup_and_extract, bool):          # the string "false" would count as True
+    if not isinstance(cleanup_and_extract, bool):  # the string "false" would count as True
         raise ValueError(f"cleanup_and_extract must be True or False, got {cleanup_and_extract!r}")
     caption = text.split(EOI_TOKEN)[-1]
     if not cleanup_and_extract:
@@ -310,18 +309,25 @@ class Entity:
     post-processing (tasks, jobs, the web service and drawing use it); made by :func:`entities_to_pixel_boxes`."""
 
     phrase: str
-    span: tuple[int, int]                              # [start, end) of the phrase in the caption
-    boxes: list[tuple[float, float, float, float]]     # normalised (x1, y1, x2, y2)
-    pixel_boxes: list[tuple[int, int, int, int]]       # the same in pixels of the image (box_to_pixels)
+    span: tuple[int, int]  # [start, end) of the phrase in the caption
+    boxes: list[tuple[float, float, float, float]]  # normalised (x1, y1, x2, y2)
+    pixel_boxes: list[tuple[int, int, int, int]]  # the same in pixels of the image (box_to_pixels)
 
     def to_dict(self) -> dict:
-        return {"phrase": self.phrase, "span": list(self.span), "boxes": [list(b) for b in self.boxes],
-                "pixel_boxes": [list(b) for b in self.pixel_boxes]}
+        return {
+            "phrase": self.phrase,
+            "span": list(self.span),
+            "boxes": [list(b) for b in self.boxes],
+            "pixel_boxes": [list(b) for b in self.pixel_boxes],
+        }
 
 
 def _check_image_size(image_size) -> tuple[int, int]:
-    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2 \
-            or not all(is_int(v) and v > 0 for v in image_size):
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(is_int(v) and v > 0 for v in image_size)
+    ):
         raise ValueError(f"image_size must be (width, height) as positive ints, got {image_size!r}")
     return int(image_size[0]), int(image_size[1])
 

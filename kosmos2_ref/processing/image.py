@@ -31,8 +31,7 @@ import PIL.ImageMode
 import PIL.ImageOps
 
 from ..checks import is_int, is_real
-from ..files import file_present
-from ..files import read_json_object
+from ..files import file_present, read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -227,7 +226,7 @@ def open_image_file(path: str | Path, name: str = "image") -> PIL.Image.Image:
     path = Path(path)
     try:
         present = file_present(path)
-    except ValueError as err:              # a broken link, a folder, a pipe
+    except ValueError as err:  # a broken link, a folder, a pipe
         raise ValueError(f"{name}: {err}") from None
     if not present:
         raise ValueError(f"{name}: image file not found: {str(path)!r}")

@@ -17,11 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..files import file_present, read_json_object
+from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
 from . import grounding
 from .image import ImageProcessorConfig, as_image_list, preprocess_images
-from ..files import file_present
-from ..hub import MINI_FOLDER, MINI_MODEL, is_hub_id, resolve_checkpoint
-from ..files import read_json_object
 from .tokenizer import BOI_TOKEN, EOI_TOKEN, NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, default_tokenizer
 
 
@@ -78,13 +77,13 @@ class Kosmos2Processor:
         ``tokenizer_config.json``, ``special_tokens_map.json``, ``processor_config.json``.
 
         ``folder`` may also be a Hub id such as ``"microsoft/kosmos-2-patch14-224"``, found in the Hugging Face
-        cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it, or ``"mini"``, the packaged miniature. ``padding_side`` (and other tokenizer
-        settings such as ``truncation_side``) override the files.
+        cache (or downloaded) as :meth:`Kosmos2.from_pretrained` finds it, or ``"mini"``, the packaged miniature.
+        ``padding_side`` (and other tokenizer settings such as ``truncation_side``) override the files.
         """
         name = folder
         folder = Path(folder) if name != MINI_MODEL else MINI_FOLDER
         if not folder.is_dir() and isinstance(name, str) and not folder.exists() and is_hub_id(name):
-            folder = resolve_checkpoint(name, need="processor")     # weights not needed
+            folder = resolve_checkpoint(name, need="processor")  # weights not needed
         if not folder.is_dir():
             raise ValueError(f"processor folder not found: {str(folder)!r}")
         processor_config = {}
@@ -335,8 +334,7 @@ def _check_texts(text, image_list) -> list[str]:
             raise ValueError(f"text[{i}] must be a str, got {type(t).__name__}")
     if image_list is not None and len(image_list) != len(texts):
         raise ValueError(
-            "text and images must pair one image with each text; "
-            f"got {len(texts)} texts and {len(image_list)} images"
+            f"text and images must pair one image with each text; got {len(texts)} texts and {len(image_list)} images"
         )
     return list(texts)
 
@@ -347,5 +345,8 @@ def _check_options(return_tensors, add_special_tokens, add_eos_token, num_image_
         raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
     if not _is_positive_int(num_image_tokens):
         raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
-    return (_check_bool("add_special_tokens", add_special_tokens), _check_bool("add_eos_token", add_eos_token),
-            int(num_image_tokens))
+    return (
+        _check_bool("add_special_tokens", add_special_tokens),
+        _check_bool("add_eos_token", add_eos_token),
+        int(num_image_tokens),
+    )

@@ -25,8 +25,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
-from ..files import file_present, read_text
-from ..files import read_json_object
+from ..files import file_present, read_json_object, read_text
 from .sentencepiece_model import read_sentencepiece_model
 
 # The fairseq/XLM-R special tokens, in id order 0..3; <mask> comes after the SentencePiece pieces.
@@ -151,9 +150,7 @@ def _padding_strategy(padding) -> str:
         return "longest"
     if isinstance(padding, str) and padding in ("longest", "max_length", "do_not_pad"):
         return padding
-    raise ValueError(
-        f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}"
-    )
+    raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
 
 
 def _truncation_strategy(truncation) -> str:
@@ -165,8 +162,7 @@ def _truncation_strategy(truncation) -> str:
     if isinstance(truncation, str) and truncation in ("longest_first", "only_first", "do_not_truncate"):
         return truncation
     raise ValueError(
-        "truncation must be True, False, None, 'longest_first', 'only_first' or 'do_not_truncate', "
-        f"got {truncation!r}"
+        f"truncation must be True, False, None, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}"
     )
 
 
@@ -204,7 +200,7 @@ class Kosmos2Tokenizer:
         add_kosmos2_tokens: bool = True,
     ):
         self._tokenizer = backend
-        self._lock = threading.RLock()      # held while the backend's settings are changed and used
+        self._lock = threading.RLock()  # held while the backend's settings are changed and used
         # Padding and truncation are set per call (as transformers does); start from a clean state.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -243,7 +239,7 @@ class Kosmos2Tokenizer:
         tokenizer_json = folder / "tokenizer.json"
         spm_file = folder / "sentencepiece.bpe.model"
         if file_present(tokenizer_json):
-            text = read_text(tokenizer_json)        # unreadable: says so, rather than "not a valid file"
+            text = read_text(tokenizer_json)  # unreadable: says so, rather than "not a valid file"
             try:
                 backend = Tokenizer.from_str(text)
             except Exception as err:  # the Rust side raises a bare Exception on malformed files
@@ -256,9 +252,7 @@ class Kosmos2Tokenizer:
         elif file_present(spm_file):
             backend = build_tokenizer_from_sentencepiece(spm_file, add_kosmos2_tokens=False)
         else:
-            raise ValueError(
-                f"no tokenizer in {str(folder)!r}: expected tokenizer.json or sentencepiece.bpe.model"
-            )
+            raise ValueError(f"no tokenizer in {str(folder)!r}: expected tokenizer.json or sentencepiece.bpe.model")
         return cls(backend, **settings)
 
     def add_kosmos2_tokens(self, num_patch_index_tokens: int = NUM_PATCH_INDEX_TOKENS) -> int:
@@ -358,7 +352,7 @@ class Kosmos2Tokenizer:
         side = self.padding_side if padding_side is None else _check_side("padding_side", padding_side)
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
-        with self._lock:        # the settings below belong to the shared backend: one call at a time
+        with self._lock:  # the settings below belong to the shared backend: one call at a time
             try:
                 if trunc != "do_not_truncate":
                     self._tokenizer.enable_truncation(
@@ -401,9 +395,7 @@ class Kosmos2Tokenizer:
             raise ValueError(f"token ids must lie in [0, {size}), got values in [{low}, {high}]")
         return arr.tolist()
 
-    def decode(
-        self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
-    ) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of one id sequence (TokenizersBackend._decode).
 
         ``skip_special_tokens`` drops the tokens flagged special (``<s> <pad> </s> <unk> <mask>``); tags and patch
@@ -440,7 +432,7 @@ class Kosmos2Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "special_tokens_map.json"]
-        with self._lock:        # not while another thread's call has padding switched on
+        with self._lock:  # not while another thread's call has padding switched on
             self._tokenizer.save(str(paths[0]))
         special = {
             "bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
@@ -466,6 +458,7 @@ class Kosmos2Tokenizer:
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
+
 def _token_name(value) -> str | None:
     """A special token as written in the config files: a string or an AddedToken dict with "content"."""
     if isinstance(value, dict):
@@ -486,7 +479,7 @@ def _read_tokenizer_settings(folder: Path) -> dict:
             continue
         data = read_json_object(path)
 
-        def refuse(key, expected):
+        def refuse(key, expected, path=path, data=data):  # this file's
             return ValueError(f"{str(path)!r}: {key} must be {expected}, got {data[key]!r}")
 
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):

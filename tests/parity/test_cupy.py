@@ -1,13 +1,14 @@
 """The CuPy backend against transformers (and against our NumPy backend). Runs only where CuPy and a GPU are;
 elsewhere each test is collected and skipped with the reason shown. The whole parity suite also runs on CuPy
 with ``KOSMOS2_BACKEND=cupy pytest tests/parity``."""
+
 from __future__ import annotations
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, to_numpy
 from kosmos2_ref.backend import cupy_available
 

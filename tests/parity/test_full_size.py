@@ -3,15 +3,16 @@
 These tests are slow (a minute or two) but run in CI: the model fits the 24 GiB machine, torch's copy and our
 memory-mapped one side by side (~14 GB).
 """
+
 from __future__ import annotations
 
 import time
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,12 @@ def test_full_size_forward_parity(full):
     ours, hf = full
     pv, ids, att, img = full_inputs(batch=2)
     with torch.no_grad():
-        ref = hf(pixel_values=torch.from_numpy(pv), input_ids=torch.from_numpy(ids),
-                 attention_mask=torch.from_numpy(att), image_embeds_position_mask=torch.from_numpy(img))
+        ref = hf(
+            pixel_values=torch.from_numpy(pv),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(att),
+            image_embeds_position_mask=torch.from_numpy(img),
+        )
     out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img)
     print("\n[full size, batch 2 left-padded]")
     fm.check("image_embeds", out.image_embeds, ref.image_embeds, TOL)

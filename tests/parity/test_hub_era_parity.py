@@ -7,17 +7,18 @@ The folder keeps what 4.37 wrote: a config.json of 70/67 keys per sub-config wit
 serialised generation defaults (``max_length: 20``, ...), added_tokens.json, special_tokens_map.json, a
 tokenizer_config.json with ``added_tokens_decoder`` and old AddedToken dicts, weights stored in float16.
 """
+
 from __future__ import annotations
 
 import json
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
-
-import fixtures_model as fm
 from fixtures_tokenizer import IMAGES
 from hub_era import HUB_ERA, hub_era_folder
+
 from kosmos2_ref import Kosmos2, generate
 from kosmos2_ref.config import Kosmos2Config
 from kosmos2_ref.processing import Kosmos2Processor
@@ -46,8 +47,9 @@ def pair(request, tmp_path_factory):
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
     folder = hub_era_folder(tmp_path_factory.mktemp(f"hub_era_{request.param}"), weights=request.param)
-    hf = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
+    hf = Kosmos2ForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     hf_proc = AutoProcessor.from_pretrained(folder, backend="pil")
     return request.param, Kosmos2.from_pretrained(folder), Kosmos2Processor.from_pretrained(folder), hf, hf_proc
 
@@ -76,17 +78,32 @@ def test_logits_and_ten_greedy_tokens(pair):
     for prompt in PROMPTS:
         a, b = _inputs(proc, prompt, False), _inputs(hf_proc, prompt, True)
         with torch.no_grad():
-            ref = hf(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     image_embeds_position_mask=b["image_embeds_position_mask"]).logits
-            ref_ids = hf.generate(pixel_values=b["pixel_values"], input_ids=b["input_ids"],
-                                  attention_mask=b["attention_mask"],
-                                  image_embeds_position_mask=b["image_embeds_position_mask"], **GREEDY).numpy()
-        out = ours(pixel_values=a["pixel_values"], input_ids=a["input_ids"], attention_mask=a["attention_mask"],
-                   image_embeds_position_mask=a["image_embeds_position_mask"])
+            ref = hf(
+                pixel_values=b["pixel_values"],
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                image_embeds_position_mask=b["image_embeds_position_mask"],
+            ).logits
+            ref_ids = hf.generate(
+                pixel_values=b["pixel_values"],
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                image_embeds_position_mask=b["image_embeds_position_mask"],
+                **GREEDY,
+            ).numpy()
+        out = ours(
+            pixel_values=a["pixel_values"],
+            input_ids=a["input_ids"],
+            attention_mask=a["attention_mask"],
+            image_embeds_position_mask=a["image_embeds_position_mask"],
+        )
         fm.check(f"logits, 4.37 {weights}, {prompt[:24]!r}", out.logits, ref, TOL)
-        ids = generate(ours, **{k: a[k] for k in ("pixel_values", "input_ids", "attention_mask",
-                                                  "image_embeds_position_mask")}, **GREEDY)
-        new = ids[0, a["input_ids"].shape[1]:].tolist()
+        ids = generate(
+            ours,
+            **{k: a[k] for k in ("pixel_values", "input_ids", "attention_mask", "image_embeds_position_mask")},
+            **GREEDY,
+        )
+        new = ids[0, a["input_ids"].shape[1] :].tolist()
         print(f"    10 greedy tokens: {new} (equal: {np.array_equal(ids, ref_ids)})")
         assert ref_ids.shape[1] == a["input_ids"].shape[1] + 10
         assert np.array_equal(ids, ref_ids)

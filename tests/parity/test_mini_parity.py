@@ -7,19 +7,20 @@ tail. Inputs are scenes of the synthetic world through each side's own processor
 for token, the processed scores within max |Δ| ≤ 1e-5 × the reference's scale (printed), with the same −inf
 entries.
 """
+
 from __future__ import annotations
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2, Kosmos2Processor, generate, world
 from kosmos2_ref import generation as gen
 from kosmos2_ref.hub import MINI_FOLDER
 
 TOL = 1e-5
-SEEDS = [1_500_000_003, 1_500_000_011]      # held-out scenes (training seeds are below 10^9)
+SEEDS = [1_500_000_003, 1_500_000_011]  # held-out scenes (training seeds are below 10^9)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,27 +54,39 @@ def scene_inputs(processors, texts, seeds, bboxes=None):
 
 def hf_generate(hf, x, **kw):
     with torch.no_grad():
-        out = hf.generate(pixel_values=torch.from_numpy(x["pixel_values"]),
-                          input_ids=torch.from_numpy(x["input_ids"]),
-                          attention_mask=torch.from_numpy(x["attention_mask"]),
-                          image_embeds_position_mask=torch.from_numpy(x["image_embeds_position_mask"]),
-                          return_dict_in_generate=True, output_scores=True, **kw)
+        out = hf.generate(
+            pixel_values=torch.from_numpy(x["pixel_values"]),
+            input_ids=torch.from_numpy(x["input_ids"]),
+            attention_mask=torch.from_numpy(x["attention_mask"]),
+            image_embeds_position_mask=torch.from_numpy(x["image_embeds_position_mask"]),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kw,
+        )
     return out.sequences.numpy(), [s.float().numpy() for s in out.scores]
 
 
 def ours_generate(model, x, **kw):
-    out = generate(model, pixel_values=x["pixel_values"], input_ids=x["input_ids"],
-                          attention_mask=x["attention_mask"], image_embeds_position_mask=x["image_embeds_position_mask"],
-                          return_dict_in_generate=True, output_scores=True, **kw)
+    out = generate(
+        model,
+        pixel_values=x["pixel_values"],
+        input_ids=x["input_ids"],
+        attention_mask=x["attention_mask"],
+        image_embeds_position_mask=x["image_embeds_position_mask"],
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kw,
+    )
     return out.sequences, list(out.scores)
 
 
 def compare(label, ours, ref, processor):
     (seq, scores), (rseq, rscores) = ours, ref
-    print(f"\n[{label}] {processor.batch_decode(rseq[:, -len(rscores):])[0]!r}")
-    assert seq.shape == rseq.shape and np.array_equal(seq, rseq), \
+    print(f"\n[{label}] {processor.batch_decode(rseq[:, -len(rscores) :])[0]!r}")
+    assert seq.shape == rseq.shape and np.array_equal(seq, rseq), (
         f"{label}: sequences differ\n ours {seq.tolist()}\n ref  {rseq.tolist()}"
-    a, b = np.stack(scores), np.stack(rscores)                      # [steps, N, V]
+    )
+    a, b = np.stack(scores), np.stack(rscores)  # [steps, N, V]
     banned = np.isneginf(b)
     assert np.array_equal(np.isneginf(a), banned), f"{label}: the banned (−inf) entries differ"
     fm.check(f"{label}: scores ({len(a)} steps, {int(banned.sum())} banned)", a[~banned], b[~banned], TOL)
@@ -81,13 +94,17 @@ def compare(label, ours, ref, processor):
 
 # --------------------------------------------------------------------------------------------------------------
 
+
 def test_both_load_the_shipped_folder_by_name(mini):
     ours, ours_proc, hf, hf_proc = mini
     assert ours.folder == MINI_FOLDER
     assert ours.config.text_config.vocab_size == len(hf_proc.tokenizer) == hf.config.text_config.vocab_size
     scene = world.make_scene(SEEDS[0])
-    texts = [world.caption_text(scene), world.describe_text(scene.objects[0]),
-             world.ground_text(*world.referring_examples(scene)[0])]
+    texts = [
+        world.caption_text(scene),
+        world.describe_text(scene.objects[0]),
+        world.ground_text(*world.referring_examples(scene)[0]),
+    ]
     scene_inputs((ours_proc, hf_proc), texts, [SEEDS[0]] * 3)
 
 
@@ -120,15 +137,21 @@ CASES = {
 def test_generation_matches_transformers(mini, name, job):
     ours, ours_proc, hf, hf_proc = mini
     scene = world.make_scene(SEEDS[1])
-    prompt = "<grounding> An image of" if job == "caption" else \
-        f"<grounding><phrase> {world.referring_examples(scene)[0][0]}</phrase>"
+    prompt = (
+        "<grounding> An image of"
+        if job == "caption"
+        else f"<grounding><phrase> {world.referring_examples(scene)[0][0]}</phrase>"
+    )
     x = scene_inputs((ours_proc, hf_proc), [prompt], SEEDS[1:])
     kw = dict(max_new_tokens=40, **CASES[name])
     compare(f"{job} {name}", ours_generate(ours, x, **kw), hf_generate(hf, x, **kw), hf_proc)
 
 
-@pytest.mark.parametrize("case", [dict(temperature=1.0, top_k=0, top_p=0.9), dict(temperature=1.5, top_k=8, top_p=1.0)],
-                         ids=["top_p-0.9", "t1.5-top_k-8"])
+@pytest.mark.parametrize(
+    "case",
+    [dict(temperature=1.0, top_k=0, top_p=0.9), dict(temperature=1.5, top_k=8, top_p=1.0)],
+    ids=["top_p-0.9", "t1.5-top_k-8"],
+)
 def test_sampling_matches_transformers(mini, case, monkeypatch):
     """torch.multinomial and NumPy cannot draw alike, so transformers samples (torch seed 0) and our draw is
     replaced by a replay of its tokens, each checked to be one our processors allowed; everything else
@@ -138,12 +161,12 @@ def test_sampling_matches_transformers(mini, case, monkeypatch):
     kw = dict(max_new_tokens=40, do_sample=True, num_beams=1, no_repeat_ngram_size=0, **case)
     torch.manual_seed(0)
     ref = hf_generate(hf, x, **kw)
-    drawn = iter(ref[0][:, x["input_ids"].shape[1]:].T)
+    drawn = iter(ref[0][:, x["input_ids"].shape[1] :].T)
 
     def replay(scores, rng):
         tok = next(drawn).astype(np.int64)
         assert all(np.isfinite(np.asarray(scores)[i, t]) for i, t in enumerate(tok) if t != 1)
         return tok
 
-    monkeypatch.setattr(gen.search, "sample_next_tokens", replay)   # the loop reads it there
+    monkeypatch.setattr(gen.search, "sample_next_tokens", replay)  # the loop reads it there
     compare(f"sampling {case}", ours_generate(ours, x, **kw), ref, hf_proc)

@@ -3,13 +3,14 @@
 Both sides read the same saved checkpoint; transformers runs in the same test. Tolerance: max |Δ| ≤ 1e-5 × the
 reference's scale (max |ref|, at least 1), float32 on both sides. Measured errors are printed (pytest -s).
 """
+
 from __future__ import annotations
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
 
-import fixtures_model as fm
 from kosmos2_ref import Kosmos2
 
 TOL = 1e-5
@@ -25,19 +26,38 @@ def _inputs(cfg_q: int, rows_text: list[list[int]], side="right", seed=0, image_
 
 def _hf_forward(hf, pv, ids, att, img, **kw):
     with torch.no_grad():
-        return hf(pixel_values=torch.from_numpy(pv), input_ids=torch.from_numpy(ids),
-                  attention_mask=torch.from_numpy(att), image_embeds_position_mask=torch.from_numpy(img), **kw)
+        return hf(
+            pixel_values=torch.from_numpy(pv),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(att),
+            image_embeds_position_mask=torch.from_numpy(img),
+            **kw,
+        )
 
 
 def _compare_all(ours_model, hf, pv, ids, att, img, labels=None, label=""):
     print(f"\n[{label}] B={ids.shape[0]} T={ids.shape[1]}")
-    ref = _hf_forward(hf, pv, ids, att, img, output_hidden_states=True, output_attentions=True,
-                      labels=None if labels is None else torch.from_numpy(labels))
+    ref = _hf_forward(
+        hf,
+        pv,
+        ids,
+        att,
+        img,
+        output_hidden_states=True,
+        output_attentions=True,
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
     with torch.no_grad():
-        ref_vis = hf.vision_model(pixel_values=torch.from_numpy(pv), output_hidden_states=True,
-                                  output_attentions=True)
-    out = ours_model(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-                     labels=labels, output_hidden_states=True, output_attentions=True)
+        ref_vis = hf.vision_model(pixel_values=torch.from_numpy(pv), output_hidden_states=True, output_attentions=True)
+    out = ours_model(
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        labels=labels,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     vo = out.vision_model_output
     for i, (a, b) in enumerate(zip(vo.hidden_states, ref_vis.hidden_states, strict=True)):
         fm.check(f"vision hidden_states[{i}]", a, b, TOL)
@@ -100,14 +120,15 @@ def test_padded_batch_with_attention_in_query_blocks(tiny, side, monkeypatch):
     pv, ids, att, img = _inputs(64, TEXTS, side=side, seed=3)
     B, T = ids.shape
     heads = ours.config.text_config.attention_heads
-    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)     # 5 query rows per block
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)  # 5 query rows per block
     needed = []
     real = fast._keys_needed
     monkeypatch.setattr(fast, "_keys_needed", lambda m, S: needed.append(real(m, S)) or needed[-1])
-    out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-               output_hidden_states=True)
+    out = ours(
+        pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, output_hidden_states=True
+    )
     ref = _hf_forward(hf, pv, ids, att, img, output_hidden_states=True)
-    assert needed and min(needed) < T            # blocks did leave keys out
+    assert needed and min(needed) < T  # blocks did leave keys out
     print(f"\n[tiny, batch 3, {side}-padded, 5-query blocks] keys per block: {sorted(set(needed))} of {T}")
     for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
         fm.check(f"text hidden_states[{i}]", a, b, TOL)
@@ -130,8 +151,7 @@ def test_base_model_last_hidden_state(tiny_checkpoint, tiny):
     base = Kosmos2Model.from_pretrained(folder).eval()
     pv, ids, att, img = _inputs(64, TEXTS[:2], side="right", seed=7)
     ref = _hf_forward(base, pv, ids, att, img)
-    out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-               compute_logits=False)
+    out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, compute_logits=False)
     assert out.logits is None
     fm.check("Kosmos2Model last_hidden_state", out.last_hidden_state, ref.last_hidden_state, TOL)
 
@@ -146,7 +166,7 @@ def test_sdpa_reference_agrees(tiny_checkpoint, tiny):
     pv, ids, att, img = _inputs(64, TEXTS, side="left", seed=11)
     ref = _hf_forward(sdpa, pv, ids, att, img)
     out = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img)
-    real = att.astype(bool)   # SDPA's pad-query rows are garbage of another kind; compare real tokens
+    real = att.astype(bool)  # SDPA's pad-query rows are garbage of another kind; compare real tokens
     fm.check("logits vs SDPA reference (real tokens)", out.logits[real], ref.logits.numpy()[real], TOL)
 
 
@@ -183,11 +203,14 @@ def test_precomputed_image_embeds_and_explicit_positions(tiny):
     emb = ours.get_image_features(pv)
     pos = np.arange(ids.shape[1])[None].repeat(2, 0) + 5
     with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(att),
-                 image_embeds=torch.from_numpy(np.asarray(emb)), image_embeds_position_mask=torch.from_numpy(img),
-                 position_ids=torch.from_numpy(pos))
-    out = ours(input_ids=ids, attention_mask=att, image_embeds=emb, image_embeds_position_mask=img,
-               position_ids=pos)
+        ref = hf(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(att),
+            image_embeds=torch.from_numpy(np.asarray(emb)),
+            image_embeds_position_mask=torch.from_numpy(img),
+            position_ids=torch.from_numpy(pos),
+        )
+    out = ours(input_ids=ids, attention_mask=att, image_embeds=emb, image_embeds_position_mask=img, position_ids=pos)
     print()
     fm.check("logits (image_embeds given, raw position_ids)", out.logits, ref.logits, TOL)
 
@@ -201,11 +224,15 @@ def test_cached_step_matches_transformers(tiny):
         r1 = _hf_forward(hf, pv, ids, att, img, use_cache=True)
         att2 = np.concatenate([att, np.ones((1, 1), np.int64)], 1)
         # transformers wants an image even on a cached step (it is ignored once past > 0)
-        r2 = hf(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(att2), image_embeds=r1.image_embeds,
-                past_key_values=r1.past_key_values, use_cache=True)
+        r2 = hf(
+            input_ids=torch.from_numpy(nxt),
+            attention_mask=torch.from_numpy(att2),
+            image_embeds=r1.image_embeds,
+            past_key_values=r1.past_key_values,
+            use_cache=True,
+        )
     cache = ours.new_cache(1, ids.shape[1] + 4)
-    o1 = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-              past_key_values=cache)
+    o1 = ours(pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img, past_key_values=cache)
     o2 = ours(input_ids=nxt, attention_mask=att2, past_key_values=cache)
     print()
     fm.check("prefill logits", o1.logits, r1.logits, TOL)
@@ -213,4 +240,4 @@ def test_cached_step_matches_transformers(tiny):
     assert cache.length == ids.shape[1] + 1
     for layer in range(len(cache.keys)):
         k_ref = r2.past_key_values.layers[layer].keys
-        fm.check(f"cache keys layer {layer}", cache.keys[layer][:, :, :cache.length], k_ref, TOL)
+        fm.check(f"cache keys layer {layer}", cache.keys[layer][:, :, : cache.length], k_ref, TOL)

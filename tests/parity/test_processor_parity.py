@@ -12,13 +12,13 @@ import io
 import json
 import re
 
+import fixtures_tokenizer as ft
 import numpy as np
 import PIL.Image
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fixtures_tokenizer as ft
 from kosmos2_ref.processing import Kosmos2Processor, grounding
 from kosmos2_ref.processing.image import preprocess_images
 from kosmos2_ref.processing.tokenizer import Kosmos2Tokenizer
@@ -28,6 +28,8 @@ from transformers import AutoProcessor  # noqa: E402
 from transformers.models.kosmos2 import processing_kosmos2 as hf_kosmos2  # noqa: E402
 
 KINDS = ["synthetic", "real"]
+
+
 def hypothesis_settings(max_examples: int):
     return settings(
         max_examples=max_examples,
@@ -55,7 +57,10 @@ def loaded(folders):
     def get(kind, side="right"):
         if (kind, side) not in cache:
             kwargs = {} if side == "right" else {"padding_side": side}
-            cache[kind, side] = (Kosmos2Processor.from_pretrained(folders[kind], **kwargs), _hf(folders[kind], **kwargs))
+            cache[kind, side] = (
+                Kosmos2Processor.from_pretrained(folders[kind], **kwargs),
+                _hf(folders[kind], **kwargs),
+            )
         return cache[kind, side]
 
     return get
@@ -111,7 +116,12 @@ CASES = [
     (TEXTS[2], IMG_A, [(44, 863), (0.171875, 0.015625, 0.484375, 0.890625)], {}),
     (TEXTS[2], IMG_A, [[(44, 863), (1, 2)], None], {"add_eos_token": True}),
     (TEXTS[2], IMG_A, [[], [(0.0, 0.0, 1.0, 1.0), (0.5, 0.5, 0.51, 0.52)]], {}),
-    ([TEXTS[2], TEXTS[6], TEXTS[0]], [IMG_A, IMG_B, IMG_C], [[(5, 911), None], [(0, 1023), [(1, 1)]], None], {"padding": True}),
+    (
+        [TEXTS[2], TEXTS[6], TEXTS[0]],
+        [IMG_A, IMG_B, IMG_C],
+        [[(5, 911), None], [(0, 1023), [(1, 1)]], None],
+        {"padding": True},
+    ),
     ([TEXTS[2], TEXTS[0]], [IMG_A, IMG_B], None, {"num_image_tokens": 5, "first_image_token_id": 100}),
     (TEXTS[0], IMG_A, None, {"return_tensors": None}),
     (TEXTS[:3], [IMG_A, IMG_B, IMG_C], None, {"return_tensors": None}),
@@ -149,12 +159,16 @@ def test_spec_prompt_ids_with_transformers(loaded):
     for processor, is_ours in ((ours, True), (theirs, False)):
         assert _call(processor, "<grounding> An image of", IMG_A, None, {}, is_ours)["input_ids"].tolist() == [expected]
     text = "<grounding> Two puppies sit in a field of grass."
-    a, b = (_call(p, text, IMG_A, None, {}, o)["input_ids"][0, 67:].tolist() for p, o in ((ours, True), (theirs, False)))
+    a, b = (
+        _call(p, text, IMG_A, None, {}, o)["input_ids"][0, 67:].tolist() for p, o in ((ours, True), (theirs, False))
+    )
     assert a == b == [64012, 1264, 17772, 1357, 12, 10, 770, 9, 4464, 4]
     assert ours.decode(a) == theirs.decode(b) == text
-    assert ours.tokenizer.encode("An image of a snowman") == theirs.tokenizer("An image of a snowman").input_ids == [
-        0, 712, 1648, 9, 10, 43867, 2
-    ]
+    assert (
+        ours.tokenizer.encode("An image of a snowman")
+        == theirs.tokenizer("An image of a snowman").input_ids
+        == [0, 712, 1648, 9, 10, 43867, 2]
+    )
 
 
 def test_padding_side_given_to_the_call_with_images(loaded):
@@ -197,7 +211,8 @@ float_box = st.tuples(coord, coord, coord, coord).filter(lambda b: b[2] > b[0] +
 # (upper-left cell, lower-right cell): the lower-right one is not above or left of the upper-left one (ours refuses a
 # reversed pair, which transformers would encode as given; docs/parity.md)
 index_box = st.tuples(st.integers(0, 1023), st.integers(0, 1023)).filter(
-    lambda b: b[0] // 32 <= b[1] // 32 and b[0] % 32 <= b[1] % 32)
+    lambda b: b[0] // 32 <= b[1] // 32 and b[0] % 32 <= b[1] % 32
+)
 one_box = float_box | index_box
 box_entries = st.one_of(st.none(), one_box, st.lists(one_box, max_size=3))
 
@@ -225,7 +240,7 @@ def test_processor_on_drawn_inputs_equals_transformers(loaded, kind, data):
 
 # --------------------------------------------------------------------------------------------------- images
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"]
-HIGH_BIT_MODES = ["I;16", "I", "F"]     # refused by ours; transformers clips them to 8 bits (docs/parity.md)
+HIGH_BIT_MODES = ["I;16", "I", "F"]  # refused by ours; transformers clips them to 8 bits (docs/parity.md)
 SIZES = [(1, 1), (1, 7), (9, 1), (13, 7), (223, 225), (224, 224), (225, 224), (500, 13), (640, 480)]
 
 
@@ -270,7 +285,7 @@ def test_high_bit_depth_images_are_refused_where_transformers_clips_them(image_p
     config, theirs = image_processors
     image = _mode_image(mode, (13, 7))
     clipped = _theirs_pixels(theirs, image)
-    assert clipped.shape == (1, 3, 224, 224)                         # transformers takes it
+    assert clipped.shape == (1, 3, 224, 224)  # transformers takes it
     with pytest.raises(ValueError, match=rf"mode {re.escape(mode)} \(.*clipped to 8 bits"):
         preprocess_images(image, config)
 
@@ -386,7 +401,9 @@ def test_sentencepiece_build_equals_transformers_converter(spm_pair):
     builds (XLMRobertaTokenizer from the .model file) plus the processor's added tokens."""
     ours, theirs = spm_pair
     assert type(theirs.tokenizer).__name__ == "XLMRobertaTokenizer"
-    assert json.loads(ours.tokenizer.backend_tokenizer.to_str()) == json.loads(theirs.tokenizer.backend_tokenizer.to_str())
+    assert json.loads(ours.tokenizer.backend_tokenizer.to_str()) == json.loads(
+        theirs.tokenizer.backend_tokenizer.to_str()
+    )
     assert len(ours.tokenizer) == len(theirs.tokenizer) == 65037
 
 
@@ -402,7 +419,9 @@ def test_sentencepiece_folder_ids_equal_transformers(spm_pair, text):
 def test_sentencepiece_folder_processor_equals_transformers(spm_pair):
     ours, theirs = spm_pair
     for text, images, bboxes, kwargs in CASES[8:14]:
-        _assert_same(_call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False))
+        _assert_same(
+            _call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False)
+        )
 
 
 def test_folder_with_a_kosmos2_config_json(tmp_path, loaded):
@@ -417,13 +436,17 @@ def test_folder_with_a_kosmos2_config_json(tmp_path, loaded):
         assert type(theirs.tokenizer).__name__ == "TokenizersBackend"
         ours = Kosmos2Processor.from_pretrained(folder)
         for text, images, bboxes, kwargs in CASES[8:12]:
-            _assert_same(_call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False))
+            _assert_same(
+                _call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False)
+            )
 
 
 @hypothesis_settings(100)
 @pytest.mark.parametrize("kind", KINDS)
 @given(
-    ids=st.lists(st.integers(0, 65036) | st.sampled_from([0, 1, 2, 3, 64001, 64003, 64004, 64007, 64008, 64012]), max_size=30),
+    ids=st.lists(
+        st.integers(0, 65036) | st.sampled_from([0, 1, 2, 3, 64001, 64003, 64004, 64007, 64008, 64012]), max_size=30
+    ),
     skip=st.booleans(),
     cleanup=st.sampled_from([None, True, False]),
 )
@@ -441,7 +464,9 @@ def test_batch_decode_and_post_process_image_text_to_text(loaded, kind):
         [inputs["input_ids"], np.asarray([[64007, 10, 64008, 64009, 64057, 64876, 64010, 2]] * 3)], axis=1
     )
     for skip in (True, False):
-        assert ours.batch_decode(generated, skip_special_tokens=skip) == theirs.batch_decode(generated, skip_special_tokens=skip)
+        assert ours.batch_decode(generated, skip_special_tokens=skip) == theirs.batch_decode(
+            generated, skip_special_tokens=skip
+        )
     assert ours.post_process_image_text_to_text(generated) == theirs.post_process_image_text_to_text(generated)
     texts = theirs.batch_decode(generated, skip_special_tokens=True)
     assert [ours.post_process_generation(t) for t in texts] == [theirs.post_process_generation(t) for t in texts]
@@ -475,7 +500,11 @@ POST_FRAGMENTS = [
 
 
 @hypothesis_settings(500)
-@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(POST_FRAGMENTS) | st.text(max_size=3), max_size=30).map("".join)))
+@given(
+    st.one_of(
+        st.text(max_size=60), st.lists(st.sampled_from(POST_FRAGMENTS) | st.text(max_size=3), max_size=30).map("".join)
+    )
+)
 def test_post_processing_equals_transformers(loaded, text):
     ours, theirs = loaded("synthetic")
     assert ours.post_process_generation(text, cleanup_and_extract=False) == theirs.post_process_generation(
@@ -507,7 +536,9 @@ def test_our_save_pretrained_loads_in_transformers(tmp_path, loaded):
     ours.save_pretrained(tmp_path)
     theirs = _hf(tmp_path)
     for text, images, bboxes, kwargs in CASES[8:14] + CASES[-6:]:
-        _assert_same(_call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False))
+        _assert_same(
+            _call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False)
+        )
 
 
 def test_transformers_save_pretrained_loads_in_ours(tmp_path, loaded):
@@ -517,14 +548,18 @@ def test_transformers_save_pretrained_loads_in_ours(tmp_path, loaded):
     assert not (tmp_path / "preprocessor_config.json").exists()
     ours = Kosmos2Processor.from_pretrained(tmp_path)
     for text, images, bboxes, kwargs in CASES[8:14]:
-        _assert_same(_call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False))
+        _assert_same(
+            _call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False)
+        )
 
 
 def test_default_processor_equals_transformers_on_the_real_tokenizer(loaded):
     _, theirs = loaded("real")
     ours = Kosmos2Processor.default()
     for text, images, bboxes, kwargs in CASES[8:14]:
-        _assert_same(_call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False))
+        _assert_same(
+            _call(ours, text, images, bboxes, kwargs, True), _call(theirs, text, images, bboxes, kwargs, False)
+        )
 
 
 def test_image_bytes_round_trip_through_png(image_processors):
@@ -551,7 +586,9 @@ def test_clean_up_tokenization_spaces_from_tokenizer_config(tmp_path):
 def test_processor_config_with_fewer_patch_tokens(tmp_path):
     """num_patch_index_tokens from processor_config.json: the grid side and the added tokens follow it."""
     folder = ft.write_tokenizer_files(tmp_path, "synthetic")
-    (folder / "processor_config.json").write_text(json.dumps({"num_patch_index_tokens": 256, "processor_class": "Kosmos2Processor"}))
+    (folder / "processor_config.json").write_text(
+        json.dumps({"num_patch_index_tokens": 256, "processor_class": "Kosmos2Processor"})
+    )
     ours, theirs = Kosmos2Processor.from_pretrained(folder), _hf(folder)
     assert ours.num_patch_index_tokens == theirs.num_patch_index_tokens == 256
     args = (SNOWMAN, IMG_A, [(0.1, 0.2, 0.9, 0.95), (3, 200)])

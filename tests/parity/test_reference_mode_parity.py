@@ -5,17 +5,18 @@ variable, per thread), with the fast and reference modes giving the same tokens.
 The same checkpoints (conftest: built with transformers and saved) and tolerance as test_model_parity.py:
 max |Δ| ≤ 1e-5 × the reference's scale. Measured errors are printed (pytest -s).
 """
+
 from __future__ import annotations
 
 import threading
 
+import fixtures_model as fm
 import numpy as np
 import pytest
 import torch
-
-import fixtures_model as fm
-from kosmos2_ref import Kosmos2, fast, layers, primitives
 from test_model_parity import TEXTS, _compare_all, _inputs
+
+from kosmos2_ref import Kosmos2, fast, layers, primitives
 
 TOL = 1e-5
 GREEDY = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=0)
@@ -30,6 +31,7 @@ def tiny_ref(tiny_checkpoint):
 @pytest.fixture
 def no_fast(monkeypatch):
     """Every fast primitive refuses to run: a reference-mode call that reached one would fail."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a fast primitive ran in reference mode")
 
@@ -88,24 +90,35 @@ def test_reference_mode_generates_transformers_tokens(lively):
     runs = {}
     for reference in (True, False):
         out = Kosmos2.from_pretrained(folder, reference=reference).generate(
-            pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img,
-            return_dict_in_generate=True, output_scores=True, **kw)
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=att,
+            image_embeds_position_mask=img,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kw,
+        )
         runs[reference] = out.sequences, np.stack(out.scores)
     n = torch.get_num_threads()
-    torch.set_num_threads(1)          # one tiny forward per token: torch's thread pool only adds overhead
+    torch.set_num_threads(1)  # one tiny forward per token: torch's thread pool only adds overhead
     try:
         with torch.no_grad():
-            hf_out = hf.generate(pixel_values=torch.from_numpy(pv), input_ids=torch.from_numpy(ids),
-                                 attention_mask=torch.from_numpy(att),
-                                 image_embeds_position_mask=torch.from_numpy(img),
-                                 return_dict_in_generate=True, output_scores=True, **kw)
+            hf_out = hf.generate(
+                pixel_values=torch.from_numpy(pv),
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(att),
+                image_embeds_position_mask=torch.from_numpy(img),
+                return_dict_in_generate=True,
+                output_scores=True,
+                **kw,
+            )
     finally:
         torch.set_num_threads(n)
     (seq_ref, sc_ref), (seq_fast, sc_fast) = runs[True], runs[False]
-    print(f"\n[greedy, batch 3] new tokens of row 0: {seq_ref[0, ids.shape[1]:].tolist()}")
+    print(f"\n[greedy, batch 3] new tokens of row 0: {seq_ref[0, ids.shape[1] :].tolist()}")
     assert np.array_equal(seq_ref, hf_out.sequences.numpy()), "reference mode: tokens differ from transformers"
     assert np.array_equal(seq_fast, seq_ref), "fast and reference modes give different tokens"
-    assert len(set(seq_ref[0, ids.shape[1]:].tolist())) > 1                 # the tokens do vary
+    assert len(set(seq_ref[0, ids.shape[1] :].tolist())) > 1  # the tokens do vary
     ref_scores = np.stack([s.float().numpy() for s in hf_out.scores])
     fin = np.isfinite(ref_scores)
     assert np.array_equal(fin, np.isfinite(sc_ref)) and np.array_equal(fin, np.isfinite(sc_fast))
@@ -116,12 +129,13 @@ def test_reference_mode_generates_transformers_tokens(lively):
 # --------------------------------------------------------------------------------------------------------------
 # The switch
 
+
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])
 def test_environment_variable_sets_the_default(tiny_checkpoint, monkeypatch, value, expected):
     folder, _ = tiny_checkpoint
     monkeypatch.setenv("KOSMOS2_REFERENCE", value)
     assert Kosmos2.from_pretrained(folder).reference is expected
-    assert Kosmos2.from_pretrained(folder, reference=not expected).reference is (not expected)   # argument wins
+    assert Kosmos2.from_pretrained(folder, reference=not expected).reference is (not expected)  # argument wins
 
 
 def test_environment_variable_reaches_the_primitives(tiny_checkpoint, monkeypatch, no_fast):
@@ -134,8 +148,9 @@ def test_environment_variable_reaches_the_primitives(tiny_checkpoint, monkeypatc
     assert np.isfinite(out.logits).all()
     monkeypatch.setenv("KOSMOS2_REFERENCE", "0")
     with pytest.raises(AssertionError, match="a fast primitive ran"):
-        Kosmos2.from_pretrained(folder)(pixel_values=pv, input_ids=ids, attention_mask=att,
-                                        image_embeds_position_mask=img)
+        Kosmos2.from_pretrained(folder)(
+            pixel_values=pv, input_ids=ids, attention_mask=att, image_embeds_position_mask=img
+        )
 
 
 @pytest.mark.parametrize("bad", ["2", "maybe"])
@@ -156,7 +171,7 @@ def test_the_mode_is_per_thread():
     def worker():
         with primitives.reference_mode(True):
             seen["worker"] = primitives.in_reference_mode()
-            inside.wait()          # the main thread looks while this one is in reference mode
+            inside.wait()  # the main thread looks while this one is in reference mode
             inside.wait()
 
     t = threading.Thread(target=worker)

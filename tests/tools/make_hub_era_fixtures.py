@@ -20,6 +20,7 @@ It writes ``tests/data/hub_era/kosmos2-tiny-4.37/``, which is committed, so the 
 
 The weights are drawn as tests/fixtures_model.randomize_ draws them, from seed 437.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor,
-                          XLMRobertaTokenizerFast)
+from transformers import (
+    CLIPImageProcessor,
+    Kosmos2Config,
+    Kosmos2ForConditionalGeneration,
+    Kosmos2Processor,
+    XLMRobertaTokenizerFast,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "tests" / "data" / "hub_era" / "kosmos2-tiny-4.37"
@@ -43,17 +49,39 @@ from fixtures_model import randomize_  # noqa: E402  (torch only: the same draw 
 from hub_era import STRIPPED, refill_tokenizer_json, strip_tokenizer_json  # noqa: E402
 
 TINY_4X = {
-    "text_config": {"vocab_size": 65037, "embed_dim": 4, "layers": 2, "ffn_dim": 8, "attention_heads": 2,
-                    "max_position_embeddings": 128},
-    "vision_config": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 224, "patch_size": 14},
+    "text_config": {
+        "vocab_size": 65037,
+        "embed_dim": 4,
+        "layers": 2,
+        "ffn_dim": 8,
+        "attention_heads": 2,
+        "max_position_embeddings": 128,
+    },
+    "vision_config": {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 224,
+        "patch_size": 14,
+    },
     "latent_query_num": 64,
 }
 # microsoft/kosmos-2-patch14-224's preprocessor_config.json settings
-IMAGE_PROCESSOR = dict(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
-                       crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-                       do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                       image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True, use_square_size=True)
+IMAGE_PROCESSOR = dict(
+    do_resize=True,
+    size={"shortest_edge": 224},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+    do_convert_rgb=True,
+    use_square_size=True,
+)
 
 
 def main() -> None:
@@ -64,24 +92,28 @@ def main() -> None:
     model = Kosmos2ForConditionalGeneration(Kosmos2Config(**TINY_4X))
     randomize_(model, seed=437)
     model = model.half().eval()
-    model.save_pretrained(OUT)                                   # model.safetensors (4.37's default)
+    model.save_pretrained(OUT)  # model.safetensors (4.37's default)
     bin_dir = OUT.with_name(OUT.name + ".bin-tmp")
-    model.save_pretrained(bin_dir, safe_serialization=False)     # pytorch_model.bin, as many fine-tunes are
+    model.save_pretrained(bin_dir, safe_serialization=False)  # pytorch_model.bin, as many fine-tunes are
     shutil.move(bin_dir / "pytorch_model.bin", OUT / "pytorch_model.bin")
     shutil.rmtree(bin_dir)
 
-    tokenizer = XLMRobertaTokenizerFast(vocab_file=str(SPM))     # converted from the SentencePiece model by 4.37
+    tokenizer = XLMRobertaTokenizerFast(vocab_file=str(SPM))  # converted from the SentencePiece model by 4.37
     processor = Kosmos2Processor(CLIPImageProcessor(**IMAGE_PROCESSOR), tokenizer)
     processor.save_pretrained(OUT)
-    (OUT / "sentencepiece.bpe.model").unlink(missing_ok=True)    # the package ships it; tokenizer.json is used
+    (OUT / "sentencepiece.bpe.model").unlink(missing_ok=True)  # the package ships it; tokenizer.json is used
     written = json.loads((OUT / "tokenizer.json").read_text(encoding="utf-8"))
     stripped = strip_tokenizer_json(written)
     assert refill_tokenizer_json(stripped) == written, "the refilled tokenizer.json differs from 4.37's"
     (OUT / STRIPPED).write_text(json.dumps(stripped, ensure_ascii=False) + "\n", encoding="utf-8")
     (OUT / "tokenizer.json").unlink()
 
-    versions = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                "torch": torch.__version__, "python": sys.version.split()[0]}
+    versions = {
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
     (OUT / "WRITTEN_BY.json").write_text(json.dumps(versions, indent=2) + "\n")
     for f in sorted(OUT.iterdir()):
         print(f"{f.stat().st_size:>9,d}  {f.name}")
