@@ -326,33 +326,7 @@ def _run_embed_batch(args) -> tuple[int, dict]:
     try:
         progress = jobs.Progress("embed", len(paths), already_done=len(files.done))
         with jobs.StopOnInterrupt() as stop:
-            if args.engine == "ray":
-                from . import ray_jobs  # only for --engine ray (it needs the optional Ray)
-
-                outcome = ray_jobs.run_embed_job(
-                    args.model or default_model(),
-                    paths,
-                    files,
-                    backend=args.backend,
-                    dtype=args.dtype,
-                    batch_size=args.batch_size,
-                    workers=args.workers,
-                    address=args.address,
-                    on_error=args.on_error,
-                    progress=progress,
-                    stop=stop,
-                )
-            else:
-                outcome = jobs.run_embed_job(
-                    model,
-                    None,
-                    paths,
-                    files,
-                    batch_size=args.batch_size,
-                    on_error=args.on_error,
-                    progress=progress,
-                    stop=stop,
-                )
+            outcome = _embed_on_engine(args, model, paths, files, progress, stop)
     finally:
         files.close()
     progress.finish(outcome.interrupted)
@@ -372,6 +346,38 @@ def _run_embed_batch(args) -> tuple[int, dict]:
         print(jobs.interrupted_message(outcome), file=sys.stderr)
         return 130, summary
     return 0, summary
+
+
+def _embed_on_engine(args, model, paths, files, progress, stop):
+    """The embedding job on the engine ``--engine`` names: this process, or Ray workers."""
+    from . import jobs
+
+    if args.engine == "ray":
+        from . import ray_jobs  # only for --engine ray (it needs the optional Ray)
+
+        return ray_jobs.run_embed_job(
+            args.model or default_model(),
+            paths,
+            files,
+            backend=args.backend,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            address=args.address,
+            on_error=args.on_error,
+            progress=progress,
+            stop=stop,
+        )
+    return jobs.run_embed_job(
+        model,
+        None,
+        paths,
+        files,
+        batch_size=args.batch_size,
+        on_error=args.on_error,
+        progress=progress,
+        stop=stop,
+    )
 
 
 def _max_new(args, default: int) -> int:

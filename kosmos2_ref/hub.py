@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -266,6 +267,37 @@ def _get_help(repo_id: str) -> str:
     )
 
 
+def _download_error(exc: Exception, repo_id: str, where: str) -> CheckpointNotFoundError:
+    """What a failed download means, in words: a timeout, an id or revision that is not there, or anything else."""
+    kind = type(exc).__name__
+    first = _first_sentence(exc)
+    if "Timeout" in kind:  # httpx's ReadTimeout, ConnectTimeout, ...
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return CheckpointNotFoundError(
+            f"{where} and the Hugging Face Hub ({endpoint}) did not answer in time ({kind}: {first}): "
+            f"{_get_help(repo_id)}"
+        )
+    if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
+        return CheckpointNotFoundError(
+            f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
+            f"{first}): check the id and revision (or the path, if a local folder was meant), log in with "
+            f"`hf auth login` if the repository is gated, or pass a local checkpoint folder"
+        )
+    return CheckpointNotFoundError(f"{where} and downloading it failed ({kind}: {first}): {_get_help(repo_id)}")
+
+
+def _import_hub(where: str):
+    """huggingface_hub, imported only when a download is needed (an optional extra: ``kosmos2-ref[hub]``)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointNotFoundError(
+            f"{where} and huggingface_hub, needed to download it, is not installed: run "
+            f"`pip install 'kosmos2-ref[hub]'`, or pass a local checkpoint folder"
+        ) from None
+    return huggingface_hub
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
@@ -283,20 +315,12 @@ def download(
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     where = f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({cache})"
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointNotFoundError(
-            f"{where} and huggingface_hub, needed to download it, is not installed: run "
-            f"`pip install 'kosmos2-ref[hub]'`, or pass a local checkpoint folder"
-        ) from None
+    huggingface_hub = _import_hub(where)
     ok, why = _endpoint_reachable()
     if not ok:
         raise CheckpointNotFoundError(
             f"{where} and the Hugging Face Hub cannot be reached ({why}): {_get_help(repo_id)}"
         )
-    import sys
-
     what = "processor files" if need == "processor" else "safetensors weights, config and tokenizer files"
     print(f"kosmos2-ref: downloading {repo_id} from the Hugging Face Hub into {cache} ({what} only)", file=sys.stderr)
 
@@ -323,23 +347,7 @@ def download(
             )
             folder = fetch(BIN_PATTERNS)
     except Exception as exc:  # huggingface_hub raises many types (HTTP, OS, validation); all mean "not here"
-        kind = type(exc).__name__
-        first = _first_sentence(exc)
-        if "Timeout" in kind:  # httpx's ReadTimeout, ConnectTimeout, ...
-            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-            raise CheckpointNotFoundError(
-                f"{where} and the Hugging Face Hub ({endpoint}) did not answer in time ({kind}: {first}): "
-                f"{_get_help(repo_id)}"
-            ) from None
-        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError"):
-            raise CheckpointNotFoundError(
-                f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({kind}: "
-                f"{first}): check the id and revision (or the path, if a local folder was meant), log in with "
-                f"`hf auth login` if the repository is gated, or pass a local checkpoint folder"
-            ) from None
-        raise CheckpointNotFoundError(
-            f"{where} and downloading it failed ({kind}: {first}): {_get_help(repo_id)}"
-        ) from None
+        raise _download_error(exc, repo_id, where) from None
     _write_ref(repo_folder(repo_id, cache), revision or "main", commit)
     lacking = missing_files(folder, need)
     if lacking:
