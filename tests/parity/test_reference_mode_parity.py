@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_model_parity import TEXTS, _compare_all, _inputs
 
-from kosmos2_ref import Kosmos2, fast, layers, primitives
+from kosmos2_ref import Kosmos2, fast, generate, layers, primitives
 
 TOL = 1e-5
 GREEDY = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=0)
@@ -89,7 +89,8 @@ def test_reference_mode_generates_transformers_tokens(lively):
     kw = dict(max_new_tokens=30, **GREEDY)
     runs = {}
     for reference in (True, False):
-        out = Kosmos2.from_pretrained(folder, reference=reference).generate(
+        out = generate(
+            Kosmos2.from_pretrained(folder, reference=reference),
             pixel_values=pv,
             input_ids=ids,
             attention_mask=att,
