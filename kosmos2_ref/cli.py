@@ -38,7 +38,7 @@ from .version import __version__
 
 # Each command imports the modules it uses inside its function, so that a command loads only its own (the web
 # server's, the converter's, Ray's for --engine ray) and starts sooner. None of these imports hides a cycle: the
-# command line is the top of the package's import graph (scripts/import_graph.py).
+# command line is the top of the package's import graph (tests/test_house_rules.py keeps it free of cycles).
 
 PROG = "kosmos2-ref"
 EXIT_ERROR = 2
