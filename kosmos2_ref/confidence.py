@@ -248,3 +248,25 @@ def entity_confidences(
         )
         out.append(found[k][1] if same else None)
     return out
+
+
+def row_confidences(
+    sequences,
+    scores: Sequence,
+    row: int,
+    prompt_length: int,
+    tags: TagIds,
+    entities,
+    eos_token_ids: Sequence[int],
+    num_patches_per_side: int = 32,
+) -> list[EntityConfidence | None]:
+    """:func:`entity_confidences` for row ``row`` of a batched run: ``sequences`` [B, T + n] and ``scores`` (one
+    [B, V] array per step, ``output_scores=True``) of one ``generate`` call whose prompts, padded, have
+    ``prompt_length`` tokens. The row's generated part ends at its first EOS (inclusive): the steps after it are
+    padding, which the model did not choose."""
+    ids = [int(i) for i in np.asarray(to_numpy(sequences[row]))]
+    new = ids[prompt_length:]
+    eos = set(int(e) for e in eos_token_ids)
+    n = next((k + 1 for k, token in enumerate(new) if token in eos), len(new))
+    probs = token_probabilities([step[row] for step in scores[:n]], new[:n])
+    return entity_confidences(ids[: prompt_length + n], prompt_length, probs, tags, entities, num_patches_per_side)

@@ -18,12 +18,15 @@ The pieces, in the order a run uses them:
 
 Records of the text jobs::
 
-    {"path", "status": "ok", "job", "prompt", "text", "caption", "entities": [{phrase, span, boxes, pixel_boxes}],
-     "image_size", <the job's own fields>, "seconds"}
+    {"path", "status": "ok", "job", "prompt", "text", "caption",
+     "entities": [{phrase, span, boxes, pixel_boxes, confidence}], "image_size", <the job's own fields>, "seconds"}
     {"path", "status": "error", "job", "error": "<one-line message>"}
 
-``seconds`` is the record's share of its batch's wall time (load, preprocess, generate, decode). A field such as a
-per-box ``confidence`` can be added to ok records by passing ``annotate`` to :func:`run_text_job` (see there).
+``seconds`` is the record's share of its batch's wall time (load, preprocess, generate, decode). ``confidence`` is
+how probable the entity's tokens were when the model chose them (:mod:`kosmos2_ref.confidence`): ``{"phrase",
+"object", "boxes": [{"probability", "upper_left", "lower_right"}]}``, None where the prompt gave a token; an
+entity the tokens do not explain gets ``null``. More fields can be added to ok records by passing ``annotate`` to
+:func:`run_text_job`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 
 from . import tasks
 from .backend import to_numpy
+from .confidence import TagIds, row_confidences
 from .processing.grounding import box_to_pixels, entities_to_pixel_boxes
 from .processing.image import load_image
 
@@ -639,18 +643,30 @@ def _generate_batch(model, processor, job: TextJob, batch: list[Loaded]):
         attention_mask=inputs["attention_mask"],
         image_embeds_position_mask=inputs["image_embeds_position_mask"],
         max_new_tokens=job.max_new_tokens,
+        output_scores=True,  # for each box's confidence (about B x V x 4 bytes per step, freed with the batch)
         return_dict_in_generate=True,
     )
     ids = np.asarray(to_numpy(out.sequences))
     return processor.batch_decode(ids, skip_special_tokens=True), out
 
 
-def _text_records(processor, job: TextJob, batch: list[Loaded], decoded: list[str]) -> list[dict]:
+def _text_records(model, processor, job: TextJob, batch: list[Loaded], decoded: list[str], out) -> list[dict]:
+    """One ok record per generated row, each entity with its ``confidence`` (kosmos2_ref.confidence) from the
+    scores of the run that wrote it."""
+    tags = TagIds.from_tokenizer(processor.tokenizer, processor.num_patches_per_side**2)
+    eos = model.config.text_config.eos_token_id
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    prompt_length = len(out.sequences[0]) - len(out.scores)
     records = []
-    for item, text_with_prompt in zip(batch, decoded):
+    for row, (item, text_with_prompt) in enumerate(zip(batch, decoded)):
         text = processor.post_process_generation(text_with_prompt, cleanup_and_extract=False)
         cap, raw = processor.post_process_generation(text_with_prompt)
         fields = job.result_fields(text, cap, raw, item.image.size, item.extra)
+        confidences = row_confidences(
+            out.sequences, out.scores, row, prompt_length, tags, raw, eos, processor.num_patches_per_side
+        )
+        for entity, conf in zip(fields["entities"], confidences):
+            entity["confidence"] = conf.to_dict() if conf is not None else None
         records.append({"path": item.path, "status": "ok", "job": job.name, "prompt": job.prompt, **fields})
     return records
 
@@ -675,7 +691,7 @@ def text_batch_records(
     by_path = {}
     if good:
         decoded, out = _generate_batch(model, processor, job, good)
-        for row, record in enumerate(_text_records(processor, job, good, decoded)):
+        for row, record in enumerate(_text_records(model, processor, job, good, decoded, out)):
             if annotate is not None:
                 annotate(record, row, out)
             by_path[record["path"]] = record
@@ -706,8 +722,8 @@ def run_text_job(
     in input order, batch by batch.
 
     ``annotate(record, row, generate_output)`` (optional) may add fields to each ok record before it is written,
-    from generate's output for the batch (``return_dict_in_generate=True``; ``row`` is the record's row in it) --
-    the place for per-box confidence (kosmos2_ref.confidence) once generate is asked for its scores.
+    from generate's output for the batch (``return_dict_in_generate=True``, with ``scores``; ``row`` is the
+    record's row in it). Each entity already carries its ``confidence``.
     """
     processor = tasks.model_processor(model, processor)
     pending = [p for p in paths if p not in records.done]
