@@ -40,6 +40,7 @@ import PIL.Image
 
 from .backend import to_numpy
 from .checks import is_int
+from .confidence import TagIds, row_confidences
 from .files import file_present
 from .hub import CheckpointNotFoundError, resolve_checkpoint
 from .processing import Kosmos2Processor
@@ -269,14 +270,15 @@ class CaptionStreamer:
         pass
 
 
-def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generate_kwargs) -> np.ndarray:
-    """prompt + new ids [1, T + new] from :func:`kosmos2_ref.generate` (greedy and the checkpoint's defaults
-    unless ``generate_kwargs`` say otherwise, e.g. ``num_beams=3``)."""
+def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generate_kwargs):
+    """:func:`kosmos2_ref.generate`'s output (greedy and the checkpoint's defaults unless ``generate_kwargs`` say
+    otherwise, e.g. ``num_beams=3``), with each step's scores for the confidences."""
     from .generation import generate
 
     if streamer is not None:
         generate_kwargs["streamer"] = streamer
-    ids = generate(
+    generate_kwargs.update(output_scores=True, return_dict_in_generate=True)
+    return generate(
         model,
         pixel_values=inputs["pixel_values"],
         input_ids=inputs["input_ids"],
@@ -285,7 +287,24 @@ def _generate(model, inputs: dict, max_new_tokens: int, streamer=None, **generat
         max_new_tokens=max_new_tokens,
         **generate_kwargs,
     )
-    return np.asarray(to_numpy(getattr(ids, "sequences", ids)))
+
+
+def _confidences(model, processor, out, raw_entities) -> list:
+    """Each raw entity's :class:`~kosmos2_ref.confidence.EntityConfidence` (or None) from the run's scores; all
+    None under beam search, whose scores are the beams' and not the chosen tokens' own."""
+    if not out.scores or out.scores[0].shape[0] != 1:
+        return [None] * len(raw_entities)
+    tags = TagIds.from_tokenizer(processor.tokenizer, processor.num_patches_per_side**2)
+    eos = model.config.text_config.eos_token_id
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    T = len(out.sequences[0]) - len(out.scores)
+    return row_confidences(out.sequences, out.scores, 0, T, tags, raw_entities, eos, processor.num_patches_per_side)
+
+
+def _with_confidences(entities: list[Entity], confidences: list) -> list[Entity]:
+    for entity, conf in zip(entities, confidences):
+        entity.confidence = conf
+    return entities
 
 
 def _check_max_new_tokens(n) -> int:
@@ -304,7 +323,8 @@ def run_prompt(
     on_text: Callable[[str], None] | None = None,
     **generate_kwargs,
 ):
-    """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image).
+    """Generate after ``prompt`` about ``image``: (raw text after </image>, caption, raw entities, PIL image,
+    each raw entity's confidence or None).
 
     ``on_text`` receives the caption piece by piece as it is generated (tags stripped); ``generate_kwargs`` go
     to :func:`kosmos2_ref.generate`.
@@ -319,11 +339,11 @@ def run_prompt(
     if on_text is not None:
         streamer = CaptionStreamer(processor, inputs["input_ids"], on_text)
         streamer.start()
-    ids = _generate(model, inputs, max_new_tokens, streamer, **generate_kwargs)
-    decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
+    out = _generate(model, inputs, max_new_tokens, streamer, **generate_kwargs)
+    decoded = processor.batch_decode(np.asarray(to_numpy(out.sequences)), skip_special_tokens=True)[0]
     text = processor.post_process_generation(decoded, cleanup_and_extract=False)
     caption_text, raw_entities = processor.post_process_generation(decoded)
-    return text, caption_text, raw_entities, img
+    return text, caption_text, raw_entities, img, _confidences(model, processor, out, raw_entities)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,8 +367,10 @@ def caption(
     as it grows; ``generate_kwargs`` (``num_beams=``, ``no_repeat_ngram_size=``, ...) go to
     :func:`kosmos2_ref.generate`.
     """
-    text, cap, raw, img = run_prompt(model, processor, image, prompt, None, max_new_tokens, on_text, **generate_kwargs)
-    return CaptionResult(cap, entities_to_pixel_boxes(raw, img.size), text, img.size, prompt)
+    text, cap, raw, img, conf = run_prompt(
+        model, processor, image, prompt, None, max_new_tokens, on_text, **generate_kwargs
+    )
+    return CaptionResult(cap, _with_confidences(entities_to_pixel_boxes(raw, img.size), conf), text, img.size, prompt)
 
 
 def ground(
@@ -356,10 +378,12 @@ def ground(
 ) -> GroundResult:
     """Where is ``phrase`` in ``image``? The boxes of the ``<object>`` the model emits right after it."""
     phrase = check_phrase(phrase)
-    text, cap, raw, img = run_prompt(
+    text, cap, raw, img, conf = run_prompt(
         model, processor, image, ground_prompt(phrase), None, max_new_tokens, **generate_kwargs
     )
-    return ground_result(phrase, text, cap, raw, img.size)
+    result = ground_result(phrase, text, cap, raw, img.size)
+    _with_confidences(result.entities, conf)
+    return result
 
 
 def check_phrase(phrase) -> str:
@@ -393,10 +417,11 @@ def describe(
     if box is None:
         raise ValueError("box is required: (x1, y1, x2, y2), normalised or in pixels")
     norm = normalise_box(box, img.size)
-    text, cap, raw, img = run_prompt(model, processor, img, DESCRIBE_PROMPT, [norm], max_new_tokens, **generate_kwargs)
-    return DescribeResult(
-        norm, box_to_pixels(norm, img.size), cap, text, entities_to_pixel_boxes(raw, img.size), img.size
+    text, cap, raw, img, conf = run_prompt(
+        model, processor, img, DESCRIBE_PROMPT, [norm], max_new_tokens, **generate_kwargs
     )
+    entities = _with_confidences(entities_to_pixel_boxes(raw, img.size), conf)
+    return DescribeResult(norm, box_to_pixels(norm, img.size), cap, text, entities, img.size)
 
 
 def embed(

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def scripted(monkeypatch, folder, continuation):
     new = processor.tokenizer.encode(continuation, add_special_tokens=False)
 
     def fake(model, inputs, max_new_tokens, streamer=None, **kwargs):
-        return np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+        ids = np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+        return types.SimpleNamespace(sequences=ids, scores=[])  # no scores: no confidences
 
     monkeypatch.setattr(tasks, "_generate", fake)
 

@@ -89,6 +89,7 @@ def test_entities_to_pixel_boxes():
         "span": [0, 5],
         "boxes": [[0.5, 0.25, 1.0, 0.75]],
         "pixel_boxes": [[100, 25, 200, 75]],
+        "confidence": None,
     }
 
 

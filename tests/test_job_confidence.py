@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ref import Kosmos2, Kosmos2Processor, jobs, world
+from kosmos2_ref import Kosmos2, Kosmos2Processor, jobs, tasks, world
 from kosmos2_ref.confidence import TagIds, entity_confidences, row_confidences
 from kosmos2_ref.hub import MINI_FOLDER
 
@@ -81,6 +81,15 @@ def test_ground_job_confidences_match_transformers_scores(tmp_path):
     print(f"\nground job, 3 scenes, {boxes_seen} boxes: confidences vs transformers' scores max |Δ| = {worst:.2e}")
     assert boxes_seen > 0, "the miniature grounded nothing: the test would check no box"
     assert worst <= TOL
+
+    # the one-image task gives each entity the same confidence (its own run, so to float32 rounding)
+    alone = tasks.ground(model, paths[0], phrase, max_new_tokens=n_new, processor=processor)
+    for entity, record_entity in zip(alone.entities, records[0]["entities"], strict=True):
+        a, b = flat(entity.to_dict()["confidence"]), flat(record_entity["confidence"])
+        assert [v is None for v in a] == [v is None for v in b]
+        assert all(abs(u - v) <= 1e-6 for u, v in zip(a, b) if u is not None)
+    beams = tasks.ground(model, paths[0], phrase, max_new_tokens=n_new, processor=processor, num_beams=3)
+    assert all(e.confidence is None for e in beams.entities)  # beam scores are the beams', not the tokens' own
 
 
 def test_row_confidences_stop_at_each_rows_eos():

@@ -7,6 +7,7 @@ scripted generator that "writes" a known continuation (``scripted`` below).
 from __future__ import annotations
 
 import re
+import types
 
 import numpy as np
 import PIL.Image
@@ -34,7 +35,8 @@ def scripted(monkeypatch, processor, continuation: str):
 
     def fake(model, inputs, max_new_tokens, streamer=None, **kwargs):
         calls.append(inputs)
-        return np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+        ids = np.concatenate([inputs["input_ids"], np.array([new + [2]], dtype=np.int64)], axis=1)
+        return types.SimpleNamespace(sequences=ids, scores=[])  # no scores: no confidences
 
     monkeypatch.setattr(tasks, "_generate", fake)
     return calls

@@ -312,6 +312,8 @@ class Entity:
     span: tuple[int, int]  # [start, end) of the phrase in the caption
     boxes: list[tuple[float, float, float, float]]  # normalised (x1, y1, x2, y2)
     pixel_boxes: list[tuple[int, int, int, int]]  # the same in pixels of the image (box_to_pixels)
+    # How probable its tokens were (kosmos2_ref.confidence.EntityConfidence), when the run's scores were kept
+    confidence: object = None
 
     def to_dict(self) -> dict:
         return {
@@ -319,6 +321,7 @@ class Entity:
             "span": list(self.span),
             "boxes": [list(b) for b in self.boxes],
             "pixel_boxes": [list(b) for b in self.pixel_boxes],
+            "confidence": self.confidence.to_dict() if self.confidence is not None else None,
         }
 
 
