@@ -274,12 +274,7 @@ def _run_text_batch(args, job) -> int:
                     job,
                     paths,
                     records,
-                    backend=args.backend,
-                    dtype=args.dtype,
-                    batch_size=args.batch_size,
-                    workers=args.workers,
-                    address=args.address,
-                    on_error=args.on_error,
+                    **_ray_options(args),
                     progress=progress,
                     stop=stop,
                 )
@@ -348,6 +343,18 @@ def _run_embed_batch(args) -> tuple[int, dict]:
     return 0, summary
 
 
+def _ray_options(args) -> dict:
+    """The options a job on Ray workers takes from the command line (beside the model, inputs and output)."""
+    return {
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "address": args.address,
+        "on_error": args.on_error,
+    }
+
+
 def _embed_on_engine(args, model, paths, files, progress, stop):
     """The embedding job on the engine ``--engine`` names: this process, or Ray workers."""
     from . import jobs
@@ -359,12 +366,7 @@ def _embed_on_engine(args, model, paths, files, progress, stop):
             args.model or default_model(),
             paths,
             files,
-            backend=args.backend,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            address=args.address,
-            on_error=args.on_error,
+            **_ray_options(args),
             progress=progress,
             stop=stop,
         )

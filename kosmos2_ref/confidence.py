@@ -270,3 +270,15 @@ def row_confidences(
     n = next((k + 1 for k, token in enumerate(new) if token in eos), len(new))
     probs = token_probabilities([step[row] for step in scores[:n]], new[:n])
     return entity_confidences(ids[: prompt_length + n], prompt_length, probs, tags, entities, num_patches_per_side)
+
+
+def run_confidences(out, row: int, processor, eos_token_id, entities) -> list[EntityConfidence | None]:
+    """:func:`row_confidences` of row ``row`` of ``generate``'s output (``output_scores=True,
+    return_dict_in_generate=True``), with the tags and patch grid of ``processor``; ``eos_token_id`` an id or a
+    list of them (the model config's)."""
+    tags = TagIds.from_tokenizer(processor.tokenizer, processor.num_patches_per_side**2)
+    eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    prompt_length = len(out.sequences[0]) - len(out.scores)
+    return row_confidences(
+        out.sequences, out.scores, row, prompt_length, tags, entities, eos, processor.num_patches_per_side
+    )

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import tasks
 from .backend import to_numpy
-from .confidence import TagIds, row_confidences
+from .confidence import run_confidences
 from .processing.grounding import box_to_pixels, entities_to_pixel_boxes
 from .processing.image import load_image
 
@@ -653,18 +653,13 @@ def _generate_batch(model, processor, job: TextJob, batch: list[Loaded]):
 def _text_records(model, processor, job: TextJob, batch: list[Loaded], decoded: list[str], out) -> list[dict]:
     """One ok record per generated row, each entity with its ``confidence`` (kosmos2_ref.confidence) from the
     scores of the run that wrote it."""
-    tags = TagIds.from_tokenizer(processor.tokenizer, processor.num_patches_per_side**2)
     eos = model.config.text_config.eos_token_id
-    eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    prompt_length = len(out.sequences[0]) - len(out.scores)
     records = []
     for row, (item, text_with_prompt) in enumerate(zip(batch, decoded)):
         text = processor.post_process_generation(text_with_prompt, cleanup_and_extract=False)
         cap, raw = processor.post_process_generation(text_with_prompt)
         fields = job.result_fields(text, cap, raw, item.image.size, item.extra)
-        confidences = row_confidences(
-            out.sequences, out.scores, row, prompt_length, tags, raw, eos, processor.num_patches_per_side
-        )
+        confidences = run_confidences(out, row, processor, eos, raw)
         for entity, conf in zip(fields["entities"], confidences):
             entity["confidence"] = conf.to_dict() if conf is not None else None
         records.append({"path": item.path, "status": "ok", "job": job.name, "prompt": job.prompt, **fields})

@@ -40,7 +40,7 @@ import PIL.Image
 
 from .backend import to_numpy
 from .checks import is_int
-from .confidence import TagIds, row_confidences
+from .confidence import run_confidences
 from .files import file_present
 from .hub import CheckpointNotFoundError, resolve_checkpoint
 from .processing import Kosmos2Processor
@@ -294,11 +294,7 @@ def _confidences(model, processor, out, raw_entities) -> list:
     None under beam search, whose scores are the beams' and not the chosen tokens' own."""
     if not out.scores or out.scores[0].shape[0] != 1:
         return [None] * len(raw_entities)
-    tags = TagIds.from_tokenizer(processor.tokenizer, processor.num_patches_per_side**2)
-    eos = model.config.text_config.eos_token_id
-    eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    T = len(out.sequences[0]) - len(out.scores)
-    return row_confidences(out.sequences, out.scores, 0, T, tags, raw_entities, eos, processor.num_patches_per_side)
+    return run_confidences(out, 0, processor, model.config.text_config.eos_token_id, raw_entities)
 
 
 def _with_confidences(entities: list[Entity], confidences: list) -> list[Entity]:
