@@ -289,10 +289,15 @@ def make_batch(processor, seeds: list[int], step: int, args, eos_id: int, pad_id
     """The processor's tensors for the full texts (+ </s>), the index where each target starts, aux targets."""
     items = [example(s, step, args) for s in seeds]
     images = [world.render(sc) for sc, _, _ in items]
-    full = processor(text=[t for _, _, t in items], images=images, return_tensors="pt", padding=False)
-    prompt_lens = [len(r) for r in processor(text=[p for _, p, _ in items], images=images)["input_ids"]]
-    rows = [list(r) + [eos_id] for r in full["input_ids"]]
-    masks = [list(m) + [0] for m in full["image_embeds_position_mask"]]
+    # Kosmos2Processor pads a batch of texts to its longest (on the right) whatever `padding` says: a row's own
+    # length is its attention mask's sum, never len(row). (Reading len(row) trained every row's first target
+    # tokens away in the runs up to v5: captions never learned their first <phrase>.)
+    full = processor(text=[t for _, _, t in items], images=images)
+    prompts = processor(text=[p for _, p, _ in items], images=images)
+    prompt_lens = [int(sum(m)) for m in prompts["attention_mask"]]
+    full_lens = [int(sum(m)) for m in full["attention_mask"]]
+    rows = [list(r[:n]) + [eos_id] for r, n in zip(full["input_ids"], full_lens)]
+    masks = [list(m[:n]) + [0] for m, n in zip(full["image_embeds_position_mask"], full_lens)]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
@@ -305,7 +310,7 @@ def make_batch(processor, seeds: list[int], step: int, args, eos_id: int, pad_id
         target[b, prompt_lens[b] : len(r)] = True
     aux = [patch_targets(sc, PATCH_SIDE) for sc, _, _ in items]
     return {
-        "pixel_values": full["pixel_values"],
+        "pixel_values": torch.as_tensor(np.asarray(full["pixel_values"])),
         "input_ids": ids,
         "attention_mask": att,
         "image_embeds_position_mask": img,
