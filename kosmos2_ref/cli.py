@@ -90,6 +90,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
     g.add_argument("--json", action="store_true", default=d(False), help="print the result as JSON")
     g.add_argument("--draw", metavar="OUT.png", default=d(None), help="also write the image with the boxes drawn on it")
+    g.add_argument(
+        "--draw-confidence",
+        action="store_true",
+        default=d(False),
+        help="with --draw: label each box with its probability (its two location tokens')",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,14 +406,14 @@ def _print_entities(entities, out) -> None:
             print(f"  {e.phrase:<{width}}  {_fmt_box(box)}  pixels {tuple(px)}", file=out)
 
 
-def _draw(image_path: Path, entities, out_path: str, image=None) -> Path:
+def _draw(image_path: Path, entities, out_path: str, image=None, confidence: bool = False) -> Path:
     from .draw import draw_entities, save_image
     from .processing.image import load_image
 
     img = image if image is not None else load_image(image_path)
     target = Path(out_path).expanduser()
     try:
-        save_image(draw_entities(img, entities), target)
+        save_image(draw_entities(img, entities, confidence=confidence), target)
     except OSError as exc:  # name what the user gave, not the temporary file
         raise CLIError(f"--draw {out_path!r}: cannot write it: {exc.strerror or _one_line(exc)}") from exc
     return target
@@ -461,7 +467,7 @@ def cmd_caption(args) -> int:
     image_path = _check_image_path(args.images[0])
     model = _load_model(args)
     result, streamed = _caption_result(args, model, image_path, prompt)
-    drawn = _draw(image_path, result.entities, args.draw) if args.draw else None
+    drawn = _draw(image_path, result.entities, args.draw, confidence=args.draw_confidence) if args.draw else None
     if args.json:
         _emit_json(
             {
@@ -495,10 +501,9 @@ def cmd_ground(args) -> int:
     result = tasks.ground(
         model, str(image_path), args.phrase, max_new_tokens=_max_new(args, tasks.GROUND_MAX_NEW_TOKENS)
     )
-    entities = (
-        [tasks.Entity(result.phrase, (0, len(result.phrase)), result.boxes, result.pixel_boxes)] if result.boxes else []
-    )
-    drawn = _draw(image_path, entities, args.draw) if args.draw else None
+    # the caption's entity for the prompt's phrase (it carries the boxes' confidences)
+    entities = [e for e in result.entities if e.span[0] == 0 and e.phrase == result.phrase][:1] if result.boxes else []
+    drawn = _draw(image_path, entities, args.draw, confidence=args.draw_confidence) if args.draw else None
     if args.json:
         _emit_json(
             {
@@ -719,7 +724,11 @@ def cmd_demo(args) -> int:
     label = "[miniature]" if miniature else ""
     result, streamed = _caption_result(args, model, image, DEFAULT_CAPTION_PROMPT, label)
     drawn = _draw(
-        image_path, result.entities, args.draw or DEFAULT_DEMO_DRAW, image=image if scene is not None else None
+        image_path,
+        result.entities,
+        args.draw or DEFAULT_DEMO_DRAW,
+        image=image if scene is not None else None,
+        confidence=args.draw_confidence,
     )
     if args.json:
         where = {"image": None, "scene": _scene_dict(scene)} if scene is not None else {"image": str(image_path)}

@@ -133,16 +133,33 @@ def draw_boxes(
     return img
 
 
-def draw_entities(image, entities, width: int | None = None, size: int | None = None) -> PIL.Image.Image:
+def box_label(phrase: str | None, probability: float | None) -> str | None:
+    """A box's label: its phrase, then the probability of its two location tokens to two decimals when known
+    (``"a snowman 0.87"``; ``"0.87"`` for a phrase-less box)."""
+    if probability is None:
+        return phrase
+    return f"{phrase} {probability:.2f}" if phrase else f"{probability:.2f}"
+
+
+def draw_entities(
+    image, entities, width: int | None = None, size: int | None = None, confidence: bool = False
+) -> PIL.Image.Image:
     """A copy of ``image`` with every box of every entity, entity i in :func:`colour` (i), labelled with its
-    phrase (phrase-less entities, named ``<patch_index_…>``, are drawn without a label)."""
+    phrase (phrase-less entities, named ``<patch_index_…>``, are drawn without a label).
+
+    ``confidence=True`` adds each box's probability (``entity.confidence.boxes[k].probability``, the product of
+    its two location tokens' probabilities) to its label; boxes without one (beam search, or given in the prompt)
+    keep the bare phrase.
+    """
     boxes, labels, colours = [], [], []
     for i, entity in enumerate(entities):
         entity = _check_entity(entity, i)
-        label = None if entity.phrase.startswith("<patch_index_") else entity.phrase
-        for box in entity.boxes:
+        phrase = None if entity.phrase.startswith("<patch_index_") else entity.phrase
+        known = entity.confidence.boxes if confidence and entity.confidence is not None else []
+        for k, box in enumerate(entity.boxes):
+            probability = known[k].probability if k < len(known) else None
             boxes.append(box)
-            labels.append(label)
+            labels.append(box_label(phrase, probability))
             colours.append(colour(i))
     return draw_boxes(image, boxes, labels, colours, width, size)
 

@@ -446,3 +446,22 @@ def test_python_m_help_and_version():
         [sys.executable, "-m", "kosmos2_ref", "--version"], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and proc.stdout.startswith("kosmos2-ref ")
+
+
+def test_draw_confidence_labels_each_box_with_its_json_probability(capsys, tmp_path):
+    """--draw-confidence on the miniature: the picture is the one draw_boxes makes with "phrase p" labels, p the
+    box probability the --json output reports for the same run."""
+    from kosmos2_ref import world
+
+    scene = world.make_scene(1_500_000_003, num_objects=1)
+    scene_png = tmp_path / "scene.png"
+    world.render(scene).save(scene_png)
+    phrase = world.referring_examples(scene)[0][0]
+    out_png = tmp_path / "g.png"
+    d = run_json(capsys, "--model", "mini", "--draw", out_png, "--draw-confidence", "ground", scene_png, phrase)
+    (entity,) = [e for e in d["entities"] if e["phrase"] == phrase]
+    probabilities = [b["probability"] for b in entity["confidence"]["boxes"]]
+    assert probabilities and all(0 < p <= 1 for p in probabilities)
+    labels = [draw.box_label(phrase, p) for p in probabilities]
+    expected = draw.draw_boxes(PIL.Image.open(scene_png), entity["boxes"], labels, [draw.colour(0)] * len(labels))
+    assert (np.asarray(PIL.Image.open(out_png)) == np.asarray(expected)).all()

@@ -178,3 +178,25 @@ def test_attention_from_the_model(tiny_checkpoint):
     m = draw.attention_map(probs, None)
     assert m.shape == (64, 16, 16) and np.all(m >= 0)
     assert draw.attention_heatmap(probs, IMAGES / "two_dogs.jpg", query=0).size == (1200, 1200)
+
+
+def test_confidence_labels_name_each_boxs_probability():
+    """``confidence=True`` labels a box "phrase p" with p the product of its two location tokens' probabilities;
+    boxes without one keep the bare phrase, and the default draws no numbers."""
+    from kosmos2_ref.confidence import BoxConfidence, EntityConfidence
+
+    img = grey()
+    boxes = [(0.1, 0.2, 0.4, 0.9), (0.5, 0.1, 0.9, 0.5), (0.6, 0.6, 0.95, 0.95)]
+    known = EntityConfidence(0.9, 0.8, [BoxConfidence(0.5, 0.25), BoxConfidence(None, 0.7)])
+    dog = Entity("a dog", (0, 5), boxes[:2], [box_to_pixels(b, img.size) for b in boxes[:2]], known)
+    bare = Entity("<patch_index_0000>", (6, 8), boxes[2:], [box_to_pixels(boxes[2], img.size)], known)
+    drawn = np.asarray(draw.draw_entities(img, [dog, bare], confidence=True))
+    expected = draw.draw_boxes(img, boxes, ["a dog 0.12", "a dog", "0.12"], [draw.colour(0)] * 2 + [draw.colour(1)])
+    assert (drawn == np.asarray(expected)).all()
+    assert draw.box_label("a cat", 0.876) == "a cat 0.88" and draw.box_label(None, None) is None
+    plain = np.asarray(draw.draw_entities(img, [dog, bare]))
+    assert (
+        plain
+        == np.asarray(draw.draw_boxes(img, boxes, ["a dog", "a dog", None], [draw.colour(0)] * 2 + [draw.colour(1)]))
+    ).all()
+    assert (plain != drawn).any()
