@@ -359,8 +359,17 @@ def machine(gpu: bool = False) -> dict:
         "transformers": __import__("transformers").__version__,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+        "block_sizes": our_block_sizes(),
         **(gpu_info() if gpu else {}),
     }
+
+
+def our_block_sizes() -> dict:
+    """kosmos2_ref.fast's block sizes on this processor (the 2-byte widening's chosen now, as at first use)."""
+    from kosmos2_ref import fast
+
+    fast.upcast_block_bytes(True)
+    return fast.block_sizes()
 
 
 def describe_machine(m: dict) -> str:
@@ -379,8 +388,17 @@ def describe_machine(m: dict) -> str:
         + (f" ({caches})" if caches else "")
         + f"; ISA flags: {flags}"
         + (f". BLAS kernels: {kernels}" if kernels else "")
+        + (f". Blocks: {describe_blocks(m['block_sizes'])}" if m.get("block_sizes") else "")
         + "."
     )
+
+
+def describe_blocks(b: dict) -> str:
+    """kosmos2_ref's block sizes in a few words, e.g. "element-wise 64K, tiles 128x512, 2-byte widening 2 MiB /
+    4 MiB (measured at first use)"."""
+    tile = "x".join(str(v) for v in b["transpose_tile"])
+    few, many = (f"{v / (1 << 20):g} MiB" if v else "?" for v in (b["upcast_few_rows"], b["upcast_many_rows"]))
+    return f"element-wise {b['elementwise'] >> 10}K, tiles {tile}, 2-byte widening {few} / {many} ({b['upcast_how']})"
 
 
 def gpu_info() -> dict:

@@ -9,17 +9,24 @@ Measured with ``benchmarks/primitives.py`` (reference time / fast time, medians 
 range over three runs) on the development machine: AMD EPYC, 2 vCPUs (AVX2), NumPy 2.4 with OpenBLAS 0.3.31
 (Haswell kernels), shared with other work at the time (load average 3-7), so the figures are noisy. The gains are
 properties of that BLAS and cache hierarchy; another machine may see others.
+
+Block sizes are not constants tuned on that machine: the element-wise blocks and the transposing write's tiles
+follow the L2 size the processor reports (:mod:`kosmos2_ref.machine`), and the 2-byte widening's blocks start from
+it and are then measured once, at the first 2-byte product of the process, among three sizes around it
+(:func:`upcast_block_bytes`; ``KOSMOS2_UPCAST_BLOCKS`` fixes them). :func:`block_sizes` says what was chosen.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
 
-from . import layers
+from . import layers, machine
 from .backend import get_xp
 from .layers import as_float32
 
@@ -113,7 +120,25 @@ def _product_scratch(N: int, M: int):
     return buf[:N * M].reshape(N, M)  # [N, M]
 
 
-TRANSPOSE_TILE = (128, 512)     # [rows of y, columns of y] per tile of the transposing write
+def derived_blocks(caches: machine.CacheSizes) -> dict:
+    """The block sizes that follow from the caches (the element-wise block and the transposing tile each half an
+    L2 of float32; the widening's starting points 4 and 8 L2s: on the development machine's 512 KiB L2, 2 MiB
+    was measured best for one row and 2-4 MiB for 32 rows), powers of two within sane bounds."""
+
+    def pow2(v: float, lo: int, hi: int) -> int:
+        return int(min(hi, max(lo, 1 << max(0, int(v).bit_length() - 1))))
+
+    half_l2 = caches.l2 // 2
+    return {
+        "elementwise": pow2(half_l2 / 4, 1 << 14, 1 << 18),  # float32 elements
+        "transpose_tile": (128, pow2(half_l2 / (4 * 128), 128, 2048)),  # [rows of y, columns of y]
+        "upcast_few_rows": pow2(4 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
+        "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
+    }
+
+
+_DERIVED = derived_blocks(machine.cache_sizes())
+TRANSPOSE_TILE = _DERIVED["transpose_tile"]     # [rows of y, columns of y] per tile of the transposing write
 
 
 def _write_transposed(yt, bias, y):
@@ -156,11 +181,15 @@ def _write_transposed(yt, bias, y):
 # float16 only when OpenBLAS is set process-wide to one thread, which a library should not do to its host.)
 
 UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
-UPCAST_BLOCK_BYTES = 2 << 20              # float32 bytes per block when x has few rows: the two BLAS threads
-                                          # each read half, the 1 MiB L2 of its core (bfloat16, measured here:
-                                          # 1 MiB blocks 4.5 G weights/s, 2 MiB 4.9-5.1, 4 MiB 3.5)
-UPCAST_BLOCK_BYTES_MANY_ROWS = 8 << 20    # float32 bytes per block when x has many rows (GEMM likes wide blocks)
 UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
+# float32 bytes per widened block when x has few rows / many rows (GEMM likes wider blocks): None until the first
+# 2-byte product of the process chooses them (upcast_block_bytes). On the development machine (512 KiB L2, two
+# BLAS threads) bfloat16 ran at 4.5 G weights/s with 1 MiB blocks, 4.9-5.1 with 2 MiB, 3.5 with 4 MiB.
+UPCAST_BLOCK_BYTES: int | None = None
+UPCAST_BLOCK_BYTES_MANY_ROWS: int | None = None
+UPCAST_BLOCKS_ENV = "KOSMOS2_UPCAST_BLOCKS"   # "FEW,MANY" in bytes (K/M suffixes allowed), e.g. "2M,8M"
+_choice_lock = threading.Lock()
+_upcast_how = "not chosen yet"
 
 _F16_TO_F32_SCALE = np.float32(2.0 ** 112)   # 2^(127 - 15): float16's exponent bias -> float32's
 _F16_FIELDS = np.int32(-0x70002000)          # 0x8FFFE000: the sign bit and float16's 15 exponent/mantissa bits
@@ -236,14 +265,15 @@ def _scratch(rows: int, cols: int):
     return buf[:size].reshape(rows, cols), buf[size:2 * size].reshape(rows, cols)     # [rows, cols] each
 
 
-def linear_upcast_blocks(x, w):
+def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     """x @ float32(w).T for a 2-byte ``w`` [N, K], widened block by block (see the comment above).
 
     Replaces :func:`layers.linear` on a 2-byte weight (``x @ as_float32(w).T``). Measured on a [8192, 2048]
     matrix: one row, bfloat16 3.5-4.7x and float16 3.0-5.2x (a read-only matrix known finite, the scaled
     widening); 71 rows, bfloat16 1.2x (each block's product weight first, as in :func:`_matmul_weight_first`;
     with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32,
-    row-major; equal to ``x @ as_float32(w).T`` up to BLAS summation order.
+    row-major; equal to ``x @ as_float32(w).T`` up to BLAS summation order. ``block_bytes`` overrides the
+    process's choice (:func:`upcast_block_bytes`) for this call.
     """
     N, K = w.shape
     x2 = x.reshape(-1, K)                              # [M, K]
@@ -262,7 +292,7 @@ def linear_upcast_blocks(x, w):
         x_even *= _F16_TO_F32_SCALE
         x_odd *= _F16_TO_F32_SCALE
     all_finite = True
-    block = max(1, (UPCAST_BLOCK_BYTES if M <= UPCAST_FEW_ROWS else UPCAST_BLOCK_BYTES_MANY_ROWS) // (4 * K))
+    block = max(1, (block_bytes or upcast_block_bytes(M <= UPCAST_FEW_ROWS)) // (4 * K))
     y = np.empty((M, N), dtype=np.float32)
     for r in range(0, N, block):
         n = min(block, N - r)
@@ -279,6 +309,74 @@ def linear_upcast_blocks(x, w):
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+def upcast_block_bytes(few_rows: bool) -> int:
+    """The widening's float32 bytes per block for x with few rows (decoding) or many (a prompt), chosen once per
+    process: from ``KOSMOS2_UPCAST_BLOCKS`` when set, else measured (:func:`_measure_block`) among ½, 1 and 2 ×
+    the cache-derived size (:func:`derived_blocks`). Measuring takes ~0.1-0.3 s, once, at the first 2-byte
+    product; every later product reuses the choice (the numbers do not depend on it: blocks split the output
+    columns, never a dot product)."""
+    global UPCAST_BLOCK_BYTES, UPCAST_BLOCK_BYTES_MANY_ROWS, _upcast_how
+    chosen = UPCAST_BLOCK_BYTES if few_rows else UPCAST_BLOCK_BYTES_MANY_ROWS
+    if chosen is not None:
+        return chosen
+    with _choice_lock:
+        if UPCAST_BLOCK_BYTES is None or UPCAST_BLOCK_BYTES_MANY_ROWS is None:
+            few, many, how = _choose_upcast_blocks()
+            UPCAST_BLOCK_BYTES = UPCAST_BLOCK_BYTES if UPCAST_BLOCK_BYTES is not None else few
+            if UPCAST_BLOCK_BYTES_MANY_ROWS is None:
+                UPCAST_BLOCK_BYTES_MANY_ROWS = many
+            _upcast_how = how
+    return UPCAST_BLOCK_BYTES if few_rows else UPCAST_BLOCK_BYTES_MANY_ROWS
+
+
+def _choose_upcast_blocks() -> tuple[int, int, str]:
+    setting = os.environ.get(UPCAST_BLOCKS_ENV, "").strip()
+    if setting:
+        sizes = [machine.parse_size(part) for part in setting.split(",")]
+        if len(sizes) != 2 or min(sizes) < 1024:
+            raise ValueError(
+                f"{UPCAST_BLOCKS_ENV}={setting!r}: expected two block sizes in bytes, FEW,MANY (each >= 1K; "
+                f"K and M suffixes allowed), e.g. '2M,8M'"
+            )
+        return sizes[0], sizes[1], f"set by {UPCAST_BLOCKS_ENV}"
+    few = _measure_block(_DERIVED["upcast_few_rows"], rows=1)
+    many = _measure_block(_DERIVED["upcast_many_rows"], rows=32)
+    return few, many, "measured at first use"
+
+
+def _measure_block(start: int, rows: int, repeats: int = 5, margin: float = 0.9) -> int:
+    """The fastest of ½, 1 and 2 × ``start`` bytes per block for a bfloat16 [4096, 2048] matrix times x [rows,
+    2048]: the best of ``repeats`` timings each, taken in turns so that a busy moment hits all sizes alike; a size
+    other than ``start`` must beat it by 1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16   # bfloat16 bits of N(0, 1)
+    w = np.tile(tile.astype(np.uint16), (64, 1))                                    # [4096, 2048]
+    x = rng.standard_normal((rows, 2048), dtype=np.float32)
+    candidates = [start, start // 2, start * 2]
+    best = dict.fromkeys(candidates, math.inf)
+    linear_upcast_blocks(x, w, block_bytes=start * 2)  # warm the scratch buffers
+    for _ in range(repeats):
+        for size in candidates:
+            t0 = time.perf_counter()
+            linear_upcast_blocks(x, w, block_bytes=size)
+            best[size] = min(best[size], time.perf_counter() - t0)
+    fastest = min(candidates, key=best.get)
+    return fastest if best[fastest] < margin * best[start] else start
+
+
+def block_sizes() -> dict:
+    """The block sizes in use and where they came from (the benchmark prints this with the processor)."""
+    caches = machine.cache_sizes()
+    return {
+        "caches": {"l1d": caches.l1d, "l2": caches.l2, "l3": caches.l3, "source": caches.source},
+        "elementwise": ELEMENTWISE_BLOCK,
+        "transpose_tile": list(TRANSPOSE_TILE),
+        "upcast_few_rows": UPCAST_BLOCK_BYTES,
+        "upcast_many_rows": UPCAST_BLOCK_BYTES_MANY_ROWS,
+        "upcast_how": _upcast_how,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,7 +404,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
 # --------------------------------------------------------------------------------------------------------------
 # Element-wise activations, a cache-sized block at a time
 
-ELEMENTWISE_BLOCK = 1 << 16     # elements per block for a long chain of element-wise passes (256 KiB of float32)
+ELEMENTWISE_BLOCK = _DERIVED["elementwise"]   # elements per block of a long chain of element-wise passes: half an L2
 
 
 def gelu(x):
@@ -338,7 +436,7 @@ ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 def _in_cache_sized_blocks(fn, x):
     """``fn(x)`` for an element-wise ``fn``, applied ELEMENTWISE_BLOCK elements at a time (NumPy only).
 
-    Over a 256 KiB block every pass of ``fn`` stays in the CPU cache and its temporaries are small and reused.
+    Over a block of half the L2 every pass of ``fn`` stays in the CPU cache and its temporaries are small and reused.
     The result has x's memory order (row-major for a row-major x).
     """
     out = np.empty_like(x)                  # the same memory order as x (row- or column-major)
@@ -362,7 +460,9 @@ def softmax_in_place(e, axis: int = -1):
     return e
 
 
-ATTENTION_BLOCK_BYTES = 8 << 20   # float32 bytes of scores formed at once when the probabilities are not returned
+# float32 bytes of scores formed at once when the probabilities are not returned: a bound on fresh memory per
+# block (no cache size: a block of scores is read three times, by the softmax and the product with v)
+ATTENTION_BLOCK_BYTES = 8 << 20
 
 
 def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):

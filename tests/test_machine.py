@@ -1,0 +1,118 @@
+"""Block sizes follow the processor: cache sizes as the system reports them (kosmos2_ref.machine), the blocks
+derived from them, and the 2-byte widening's blocks measured once per process or fixed by KOSMOS2_UPCAST_BLOCKS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kosmos2_ref import fast, machine
+
+
+def write_cache(folder, index, level, kind, size):
+    d = folder / f"index{index}"
+    d.mkdir(parents=True)
+    (d / "level").write_text(f"{level}\n")
+    (d / "type").write_text(f"{kind}\n")
+    (d / "size").write_text(f"{size}\n")
+
+
+@pytest.mark.parametrize("text, expected", [("512K", 512 << 10), ("32768K", 32 << 20), ("2M", 2 << 20), ("4096", 4096)])
+def test_parse_size(text, expected):
+    assert machine.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "K", "big", "1.5M"])
+def test_parse_size_of_nonsense_is_zero(text):
+    assert machine.parse_size(text) == 0
+
+
+def test_sysfs_caches_are_read_per_level(tmp_path):
+    write_cache(tmp_path, 0, 1, "Data", "48K")
+    write_cache(tmp_path, 1, 1, "Instruction", "32K")
+    write_cache(tmp_path, 2, 2, "Unified", "2048K")
+    write_cache(tmp_path, 3, 3, "Unified", "105M")
+    assert machine.cache_sizes(tmp_path) == machine.CacheSizes(48 << 10, 2 << 20, 105 << 20, "sysfs")
+
+
+def test_a_missing_level_is_assumed_and_said(tmp_path, monkeypatch):
+    write_cache(tmp_path, 0, 2, "Unified", "1M")
+    sizes = machine.cache_sizes(tmp_path)
+    assert sizes.l2 == 1 << 20 and sizes.l1d == machine.ASSUMED["l1d"] and sizes.l3 == machine.ASSUMED["l3"]
+    assert sizes.source == "sysfs (l1d, l3 assumed)"
+
+
+def test_nothing_reported_means_assumed(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "_from_sysconf", lambda: {})
+    assert machine.cache_sizes(tmp_path / "absent") == machine.CacheSizes(**machine.ASSUMED, source="assumed")
+
+
+def test_blocks_follow_the_l2():
+    """Half an L2 of float32 per element-wise block and per transposing tile; the widening starts at 4 and 8
+    L2s. The development machine's 512 KiB L2 gives the sizes measured best there; a 2 MiB L2 four times them."""
+    epyc = fast.derived_blocks(machine.CacheSizes(32 << 10, 512 << 10, 32 << 20, "test"))
+    assert epyc == {
+        "elementwise": 1 << 16,
+        "transpose_tile": (128, 512),
+        "upcast_few_rows": 2 << 20,
+        "upcast_many_rows": 4 << 20,
+    }
+    xeon = fast.derived_blocks(machine.CacheSizes(48 << 10, 2 << 20, 105 << 20, "test"))
+    assert xeon == {
+        "elementwise": 1 << 18,
+        "transpose_tile": (128, 2048),
+        "upcast_few_rows": 8 << 20,
+        "upcast_many_rows": 16 << 20,
+    }
+    odd = fast.derived_blocks(machine.CacheSizes(32 << 10, 1280 << 10, 30 << 20, "test"))  # 1.25 MiB: not a power of 2
+    assert odd["elementwise"] == 1 << 17 and odd["upcast_few_rows"] == 4 << 20
+
+
+@pytest.fixture
+def unchosen(monkeypatch):
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", None)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", None)
+    monkeypatch.setattr(fast, "_upcast_how", "not chosen yet")
+
+
+def test_the_environment_fixes_the_widening_blocks(unchosen, monkeypatch):
+    monkeypatch.setenv(fast.UPCAST_BLOCKS_ENV, "1M,3M")
+    monkeypatch.setattr(fast, "_measure_block", lambda *a, **k: pytest.fail("measured although set"))
+    assert fast.upcast_block_bytes(True) == 1 << 20 and fast.upcast_block_bytes(False) == 3 << 20
+    assert fast.block_sizes()["upcast_how"] == f"set by {fast.UPCAST_BLOCKS_ENV}"
+
+
+@pytest.mark.parametrize("setting", ["2M", "2M,x", "2M,8M,1M", "100,8M"])
+def test_a_bad_setting_is_named(unchosen, monkeypatch, setting):
+    monkeypatch.setenv(fast.UPCAST_BLOCKS_ENV, setting)
+    with pytest.raises(ValueError, match=fast.UPCAST_BLOCKS_ENV + r".*FEW,MANY"):
+        fast.upcast_block_bytes(True)
+
+
+def test_measured_once_among_sizes_around_the_derived_one(unchosen, monkeypatch):
+    monkeypatch.delenv(fast.UPCAST_BLOCKS_ENV, raising=False)
+    calls = []
+    real = fast._measure_block
+    monkeypatch.setattr(fast, "_measure_block", lambda start, rows: calls.append(start) or real(start, rows, 1))
+    few = fast.upcast_block_bytes(True)
+    many = fast.upcast_block_bytes(False)
+    assert fast.upcast_block_bytes(True) == few and len(calls) == 2  # chosen once for the process
+    start_few, start_many = fast._DERIVED["upcast_few_rows"], fast._DERIVED["upcast_many_rows"]
+    assert few in (start_few // 2, start_few, start_few * 2)
+    assert many in (start_many // 2, start_many, start_many * 2)
+    info = fast.block_sizes()
+    assert info["upcast_how"] == "measured at first use" and info["upcast_few_rows"] == few
+    assert info["caches"]["l2"] == machine.cache_sizes().l2
+
+
+def test_block_size_does_not_change_the_product():
+    """Blocks split the output columns, never a dot product: every size gives the textbook numbers (to float32 summation order)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 64), dtype=np.float32).astype(np.float16)
+    ref = None
+    for rows in (1, 20):
+        x = rng.standard_normal((rows, 64), dtype=np.float32)
+        ref = x @ w.astype(np.float32).T
+        for block_bytes in (4 * 64, 4 * 64 * 7, 4 * 64 * 300):
+            got = fast.linear_upcast_blocks(x, w, block_bytes=block_bytes)
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)  # float32 sums of 64 terms of ~1
