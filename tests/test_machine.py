@@ -106,7 +106,8 @@ def test_measured_once_among_sizes_around_the_derived_one(unchosen, monkeypatch)
 
 
 def test_block_size_does_not_change_the_product():
-    """Blocks split the output columns, never a dot product: every size gives the textbook numbers (to float32 summation order)."""
+    """Blocks split the output columns, never a dot product: every size gives the textbook numbers (to float32
+    summation order)."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((300, 64), dtype=np.float32).astype(np.float16)
     ref = None
