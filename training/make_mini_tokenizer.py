@@ -56,7 +56,11 @@ TOKENIZER_CONFIG = {
     "model_max_length": 2048,
     **SPECIAL_TOKENS_MAP,
 }
-PREPROCESSOR_CONFIG = {  # Kosmos-2's CLIP preprocessing, at the miniature's image size
+# Kosmos-2's CLIP preprocessing (every picture squashed to a square, no crop), at the miniature's image size.
+# Not Kosmos-2's own flags: with use_square_size, transformers 5.x squashes to its class default of 224 whatever
+# "size" says, and a 112 crop would then keep only the middle quarter of the picture (the runs up to v6 trained
+# on that). A plain height x width resize gives the real model's squash at 112 in both libraries.
+PREPROCESSOR_CONFIG = {
     "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     "do_center_crop": True,
     "do_convert_rgb": True,
@@ -69,8 +73,8 @@ PREPROCESSOR_CONFIG = {  # Kosmos-2's CLIP preprocessing, at the miniature's ima
     "processor_class": "Kosmos2Processor",
     "resample": 3,
     "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": IMAGE_SIZE},
-    "use_square_size": True,
+    "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "use_square_size": False,
 }
 
 

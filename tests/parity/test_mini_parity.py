@@ -108,6 +108,25 @@ def test_both_load_the_shipped_folder_by_name(mini):
     scene_inputs((ours_proc, hf_proc), texts, [SEEDS[0]] * 3)
 
 
+def test_the_miniature_sees_the_whole_picture(mini):
+    """Both processors squash any picture to 112 x 112, as Kosmos-2 squashes to 224, and crop nothing: the
+    pixels equal a plain bicubic resize of the whole image (a square, a landscape, a 112-px scene). (With
+    Kosmos-2's own use_square_size flag transformers 5.x would resize to 224 and the 112 crop keep the middle.)"""
+    import PIL.Image
+
+    _, ours_proc, _, hf_proc = mini
+    mean = np.array(hf_proc.image_processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.array(hf_proc.image_processor.image_std, dtype=np.float32)[:, None, None]
+    base = world.render(world.make_scene(SEEDS[1], image_size=224))
+    for image in (base, base.resize((300, 200)), base.resize((112, 112))):
+        squashed = image.resize((112, 112), PIL.Image.BICUBIC)
+        expected = (np.asarray(squashed, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+        theirs = hf_proc.image_processor(image, return_tensors="np")["pixel_values"][0]
+        ours = ours_proc(images=image)["pixel_values"][0]
+        fm.check(f"pixels of a {image.size} picture, transformers vs a plain squash", theirs, expected, 1e-5)
+        fm.check(f"pixels of a {image.size} picture, ours vs transformers", ours, theirs, 1e-6)
+
+
 def test_forward_matches_transformers(mini):
     ours, ours_proc, hf, hf_proc = mini
     scenes = [world.make_scene(s) for s in SEEDS]
