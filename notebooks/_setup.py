@@ -7,8 +7,8 @@
     hf = S.hf_model()    # transformers' Kosmos2ForConditionalGeneration on S.folder (ImportError without torch)
     compare("logits", ours, theirs)                  # prints and returns max |Δ|
 
-The image is the photo shipped in the package (``kosmos2_ref/assets/two_dogs.jpg``); :data:`SCENES` says what is
-where in it, for the grounding lesson.
+The image is the photo shipped in the package (``kosmos2_ref/assets/two_dogs.jpg``), or with ``setup(model="mini")``
+a scene of the miniature's synthetic world; :data:`SCENES` says what is where in each, for the grounding lessons.
 
 Where the weights come from:
 
@@ -20,8 +20,8 @@ Where the weights come from:
    a temporary folder that is removed when the kernel exits:
    * with torch + transformers installed, it is a transformers ``Kosmos2ForConditionalGeneration`` with a tiny
      config saved with ``save_pretrained``, so every parity cell compares the two libraries on one set of files;
-   * without them, the NumPy-only builder of :mod:`kosmos2_ref.demo` when it exists, else :func:`write_numpy_checkpoint`
-     below.
+   * without them, the NumPy-only builder of :mod:`kosmos2_ref.demo` (:func:`write_numpy_checkpoint` below is
+     the fallback should that import fail).
    The tokenizer and processor files are written by kosmos2_ref's ``Kosmos2Processor.default()``: the real
    Kosmos-2 tokenizer, shipped in the package.
 
