@@ -958,10 +958,22 @@ def mini_grounding_figure(seed: int = MINI_SCENE_SEED, panel: int = 360):
     H = top + 28 + panel + 14 + 22 * len(caption_lines) + 18 * len(note_lines) + 20
     img = PIL.Image.new("RGB", (W, H), "white")
     d = PIL.ImageDraw.Draw(img)
-    d.text((margin, 14), "The miniature (5.7 M parameters, trained on synthetic shapes) on a synthetic scene", fill=(0, 0, 0), font=head)
-    d.text((margin, 40), f"not the real Kosmos-2 · kosmos2_ref.world scene {seed} · greedy decoding", fill=(110, 110, 110), font=small)
+    d.text(
+        (margin, 14),
+        "The miniature (5.7 M parameters, trained on synthetic shapes) on a synthetic scene",
+        fill=(0, 0, 0),
+        font=head,
+    )
+    d.text(
+        (margin, 40),
+        f"not the real Kosmos-2 · kosmos2_ref.world scene {seed} · greedy decoding",
+        fill=(110, 110, 110),
+        font=small,
+    )
     d.text((margin, top + 4), "grounded caption, boxes drawn (tasks.caption)", fill=(40, 40, 40), font=body)
-    d.text((margin + panel + gap, top + 4), f"connector: latent query {query}'s attention", fill=(40, 40, 40), font=body)
+    d.text(
+        (margin + panel + gap, top + 4), f"connector: latent query {query}'s attention", fill=(40, 40, 40), font=body
+    )
     img.paste(left, (margin, top + 28))
     img.paste(right, (margin + panel + gap, top + 28))
     y = top + 28 + panel + 12
