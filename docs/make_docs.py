@@ -24,8 +24,10 @@ Blocks (file: name — what):
 ``--check`` compares the blocks that depend only on the code (params, shapes, storage, api); the measured ones
 (parity, erf) and the ``--help`` text (whose layout varies with the Python version) are not compared.
 
-Figures: figures/dataflow.png (the pipeline with its shapes) and figures/patch_grid.png (the 32×32 grid of
-``<patch_index_k>`` cells), drawn with Pillow.
+Figures: figures/dataflow.png (the pipeline with its shapes), figures/patch_grid.png (the 32×32 grid of
+``<patch_index_k>`` cells) and figures/mini_grounding.png (the packaged miniature's grounded caption of a synthetic
+scene and a latent query's attention: the README's picture, redrawn from whatever weights are packaged), drawn
+with Pillow.
 """
 
 from __future__ import annotations
@@ -889,6 +891,101 @@ def patch_grid_figure(n: int = 32, cell: int = 30):
     return img
 
 
+MINI_SCENE_SEED = 3  # the scene of the lessons and the demo
+
+
+def _wrap(d, text: str, font, width: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and d.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def mini_grounding_figure(seed: int = MINI_SCENE_SEED, panel: int = 360):
+    """The README's figure: the packaged miniature's grounded caption of a synthetic scene, its boxes drawn
+    (``tasks.caption``, ``draw.draw_entities``), beside one latent query's attention over the picture the model
+    reads (``draw.attention_heatmap``): the query that looks most at the first grounded box, or the sharpest one
+    when the caption grounds nothing. Whatever the weights write is shown; nothing is assumed about it."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    from kosmos2_ref import Kosmos2, draw, tasks, world
+    from kosmos2_ref.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    model = Kosmos2.from_pretrained("mini")
+    processor = tasks.processor_for(model)
+    scene = world.make_scene(seed, image_size=224)
+    image = world.render(scene)
+    result = tasks.caption(model, image, processor=processor, no_repeat_ngram_size=0)
+    pixel_values = processor(images=image)["pixel_values"]
+    _, attn, _ = model.encode_image(pixel_values)
+    x = np.asarray(pixel_values[0], np.float64).transpose(1, 2, 0) * np.asarray(OPENAI_CLIP_STD)
+    seen = PIL.Image.fromarray(np.uint8(np.clip(np.round((x + np.asarray(OPENAI_CLIP_MEAN)) * 255), 0, 255)))
+    grids = draw.attention_map(attn, query=None)  # [Q, g, g] over the picture the model reads
+    g = grids.shape[-1]
+    boxed = [e for e in result.entities if e.boxes]
+    if boxed:
+        # the box in the coordinates of what the model reads: the processor's resize, then its centre crop
+        cfg = processor.image_processor_config
+        h, w = cfg.resize_target(image.height, image.width)
+        ch, cw = (cfg.crop_size["height"], cfg.crop_size["width"]) if cfg.do_center_crop else (h, w)
+        x1, y1, x2, y2 = boxed[0].boxes[0]
+        cols = np.clip((np.array([x1 * w, x2 * w]) - (w - cw) // 2) / cw * g, 0, g)
+        rows = np.clip((np.array([y1 * h, y2 * h]) - (h - ch) // 2) / ch * g, 0, g)
+        r0, r1 = int(rows[0]), max(int(np.ceil(rows[1])), int(rows[0]) + 1)
+        c0, c1 = int(cols[0]), max(int(np.ceil(cols[1])), int(cols[0]) + 1)
+        query = int(np.argmax(grids[:, r0:r1, c0:c1].reshape(len(grids), -1).sum(-1)))
+        why = f'the query that looks most at the box of "{boxed[0].phrase}"'
+    else:
+        query = int(np.argmax(grids.reshape(len(grids), -1).max(-1)))
+        why = "the sharpest query (the caption grounds no phrase)"
+    left = draw.draw_entities(image, result.entities).resize((panel, panel), PIL.Image.BICUBIC)
+    right = draw.attention_heatmap(attn, seen, query=query).resize((panel, panel), PIL.Image.BICUBIC)
+
+    margin, gap, top = 24, 24, 64
+    W = 2 * panel + gap + 2 * margin
+    head, body, small = _font(19), _font(15), _font(13)
+    probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (W, 10)))
+    caption_lines = _wrap(probe, f'caption: "{result.caption}"', body, W - 2 * margin)
+    note = f"right: {why}, over the picture as the model reads it (resized, centre-cropped)"
+    note_lines = _wrap(probe, note, small, W - 2 * margin) + ["Regenerate: python docs/make_docs.py"]
+    H = top + 28 + panel + 14 + 22 * len(caption_lines) + 18 * len(note_lines) + 20
+    img = PIL.Image.new("RGB", (W, H), "white")
+    d = PIL.ImageDraw.Draw(img)
+    d.text(
+        (margin, 14),
+        "The miniature (5.7 M parameters, trained on synthetic shapes) on a synthetic scene",
+        fill=(0, 0, 0),
+        font=head,
+    )
+    d.text(
+        (margin, 40),
+        f"not the real Kosmos-2 · kosmos2_ref.world scene {seed} · greedy decoding",
+        fill=(110, 110, 110),
+        font=small,
+    )
+    d.text((margin, top + 4), "grounded caption, boxes drawn (tasks.caption)", fill=(40, 40, 40), font=body)
+    d.text(
+        (margin + panel + gap, top + 4), f"connector: latent query {query}'s attention", fill=(40, 40, 40), font=body
+    )
+    img.paste(left, (margin, top + 28))
+    img.paste(right, (margin + panel + gap, top + 28))
+    y = top + 28 + panel + 12
+    for line in caption_lines:
+        d.text((margin, y), line, fill=(0, 0, 0), font=body)
+        y += 22
+    for line in note_lines:
+        d.text((margin, y + 6), line, fill=(110, 110, 110), font=small)
+        y += 18
+    return img
+
+
 def save_png(img, path: Path) -> bool:
     """Write ``img`` when its pixels differ from the file's (so unchanged figures keep their bytes)."""
     import PIL.Image
@@ -947,7 +1044,12 @@ def main(argv=None) -> int:
         changed = write_block(DOCS / fname, name, body)
         print(f"docs/{fname}: {name} {'updated' if changed else 'unchanged'}")
     if not args.skip_figures:
-        for fname, fig in (("dataflow.png", dataflow_figure()), ("patch_grid.png", patch_grid_figure())):
+        figures = (
+            ("dataflow.png", dataflow_figure()),
+            ("patch_grid.png", patch_grid_figure()),
+            ("mini_grounding.png", mini_grounding_figure()),
+        )
+        for fname, fig in figures:
             changed = save_png(fig, FIGURES / fname)
             print(f"docs/figures/{fname}: {'written' if changed else 'unchanged'}")
     return 0

@@ -10,9 +10,15 @@ reader sees on the web or in the documentation site: every cell's source, its pr
 saved as PNG files under ``docs/lessons/figures/``.
 
 "Current" means: the first line of each rendered lesson records the sha256 of what produced it — the notebook's
-cells and ``notebooks/_setup.py`` (which builds the checkpoint the lessons run on). ``--check`` recomputes it, so
-an edited notebook or a changed setup makes the check fail until the lessons are rendered again. The execution
-itself is tested by tests/test_notebooks.py.
+cells (and their tags), ``notebooks/_setup.py`` (which builds the checkpoint the lessons run on) and the packaged
+miniature's weights (``kosmos2_ref/assets/mini/model.safetensors``, which lessons 01, 02, 04, 05 and 06 run on).
+``--check`` recomputes it, so an edited notebook, a changed setup or retrained weights make the check fail until
+the lessons are rendered again. The execution itself is tested by tests/test_notebooks.py.
+
+Exercises: a cell tagged ``answer`` (cell metadata ``"tags": ["answer"]``; JupyterLab shows it collapsed when its
+``jupyter.source_hidden`` / ``outputs_hidden`` are set) is rendered folded away, inside ``<details>`` with the
+summary "Answer"; consecutive answer cells share one fold. Its code and output, the computed answer, are there
+once the reader opens it.
 """
 
 from __future__ import annotations
@@ -33,20 +39,28 @@ FIGURES = LESSONS / "figures"
 STAMP = "<!-- rendered by docs/render_lessons.py from notebooks/{name}; inputs sha256 {digest} -->"
 STAMP_RE = re.compile(r"<!-- rendered by docs/render_lessons.py from notebooks/(\S+); inputs sha256 ([0-9a-f]{64}) -->")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MINI_WEIGHTS = ROOT / "kosmos2_ref" / "assets" / "mini" / "model.safetensors"
+ANSWER_TAG = "answer"
 
 
 def notebook_paths(prefix: str | None = None) -> list[Path]:
     return [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if prefix is None or p.name.startswith(prefix)]
 
 
+def cell_tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
 def inputs_digest(path: Path) -> str:
-    """sha256 over the notebook's cell types and sources and over notebooks/_setup.py."""
+    """sha256 over the notebook's cell types, tags and sources, notebooks/_setup.py and the miniature's weights."""
     nb = json.loads(path.read_text(encoding="utf-8"))
     h = hashlib.sha256()
     for cell in nb["cells"]:
         source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        h.update(cell["cell_type"].encode() + b"\0" + source.encode("utf-8") + b"\0")
+        tags = ",".join(cell_tags(cell))
+        h.update(cell["cell_type"].encode() + b"\0" + tags.encode() + b"\0" + source.encode("utf-8") + b"\0")
     h.update((NOTEBOOKS / "_setup.py").read_bytes())
+    h.update(b"\0mini weights sha256 " + hashlib.sha256(MINI_WEIGHTS.read_bytes()).hexdigest().encode())
     return h.hexdigest()
 
 
@@ -112,12 +126,21 @@ def render(path: Path) -> Path:
         f"<!-- do not edit: edit notebooks/{path.name} and run python docs/render_lessons.py -->",
     ]
     counter = [0]
+    folded = False  # inside an answer's <details>
     for cell in nb.cells:
+        is_answer = ANSWER_TAG in cell_tags(cell)
+        if is_answer and not folded:
+            parts.append('<details markdown="1"><summary>Answer</summary>')
+        elif folded and not is_answer:
+            parts.append("</details>")
+        folded = is_answer
         if cell.cell_type == "markdown":
             parts.append(relink_markdown(cell.source))
         elif cell.cell_type == "code" and cell.source.strip():
             parts.append(fence(cell.source, "python"))
             parts.extend(render_outputs(cell.get("outputs", []), path.stem, counter))
+    if folded:
+        parts.append("</details>")
     parts.append(f"*Rendered from `notebooks/{path.name}`; run it yourself with `jupyter lab notebooks/{path.name}`.*")
     target = lesson_path(path)
     target.write_text("\n\n".join(parts) + "\n", encoding="utf-8")

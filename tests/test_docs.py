@@ -155,7 +155,7 @@ def test_documented_shapes_are_the_shapes_the_code_produces():
 def test_figures_exist_and_are_pictures():
     import PIL.Image
 
-    for name in ("dataflow.png", "patch_grid.png"):
+    for name in ("dataflow.png", "patch_grid.png", "mini_grounding.png"):
         with PIL.Image.open(DOCS / "figures" / name) as im:
             assert im.width > 500 and im.height > 500, name
 
