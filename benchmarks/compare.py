@@ -15,9 +15,10 @@ linear-layer products alone (recorded from one real call, replayed back to back 
 that to transformers' whole call is the lowest ours could reach with those products, which shows how far a target
 is from the matrix-product floor of this machine.
 
-With ``--backend cupy`` both sides run on the GPU (transformers eager attention on CUDA): image encoding, time to
-first token, per-token decode, a 64-token generate, and the peak device memory of each side in its own process.
-Every timed call ends with a device synchronisation, so queued GPU work is counted.
+With ``--backend cupy`` both sides run on the GPU (transformers eager attention on CUDA, TF32 off, so both
+multiply in float32): image encoding, time to first token, per-token decode, a 64-token generate, and the peak
+device memory of each side in its own process. Every timed call ends with a device synchronisation, so queued GPU
+work is counted. ``benchmarks/gpu_check.sh`` runs this with the CuPy tests on a GPU machine in one go.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class HF:
         self.device = device
         torch.set_grad_enabled(False)
         kw = {"attn_implementation": "eager"} if device != "cpu" else {}  # #8 compares with eager on the GPU
+        if device != "cpu":  # true float32 products, as CuPy's (torch's convolutions default to TF32 on CUDA)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.model = (
             Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), **kw).to(device).eval()
         )
@@ -783,12 +786,13 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="bfloat16,float16", help="two-byte storage dtypes to measure (ours)")
     ap.add_argument("--scaling", action="store_true", help="also the prompt-length / new-token / batch table")
     ap.add_argument("--label", default=None, help="result file name (default: the size)")
+    ap.add_argument("--out", default=None, help="write the result JSON here instead of results/<label>.json")
     ap.add_argument("--write-docs", action="store_true")
     a = ap.parse_args(argv)
     res = run(a.size, a.repeats, a.new_tokens, [d for d in a.dtypes.split(",") if d], a.scaling, a.backend)
     default_label = a.size if a.backend == "numpy" else f"{a.size}-{a.backend}"
-    out = HERE / "results" / f"{a.label or default_label}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(a.out) if a.out else HERE / "results" / f"{a.label or default_label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
     if a.write_docs:

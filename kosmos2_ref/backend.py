@@ -150,8 +150,9 @@ def _make_cupy_backend() -> Backend:
     except Exception as exc:  # ImportError, or a CUDA library failing to load
         raise BackendError(
             "backend='cupy' needs CuPy, which is not importable here "
-            f"({type(exc).__name__}: {exc}); install it with `pip install kosmos2-ref[gpu]` on a machine with an "
-            "NVIDIA GPU, or use backend='numpy'"
+            f"({type(exc).__name__}: {exc}); install it on a machine with an NVIDIA GPU with "
+            "`pip install kosmos2-ref[gpu]` (CUDA 13 drivers) or `kosmos2-ref[gpu-cuda12]` (CUDA 12; `nvidia-smi` "
+            "prints which), or use backend='numpy'"
         ) from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()

@@ -29,7 +29,9 @@ def as_float32(w):
     if w.dtype == xp.float32:
         return w
     if w.dtype == xp.uint16:
-        return (w.astype(xp.uint32) << 16).view(xp.float32)
+        bits = w.astype(xp.uint32)          # one new 4-byte array, shifted in place (not a second one)
+        bits <<= 16
+        return bits.view(xp.float32)
     return w.astype(xp.float32)
 
 

@@ -162,3 +162,45 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     assert all(x.shape[:-1] == (1, 1) for x, _, _ in calls)
     whole, products = compare.products_alone(ours, step, 2)
     assert whole > 0 and products > 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh (issue #20): the one-go GPU check. Its real run needs a GPU; here only what is cheap.
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+GPU_STAGES = [
+    "00_install",
+    "01_versions",
+    "02_cupy_tiny",
+    "03_checkpoint",
+    "04_cupy_full",
+    "05_benchmark",
+    "06_parity_on_cupy",
+]
+
+
+def test_gpu_check_script_parses_and_names_every_stage():
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    text = GPU_CHECK.read_text()
+    for name in GPU_STAGES:
+        assert text.count(name) >= 2, name  # in the header's list and where it runs
+    for command in ("tests/parity/test_cupy.py", "benchmarks/compare.py", "--backend", "KOSMOS2_BACKEND=cupy"):
+        assert command in text, command
+    assert "set -u" in text and "set -e" not in text  # fail-soft: a stage's failure must not end the script
+
+
+def test_gpu_check_script_writes_its_summary_when_no_time_is_left(tmp_path):
+    """With a budget too small for any stage, every stage is recorded as skipped and summary.json is valid JSON
+    naming them all in order: the bookkeeping works without running anything."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, GPU_CHECK_BUDGET="5")
+    r = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == GPU_STAGES
+    assert all(s["status"] == "skipped" for s in summary["stages"]), summary
+    assert all((tmp_path / "out" / f"{name}.log").is_file() for name in GPU_STAGES)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ref import Kosmos2, generate
+from kosmos2_ref import Kosmos2, generate, to_numpy
 from kosmos2_ref import generation as gen
 
 TOL = 1e-5
@@ -349,7 +349,7 @@ def test_sampling_processed_scores_match_transformers(lively, case, monkeypatch)
 
     def replay(scores, rng):
         tok = next(drawn).astype(np.int64)
-        s = np.asarray(scores)
+        s = to_numpy(scores)  # on the host (the scores live on the GPU under KOSMOS2_BACKEND=cupy)
         alive = np.asarray([np.isfinite(s[i, t]) for i, t in enumerate(tok)])
         assert alive[tok != 1].all(), "transformers drew a token our processors removed"
         return tok
