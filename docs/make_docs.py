@@ -953,7 +953,7 @@ def mini_grounding_figure(seed: int = MINI_SCENE_SEED, panel: int = 360):
     head, body, small = _font(19), _font(15), _font(13)
     probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (W, 10)))
     caption_lines = _wrap(probe, f'caption: "{result.caption}"', body, W - 2 * margin)
-    note = f"right: {why}, over the picture as the model reads it (resized, centre-cropped)"
+    note = f"right: {why}, over the picture as the model reads it (squashed to the model's image size)"
     note_lines = _wrap(probe, note, small, W - 2 * margin) + ["Regenerate: python docs/make_docs.py"]
     H = top + 28 + panel + 14 + 22 * len(caption_lines) + 18 * len(note_lines) + 20
     img = PIL.Image.new("RGB", (W, H), "white")
