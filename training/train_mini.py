@@ -4,7 +4,7 @@ The model is transformers' own ``Kosmos2ForConditionalGeneration`` at a small si
 transformers' ``AutoProcessor`` from the miniature's tokenizer files, exactly as inference makes them; the loss is
 ours, on its logits. See docs/miniature.md for the recipe and why.
 
-    python training/train_mini.py --run training/runs/v5 --minutes 46 --schedule-minutes 46 --warmup 60 \
+    python training/train_mini.py --run training/runs/v7 --minutes 100 --schedule-minutes 100 --warmup 60 \
         --curriculum 600 --phases 300 --pos-scale 1.0 --slot-loc-scale 0.5      # the shipped run; resumes it
 
 The learning-rate cosine runs over ``--schedule-minutes`` of training time rather than a step count: on a

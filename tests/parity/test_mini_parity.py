@@ -20,6 +20,10 @@ from kosmos2_ref import generation as gen
 from kosmos2_ref.hub import MINI_FOLDER
 
 TOL = 1e-5
+# The trained connector attends sharply, so float32 roundings move its outputs more than a random one's: against
+# transformers in float64 on eight scenes, transformers' own float32 image embeddings were off by up to 1.03e-5
+# of their scale and ours by up to 8.7e-6 (measured 2026-12-01), so the two float32 results may differ by ~2e-5.
+IMAGE_EMBEDS_TOL = 3e-5
 SEEDS = [1_500_000_003, 1_500_000_011]  # held-out scenes (training seeds are below 10^9)
 
 
@@ -136,7 +140,7 @@ def test_forward_matches_transformers(mini):
     out = ours(**x)
     print()
     fm.check("logits (teacher-forced captions)", out.logits, ref.logits, TOL)
-    fm.check("image_embeds", out.image_embeds, ref.image_embeds, TOL)
+    fm.check("image_embeds", out.image_embeds, ref.image_embeds, IMAGE_EMBEDS_TOL)
     # how sure the trained model is of the true captions (printed: a random model gives ~1/1281)
     keep = x["attention_mask"][:, 1:].astype(bool) & (x["image_embeds_position_mask"][:, 1:] == 0)
     probs = torch.softmax(ref.logits[:, :-1], -1).gather(-1, torch.from_numpy(x["input_ids"][:, 1:, None]))[..., 0]
