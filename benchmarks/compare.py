@@ -304,14 +304,10 @@ def cpu_info() -> dict:
                 model = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
-    caches = {}
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level, kind, size = ((index / n).read_text().strip() for n in ("level", "type", "size"))
-        except OSError:
-            continue
-        if kind != "Instruction":
-            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size  # per core (L1d, L2) or shared (L3)
+    from kosmos2_ref.machine import cache_sizes
+
+    c = cache_sizes()  # per core (L1d, L2) or shared (L3), as the system reports them
+    caches = {"L1d": f"{c.l1d >> 10}K", "L2": f"{c.l2 >> 10}K", "L3": f"{c.l3 >> 10}K"}
     return {"cpu_model": model, "cpu_flags": [f for f in RELEVANT_FLAGS if f in flags], "cpu_caches": caches}
 
 

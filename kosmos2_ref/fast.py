@@ -323,11 +323,11 @@ def upcast_block_bytes(few_rows: bool) -> int:
         return chosen
     with _choice_lock:
         if UPCAST_BLOCK_BYTES is None or UPCAST_BLOCK_BYTES_MANY_ROWS is None:
-            few, many, how = _choose_upcast_blocks()
-            UPCAST_BLOCK_BYTES = UPCAST_BLOCK_BYTES if UPCAST_BLOCK_BYTES is not None else few
+            few, many, _upcast_how = _choose_upcast_blocks()
+            if UPCAST_BLOCK_BYTES is None:
+                UPCAST_BLOCK_BYTES = few
             if UPCAST_BLOCK_BYTES_MANY_ROWS is None:
                 UPCAST_BLOCK_BYTES_MANY_ROWS = many
-            _upcast_how = how
     return UPCAST_BLOCK_BYTES if few_rows else UPCAST_BLOCK_BYTES_MANY_ROWS
 
 

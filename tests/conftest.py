@@ -31,6 +31,16 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lively_checkpoint(tmp_path_factory):
+    """(folder, hf_model) for the TINY config whose greedy tokens vary and whose rows end at different steps
+    (fm.build_lively_hf_model): the generation tests' checkpoint."""
+    folder = tmp_path_factory.mktemp("lively_ckpt")
+    model = fm.build_lively_hf_model()
+    fm.save_checkpoint(model, folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
 def tiny_odd_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_odd_ckpt")
     model = fm.build_hf_model(fm.TINY_ODD, seed=1)

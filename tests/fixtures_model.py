@@ -96,6 +96,23 @@ def build_hf_model(cfg: dict, seed: int = 0, attn_implementation: str = "eager")
     return model
 
 
+def build_lively_hf_model(seed: int = 0):
+    """The TINY model with small token embeddings (std 0.05) and a 5× EOS embedding.
+
+    With the fixtures' std-0.5 tied embeddings a tiny random model just repeats its last token; small embeddings
+    let the blocks matter, so tokens vary, and the larger EOS row makes EOS win at different steps for different
+    prompts (measured: after 14…27 tokens), so the EOS and pad-after-EOS paths are exercised.
+    """
+    import torch
+
+    model = build_hf_model(TINY, seed=seed)
+    with torch.no_grad():
+        emb = model.text_model.model.embed_tokens.weight
+        emb.copy_(0.05 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)))
+        emb[2] *= 5.0
+    return model
+
+
 def save_checkpoint(model, folder: Path, max_shard_size=None) -> Path:
     folder = Path(folder)
     kwargs = {"safe_serialization": True}

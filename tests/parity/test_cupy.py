@@ -55,20 +55,6 @@ def test_cupy_forward_matches_numpy_and_transformers(tiny_checkpoint, storage):
 # The KV cache and generation on the device
 
 
-@pytest.fixture(scope="module")
-def lively(tmp_path_factory):
-    """The TINY model with small token embeddings and a 5× EOS row (as tests/parity/test_generation_parity.py's
-    ``lively``): its tokens vary and EOS comes at different steps, where the plain tiny model repeats a token."""
-    hf = fm.build_hf_model(fm.TINY, seed=0)
-    with torch.no_grad():
-        emb = hf.text_model.model.embed_tokens.weight
-        emb.copy_(0.05 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)))
-        emb[2] *= 5.0
-    folder = tmp_path_factory.mktemp("lively_cupy")
-    fm.save_checkpoint(hf, folder)
-    return folder, hf
-
-
 def test_decode_step_keeps_the_cache_on_the_device(tiny_checkpoint):
     """Prefill and cached steps on CuPy: every key and value buffer is a CuPy array before and after, the step's
     logits are too, and they equal the NumPy backend's step for step."""
@@ -111,6 +97,19 @@ def _hf_generate(hf, pv, ids, att, img, device="cpu", **kw):
     return out.sequences.cpu().numpy(), [s.float().cpu().numpy() for s in out.scores]
 
 
+def _ours_generate(model, pv, ids, att, img, **kw):
+    return generate(
+        model,
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kw,
+    )
+
+
 def _compare_generation(label, ours, ref, tol):
     (seq, scores), (rseq, rscores) = ours, ref
     print(f"\n[{label}] new tokens of row 0: {rseq[0, -len(rscores) :].tolist()}")
@@ -123,13 +122,13 @@ def _compare_generation(label, ours, ref, tol):
     return fm.check(f"{label}: scores ({len(a)} steps)", a[finite], b[finite], tol)
 
 
-def test_greedy_generation_on_the_device_matches_transformers(lively, monkeypatch):
+def test_greedy_generation_on_the_device_matches_transformers(lively_checkpoint, monkeypatch):
     """Greedy decoding on CuPy, token for token against transformers (and the NumPy backend): three prompts of
     equal length with their own images, 30 new tokens, the EOS and pad-after-EOS paths. The KV cache stays on the
     device for the whole call (checked at every step) and the host sees only the chosen ids and the scores."""
     import cupy
 
-    folder, hf = lively
+    folder, hf = lively_checkpoint
     gpu = Kosmos2.from_pretrained(folder, backend="cupy")
     rows = [[712, 1648, 9, 10, 43867], [64012, 712, 1648, 9, 4464], [5950, 597, 32, 646, 17772]]
     ids, att, img = fm.padded_batch([fm.image_prompt_ids(t, 64) for t in rows], "left")
@@ -144,31 +143,13 @@ def test_greedy_generation_on_the_device_matches_transformers(lively, monkeypatc
 
     monkeypatch.setattr(gpu, "decode_step", watched)
     kw = dict(max_new_tokens=30, **GREEDY)
-    out = generate(
-        gpu,
-        pixel_values=pv,
-        input_ids=ids,
-        attention_mask=att,
-        image_embeds_position_mask=img,
-        return_dict_in_generate=True,
-        output_scores=True,
-        **kw,
-    )
+    out = _ours_generate(gpu, pv, ids, att, img, **kw)
     assert seen and all(t == (cupy.ndarray,) * 3 for t in seen), set(seen)
     assert type(out.sequences) is np.ndarray and out.sequences.dtype == np.int64
     ours = (out.sequences, list(out.scores))
     _compare_generation("greedy on cupy vs transformers", ours, _hf_generate(hf, pv, ids, att, img, **kw), TOL)
     cpu = Kosmos2.from_pretrained(folder, backend="numpy")
-    ref = generate(
-        cpu,
-        pixel_values=pv,
-        input_ids=ids,
-        attention_mask=att,
-        image_embeds_position_mask=img,
-        return_dict_in_generate=True,
-        output_scores=True,
-        **kw,
-    )
+    ref = _ours_generate(cpu, pv, ids, att, img, **kw)
     _compare_generation("greedy on cupy vs numpy", ours, (ref.sequences, list(ref.scores)), TOL)
 
 

@@ -35,21 +35,6 @@ MIXED_LEN = [[712, 1648, 9, 10, 43867, 12, 99], [64012, 712], [5950, 597, 32, 64
 # Checkpoints
 
 
-def _lively_hf_model(seed: int = 0):
-    """The TINY model with small token embeddings (std 0.05) and a 5× EOS embedding.
-
-    With the fixtures' std-0.5 tied embeddings a tiny random model just repeats its last token; small embeddings
-    let the blocks matter, so tokens vary, and the larger EOS row makes EOS win at different steps for different
-    prompts (measured: after 14…27 tokens), so the EOS and pad-after-EOS paths are exercised.
-    """
-    model = fm.build_hf_model(fm.TINY, seed=seed)
-    with torch.no_grad():
-        emb = model.text_model.model.embed_tokens.weight
-        emb.copy_(0.05 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)))
-        emb[2] *= 5.0
-    return model
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Decoding runs one tiny forward per token: torch's thread pool only adds overhead there (5× on a loaded
@@ -61,10 +46,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def lively(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lively_ckpt")
-    hf = _lively_hf_model()
-    fm.save_checkpoint(hf, folder)
+def lively(lively_checkpoint):
+    folder, hf = lively_checkpoint
     return Kosmos2.from_pretrained(folder), hf, folder
 
 

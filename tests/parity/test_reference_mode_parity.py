@@ -67,24 +67,10 @@ def test_reference_mode_odd_heads(tiny_odd_checkpoint, no_fast):
 SAME_LEN = [[712, 1648, 9, 10, 43867], [64012, 712, 1648, 9, 4464], [5950, 597, 32, 646, 17772]]
 
 
-@pytest.fixture(scope="module")
-def lively(tmp_path_factory):
-    """The TINY model with small token embeddings and a 5x EOS row (as in test_generation_parity.py), so that
-    tokens vary from step to step and rows end at different steps."""
-    hf = fm.build_hf_model(fm.TINY, seed=0)
-    with torch.no_grad():
-        emb = hf.text_model.model.embed_tokens.weight
-        emb.copy_(0.05 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)))
-        emb[2] *= 5.0
-    folder = tmp_path_factory.mktemp("lively_reference_ckpt")
-    fm.save_checkpoint(hf, folder)
-    return folder, hf
-
-
-def test_reference_mode_generates_transformers_tokens(lively):
+def test_reference_mode_generates_transformers_tokens(lively_checkpoint):
     """Greedy decoding of a batch of three: the reference mode's tokens are transformers', and the fast mode's
     too; the per-step scores agree within the tolerance."""
-    folder, hf = lively
+    folder, hf = lively_checkpoint
     pv, ids, att, img = _inputs(64, SAME_LEN, side="left", seed=1)
     kw = dict(max_new_tokens=30, **GREEDY)
     runs = {}
