@@ -476,6 +476,9 @@ API = [
             "kosmos2_ref.processing.Entity",
             "kosmos2_ref.processing.box_to_pixels",
             "kosmos2_ref.processing.image.load_image",
+            "kosmos2_ref.processing.image.ImageProcessorConfig.resize_target",
+            "kosmos2_ref.processing.image.ImageProcessorConfig.seen_box",
+            "kosmos2_ref.processing.image.ImageProcessorConfig.seen_image",
         ],
     ),
     (
@@ -916,7 +919,6 @@ def mini_grounding_figure(seed: int = MINI_SCENE_SEED, panel: int = 360):
     import PIL.ImageDraw
 
     from kosmos2_ref import Kosmos2, draw, tasks, world
-    from kosmos2_ref.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     model = Kosmos2.from_pretrained("mini")
     processor = tasks.processor_for(model)
@@ -925,21 +927,16 @@ def mini_grounding_figure(seed: int = MINI_SCENE_SEED, panel: int = 360):
     result = tasks.caption(model, image, processor=processor, no_repeat_ngram_size=0)
     pixel_values = processor(images=image)["pixel_values"]
     _, attn, _ = model.encode_image(pixel_values)
-    x = np.asarray(pixel_values[0], np.float64).transpose(1, 2, 0) * np.asarray(OPENAI_CLIP_STD)
-    seen = PIL.Image.fromarray(np.uint8(np.clip(np.round((x + np.asarray(OPENAI_CLIP_MEAN)) * 255), 0, 255)))
+    cfg = processor.image_processor_config
+    seen = PIL.Image.fromarray(cfg.seen_image(pixel_values[0]))  # the picture as the model reads it
     grids = draw.attention_map(attn, query=None)  # [Q, g, g] over the picture the model reads
     g = grids.shape[-1]
     boxed = [e for e in result.entities if e.boxes]
-    if boxed:
-        # the box in the coordinates of what the model reads: the processor's resize, then its centre crop
-        cfg = processor.image_processor_config
-        h, w = cfg.resize_target(image.height, image.width)
-        ch, cw = (cfg.crop_size["height"], cfg.crop_size["width"]) if cfg.do_center_crop else (h, w)
-        x1, y1, x2, y2 = boxed[0].boxes[0]
-        cols = np.clip((np.array([x1 * w, x2 * w]) - (w - cw) // 2) / cw * g, 0, g)
-        rows = np.clip((np.array([y1 * h, y2 * h]) - (h - ch) // 2) / ch * g, 0, g)
-        r0, r1 = int(rows[0]), max(int(np.ceil(rows[1])), int(rows[0]) + 1)
-        c0, c1 = int(cols[0]), max(int(np.ceil(cols[1])), int(cols[0]) + 1)
+    box = cfg.seen_box(boxed[0].boxes[0], image.size) if boxed else None  # on what the model reads
+    if box is not None:
+        x1, y1, x2, y2 = box
+        r0, r1 = int(y1 * g), max(int(np.ceil(y2 * g)), int(y1 * g) + 1)
+        c0, c1 = int(x1 * g), max(int(np.ceil(x2 * g)), int(x1 * g) + 1)
         query = int(np.argmax(grids[:, r0:r1, c0:c1].reshape(len(grids), -1).sum(-1)))
         why = f'the query that looks most at the box of "{boxed[0].phrase}"'
     else:

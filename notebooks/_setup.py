@@ -250,30 +250,6 @@ class Setup:
                 f"  {self.model.num_parameters():,} parameters; transformers available: {have_transformers()}")
 
 
-def seen_image(pixel_values, index: int = 0) -> PIL.Image.Image:
-    """The picture the model reads, back from ``pixel_values`` [B, 3, H, W] (CLIP's normalisation undone): after
-    the processor's resize and centre crop, so what a map over the patch grid should be drawn on."""
-    from kosmos2_ref.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    x = np.asarray(pixel_values[index], dtype=np.float64).transpose(1, 2, 0)       # [H, W, 3]
-    x = x * np.asarray(OPENAI_CLIP_STD) + np.asarray(OPENAI_CLIP_MEAN)
-    return PIL.Image.fromarray(np.uint8(np.clip(np.round(x * 255), 0, 255)))
-
-
-def seen_box(box, processor, image_size: tuple[int, int]):
-    """A box normalised to the whole picture -> normalised to the part the model sees (the processor's resize,
-    then its centre crop), clipped to it; None when nothing of it is seen."""
-    cfg = processor.image_processor_config
-    w0, h0 = image_size
-    h, w = cfg.resize_target(h0, w0)
-    ch, cw = (cfg.crop_size["height"], cfg.crop_size["width"]) if cfg.do_center_crop else (h, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    x1, y1, x2, y2 = box
-    out = ((x1 * w - left) / cw, (y1 * h - top) / ch, (x2 * w - left) / cw, (y2 * h - top) / ch)
-    out = tuple(min(1.0, max(0.0, v)) for v in out)
-    return out if out[2] > out[0] and out[3] > out[1] else None
-
-
 def compare(name: str, ours, ref) -> float:
     """Print max |ours − ref| (NumPy vs NumPy or torch) llm.c-style, and return it relative to the reference's size:
     max |Δ| / max(1, max |ref|), so one tolerance serves the tiny checkpoint and the real one."""

@@ -300,3 +300,42 @@ def test_load_image_names_a_bad_file(tmp_path):
     PIL.Image.fromarray(np.full((4, 6), 40000, np.uint16)).save(deep)
     with pytest.raises(ValueError, match=r"photo: the image file '.*deep\.png' has mode I.*16-bit"):
         load_image(deep, "photo")
+
+
+# ------------------------------------------------------------------ the picture as the model reads it
+def test_seen_image_undoes_the_normalisation():
+    # At the model's own size the resize is the identity, so undoing rescale and normalise gives the input back.
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    config = ImageProcessorConfig()
+    pixel_values = preprocess_images(PIL.Image.fromarray(array), config)  # [1, 3, 224, 224]
+    assert np.array_equal(config.seen_image(pixel_values[0]), array)
+    with pytest.raises(ValueError, match=r"pixel_values: expected one image's \[3, H, W\], got shape \(1, 3, 224"):
+        config.seen_image(pixel_values)
+
+
+def test_seen_box_follows_the_resize_and_the_centre_crop():
+    # A 400 × 200 picture, shortest edge to 100 (so 200 × 100), centre crop 100 × 100: the middle half of the width
+    # is read. A red rectangle over pixels x 150-250, y 50-150 must land where seen_box says, in the pixels read.
+    array = np.full((200, 400, 3), 255, np.uint8)
+    array[50:150, 150:250] = (255, 0, 0)
+    config = ImageProcessorConfig.from_dict(
+        {
+            **ft.PREPROCESSOR_CONFIG,
+            "use_square_size": False,
+            "size": {"shortest_edge": 100},
+            "crop_size": {"height": 100, "width": 100},
+        }
+    )
+    box = (150 / 400, 50 / 200, 250 / 400, 150 / 200)
+    seen = config.seen_box(box, (400, 200))
+    assert seen == pytest.approx((0.25, 0.25, 0.75, 0.75))
+    picture = config.seen_image(preprocess_images(PIL.Image.fromarray(array), config)[0])  # [100, 100, 3]
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    rows, cols = np.nonzero(red)
+    assert abs(cols.min() - 25) <= 1 and abs(cols.max() + 1 - 75) <= 1
+    assert abs(rows.min() - 25) <= 1 and abs(rows.max() + 1 - 75) <= 1
+    assert config.seen_box((0.0, 0.0, 0.2, 1.0), (400, 200)) is None  # all of it in the cropped-off left quarter
+    assert config.seen_box((0.1, 0.0, 0.5, 1.0), (400, 200)) == pytest.approx((0.0, 0.0, 0.5, 1.0))  # clipped
+    # Kosmos-2's square resize reads the whole picture: boxes are unchanged.
+    assert ImageProcessorConfig().seen_box(box, (400, 200)) == pytest.approx(box)
