@@ -10,6 +10,14 @@ ours, on its logits. See docs/miniature.md for the recipe and why.
 The learning-rate cosine runs over ``--schedule-minutes`` of training time rather than a step count: on a
 shared machine the steps per minute vary threefold.
 
+A second stage starts a new run folder from another run's checkpoint (``--init-from``: model, optimizer, step and
+trained minutes carry over). Its cosine is read at the total trained time, so a longer ``--schedule-minutes``
+restarts the learning rate warm, part-way down the new curve:
+
+    python training/train_mini.py --run training/runs/v8 --init-from training/runs/v7/ckpt.pt --minutes 105 \
+        --schedule-minutes 210 --lr 6e-4 --total-steps 20000 --task-weights 0.4,0.3,0.3 --warmup 60 \
+        --curriculum 600 --phases 300 --pos-scale 1.0 --slot-loc-scale 0.5    # v8: v7 + 105 minutes
+
 Every step draws fresh scenes from seeds ``step * batch + i`` (training seeds stay below EVAL_SEED_BASE), so a
 resumed run sees exactly the data it would have seen. A checkpoint (model, optimizer, auxiliary head, step) is
 written every ``--save-every`` seconds, atomically; ``log.jsonl`` holds the losses and the held-out IoU.
@@ -508,6 +516,7 @@ def save(path: Path, state: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (resumed when it holds ckpt.pt)")
+    p.add_argument("--init-from", default="", help="a new run starts from this checkpoint (a second stage)")
     p.add_argument("--minutes", type=float, default=60.0, help="stop after this much wall time (this launch)")
     p.add_argument("--total-steps", type=int, default=6000, help="the cosine schedule's length")
     p.add_argument(
@@ -575,7 +584,7 @@ def main(argv=None) -> None:
     )
     if args.structured:
         init_structured(model, first_loc, args.loc_scale, args.pos_scale)
-    if args.route_init and not ckpt_exists(args):
+    if args.route_init and not ckpt_exists(args) and not args.init_from:
         report, slot_codes = init_connector(model, processor)
         print("connector initialised:", report, flush=True)
         if args.slot_loc_scale > 0:
@@ -584,13 +593,16 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     step, elapsed = 0, 0.0
     ckpt = run / "ckpt.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+    source = ckpt if ckpt.is_file() else Path(args.init_from) if args.init_from else None
+    if source is not None and not ckpt.is_file():
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    if source is not None:
+        state = torch.load(source, weights_only=False)
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"], strict=False)  # heads added later start fresh
         opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
-        print(f"resumed {run} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+        print(f"resumed {source} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
     else:
         (run / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     soft = soft_location_table(args.loc_sigma)
