@@ -2,6 +2,10 @@
 full-size shapes with random data: median seconds of each, and reference / fast (> 1: the fast one is faster).
 
     python benchmarks/primitives.py [--repeats 7] [--only linear,attention]
+    python benchmarks/primitives.py --threads-ab --only layer_norm,gelu,quick_gelu,attention
+
+With ``--threads-ab`` the two timed are both the fast form: its element-wise work on one thread
+(``KOSMOS2_ELEMENTWISE_THREADS=1``) against shared among the threads the machine allows (``fast.over_parts``).
 
 The two are timed in turns, so drift on a shared machine hits both alike; the figures quoted in fast.py's
 docstrings come from this script. Shapes: the vision tower (257 tokens of 1024, MLP 4096), the text decoder on
@@ -70,6 +74,7 @@ def cases():
     for shape in [(1, 1, 2048), (1, 71, 2048), (1, 71, 8192), (1, 257, 1024)]:
         C = shape[-1]
         yield "layer_norm", f"{list(shape)}", (randn(*shape), randn(C), randn(C))
+    yield "quick_gelu", "[1,257,4096]", (randn(1, 257, 4096),)
     yield "gelu", "[1,71,8192]", (randn(1, 71, 8192),)
     yield "gelu", "[1,1024,8192]", (randn(1, 1024, 8192),)
     yield (
@@ -94,6 +99,21 @@ def cases():
     )
 
 
+def _on_one_thread(fn):
+    def one_thread(*args):
+        before = os.environ.get(fast.ELEMENTWISE_THREADS_ENV)
+        os.environ[fast.ELEMENTWISE_THREADS_ENV] = "1"
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ[fast.ELEMENTWISE_THREADS_ENV]
+            else:
+                os.environ[fast.ELEMENTWISE_THREADS_ENV] = before
+
+    return one_thread
+
+
 def timed(fn, args, repeats):
     t = []
     for _ in range(repeats):
@@ -107,6 +127,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated primitives (default: all)")
+    ap.add_argument("--threads-ab", action="store_true", help="fast on one thread against fast on all threads")
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(",")))
     cpu = (
@@ -118,18 +139,21 @@ def main(argv=None):
         else platform.processor()
     )
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores; NumPy {np.__version__}; repeats {a.repeats} (medians)")
-    print(f"{'primitive':<11s} {'case':<46s} {'reference':>10s} {'fast':>10s} {'ref/fast':>8s}")
+    if a.threads_ab:
+        print(f"element-wise threads: 1 (left column) against {fast.elementwise_threads()} (right column)")
+    heads = ("fast, 1 thread", "threads", "1/threads") if a.threads_ab else ("reference", "fast", "ref/fast")
+    print(f"{'primitive':<11s} {'case':<46s} {heads[0]:>14s} {heads[1]:>10s} {heads[2]:>9s}")
     for name, label, args in cases():
         if only and name not in only:
             continue
-        ref, fst = getattr(layers, name), getattr(fast, name)
+        ref, fst = (_on_one_thread(getattr(fast, name)) if a.threads_ab else getattr(layers, name)), getattr(fast, name)
         ref(*args), fst(*args)  # warm-up (and the float16 matrix remembered)
         t_ref, t_fast = [], []
         for _ in range(a.repeats):  # in turns
             t_ref += timed(ref, args, 1)
             t_fast += timed(fst, args, 1)
         r, f = statistics.median(t_ref), statistics.median(t_fast)
-        print(f"{name:<11s} {label:<46s} {r * 1e3:8.2f}ms {f * 1e3:8.2f}ms {r / f:7.2f}x", flush=True)
+        print(f"{name:<11s} {label:<46s} {r * 1e3:12.2f}ms {f * 1e3:8.2f}ms {r / f:8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

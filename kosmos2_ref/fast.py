@@ -380,20 +380,95 @@ def block_sizes() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Element-wise work on every core
+
+# The matrix products run on every core (the BLAS's threads), while NumPy's element-wise passes (exp, erfc, sums,
+# divisions) run on one. NumPy releases the GIL inside them, so a pool of threads can each take a contiguous part
+# of a large array: the same operations on the same elements, so the same numbers. Measured A/B in one process
+# (benchmarks/primitives.py --threads-ab, AMD EPYC 2 vCPUs, two runs, medians of 15 and 31): quick_gelu on
+# [1, 257, 4096] 1.32-1.76x, gelu on [1, 71, 8192] 1.15-1.26x and on [1, 1024, 8192] 1.36-1.44x; LayerNorm on
+# [1, 257, 1024] 0.92-1.19x and [1, 71, 8192] 1.04-1.37x, but 0.75-0.88x on [1, 71, 2048] (hence the threshold).
+# Attention's scale-mask-softmax shared out by heads measured 0.90-0.94x, so attention stays on one thread.
+ELEMENTWISE_THREADS_ENV = "KOSMOS2_ELEMENTWISE_THREADS"   # "1": one thread (the form before this split), "4": four
+PARALLEL_MIN_ELEMENTS = 1 << 18     # smaller arrays stay on one thread: a hand-off costs ~10-50 µs
+
+
+def elementwise_threads() -> int:
+    """Threads for the element-wise passes: ``KOSMOS2_ELEMENTWISE_THREADS`` when set (a positive int), else
+    :func:`machine.compute_threads` (the cores the process may use, or fewer where OMP_NUM_THREADS and the like
+    say so). Read at each call, so it can be switched within a process."""
+    text = os.environ.get(ELEMENTWISE_THREADS_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{ELEMENTWISE_THREADS_ENV} must be a positive int (1 turns the split off), got {text!r}")
+        return int(text)
+    return machine.compute_threads()
+
+
+_pool_lock = threading.Lock()
+_pool_state = {"pid": None, "size": 0, "pool": None}
+
+
+def _pool(workers: int):
+    """The process's pool of ``workers`` helper threads, made at first use (again after a fork, whose child has
+    none of its parent's threads, or when the thread count changed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _pool_lock:
+        state = _pool_state
+        if state["pid"] != os.getpid() or state["size"] != workers:
+            if state["pool"] is not None and state["pid"] == os.getpid():
+                state["pool"].shutdown(wait=False)
+            state.update(pid=os.getpid(), size=workers,
+                         pool=ThreadPoolExecutor(workers, thread_name_prefix="kosmos2-elementwise"))
+        return state["pool"]
+
+
+def over_parts(fn, n: int, elements: int) -> None:
+    """``fn(start, stop)`` over ``range(n)`` cut into one contiguous part per thread, this thread taking the first;
+    all on this thread when ``elements`` (what the work touches) is below PARALLEL_MIN_ELEMENTS or one thread is
+    configured. ``fn`` must write disjoint parts of its output for disjoint ranges."""
+    threads = min(elementwise_threads(), n)
+    if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS:
+        fn(0, n)
+        return
+    bounds = [n * i // threads for i in range(threads + 1)]
+    pool = _pool(threads - 1)
+    futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    try:
+        fn(bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()     # waits for every part, and raises the first part's error
+
+
+# --------------------------------------------------------------------------------------------------------------
 # layer_norm
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
-    """Replaces :func:`layers.layer_norm`: the same float64 moments, the rest in place on one [..., C] buffer
-    (x − mean is the only full-size temporary), and sums divided by n rather than ``.mean()`` (the same float64
+    """Replaces :func:`layers.layer_norm`: the same float64 moments, the rest in place on the output buffer
+    (x − mean is the only full-size array), and sums divided by n rather than ``.mean()`` (the same float64
     numbers, without ``.mean()``'s Python-level wrapper, a visible cost at 97 LayerNorms per decoded token).
     Multiplies by 1/√(var + eps) formed in float64, where the textbook divides by √ in float32: the last bit may
-    differ. Measured 1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024].
+    differ. Rows are shared among the threads (:func:`over_parts`). Measured 1.3-1.4x on [1, 1, 2048]
+    (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024] (one thread).
     x [..., C] -> [..., C].
     """
     xp = get_xp(x)
+    if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
+        return _layer_norm_rows(x, weight, bias, eps, xp.empty_like(x, dtype=xp.float32))  # x's memory order
+    rows = x.reshape(-1, x.shape[-1])   # [R, C], a view
+    out = np.empty(rows.shape, np.float32)
+    over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size)
+    return out.reshape(x.shape)
+
+
+def _layer_norm_rows(x, weight, bias, eps: float, out):
+    """LayerNorm of x [..., C] written into ``out`` (float32, x's shape) and returned."""
+    xp = get_xp(x)
     n = x.shape[-1]
     mean = (x.sum(axis=-1, keepdims=True, dtype=xp.float64) / n).astype(xp.float32)   # [..., 1]
-    xc = x - mean                                                                       # [..., C]
+    xc = xp.subtract(x, mean, out=out)                                                  # [..., C]
     var = (xc * xc).sum(axis=-1, keepdims=True, dtype=xp.float64) / n                  # [..., 1]
     xc *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
     xc *= weight
@@ -421,13 +496,25 @@ def gelu(x):
 
 def quick_gelu(x):
     """Replaces :func:`layers.quick_gelu`: the same operations (so the same numbers) in one buffer, where the
-    textbook expression makes three temporaries the size of x; on this VM fresh memory is costly (see
-    :func:`_product_scratch`). x [...] -> [...]."""
+    textbook expression makes three temporaries the size of x (on this VM fresh memory is costly, see
+    :func:`_product_scratch`), and on NumPy the elements shared among the threads (:func:`over_parts`).
+    x [...] -> [...]."""
     xp = get_xp(x)
-    d = x * -1.702
+    if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
+        return _quick_gelu_into(x, xp.empty_like(x, dtype=xp.float32))   # in x's memory order
+    src = x.reshape(-1)                 # a view
+    out = np.empty(src.shape, np.float32)
+    over_parts(lambda a, b: _quick_gelu_into(src[a:b], out[a:b]), src.size, src.size)
+    return out.reshape(x.shape)
+
+
+def _quick_gelu_into(x, out):
+    """x / (1 + exp(-1.702 x)) written into ``out`` (float32, x's shape) and returned."""
+    xp = get_xp(x)
+    d = xp.multiply(x, -1.702, out=out)
     xp.exp(d, out=d)
     d += 1.0
-    return xp.divide(x, d, out=d)               # x / (1 + exp(-1.702 x))
+    return xp.divide(x, d, out=d)
 
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
@@ -436,14 +523,19 @@ ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 def _in_cache_sized_blocks(fn, x):
     """``fn(x)`` for an element-wise ``fn``, applied ELEMENTWISE_BLOCK elements at a time (NumPy only).
 
-    Over a block of half the L2 every pass of ``fn`` stays in the CPU cache and its temporaries are small and reused.
-    The result has x's memory order (row-major for a row-major x).
+    Over a block of half the L2 every pass of ``fn`` stays in the CPU cache and its temporaries are small and reused;
+    the blocks are shared among the threads (:func:`over_parts`), each core working in its own L2. The result has
+    x's memory order (row-major for a row-major x).
     """
     out = np.empty_like(x)                  # the same memory order as x (row- or column-major)
     src = x.ravel(order="K")                # x's elements in memory order (a view when x is contiguous)
     dst = out.ravel(order="K")              # a view: out is contiguous in that same order
-    for i in range(0, src.size, ELEMENTWISE_BLOCK):
-        dst[i:i + ELEMENTWISE_BLOCK] = fn(src[i:i + ELEMENTWISE_BLOCK])
+
+    def blocks(first: int, stop: int) -> None:      # blocks first … stop − 1; the threads share them out
+        for i in range(first * ELEMENTWISE_BLOCK, min(src.size, stop * ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK):
+            dst[i:i + ELEMENTWISE_BLOCK] = fn(src[i:i + ELEMENTWISE_BLOCK])
+
+    over_parts(blocks, -(-src.size // ELEMENTWISE_BLOCK), src.size)
     return out
 
 

@@ -77,3 +77,18 @@ def cache_sizes(folder: Path = SYSFS_CACHES) -> CacheSizes:
             missing = set(ASSUMED) - set(found)
             return CacheSizes(**sizes, source=source + (f" ({', '.join(sorted(missing))} assumed)" if missing else ""))
     return CacheSizes(**ASSUMED, source="assumed")
+
+
+THREAD_LIMIT_ENVS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def compute_threads() -> int:
+    """How many threads the process may compute on: the cores it may run on (its CPU affinity), or fewer where
+    the user or a scheduler limits threads through OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS (Ray
+    sets OMP_NUM_THREADS to a worker's CPUs), the smallest of those that is a positive number."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    limits = [int(v) for v in (os.environ.get(name, "").strip() for name in THREAD_LIMIT_ENVS) if v.isdigit()]
+    return max(1, min([cores] + [v for v in limits if v > 0]))

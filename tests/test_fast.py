@@ -1,13 +1,17 @@
 """The fast primitives' own machinery (kosmos2_ref.fast): the few-row and block-wise products, the 2-byte
-widening, the registry of finite float16 matrices, attention in query blocks. Each against float64 or against
-the whole (unblocked) form; tests/test_fast_vs_reference.py holds each fast primitive beside its textbook one."""
+widening, the registry of finite float16 matrices, attention in query blocks, element-wise work shared among
+threads. Each against float64 or against the whole (unblocked or one-thread) form; tests/test_fast_vs_reference.py
+holds each fast primitive beside its textbook one."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import pytest
 
-from kosmos2_ref import fast
+from kosmos2_ref import fast, machine
 from kosmos2_ref.fast import attention, linear
 from kosmos2_ref.layers import as_float32
 
@@ -192,3 +196,71 @@ def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
     assert probs is None
     err = np.abs(blocked - whole).max()
     assert err <= 1e-6, err
+
+
+# ------------------------------------------------------------------ element-wise work shared among threads
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every array large enough to split, over three threads (more parts than this machine has cores)."""
+    monkeypatch.setattr(fast, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, "3")
+
+
+def _one_thread(monkeypatch, fn, *args):
+    monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, "1")
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, "3")
+
+
+def _helper_threads() -> int:
+    return sum(t.name.startswith("kosmos2-elementwise") for t in threading.enumerate())
+
+
+def test_split_element_wise_work_gives_the_same_bits(split_everything, monkeypatch):
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(fast, "ELEMENTWISE_BLOCK", 64)  # gelu's blocks: 7 rows of 50 make several blocks per part
+    x = rng.standard_normal((7, 50)).astype(np.float32) * 3
+    w, b = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
+    for name, fn, args in [
+        ("layer_norm", fast.layer_norm, (x, w, b)),
+        ("quick_gelu", fast.quick_gelu, (x,)),
+        ("gelu", fast.gelu, (x,)),
+    ]:
+        got, alone = fn(*args), _one_thread(monkeypatch, fn, *args)
+        assert got.shape == alone.shape and got.flags.c_contiguous, name
+        assert np.array_equal(got, alone), f"{name}: the split changed the numbers"
+    assert _helper_threads() >= 2, "the work was not handed to the pool"
+
+
+def test_split_parts_cover_the_range_once_and_raise_a_parts_error(split_everything):
+    seen = []
+    fast.over_parts(lambda a, b: seen.append((a, b)), 10, 10)
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
+
+    def failing(a, b):
+        if a > 0:
+            raise RuntimeError(f"part {a}-{b} failed")
+
+    with pytest.raises(RuntimeError, match="part 3-6 failed|part 6-10 failed"):
+        fast.over_parts(failing, 10, 10)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_elementwise_threads_setting_must_be_a_positive_int(monkeypatch, value):
+    monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, value)
+    with pytest.raises(ValueError, match=rf"KOSMOS2_ELEMENTWISE_THREADS must be a positive int .*got '{value}'"):
+        fast.elementwise_threads()
+
+
+def test_compute_threads_follow_the_thread_limits(monkeypatch):
+    for name in machine.THREAD_LIMIT_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    cores = machine.compute_threads()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert machine.compute_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty or nonsense says nothing
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "lots")
+    assert machine.compute_threads() == cores
