@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         "workers": args.workers,
         "batch_size": args.batch_size,
         "cpus": os.cpu_count(),
+        "machine": _throughput()._compare().machine(),  # processor, caches, ISA flags, BLAS kernel, versions
     }
     with tempfile.TemporaryDirectory() as tmp:
         # the same image several times would be one input: give each its own name (symbolic links)

@@ -20,7 +20,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -140,12 +139,9 @@ def main(argv=None) -> int:
         "size": args.size,
         "images": args.images,
         "new_tokens": args.new_tokens,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-        },
+        "machine": compare.machine(),  # the processor, its caches and ISA flags, the BLAS kernel, the versions
     }
+    print(compare.describe_machine(result["machine"]), flush=True)
     for key, make in (("ours", lambda: compare.Ours(folder)), ("transformers", lambda: compare.HF(folder))):
         side = make()
         result[key] = {
