@@ -23,6 +23,17 @@ import train_mini  # noqa: E402
 GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
+def recipe_stages(run: Path) -> list[dict]:
+    """The training arguments of ``run`` and, when it started from another run's checkpoint (``--init-from``), of
+    that run first: one dict per stage, oldest first, without the machine-local run folders and thread count."""
+    path = run / "args.json"
+    if not path.is_file():
+        return []
+    args = json.loads(path.read_text())
+    earlier = recipe_stages(Path(args["init_from"]).parent) if args.get("init_from") else []
+    return earlier + [{k: v for k, v in args.items() if k not in ("run", "threads", "init_from")}]
+
+
 def export(ckpt_path: str, folder: str) -> Path:
     from transformers import AutoTokenizer
 
@@ -30,7 +41,8 @@ def export(ckpt_path: str, folder: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(train_mini.TOKENIZER_DIR)
     state = torch.load(ckpt_path, weights_only=False)
     run = Path(ckpt_path).parent
-    args = json.loads((run / "args.json").read_text()) if (run / "args.json").is_file() else {}
+    stages = recipe_stages(run)
+    args = stages[-1] if stages else {}
     model = train_mini.build_model(len(tokenizer), 0, args.get("size", "base"))
     model.load_state_dict(state["model"])
     largest = max(p.abs().max().item() for p in model.parameters())
@@ -49,7 +61,7 @@ def export(ckpt_path: str, folder: str) -> Path:
         "training_minutes": round(state["elapsed"] / 60, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "storage": storage,
-        "recipe": {k: v for k, v in args.items() if k not in ("run", "threads")},
+        "recipe": stages[0] if len(stages) == 1 else {"stages": stages},
     }
     (out / "mini.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{out}: step {state['step']}, {info['parameters'] / 1e6:.2f} M parameters")

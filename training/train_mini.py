@@ -503,6 +503,17 @@ def param_groups(model, aux_head, args):
     ]
 
 
+def training_state(model, aux_head, opt, step: int, elapsed: float) -> dict:
+    """What a checkpoint holds: enough to resume exactly (the data follows from the step)."""
+    return {
+        "model": model.state_dict(),
+        "aux_head": aux_head.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "elapsed": elapsed,
+    }
+
+
 def ckpt_exists(args) -> bool:
     return (Path(args.run) / "ckpt.pt").is_file()
 
@@ -654,27 +665,9 @@ def main(argv=None) -> None:
             log.write(json.dumps(row) + "\n")
             log.flush()
         if time.time() - last_save > args.save_every:
-            save(
-                ckpt,
-                {
-                    "model": model.state_dict(),
-                    "aux_head": aux_head.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "elapsed": elapsed,
-                },
-            )
+            save(ckpt, training_state(model, aux_head, opt, step, elapsed))
             last_save = time.time()
-    save(
-        ckpt,
-        {
-            "model": model.state_dict(),
-            "aux_head": aux_head.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "elapsed": elapsed,
-        },
-    )
+    save(ckpt, training_state(model, aux_head, opt, step, elapsed))
     print(f"stopped at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
 
 
