@@ -389,6 +389,8 @@ def block_sizes() -> dict:
 # [1, 257, 4096] 1.32-1.76x, gelu on [1, 71, 8192] 1.15-1.26x and on [1, 1024, 8192] 1.36-1.44x; LayerNorm on
 # [1, 257, 1024] 0.92-1.19x and [1, 71, 8192] 1.04-1.37x, but 0.75-0.88x on [1, 71, 2048] (hence the threshold).
 # Attention's scale-mask-softmax shared out by heads measured 0.90-0.94x, so attention stays on one thread.
+# Whole steps (benchmarks/elementwise_ab.py, full size, two runs): image encoding 0.96-1.03x, first token
+# 1.02-1.03x, within that VM's run-to-run noise: the activations are a few per cent of a step there.
 ELEMENTWISE_THREADS_ENV = "KOSMOS2_ELEMENTWISE_THREADS"   # "1": one thread (the form before this split), "4": four
 PARALLEL_MIN_ELEMENTS = 1 << 18     # smaller arrays stay on one thread: a hand-off costs ~10-50 µs
 
