@@ -4,7 +4,8 @@
 
 Left: the cross-entropy of the text tokens and of the location tokens (hard targets), log scale. Right: the
 held-out greedy referring accuracy (IoU >= 0.5) and mean IoU, measured every 100 steps during training (on 64
-scenes of 1-4 objects, and on 32 single-object scenes).
+scenes of 1-4 objects, and on 32 single-object scenes). A dashed line marks where a second stage restarted the
+learning rate.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-def panel(d, x0, title, rows, keys, ylog, ymin, ymax, xmax):
+def restarts(rows) -> list[float]:
+    """Training minutes where a later stage restarted the learning rate (``--init-from`` with a longer schedule):
+    where it rises past the warm-up."""
+    return [b["minutes"] for a, b in zip(rows, rows[1:]) if b["step"] > 200 and b.get("lr", 0) > 1.2 * a.get("lr", 0)]
+
+
+def panel(d, x0, title, rows, keys, ylog, ymin, ymax, xmax, marks=()):
     y0, w, h = PANEL[1], PANEL[2], PANEL[3]
     d.rectangle((x0, y0, x0 + w, y0 + h), outline=(120, 120, 120))
     d.text((x0, 10), title, fill=(0, 0, 0), font=font(16))
@@ -65,6 +72,10 @@ def panel(d, x0, title, rows, keys, ylog, ymin, ymax, xmax):
     for m in range(0, int(xmax) + 1, step):
         d.text((fx(m) - 8, y0 + h + 6), str(m), fill=(60, 60, 60), font=font(12))
     d.text((x0 + w / 2 - 60, y0 + h + 24), "training minutes", fill=(0, 0, 0), font=font(13))
+    for m in marks:  # a new stage: dashed line
+        for y in range(int(y0), int(y0 + h), 8):
+            d.line((fx(m), y, fx(m), y + 4), fill=(150, 150, 150))
+        d.text((fx(m) + 4, y0 + h - 18), "stage 2", fill=(110, 110, 110), font=font(12))
     for i, key in enumerate(keys):
         pts = [(fx(r["minutes"]), fy(r[key])) for r in rows if key in r]
         if len(pts) > 1:
@@ -83,7 +94,8 @@ def main(log: str, out: str) -> None:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     train = [r for r in rows if "text" in r]
-    panel(d, PANEL[0], "training loss (nats per token)", train, ["text", "loc"], True, 0.01, 10, xmax)
+    marks = restarts(rows)
+    panel(d, PANEL[0], "training loss (nats per token)", train, ["text", "loc"], True, 0.01, 10, xmax, marks)
     panel(
         d,
         PANEL[0] + GAP,
@@ -94,6 +106,7 @@ def main(log: str, out: str) -> None:
         0,
         1,
         xmax,
+        marks,
     )
     img.save(out)
     print(f"{out}: {len(rows)} log rows, {xmax:.0f} minutes")
