@@ -462,7 +462,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     rows = x.reshape(-1, x.shape[-1])   # [R, C], a view
     out = np.empty(rows.shape, np.float32)
     over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size)
-    return out.reshape(x.shape)
+    return out.reshape(x.shape)         # [R, C] -> [..., C]
 
 
 def _layer_norm_rows(x, weight, bias, eps: float, out):
@@ -504,10 +504,10 @@ def quick_gelu(x):
     xp = get_xp(x)
     if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
         return _quick_gelu_into(x, xp.empty_like(x, dtype=xp.float32))   # in x's memory order
-    src = x.reshape(-1)                 # a view
+    src = x.reshape(-1)                 # [...] -> [n], a view
     out = np.empty(src.shape, np.float32)
     over_parts(lambda a, b: _quick_gelu_into(src[a:b], out[a:b]), src.size, src.size)
-    return out.reshape(x.shape)
+    return out.reshape(x.shape)         # [n] -> [...]
 
 
 def _quick_gelu_into(x, out):
