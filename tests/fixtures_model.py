@@ -183,6 +183,23 @@ def padded_batch(rows: list[tuple[list[int], list[int]]], side: str = "right", p
     return ids, att, img
 
 
+def generate_with_scores(model, pv, ids, att, img, **kw):
+    """Our ``generate`` on one batch (pixel_values, input_ids, attention mask, image mask), returning its
+    ``GenerateOutput`` with the processed scores of every step (what the parity tests compare)."""
+    from kosmos2_ref import generate
+
+    return generate(
+        model,
+        pixel_values=pv,
+        input_ids=ids,
+        attention_mask=att,
+        image_embeds_position_mask=img,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kw,
+    )
+
+
 def check(name: str, ours, ref, tol: float = 1e-5, scale_floor: float = 1.0):
     """Compare two arrays like llm.c's ``check_tensor``: print max |Δ| and assert it is within ``tol`` × the
     reference's scale (max |ref|, at least ``scale_floor``)."""

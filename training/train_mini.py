@@ -605,7 +605,7 @@ def main(argv=None) -> None:
     step, elapsed = 0, 0.0
     ckpt = run / "ckpt.pt"
     source = ckpt if ckpt.is_file() else Path(args.init_from) if args.init_from else None
-    if source is not None and not ckpt.is_file():
+    if source != ckpt:  # a new run (from scratch or from another run's checkpoint): record how it was started
         (run / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     if source is not None:
         state = torch.load(source, weights_only=False)
@@ -614,8 +614,6 @@ def main(argv=None) -> None:
         opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed {source} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
-    else:
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     soft = soft_location_table(args.loc_sigma)
     model.train()
     log = open(run / "log.jsonl", "a")

@@ -194,21 +194,14 @@ class ImageProcessorConfig:
         new_short, new_long = target, int(target * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
-    def seen_window(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """Where the model's picture lies in a ``height × width`` image resized as this config resizes it:
-        (top, left, crop height, crop width) of the centre crop in resized pixels (top/left < 0 where the crop
-        pads a small image), and the resized size is ``resize_target``'s."""
-        h, w = self.resize_target(height, width) if self.do_resize else (height, width)
-        ch, cw = (self.crop_size["height"], self.crop_size["width"]) if self.do_center_crop else (h, w)
-        return (h - ch) // 2, (w - cw) // 2, ch, cw
-
     def seen_box(self, box, image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """A box (x1, y1, x2, y2) normalised to the whole picture of ``image_size`` (width, height) → normalised
         to the picture the model reads (after the resize and the centre crop), clipped to it; None when none of
         the box is read. Kosmos-2's square resize keeps everything; a centre crop cuts the sides off."""
         width, height = image_size
-        h, w = self.resize_target(height, width) if self.do_resize else (height, width)
-        top, left, ch, cw = self.seen_window(height, width)
+        h, w = self.resize_target(height, width) if self.do_resize else (height, width)  # after the resize
+        ch, cw = (self.crop_size["height"], self.crop_size["width"]) if self.do_center_crop else (h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2  # the crop's corner (< 0 where it pads a small picture)
         x1, y1, x2, y2 = box
         seen = ((x1 * w - left) / cw, (y1 * h - top) / ch, (x2 * w - left) / cw, (y2 * h - top) / ch)
         x1, y1, x2, y2 = (min(1.0, max(0.0, v)) for v in seen)

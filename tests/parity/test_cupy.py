@@ -97,19 +97,6 @@ def _hf_generate(hf, pv, ids, att, img, device="cpu", **kw):
     return out.sequences.cpu().numpy(), [s.float().cpu().numpy() for s in out.scores]
 
 
-def _ours_generate(model, pv, ids, att, img, **kw):
-    return generate(
-        model,
-        pixel_values=pv,
-        input_ids=ids,
-        attention_mask=att,
-        image_embeds_position_mask=img,
-        return_dict_in_generate=True,
-        output_scores=True,
-        **kw,
-    )
-
-
 def _compare_generation(label, ours, ref, tol):
     (seq, scores), (rseq, rscores) = ours, ref
     print(f"\n[{label}] new tokens of row 0: {rseq[0, -len(rscores) :].tolist()}")
@@ -143,13 +130,13 @@ def test_greedy_generation_on_the_device_matches_transformers(lively_checkpoint,
 
     monkeypatch.setattr(gpu, "decode_step", watched)
     kw = dict(max_new_tokens=30, **GREEDY)
-    out = _ours_generate(gpu, pv, ids, att, img, **kw)
+    out = fm.generate_with_scores(gpu, pv, ids, att, img, **kw)
     assert seen and all(t == (cupy.ndarray,) * 3 for t in seen), set(seen)
     assert type(out.sequences) is np.ndarray and out.sequences.dtype == np.int64
     ours = (out.sequences, list(out.scores))
     _compare_generation("greedy on cupy vs transformers", ours, _hf_generate(hf, pv, ids, att, img, **kw), TOL)
     cpu = Kosmos2.from_pretrained(folder, backend="numpy")
-    ref = _ours_generate(cpu, pv, ids, att, img, **kw)
+    ref = fm.generate_with_scores(cpu, pv, ids, att, img, **kw)
     _compare_generation("greedy on cupy vs numpy", ours, (ref.sequences, list(ref.scores)), TOL)
 
 

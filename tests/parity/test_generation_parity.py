@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ref import Kosmos2, generate, to_numpy
+from kosmos2_ref import Kosmos2, to_numpy
 from kosmos2_ref import generation as gen
 
 TOL = 1e-5
@@ -96,16 +96,7 @@ def hf_generate(hf, pv, ids, att, img, **kw):
 
 
 def ours_generate(model, pv, ids, att, img, **kw):
-    out = generate(
-        model,
-        pixel_values=pv,
-        input_ids=ids,
-        attention_mask=att,
-        image_embeds_position_mask=img,
-        return_dict_in_generate=True,
-        output_scores=True,
-        **kw,
-    )
+    out = fm.generate_with_scores(model, pv, ids, att, img, **kw)
     return out.sequences, list(out.scores), out.sequences_scores
 
 

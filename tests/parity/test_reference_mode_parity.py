@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_model_parity import TEXTS, _compare_all, _inputs
 
-from kosmos2_ref import Kosmos2, fast, generate, layers, primitives
+from kosmos2_ref import Kosmos2, fast, layers, primitives
 
 TOL = 1e-5
 GREEDY = dict(do_sample=False, num_beams=1, no_repeat_ngram_size=0)
@@ -75,16 +75,7 @@ def test_reference_mode_generates_transformers_tokens(lively_checkpoint):
     kw = dict(max_new_tokens=30, **GREEDY)
     runs = {}
     for reference in (True, False):
-        out = generate(
-            Kosmos2.from_pretrained(folder, reference=reference),
-            pixel_values=pv,
-            input_ids=ids,
-            attention_mask=att,
-            image_embeds_position_mask=img,
-            return_dict_in_generate=True,
-            output_scores=True,
-            **kw,
-        )
+        out = fm.generate_with_scores(Kosmos2.from_pretrained(folder, reference=reference), pv, ids, att, img, **kw)
         runs[reference] = out.sequences, np.stack(out.scores)
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # one tiny forward per token: torch's thread pool only adds overhead
