@@ -573,49 +573,53 @@ def decode_times(sides, repeats: int, n_steps: int) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-# The modules whose ``linear`` calls make up ours' matrix products (each imports the name from primitives, which
-# passes it on to fast.linear, or layers.linear in reference mode).
-LINEAR_USERS = ("kosmos2_ref.vision", "kosmos2_ref.connector", "kosmos2_ref.decoder")
+# Ours' linear-layer products: fast.linear (every stage's ``linear``, which primitives passes on to it) and the two
+# halves of fast.feed_forward's MLP, whose hidden activation stays transposed between them.
+PRODUCTS = ("linear", "product_to_columns", "product_from_columns")
 
 
 def record_linears(fn) -> list:
-    """Run ``fn()`` once and return every ``linear(x, weight, bias)`` call it made, in order, each input copied as it
-    was (same shape and memory layout), the weight and bias as the model holds them."""
-    import importlib
+    """Run ``fn()`` once and return every linear-layer product it made, in order, as (function, x, weight, bias):
+    the fast function called, its input copied as it was (same shape and memory layout), the weight and bias as the
+    model holds them. A product inside another (fast.linear's own tail) is not counted twice."""
+    from kosmos2_ref import fast
 
-    from kosmos2_ref.primitives import linear
+    calls, depth = [], [0]
+    saved = {name: getattr(fast, name) for name in PRODUCTS}
 
-    mods = [importlib.import_module(m) for m in LINEAR_USERS]
-    calls = []
+    def recorder(f):
+        def recording(x, weight, bias=None):
+            if not depth[0]:
+                calls.append((f, x.copy(order="K"), weight, bias))
+            depth[0] += 1
+            try:
+                return f(x, weight, bias)
+            finally:
+                depth[0] -= 1
 
-    def recording(x, weight, bias=None):
-        calls.append((x.copy(order="K"), weight, bias))
-        return linear(x, weight, bias)
+        return recording
 
-    saved = [m.linear for m in mods]
     try:
-        for m in mods:
-            m.linear = recording
+        for name, f in saved.items():
+            setattr(fast, name, recorder(f))
         fn()
     finally:
-        for m, f in zip(mods, saved):
-            m.linear = f
+        for name, f in saved.items():
+            setattr(fast, name, f)
     return calls
 
 
 def products_alone(side, fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn()`` whole, and of only the matrix products (``primitives.linear``: product, bias, and for
+    """Median seconds of ``fn()`` whole, and of only the matrix products (:data:`PRODUCTS`: product, bias, and for
     2-byte storage the widening) that one ``fn()`` of our side runs, replayed back to back with nothing else: no
     attention, LayerNorm, activation, cache or Python around them. The two are timed in turns, so drift hits both
     alike. The products alone are a lower bound on what ``fn`` can take with these products.
     (``fn`` runs 1 + ``repeats`` times.)"""
-    from kosmos2_ref.primitives import linear
-
     calls = record_linears(fn)
 
     def replay():
-        for x, w, b in calls:
-            linear(x, w, b)
+        for product, x, w, b in calls:
+            product(x, w, b)
 
     replay()  # warm-up
     whole, products = [], []

@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import TextConfig
 from .layers import NEG_INF_F32, as_float32, merge_heads, split_heads
-from .primitives import ACTIVATIONS, attention, layer_norm, linear
+from .primitives import attention, feed_forward, layer_norm, linear
 
 
 @dataclass
@@ -146,10 +146,10 @@ def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, 
 
 
 def ffn(x, p, cfg: TextConfig):
-    """fc1 -> GELU -> ffn_layernorm -> fc2 (the second sub-LN sits between the activation and fc2)."""
-    h = ACTIVATIONS[cfg.activation_function](linear(x, **p["fc1"]))      # [B, T, F]
-    h = layer_norm(h, **p["ffn_layernorm"], eps=cfg.layer_norm_eps)
-    return linear(h, **p["fc2"])                                          # [B, T, C]
+    """fc1 -> GELU -> ffn_layernorm -> fc2 (the second sub-LN sits between the activation and fc2).
+    x [B, T, C] -> [B, T, C], through [B, T, F]."""
+    return feed_forward(x, p["fc1"], p["fc2"], cfg.activation_function,
+                        inner_norm=p["ffn_layernorm"], eps=cfg.layer_norm_eps)
 
 
 def decoder_layer(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, need_probs: bool = True):

@@ -1,4 +1,5 @@
-"""The textbook primitives every stage is built from: linear, layer_norm, gelu, quick_gelu, softmax, attention.
+"""The textbook primitives every stage is built from: linear, layer_norm, gelu, quick_gelu, feed_forward, softmax,
+attention.
 
 Each is its formula, in a few lines, to be read in one sitting. Functions of arrays and parameters only; they know
 no model. The array namespace comes from the input (``get_xp``), so the same code runs on NumPy and CuPy.
@@ -66,6 +67,19 @@ def quick_gelu(x):
 
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
+def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-5):
+    """The transformer block's MLP: fc2(act(fc1(x))), with an optional LayerNorm between the activation and fc2
+    (the text decoder's sub-LN ``ffn_layernorm``; CLIP's MLP has none).
+
+    fc1, fc2 and inner_norm are parameter dicts ({"weight", "bias"}); activation a key of ACTIVATIONS.
+    x [..., C] -> [..., C], through a hidden [..., F].
+    """
+    h = ACTIVATIONS[activation](linear(x, **fc1))      # [..., F]
+    if inner_norm is not None:
+        h = layer_norm(h, **inner_norm, eps=eps)
+    return linear(h, **fc2)                            # [..., C]
 
 
 def softmax(x, axis: int = -1):

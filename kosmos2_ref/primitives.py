@@ -78,6 +78,11 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
+def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-5):
+    """:func:`layers.feed_forward` or :func:`fast.feed_forward`. x [..., C] -> [..., C]."""
+    return _impl().feed_forward(x, fc1, fc2, activation, inner_norm, eps)
+
+
 def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):
     """:func:`layers.attention` or :func:`fast.attention`. q [B, H, T, D], k and v [B, H, S, D]
     -> (output [B, H, T, D], probabilities [B, H, T, S], or None from the fast form without ``need_probs``)."""

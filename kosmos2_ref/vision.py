@@ -14,7 +14,7 @@ import numpy as np
 from .backend import get_xp
 from .config import VisionConfig
 from .layers import as_float32, merge_heads, split_heads
-from .primitives import ACTIVATIONS, attention, layer_norm, linear
+from .primitives import attention, feed_forward, layer_norm, linear
 
 
 @dataclass
@@ -121,23 +121,23 @@ def embeddings(pixel_values, p, cfg: VisionConfig, interpolate_pos_encoding: boo
 # --------------------------------------------------------------------------------------------------------------
 # Encoder
 
-def self_attention(x, p, num_heads: int):
-    """Bidirectional multi-head self-attention, no mask. x [B, S, C] -> ([B, S, C], probs [B, H, S, S])."""
+def self_attention(x, p, num_heads: int, need_probs: bool = True):
+    """Bidirectional multi-head self-attention, no mask. x [B, S, C] -> ([B, S, C], probs [B, H, S, S], or None
+    from the fast primitives without ``need_probs``)."""
     q = split_heads(linear(x, **p["q_proj"]), num_heads)    # [B, H, S, D]
     k = split_heads(linear(x, **p["k_proj"]), num_heads)    # [B, H, S, D]
     v = split_heads(linear(x, **p["v_proj"]), num_heads)    # [B, H, S, D]
-    ctx, probs = attention(q, k, v)                         # [B, H, S, D]
+    ctx, probs = attention(q, k, v, need_probs=need_probs)  # [B, H, S, D]
     return linear(merge_heads(ctx), **p["out_proj"]), probs  # [B, H, S, D] -> [B, S, C]
 
 
-def encoder_layer(x, p, cfg: VisionConfig):
+def encoder_layer(x, p, cfg: VisionConfig, need_probs: bool = True):
     """One pre-LN CLIP block: x + attn(LN1(x)), then x + fc2(act(fc1(LN2(x)))). x [B, S, C] -> [B, S, C]."""
     h = layer_norm(x, **p["layer_norm1"], eps=cfg.layer_norm_eps)
-    a, probs = self_attention(h, p["self_attn"], cfg.num_attention_heads)
+    a, probs = self_attention(h, p["self_attn"], cfg.num_attention_heads, need_probs)
     x = x + a
     h = layer_norm(x, **p["layer_norm2"], eps=cfg.layer_norm_eps)
-    h = ACTIVATIONS[cfg.hidden_act](linear(h, **p["mlp"]["fc1"]))   # [B, S, 4C]
-    x = x + linear(h, **p["mlp"]["fc2"])                              # [B, S, C]
+    x = x + feed_forward(h, p["mlp"]["fc1"], p["mlp"]["fc2"], cfg.hidden_act)   # fc1 [B, S, 4C], fc2 [B, S, C]
     return x, probs
 
 
@@ -150,7 +150,7 @@ def vision_forward(pixel_values, p, cfg: VisionConfig, *, output_hidden_states: 
     for layer in p["encoder"]["layers"]:
         if output_hidden_states:
             hidden.append(x)
-        x, probs = encoder_layer(x, layer, cfg)
+        x, probs = encoder_layer(x, layer, cfg, need_probs=output_attentions)
         if output_attentions:
             attns.append(probs)
     if output_hidden_states:

@@ -116,15 +116,14 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
 
 
 def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
-    """The floor rows replay exactly the model's linear layers: one call per projection, each with its own weight
-    and its real input; and the recording leaves the model's modules as they were."""
+    """The floor rows replay exactly the model's linear layers: one call per projection (the MLP's two halves
+    included, which fast.feed_forward runs without fast.linear), each with its own weight and its real input;
+    and the recording leaves the fast module as it was."""
     import numpy as np
 
-    import kosmos2_ref.connector
-    import kosmos2_ref.decoder
-    import kosmos2_ref.vision
-    from kosmos2_ref.primitives import linear
+    from kosmos2_ref import fast
 
+    before = {name: getattr(fast, name) for name in compare.PRODUCTS}
     folder, _ = tiny_checkpoint
     ours = compare.Ours(folder)
     cfg = ours.model.config
@@ -134,7 +133,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     # 6 per vision block (q, k, v, out, fc1, fc2); the connector: dense, then q, k, v, out of its cross-attention
     assert len(calls) == 6 * cfg.vision_config.num_hidden_layers + 5
     vision = ours.model.params["vision_model"]["model"]["encoder"]["layers"]
-    assert [id(w) for _, w, _ in calls[:6]] == [
+    assert [id(w) for _, _, w, _ in calls[:6]] == [
         id(vision[0][a][b]["weight"])
         for a, b in (
             ("self_attn", "q_proj"),
@@ -145,21 +144,21 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
             ("mlp", "fc2"),
         )
     ]
-    assert calls[0][0].shape == (
+    assert [c[0] for c in calls[:6]] == [fast.linear] * 4 + [fast.product_to_columns, fast.product_from_columns]
+    assert calls[0][1].shape == (
         1,
         1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
         cfg.vision_config.hidden_size,
     )
-    for m in (kosmos2_ref.vision, kosmos2_ref.connector, kosmos2_ref.decoder):
-        assert m.linear is linear
+    assert {name: getattr(fast, name) for name in compare.PRODUCTS} == before
     # the inputs are the real ones: the last call (the connector's out_proj) replayed gives the image embeddings
-    x, w, b = calls[-1]
-    np.testing.assert_array_equal(linear(x, w, b), ours.encode(pv))
+    product, x, w, b = calls[-1]
+    np.testing.assert_array_equal(product(x, w, b), ours.encode(pv))
     # a decode step: 6 per decoder block and the LM head, one row each
     step = compare.decode_step(ours)
     calls = compare.record_linears(step)
     assert len(calls) == 6 * cfg.text_config.layers + 1
-    assert all(x.shape[:-1] == (1, 1) for x, _, _ in calls)
+    assert all(x.shape[:-1] == (1, 1) for _, x, _, _ in calls)
     whole, products = compare.products_alone(ours, step, 2)
     assert whole > 0 and products > 0
 

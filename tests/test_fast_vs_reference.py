@@ -191,6 +191,57 @@ def test_softmax_in_place_bit_for_bit(axis):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# feed_forward: the MLP with its hidden activation kept transposed
+
+
+def _mlp(C, F, storage="float32", bias=True, norm=False):
+    def weight(n, k):
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        return float32_to_bf16_bits(w) if storage == "bfloat16" else w.astype(storage)
+
+    fc1 = {"weight": weight(F, C), "bias": rng.standard_normal(F).astype(np.float32) if bias else None}
+    fc2 = {"weight": weight(C, F), "bias": rng.standard_normal(C).astype(np.float32) if bias else None}
+    inner = {"weight": rng.standard_normal(F).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
+    return fc1, fc2, inner if norm else None
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("norm", [False, True], ids=["no inner norm", "inner LayerNorm"])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 3), (1, 4), (2, 9), (0, 5)], ids=str)
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_feed_forward(activation, norm, lead, storage, small_blocks):
+    """Against the textbook MLP (product tolerance on fc2's |h|·|W2|ᵀ scale); and bit for bit against the fast
+    primitives composed one after the other when there is no inner LayerNorm (the same products, bias adds and
+    activation, only the hidden layout differs)."""
+    C, F = 6, 22
+    fc1, fc2, inner = _mlp(C, F, storage, bias=lead != (1, 4), norm=norm)
+    x = rng.standard_normal(lead + (C,)).astype(np.float32)
+    got = fast.feed_forward(x, fc1, fc2, activation, inner, 1e-5)
+    ref = layers.feed_forward(x, fc1, fc2, activation, inner, 1e-5)
+    h = layers.ACTIVATIONS[activation](layers.linear(x, **fc1))
+    if inner is not None:
+        h = layers.layer_norm(h, **inner)
+    b2 = fc2["bias"] if fc2["bias"] is not None else 0.0
+    scale = np.abs(h) @ np.abs(layers.as_float32(fc2["weight"])).T + np.abs(b2)
+    close(f"feed_forward {activation} {'norm' if norm else ''} {lead} {storage}", got, ref, scale, 1e-5)
+    assert got.flags.c_contiguous
+    if inner is None:
+        composed = fast.linear(fast.ACTIVATIONS[activation](fast.linear(x, **fc1)), **fc2)
+        assert np.array_equal(got, composed)
+
+
+def test_feed_forward_results_are_fresh():
+    """The hidden activation lives in a reused buffer; what feed_forward returns does not."""
+    fc1, fc2, inner = _mlp(8, 16, norm=True)
+    x1, x2 = (rng.standard_normal((1, 7, 8)).astype(np.float32) for _ in range(2))
+    y1 = fast.feed_forward(x1, fc1, fc2, "gelu", inner)
+    kept = y1.copy()
+    y2 = fast.feed_forward(x2, fc1, fc2, "gelu", inner)
+    assert np.array_equal(y1, kept) and not np.shares_memory(y1, y2)
+    np.testing.assert_array_equal(fast.feed_forward(x1, fc1, fc2, "gelu", inner), kept)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # attention
 
 
