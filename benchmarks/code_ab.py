@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="write the result JSON here (default: results/)")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import compare
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         ma, mb = statistics.median(times["A"][step]), statistics.median(times["B"][step])
         rows.append({"step": step, "A": ma, "B": mb, "B/A": mb / ma})
         print(f"{step:<22s} A {ma:.3f} s  B {mb:.3f} s  B/A {mb / ma:.3f}", flush=True)
-    out = HERE / "results" / f"code-ab-{a.size}.json"
+    out = a.out or HERE / "results" / f"code-ab-{a.size}.json"
     out.write_text(
         json.dumps(
             {

@@ -74,6 +74,14 @@ def cases():
     for shape in [(1, 1, 2048), (1, 71, 2048), (1, 71, 8192), (1, 257, 1024)]:
         C = shape[-1]
         yield "layer_norm", f"{list(shape)}", (randn(*shape), randn(C), randn(C))
+    for label, M, C, F, act, norm in [
+        ("vision MLP     [1,257,1024], 4096 hidden", 257, 1024, 4096, "quick_gelu", False),
+        ("text FFN       [1,71,2048], 8192 hidden, sub-LN", 71, 2048, 8192, "gelu", True),
+    ]:
+        fc1 = {"weight": randn(F, C, scale=0.02), "bias": randn(F)}
+        fc2 = {"weight": randn(C, F, scale=0.02), "bias": randn(C)}
+        inner = {"weight": randn(F), "bias": randn(F)} if norm else None
+        yield "feed_forward", label, (randn(1, M, C), fc1, fc2, act, inner, 1e-5)
     yield "quick_gelu", "[1,257,4096]", (randn(1, 257, 4096),)
     yield "gelu", "[1,71,8192]", (randn(1, 71, 8192),)
     yield "gelu", "[1,1024,8192]", (randn(1, 1024, 8192),)
@@ -81,6 +89,11 @@ def cases():
         "attention",
         "vision [1,16,257,64], probs kept",
         (randn(1, 16, 257, 64), randn(1, 16, 257, 64), randn(1, 16, 257, 64), None, None, True),
+    )
+    yield (
+        "attention",
+        "vision [1,16,257,64], no probs",
+        (randn(1, 16, 257, 64), randn(1, 16, 257, 64), randn(1, 16, 257, 64), None, None, False),
     )
     yield (
         "attention",

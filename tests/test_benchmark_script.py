@@ -101,18 +101,21 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
     results.mkdir()
     (results / "full-cupy.json").write_text(json.dumps(gpu))
     (results / "full.json").write_text(json.dumps(cpu))
+    # another benchmark's results in the same folder (an A/B run) are not compare.py's: left out
+    (results / "code-ab-full.json").write_text(json.dumps({"machine": machine, "rows": [{"step": "x"}]}))
     out = tmp_path / "performance.md"
     compare.write_docs(results, out)
     text = out.read_text()
-    assert text.index("## full\n") < text.index("## full-cupy\n")
+    assert text.index("## full\n") < text.index("## full-cupy\n") and "code-ab" not in text
     gpu_part = text[text.index("## full-cupy") :]
     assert "GPU: NVIDIA H100 80GB HBM3" in gpu_part and "eager attention" in gpu_part
-    assert "Processor: x86_64, 16 logical cores" in gpu_part
+    assert "Processor: x86_64 (model not recorded), 16 logical cores" in gpu_part  # a run without cpu_model
     assert "| 1.200 | ≤ 1.5 met |" in gpu_part  # image encoding: the GPU target is 1.5
     assert "| 1.300 | ≤ 1.2 **not met** |" in gpu_part  # decode: 1.2
     cpu_part = text[text.index("## full\n") : text.index("## full-cupy")]
     assert "| 0.900 | ≤ 0.8 **not met** |" in cpu_part and "GPU:" not in cpu_part
-    assert "| image encoding | 0.9000 | 0.7000 | 1.0000 | 0.700 |" in cpu_part  # the floor: products alone against tf
+    # the floor: products alone against tf, and the whole step against its products (0.9 / 0.7 = 1.286 > 1.15)
+    assert "| image encoding | 0.9000 | 0.7000 | 1.0000 | 0.700 | 1.286 (**not met**) |" in cpu_part
 
 
 def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
@@ -161,6 +164,48 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     assert all(x.shape[:-1] == (1, 1) for _, x, _, _ in calls)
     whole, products = compare.products_alone(ours, step, 2)
     assert whole > 0 and products > 0
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_profile_splits_each_step(tmp_path, capsys):
+    """benchmarks/step_profile.py on the tiny checkpoint: every step split into its products, the timed parts
+    and the rest (adding up to the whole), with the irreducible pieces and the bfloat16 widening alone."""
+    out = tmp_path / "profile.json"
+    assert _script("step_profile").main(["--size", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    steps = {row["step"]: row for row in json.loads(out.read_text())["steps"]}
+    assert list(steps) == [
+        "image encoding",
+        "time to first token",
+        "per-token decode",
+        "per-token decode, bfloat16 storage",
+    ]
+    for row in steps.values():
+        assert row["whole"] > 0 and row["products"] > 0 and row["attention"] > 0 and row["exps"] > 0
+        parts = row["products"] + row["rest"] + sum(row.get(k, 0.0) for k in ("attention", "layer_norm", "activation"))
+        assert abs(parts - row["whole"]) < 1e-9
+    assert steps["image encoding"]["exps"] < steps["time to first token"]["exps"]  # the text GELU's exps too
+    assert steps["per-token decode, bfloat16 storage"]["widening alone"] > 0
+    assert "floor x" in capsys.readouterr().out
+
+
+def test_code_ab_runs_two_checkouts_in_turns(tmp_path):
+    """benchmarks/code_ab.py with this checkout as both sides: one process per side and round, both steps."""
+    out = tmp_path / "ab.json"
+    argv = ["--a", str(ROOT), "--b", str(ROOT), "--size", "tiny", "--rounds", "1", "--repeats", "1", "--out", str(out)]
+    assert _script("code_ab").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["rows"]] == ["image encoding", "time to first token"]
+    assert all(r["A"] > 0 and r["B"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit, match="no kosmos2_ref package"):
+        _script("code_ab").main(["--a", str(tmp_path), "--b", str(ROOT), "--size", "tiny"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
