@@ -368,6 +368,7 @@ def our_block_sizes() -> dict:
     from kosmos2_ref import fast
 
     fast.upcast_block_bytes(True)
+    fast.matvec_max_rows()
     return fast.block_sizes()
 
 
@@ -400,7 +401,10 @@ def describe_blocks(b: dict) -> str:
     4 MiB (measured at first use)"."""
     tile = "x".join(str(v) for v in b["transpose_tile"])
     few, many = (f"{v / (1 << 20):g} MiB" if v else "?" for v in (b["upcast_few_rows"], b["upcast_many_rows"]))
-    return f"element-wise {b['elementwise'] >> 10}K, tiles {tile}, 2-byte widening {few} / {many} ({b['upcast_how']})"
+    text = f"element-wise {b['elementwise'] >> 10}K, tiles {tile}, 2-byte widening {few} / {many} ({b['upcast_how']})"
+    if b.get("matvec_max_rows") is not None:  # recorded since the per-row limit is measured
+        text += f", one product per row up to {b['matvec_max_rows']} rows ({b['matvec_how']})"
+    return text
 
 
 def gpu_info() -> dict:

@@ -282,7 +282,7 @@ def measure_parity() -> str:
     sys.path.insert(0, str(NOTEBOOKS))
     import _setup
 
-    from kosmos2_ref import Kosmos2
+    from kosmos2_ref import Kosmos2, generate
     from kosmos2_ref.backend import to_numpy
     from kosmos2_ref.processing import Kosmos2Processor
 
@@ -370,7 +370,7 @@ def measure_parity() -> str:
             ("greedy, no_repeat_ngram_size=3", dict(no_repeat_ngram_size=3)),
             ("beam search, 3 beams", dict(num_beams=3)),
         ]:
-            a = ours.generate(**enc, max_new_tokens=n_new, do_sample=False, **kw)
+            a = generate(ours, **enc, max_new_tokens=n_new, do_sample=False, **kw)
             with torch.no_grad():
                 b = hf.generate(**tt(enc), max_new_tokens=n_new, do_sample=False, **kw).numpy()
             same(
@@ -383,8 +383,8 @@ def measure_parity() -> str:
         alone = proc(text=texts[0], images=image)
         pads = int((batch["attention_mask"][0] == 0).sum())
         kw = dict(max_new_tokens=8, do_sample=False, num_beams=1)
-        g_b = ours.generate(**batch, **kw, output_scores=True, return_dict_in_generate=True)
-        g_a = ours.generate(**alone, **kw, output_scores=True, return_dict_in_generate=True)
+        g_b = generate(ours, **batch, **kw, output_scores=True, return_dict_in_generate=True)
+        g_a = generate(ours, **alone, **kw, output_scores=True, return_dict_in_generate=True)
         ours_gap = max(
             float(np.abs(np.asarray(to_numpy(sb))[0] - np.asarray(to_numpy(sa))[0]).max())
             for sb, sa in zip(g_b.scores, g_a.scores)

@@ -41,7 +41,8 @@ def linear(x, weight, bias=None):
 
     * a 2-byte weight (float16/bfloat16 storage) on NumPy: :func:`linear_upcast_blocks` widens it a cache-sized
       block at a time instead of writing a float32 copy of the whole matrix;
-    * 2-3 rows on the CPU: :func:`_matvec_per_row`;
+    * a few rows on the CPU (2-3 on the development machine; measured once per process, :func:`per_row`):
+      :func:`_matvec_per_row`;
     * more rows: :func:`_matmul_weight_first`.
     One row takes the textbook product. x [..., K], weight [N, K] -> [..., N] float32, row-major.
     """
@@ -49,7 +50,7 @@ def linear(x, weight, bias=None):
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if weight.dtype != np.float32 and xp is np and weight.size > UPCAST_MIN_SIZE:
         y = linear_upcast_blocks(x, weight)
-    elif 1 < rows <= MATVEC_MAX_ROWS and xp.__name__ != "cupy":    # not on a GPU, whose GEMM reads W once
+    elif _per_row_here(xp, rows):
         y = _matvec_per_row(x, as_float32(weight))
     elif rows > 1:
         return _matmul_weight_first(x, as_float32(weight), bias)
@@ -60,17 +61,79 @@ def linear(x, weight, bias=None):
     return y
 
 
-MATVEC_MAX_ROWS = 3     # up to this many rows, one matrix-vector product per row beats one matrix product
+# Up to this many rows, one matrix-vector product per row beats one matrix product: None until the first product
+# with 2-MATVEC_CANDIDATE_ROWS rows measures it (matvec_max_rows). On the development machine (AMD EPYC, OpenBLAS
+# Haswell), [8192, 2048] from memory, per row / one product: once 0.73 (2 rows), 0.91 (3) and 1.3 (4); on a later,
+# slower day 0.45-0.50, 0.56-0.61, 0.86-0.90, then 0.94-0.95 (5 rows) and 1.12 (6): the limit moved from 3 to 3-4.
+MATVEC_MAX_ROWS: int | None = None
+MATVEC_CANDIDATE_ROWS = 4   # the most rows that could take the per-row form
+MATVEC_ROWS_ENV = "KOSMOS2_MATVEC_MAX_ROWS"   # "1": always one product (per-row form off); "3": up to 3 rows
+_matvec_how = "not chosen yet"
+
+
+def per_row(rows: int) -> bool:
+    """Whether a product with ``rows`` rows takes one matrix-vector product per row (:func:`_matvec_per_row`)."""
+    return 1 < rows <= MATVEC_CANDIDATE_ROWS and rows <= matvec_max_rows()
+
+
+def _per_row_here(xp, rows: int) -> bool:
+    """:func:`per_row`, on the CPU only: a GPU's matrix product reads W once whatever the rows."""
+    return xp.__name__ != "cupy" and per_row(rows)
+
+
+def matvec_max_rows() -> int:
+    """Up to how many rows the per-row form is taken: ``KOSMOS2_MATVEC_MAX_ROWS`` when set, else measured once per
+    process (:func:`_measure_matvec_rows`, ~0.2-0.5 s at the first product with 2-4 rows: decoding a small
+    batch, or beams). The numbers differ between the two forms only by float32 summation order."""
+    global MATVEC_MAX_ROWS, _matvec_how
+    if MATVEC_MAX_ROWS is not None:
+        return MATVEC_MAX_ROWS
+    with _choice_lock:
+        if MATVEC_MAX_ROWS is None:
+            setting = os.environ.get(MATVEC_ROWS_ENV, "").strip()
+            if setting:
+                if not setting.isdigit() or int(setting) < 1:
+                    raise ValueError(f"{MATVEC_ROWS_ENV}={setting!r}: expected a positive int (1: never one "
+                                     f"product per row; 3: up to 3 rows)")
+                MATVEC_MAX_ROWS, _matvec_how = int(setting), f"set by {MATVEC_ROWS_ENV}"
+            else:
+                MATVEC_MAX_ROWS, _matvec_how = _measure_matvec_rows(), "measured at first use"
+    return MATVEC_MAX_ROWS
+
+
+def _measure_matvec_rows(repeats: int = 3, margin: float = 0.9) -> int:
+    """The most rows r (up to MATVEC_CANDIDATE_ROWS) for which one matrix-vector product per row beat one matrix
+    product by 1 − ``margin`` (10 %) at r and at every count below it, on a float32 [8192, 2048] matrix (64 MB,
+    more than most L3s hold, so it streams from memory as the model's weights do): the best of ``repeats``
+    timings each, the forms taken in turns. 1 when the per-row form never wins."""
+    w = np.empty((8192, 2048), dtype=np.float32)
+    w.fill(0.5)                                            # touch every page before timing
+    best = {}
+    for _ in range(repeats):
+        for r in range(2, MATVEC_CANDIDATE_ROWS + 1):
+            x = np.ones((r, 2048), dtype=np.float32)
+            for form, fn in (("per row", _matvec_per_row), ("one product", _matmul_weight_first)):
+                t0 = time.perf_counter()
+                fn(x, w)
+                key = (r, form)
+                best[key] = min(best.get(key, math.inf), time.perf_counter() - t0)
+    chosen = 1
+    for r in range(2, MATVEC_CANDIDATE_ROWS + 1):
+        if best[(r, "per row")] >= margin * best[(r, "one product")]:
+            break
+        chosen = r
+    return chosen
 
 
 def _matvec_per_row(x, w):
-    """x @ w.T for 2-3 rows of x (decoding a batch of 2-3, or 2-3 beams), one matrix-vector product per row.
+    """x @ w.T for a few rows of x (decoding a small batch, or a few beams), one matrix-vector product per row.
 
-    Replaces :func:`layers.linear` for 2-3 rows. With 2-3 rows this OpenBLAS's matrix-product kernel streamed the
-    weights slowly; reading them once per row with its matrix-vector kernel was faster (measured earlier on
-    [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows 9 % faster; 4 rows 30 % slower, hence the limit;
-    benchmarks/NOTES.md). Measured again with benchmarks/primitives.py on the loaded machine: 0.8-1.0x, i.e. no
-    gain there; kept until a quiet machine says otherwise. x [..., K], w [N, K] -> [..., N], row-major.
+    Replaces :func:`layers.linear` for the few rows :func:`per_row` says. With 2-3 rows the development
+    machine's OpenBLAS streamed the weights slowly in its matrix-product kernel; reading them once per row with
+    its matrix-vector kernel was faster (on [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows 9 % faster;
+    4 rows 30 % slower; benchmarks/NOTES.md), but measured 0.8-1.0x on a loaded day. Which one wins depends on the
+    processor and its BLAS, so the limit is measured (:func:`matvec_max_rows`). x [..., K], w [N, K] -> [..., N],
+    row-major.
     """
     xp = get_xp(x)
     K = x.shape[-1]
@@ -117,10 +180,10 @@ def product_from_columns(xt, w, bias=None):
 
 def product_to_columns(x2, w, bias=None):
     """w @ x2ᵀ + b[:, None]: the product of x2 [M, K]'s rows, left transposed, [N, M] (one column per row) —
-    in this thread's reused hidden buffer (up to PRODUCT_SCRATCH_MAX elements), valid until its next call.
+    on NumPy in this thread's reused hidden buffer (up to PRODUCT_SCRATCH_MAX elements), valid until its next call.
     For :func:`feed_forward`, whose element-wise work needs no particular layout. w [N, K], bias [N]."""
     N, M = w.shape[0], x2.shape[0]
-    if N * M <= PRODUCT_SCRATCH_MAX:
+    if get_xp(x2) is np and N * M <= PRODUCT_SCRATCH_MAX:
         buf = getattr(_local, "hidden", None)
         if buf is None or buf.size < N * M:
             buf = _local.hidden = np.empty(N * M, dtype=np.float32)
@@ -401,6 +464,8 @@ def block_sizes() -> dict:
         "upcast_few_rows": UPCAST_BLOCK_BYTES,
         "upcast_many_rows": UPCAST_BLOCK_BYTES_MANY_ROWS,
         "upcast_how": _upcast_how,
+        "matvec_max_rows": MATVEC_MAX_ROWS,
+        "matvec_how": _matvec_how,
     }
 
 
@@ -573,7 +638,8 @@ def _in_cache_sized_blocks(fn, x, out=None):
 
 def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-5):
     """Replaces :func:`layers.feed_forward` (fc2(act(fc1(x))), LayerNorm between when ``inner_norm``): with more
-    than MATVEC_MAX_ROWS rows, float32 weights and NumPy, the hidden activation stays transposed from fc1 to fc2.
+    than one row (and more than :func:`linear` takes one per row), the hidden activation stays transposed from
+    fc1 to fc2.
 
     fc1's weight-first product comes out [F, M] (:func:`_matmul_weight_first`); :func:`linear` would write it
     into a fresh row-major [M, F] array, only for fc2 to read it transposed again. The activation and the inner
@@ -584,33 +650,40 @@ def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-
     development machine (AMD EPYC, 2 vCPUs, OpenBLAS Haswell): CLIP's [1, 257, 1024] MLP 43-46 -> 40-42 ms,
     the decoder's 71-token [1, 71, 2048] FFN 81-88 -> 78 ms; whole steps at full size, with the attention
     change beside it (benchmarks/code_ab.py, 4 rounds of 3): image encoding 2.70 -> 2.29 s (0.85x), time to
-    first token 5.69 -> 5.29 s (0.93x). Otherwise (one to three rows, 2-byte weights, CuPy): the textbook
-    composition of the fast primitives. x [..., C] -> [..., C], row-major.
+    first token 5.69 -> 5.29 s (0.93x). Otherwise (one row, the few rows :func:`linear` takes one per row,
+    2-byte weights on NumPy): the textbook composition of the fast primitives. On other namespaces (CuPy) the
+    same arithmetic, without the reused buffer and the blocks. x [..., C] -> [..., C], row-major.
     """
+    xp = get_xp(x)
     C = x.shape[-1]
     rows = x.size // C if C else 0
     w1, w2 = fc1["weight"], fc2["weight"]
-    if get_xp(x) is not np or rows <= MATVEC_MAX_ROWS or w1.dtype != np.float32 or w2.dtype != np.float32:
+    two_byte = w1.dtype != np.float32 or w2.dtype != np.float32    # NumPy widens those block by block in linear
+    if rows <= 1 or _per_row_here(xp, rows) or (two_byte and xp is np):
         h = ACTIVATIONS[activation](linear(x, **fc1))          # [..., F]
         if inner_norm is not None:
             h = layer_norm(h, **inner_norm, eps=eps)
         return linear(h, **fc2)                                 # [..., C]
-    ht = product_to_columns(x.reshape(-1, C), w1, fc1.get("bias"))   # [M, C] -> [F, M]
-    _in_cache_sized_blocks(layers.ACTIVATIONS[activation], ht, out=ht)
+    ht = product_to_columns(x.reshape(-1, C), as_float32(w1), fc1.get("bias"))   # [M, C] -> [F, M]
+    if xp is np:
+        _in_cache_sized_blocks(layers.ACTIVATIONS[activation], ht, out=ht)
+    else:                                                       # the same operations on the whole array
+        ht = layers.ACTIVATIONS[activation](ht)
     if inner_norm is not None:
         _layer_norm_columns(ht, inner_norm["weight"], inner_norm["bias"], eps)
-    y = product_from_columns(ht, w2, fc2.get("bias"))           # [F, M] -> [M, C]
-    return y.reshape(x.shape[:-1] + (w2.shape[0],))             # [M, C] -> [..., C]
+    y = product_from_columns(ht, as_float32(w2), fc2.get("bias"))           # [F, M] -> [M, C]
+    return y.reshape(x.shape[:-1] + (w2.shape[0],))                         # [M, C] -> [..., C]
 
 
 def _layer_norm_columns(h, weight, bias, eps: float):
     """LayerNorm of each column of h [F, M] (M rows of F features, transposed), in place; float64 moments as in
     :func:`layer_norm`. weight, bias [F]."""
+    xp = get_xp(h)
     n = h.shape[0]
-    mean = (h.sum(axis=0, dtype=np.float64) / n).astype(np.float32)      # [M]
+    mean = (h.sum(axis=0, dtype=xp.float64) / n).astype(xp.float32)      # [M]
     h -= mean                                                             # [F, M] - [M]
-    var = np.einsum("fm,fm->m", h, h, dtype=np.float64) / n               # [M], no [F, M] temporary
-    h *= (1.0 / np.sqrt(var + eps)).astype(np.float32)
+    var = xp.einsum("fm,fm->m", h, h, dtype=xp.float64) / n               # [M], no [F, M] temporary
+    h *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
     h *= weight[:, None]                                                  # [F, M] * [F, 1]
     h += bias[:, None]                                                    # [F, M] + [F, 1]
     return h
@@ -629,8 +702,9 @@ def softmax_in_place(e, axis: int = -1):
     return e
 
 
-# float32 bytes of scores formed at once when the probabilities are not returned: a bound on fresh memory per
-# block (no cache size: a block of scores is read three times, by the softmax and the product with v)
+# float32 bytes of scores formed at once when the probabilities are not returned: a bound on the reused score
+# buffer (_scores_scratch), not a cache size: a block of scores is read three times, by the softmax and the
+# product with v, whatever the cache, and a larger block only holds more memory
 ATTENTION_BLOCK_BYTES = 8 << 20
 
 
@@ -687,30 +761,34 @@ def _keys_needed(mask, S: int) -> int:
 def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
     """softmax(q kᵀ · scale + mask) v for one block of queries -> (output, probabilities or None).
 
-    With probabilities (or on CuPy): the scores are a fresh array, scaled, masked and turned into probabilities
-    in place. Without them, on NumPy, three passes over the [T, S] scores fewer, each replaced by one over a
-    [T, D] array (D = 64 against S = 257 keys in the vision tower): the scale multiplies q before the product
-    (for a power of two, as 1/√64 is, the very same scores); the scores go into a reused buffer; and the
+    With probabilities: the scores are a fresh array, scaled, masked and turned into probabilities in place.
+    Without them, three passes over the [T, S] scores fewer, each replaced by one over a [T, D] array (D = 64
+    against S = 257 keys in the vision tower): the scale multiplies q before the product (for a power of two,
+    as 1/√64 is, the very same scores); on NumPy the scores go into a reused buffer; and the
     softmax's division waits until after the product with v: (e v) / Σe instead of (e / Σe) v, each output
     row divided once, the same numbers up to float32 rounding (7.8e-7 of the largest output on CLIP's
     [1, 16, 257, 64]). Measured there, in turns with the form with probabilities (AMD EPYC, 2 vCPUs, two runs of
     40): 9.65 -> 9.21 and 9.28 -> 8.88 ms, 4 %. Splitting its max-exp-sum among the threads by heads gained
     another 7 % there (12.0 -> 11.2 ms), too little on that VM to add a hand-off per block.
     """
-    if need_probs or get_xp(q) is not np:
+    if need_probs:
         scores = q @ k.swapaxes(-1, -2)     # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S], a fresh array
         scores *= scale
         if mask is not None:
             scores += mask
         probs = softmax_in_place(scores)    # [B, H, T, S]
         return probs @ v, probs             # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
+    xp = get_xp(q)
     B, H, T, _ = q.shape
-    scores = np.matmul(q * np.float32(scale), k.swapaxes(-1, -2),     # [B, H, T, D] @ [B, H, D, S]
-                       out=_scores_scratch((B, H, T, k.shape[-2])))    # -> [B, H, T, S], reused memory
+    if xp is np:
+        scores = np.matmul(q * scale, k.swapaxes(-1, -2),                # [B, H, T, D] @ [B, H, D, S]
+                           out=_scores_scratch((B, H, T, k.shape[-2])))  # -> [B, H, T, S], reused memory
+    else:
+        scores = (q * scale) @ k.swapaxes(-1, -2)    # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S]
     if mask is not None:
         scores += mask
     scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)              # e = exp(s - max s), [B, H, T, S]
+    xp.exp(scores, out=scores)              # e = exp(s - max s), [B, H, T, S]
     total = scores.sum(axis=-1, keepdims=True)      # Σe [B, H, T, 1]
     out = scores @ v                        # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
     out /= total

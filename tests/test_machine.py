@@ -117,3 +117,61 @@ def test_block_size_does_not_change_the_product():
         for block_bytes in (4 * 64, 4 * 64 * 7, 4 * 64 * 300):
             got = fast.linear_upcast_blocks(x, w, block_bytes=block_bytes)
             np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)  # float32 sums of 64 terms of ~1
+
+
+# The per-row product's limit (fast.matvec_max_rows): set, or measured once per process
+
+
+@pytest.fixture
+def rows_unchosen(monkeypatch):
+    monkeypatch.setattr(fast, "MATVEC_MAX_ROWS", None)
+    monkeypatch.setattr(fast, "_matvec_how", "not chosen yet")
+
+
+def test_the_environment_fixes_the_per_row_limit(rows_unchosen, monkeypatch):
+    monkeypatch.setenv(fast.MATVEC_ROWS_ENV, "2")
+    monkeypatch.setattr(fast, "_measure_matvec_rows", lambda *a, **k: pytest.fail("measured although set"))
+    assert [fast.per_row(r) for r in range(6)] == [False, False, True, False, False, False]
+    assert fast.block_sizes()["matvec_how"] == f"set by {fast.MATVEC_ROWS_ENV}"
+
+
+def test_per_row_off_and_one_row_never_ask(rows_unchosen, monkeypatch):
+    """One row, or more rows than could ever take the per-row form, decide nothing (no measurement)."""
+    monkeypatch.setattr(fast, "_measure_matvec_rows", lambda *a, **k: pytest.fail("measured for nothing"))
+    assert not fast.per_row(1) and not fast.per_row(0) and not fast.per_row(fast.MATVEC_CANDIDATE_ROWS + 1)
+    monkeypatch.setenv(fast.MATVEC_ROWS_ENV, "1")
+    assert not any(fast.per_row(r) for r in range(2, fast.MATVEC_CANDIDATE_ROWS + 1))
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "two", "2.5"])
+def test_a_bad_per_row_setting_is_named(rows_unchosen, monkeypatch, setting):
+    monkeypatch.setenv(fast.MATVEC_ROWS_ENV, setting)
+    with pytest.raises(ValueError, match=fast.MATVEC_ROWS_ENV + r".*positive int"):
+        fast.per_row(2)
+
+
+def test_per_row_limit_measured_once(rows_unchosen, monkeypatch):
+    monkeypatch.delenv(fast.MATVEC_ROWS_ENV, raising=False)
+    calls = []
+    real = fast._measure_matvec_rows
+    monkeypatch.setattr(fast, "_measure_matvec_rows", lambda: calls.append(1) or real(repeats=1))
+    limit = fast.matvec_max_rows()
+    fast.per_row(2), fast.per_row(3)
+    assert 1 <= limit <= fast.MATVEC_CANDIDATE_ROWS and len(calls) == 1
+    info = fast.block_sizes()
+    assert info["matvec_how"] == "measured at first use" and info["matvec_max_rows"] == limit
+
+
+@pytest.mark.parametrize("limit", ["1", "3"])
+def test_either_form_gives_the_product(rows_unchosen, monkeypatch, limit):
+    """Both forms of a 2-3-row product (and the MLP around them) give the float64 numbers to float32 rounding."""
+    monkeypatch.setenv(fast.MATVEC_ROWS_ENV, limit)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1, 40)).astype(np.float32)
+    w = rng.standard_normal((70, 40)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(fast.linear(x, w), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    fc1 = {"weight": w, "bias": None}
+    fc2 = {"weight": rng.standard_normal((40, 70)).astype(np.float32), "bias": None}
+    composed = fast.linear(fast.gelu(fast.linear(x, **fc1)), **fc2)
+    np.testing.assert_array_equal(fast.feed_forward(x, fc1, fc2, "gelu"), composed)
