@@ -20,9 +20,9 @@ Results go to benchmarks/results/step-profile-<size>.json (with compare.machine(
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,13 +38,6 @@ TIMED = {  # fast's functions timed, and the part they count towards
     "quick_gelu": "activation",
     "_in_cache_sized_blocks": "activation",
 }
-
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare", HERE / "compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def parts_of(fn) -> tuple[dict, list]:
@@ -138,7 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="write the result JSON here (default: results/)")
     a = ap.parse_args(argv)
-    cmp = _compare()
+    sys.path.insert(0, str(HERE))
+    import compare as cmp
+
     info = cmp.machine()
     print(cmp.describe_machine(info), flush=True)
     folder = cmp.checkpoint(a.size)

@@ -90,15 +90,23 @@ def matvec_max_rows() -> int:
         return MATVEC_MAX_ROWS
     with _choice_lock:
         if MATVEC_MAX_ROWS is None:
-            setting = os.environ.get(MATVEC_ROWS_ENV, "").strip()
-            if setting:
-                if not setting.isdigit() or int(setting) < 1:
-                    raise ValueError(f"{MATVEC_ROWS_ENV}={setting!r}: expected a positive int (1: never one "
-                                     f"product per row; 3: up to 3 rows)")
-                MATVEC_MAX_ROWS, _matvec_how = int(setting), f"set by {MATVEC_ROWS_ENV}"
+            limit = _positive_int_setting(MATVEC_ROWS_ENV, "1: never one product per row; 3: up to 3 rows")
+            if limit is not None:
+                MATVEC_MAX_ROWS, _matvec_how = limit, f"set by {MATVEC_ROWS_ENV}"
             else:
                 MATVEC_MAX_ROWS, _matvec_how = _measure_matvec_rows(), "measured at first use"
     return MATVEC_MAX_ROWS
+
+
+def _positive_int_setting(name: str, meaning: str) -> int | None:
+    """The positive int in environment variable ``name``, None when it is unset or blank; a ValueError naming the
+    variable, what it held and what it means otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive int ({meaning}), got {text!r}")
+    return int(text)
 
 
 def _measure_matvec_rows(repeats: int = 3, margin: float = 0.9) -> int:
@@ -170,7 +178,7 @@ def product_from_columns(xt, w, bias=None):
     xp = get_xp(xt)
     N, M = w.shape[0], xt.shape[1]
     if xp is np and N * M <= PRODUCT_SCRATCH_MAX:
-        yt = np.matmul(w, xt, out=_product_scratch(N, M))      # [N, K] @ [K, M] -> [N, M], reused memory
+        yt = np.matmul(w, xt, out=_reused("product", (N, M)))  # [N, K] @ [K, M] -> [N, M], reused memory
     else:
         yt = w @ xt
     y = xp.empty((M, N), dtype=xp.float32)
@@ -184,10 +192,7 @@ def product_to_columns(x2, w, bias=None):
     For :func:`feed_forward`, whose element-wise work needs no particular layout. w [N, K], bias [N]."""
     N, M = w.shape[0], x2.shape[0]
     if get_xp(x2) is np and N * M <= PRODUCT_SCRATCH_MAX:
-        buf = getattr(_local, "hidden", None)
-        if buf is None or buf.size < N * M:
-            buf = _local.hidden = np.empty(N * M, dtype=np.float32)
-        ht = np.matmul(w, x2.T, out=buf[:N * M].reshape(N, M))  # [N, K] @ [K, M] -> [N, M]
+        ht = np.matmul(w, x2.T, out=_reused("hidden", (N, M)))  # [N, K] @ [K, M] -> [N, M]
     else:
         ht = w @ x2.T
     if bias is not None:
@@ -198,14 +203,18 @@ def product_to_columns(x2, w, bias=None):
 PRODUCT_SCRATCH_MAX = 8 << 20   # elements: the transposed product goes through a reused buffer up to 32 MB
 
 
-def _product_scratch(N: int, M: int):
-    """A reusable float32 [N, M] buffer, one per thread: the transposed product is read once and dropped, and on
-    this VM fresh memory costs ~1.7 s per GB of new pages (benchmarks/NOTES.md), so the extra [N, M] per product
-    that row-major results would otherwise take is not allocated afresh each time."""
-    buf = getattr(_local, "product", None)
-    if buf is None or buf.size < N * M:
-        buf = _local.product = np.empty(N * M, dtype=np.float32)
-    return buf[:N * M].reshape(N, M)  # [N, M]
+def _reused(name: str, shape):
+    """A float32 array of ``shape`` in this thread's buffer ``name``, grown when too small and otherwise reused,
+    valid until the next call for the same name. For arrays that are read once and dropped (the transposed
+    product, the MLP's hidden activation, a block of attention scores, the widened weights): on this VM fresh
+    memory costs ~1.7 s per GB of new pages (benchmarks/NOTES.md). One buffer per thread, so models used from
+    several threads do not share them."""
+    size = math.prod(shape)
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=np.float32)
+        setattr(_local, name, buf)
+    return buf[:size].reshape(shape)    # [size] -> shape
 
 
 def derived_blocks(caches: machine.CacheSizes) -> dict:
@@ -344,13 +353,9 @@ def _remember_finite(w) -> None:
 
 
 def _scratch(rows: int, cols: int):
-    """Two reusable float32 buffers of shape [rows, cols] (no page faults from fresh allocations per block); one
-    pair per thread, so models used from several threads do not share them."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < 2 * rows * cols:
-        buf = _local.buf = np.empty(2 * rows * cols, dtype=np.float32)
-    size = rows * cols
-    return buf[:size].reshape(rows, cols), buf[size:2 * size].reshape(rows, cols)     # [rows, cols] each
+    """Two reusable float32 buffers of shape [rows, cols] for a block's even and odd columns (:func:`_reused`)."""
+    pair = _reused("widened", (2, rows, cols))
+    return pair[0], pair[1]     # [rows, cols] each
 
 
 def linear_upcast_blocks(x, w, block_bytes: int | None = None):
@@ -489,12 +494,8 @@ def elementwise_threads() -> int:
     """Threads for the element-wise passes: ``KOSMOS2_ELEMENTWISE_THREADS`` when set (a positive int), else
     :func:`machine.compute_threads` (the cores the process may use, or fewer where OMP_NUM_THREADS and the like
     say so). Read at each call, so it can be switched within a process."""
-    text = os.environ.get(ELEMENTWISE_THREADS_ENV, "").strip()
-    if text:
-        if not text.isdigit() or int(text) < 1:
-            raise ValueError(f"{ELEMENTWISE_THREADS_ENV} must be a positive int (1 turns the split off), got {text!r}")
-        return int(text)
-    return machine.compute_threads()
+    threads = _positive_int_setting(ELEMENTWISE_THREADS_ENV, "1 turns the split off")
+    return machine.compute_threads() if threads is None else threads
 
 
 _pool_lock = threading.Lock()
@@ -589,7 +590,7 @@ def gelu(x):
 def quick_gelu(x):
     """Replaces :func:`layers.quick_gelu`: the same operations (so the same numbers) in one buffer, where the
     textbook expression makes three temporaries the size of x (on this VM fresh memory is costly, see
-    :func:`_product_scratch`), and on NumPy the elements shared among the threads (:func:`over_parts`).
+    :func:`_reused`), and on NumPy the elements shared among the threads (:func:`over_parts`).
     x [...] -> [...]."""
     xp = get_xp(x)
     if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
@@ -703,7 +704,7 @@ def softmax_in_place(e, axis: int = -1):
 
 
 # float32 bytes of scores formed at once when the probabilities are not returned: a bound on the reused score
-# buffer (_scores_scratch), not a cache size: a block of scores is read three times, by the softmax and the
+# buffer (_reused), not a cache size: a block of scores is read three times, by the softmax and the
 # product with v, whatever the cache, and a larger block only holds more memory
 ATTENTION_BLOCK_BYTES = 8 << 20
 
@@ -782,7 +783,7 @@ def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
     B, H, T, _ = q.shape
     if xp is np:
         scores = np.matmul(q * scale, k.swapaxes(-1, -2),                # [B, H, T, D] @ [B, H, D, S]
-                           out=_scores_scratch((B, H, T, k.shape[-2])))  # -> [B, H, T, S], reused memory
+                           out=_reused("scores", (B, H, T, k.shape[-2])))  # -> [B, H, T, S], reused memory
     else:
         scores = (q * scale) @ k.swapaxes(-1, -2)    # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S]
     if mask is not None:
@@ -793,12 +794,3 @@ def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
     out = scores @ v                        # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
     out /= total
     return out, None
-
-
-def _scores_scratch(shape):
-    """A reusable float32 buffer of ``shape`` for one block's scores, one per thread."""
-    size = math.prod(shape)
-    buf = getattr(_local, "scores", None)
-    if buf is None or buf.size < size:
-        buf = _local.scores = np.empty(size, dtype=np.float32)
-    return buf[:size].reshape(shape)    # [B, H, T, S]

@@ -15,12 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+def _script(name):
+    """A benchmark script loaded as a module, from benchmarks/."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _script("compare")
 
 
 def test_tiny_run_measures_every_row(compare, tiny_checkpoint, monkeypatch):
@@ -164,15 +169,6 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
     assert all(x.shape[:-1] == (1, 1) for _, x, _, _ in calls)
     whole, products = compare.products_alone(ours, step, 2)
     assert whole > 0 and products > 0
-
-
-def _script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_step_profile_splits_each_step(tmp_path, capsys):
