@@ -218,9 +218,12 @@ def _reused(name: str, shape):
 
 
 def derived_blocks(caches: machine.CacheSizes) -> dict:
-    """The block sizes that follow from the caches (the element-wise block and the transposing tile each half an
-    L2 of float32; the widening's starting points 4 and 8 L2s: on the development machine's 512 KiB L2, 2 MiB
-    was measured best for one row and 2-4 MiB for 32 rows), powers of two within sane bounds."""
+    """The block sizes that follow from the caches, powers of two within sane bounds: the element-wise block and
+    the transposing tile each half an L2 of float32; the widening's starting points 2 L2s for few rows (a block's
+    even and odd columns, one L2 each) and 8 L2s for many. Few rows started at 4 L2s before: 2 MiB on the first
+    development machine's 512 KiB L2, measured best there, but on a 1 MiB-L2 AMD EPYC (Zen 4) its 4 MiB made
+    bfloat16 decoding fall into spells of 1.3-1.7 s per token against 0.31-0.40 s with 2 MiB (fresh processes
+    in turns, benchmarks/NOTES.md), spells that a short measurement at first use did not catch."""
 
     def pow2(v: float, lo: int, hi: int) -> int:
         return int(min(hi, max(lo, 1 << max(0, int(v).bit_length() - 1))))
@@ -229,7 +232,7 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
     return {
         "elementwise": pow2(half_l2 / 4, 1 << 14, 1 << 18),  # float32 elements
         "transpose_tile": (128, pow2(half_l2 / (4 * 128), 128, 2048)),  # [rows of y, columns of y]
-        "upcast_few_rows": pow2(4 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
+        "upcast_few_rows": pow2(2 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
         "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
     }
 
@@ -440,20 +443,26 @@ def _choose_upcast_blocks() -> tuple[int, int, str]:
 
 
 def _measure_block(start: int, rows: int, repeats: int = 5, margin: float = 0.9) -> int:
-    """The fastest of ½, 1 and 2 × ``start`` bytes per block for a bfloat16 [4096, 2048] matrix times x [rows,
-    2048]: the best of ``repeats`` timings each, taken in turns so that a busy moment hits all sizes alike; a size
-    other than ``start`` must beat it by 1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
+    """The fastest of ½, 1 and 2 × ``start`` bytes per block for bfloat16 [4096, 2048] matrices times x [rows,
+    2048]. For few rows (decoding, bound by memory) the matrices stream from memory as a model's weights do: one
+    pass over distinct matrices of twice the L3 in all (2-8 of them, 16 MiB each; one matrix used again and again
+    would sit in the L3). For many rows (bound by the arithmetic) one matrix. The best of ``repeats`` passes
+    each, taken in turns so that a busy moment hits all sizes alike; a size other than ``start`` must beat it by
+    1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
     rng = np.random.default_rng(0)
     tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16   # bfloat16 bits of N(0, 1)
-    w = np.tile(tile.astype(np.uint16), (64, 1))                                    # [4096, 2048]
+    streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))
+    count = streamed if rows <= UPCAST_FEW_ROWS else 1
+    ws = [np.tile(tile.astype(np.uint16), (64, 1)) for _ in range(count)]           # [4096, 2048] each
     x = rng.standard_normal((rows, 2048), dtype=np.float32)
     candidates = [start, start // 2, start * 2]
     best = dict.fromkeys(candidates, math.inf)
-    linear_upcast_blocks(x, w, block_bytes=start * 2)  # warm the scratch buffers
+    linear_upcast_blocks(x, ws[0], block_bytes=start * 2)  # warm the scratch buffers
     for _ in range(repeats):
         for size in candidates:
             t0 = time.perf_counter()
-            linear_upcast_blocks(x, w, block_bytes=size)
+            for w in ws:
+                linear_upcast_blocks(x, w, block_bytes=size)
             best[size] = min(best[size], time.perf_counter() - t0)
     fastest = min(candidates, key=best.get)
     return fastest if best[fastest] < margin * best[start] else start

@@ -53,24 +53,24 @@ def test_nothing_reported_means_assumed(tmp_path, monkeypatch):
 
 
 def test_blocks_follow_the_l2():
-    """Half an L2 of float32 per element-wise block and per transposing tile; the widening starts at 4 and 8
-    L2s. The development machine's 512 KiB L2 gives the sizes measured best there; a 2 MiB L2 four times them."""
+    """Half an L2 of float32 per element-wise block and per transposing tile; the widening starts at 2 and 8
+    L2s (few rows: the block's even and odd columns one L2 each). A 2 MiB L2 gives four times a 512 KiB L2's."""
     epyc = fast.derived_blocks(machine.CacheSizes(32 << 10, 512 << 10, 32 << 20, "test"))
     assert epyc == {
         "elementwise": 1 << 16,
         "transpose_tile": (128, 512),
-        "upcast_few_rows": 2 << 20,
+        "upcast_few_rows": 1 << 20,
         "upcast_many_rows": 4 << 20,
     }
     xeon = fast.derived_blocks(machine.CacheSizes(48 << 10, 2 << 20, 105 << 20, "test"))
     assert xeon == {
         "elementwise": 1 << 18,
         "transpose_tile": (128, 2048),
-        "upcast_few_rows": 8 << 20,
+        "upcast_few_rows": 4 << 20,
         "upcast_many_rows": 16 << 20,
     }
     odd = fast.derived_blocks(machine.CacheSizes(32 << 10, 1280 << 10, 30 << 20, "test"))  # 1.25 MiB: not a power of 2
-    assert odd["elementwise"] == 1 << 17 and odd["upcast_few_rows"] == 4 << 20
+    assert odd["elementwise"] == 1 << 17 and odd["upcast_few_rows"] == 2 << 20
 
 
 @pytest.fixture
