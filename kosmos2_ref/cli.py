@@ -843,23 +843,11 @@ def main(argv=None) -> int:
         return _run(args)
 
 
-KEEP_FREED_MEMORY_ENV = "KOSMOS2_REF_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc thresholds as they are
-
-
-def _keep_freed_memory() -> None:
-    """This command line is a process of its own, so it keeps freed memory for reuse
-    (:func:`kosmos2_ref.machine.keep_freed_memory`: a full-size image encoding then takes no page faults instead
-    of ~23 thousand), unless ``KOSMOS2_REF_KEEP_FREED_MEMORY=0``."""
-    setting = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip()
-    if setting not in ("", "0", "1"):
-        raise CLIError(f"{KEEP_FREED_MEMORY_ENV}={setting!r}: expected 0 (glibc's defaults) or 1 (keep freed memory)")
-    if setting != "0":
-        machine.keep_freed_memory()
-
-
 def _run(args) -> int:
     try:
-        _keep_freed_memory()
+        # a process of its own: keep freed memory for reuse (a full-size image encoding then takes no page faults
+        # instead of ~23 thousand), unless KOSMOS2_REF_KEEP_FREED_MEMORY=0
+        machine.keep_freed_memory_unless_told_not_to()
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         if args.draw:  # check the target before the slow part

@@ -107,7 +107,8 @@ def compute_threads() -> int:
 # arrays of this model they move too little: measured on an AMD EPYC VM (glibc 2.36), one full-size image
 # encoding took 22.6 thousand page faults (92 MB of fresh pages), ~0.1 s of a 1.3 s step; with both thresholds
 # fixed as below, none. Fixing them is a process-wide setting, so the library never does it by itself: the
-# command line (a process of its own) does, and a program calls :func:`keep_freed_memory` if it wants the same.
+# command line and the Ray workers (processes of its own) do, and a program calls :func:`keep_freed_memory` if it
+# wants the same.
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 KEEP_TRIM_BYTES = 64 << 20  # free memory at the top of the heap kept up to this (glibc: 128 KiB, then dynamic)
@@ -135,6 +136,19 @@ def keep_freed_memory(trim_bytes: int = KEEP_TRIM_BYTES, mmap_bytes: int = KEEP_
             return False
         _kept = {"trim_bytes": trim_bytes, "mmap_bytes": mmap_bytes}
         return True
+
+
+KEEP_FREED_MEMORY_ENV = "KOSMOS2_REF_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc thresholds as they are
+
+
+def keep_freed_memory_unless_told_not_to() -> bool:
+    """What a process of kosmos2-ref's own does at its start (the command line, a Ray worker):
+    :func:`keep_freed_memory`, unless ``KOSMOS2_REF_KEEP_FREED_MEMORY=0``. Returns whether it was applied; any
+    setting other than 0 or 1 is a ValueError that names it."""
+    setting = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{KEEP_FREED_MEMORY_ENV}={setting!r}: expected 0 (glibc's defaults) or 1 (keep freed memory)")
+    return setting != "0" and keep_freed_memory()
 
 
 def freed_memory_kept() -> dict | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jobs, tasks
+from . import jobs, machine, tasks
 from .model import Kosmos2
 
 
@@ -48,6 +48,7 @@ class _Worker:
     """
 
     def __init__(self, model_path: str, backend: str | None, dtype: str, on_error: str, fault_once: str | None = None):
+        machine.keep_freed_memory_unless_told_not_to()  # the actor's process is the job's own, as the CLI's is
         self.model = Kosmos2.from_pretrained(model_path, backend=backend, dtype=dtype)
         self.processor = tasks.model_processor(self.model)
         self.on_error = on_error
