@@ -846,7 +846,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         # a process of its own: keep freed memory for reuse (a full-size image encoding then takes no page faults
-        # instead of ~23 thousand), unless KOSMOS2_REF_KEEP_FREED_MEMORY=0
+        # instead of ~20 thousand), unless KOSMOS2_REF_KEEP_FREED_MEMORY=0
         machine.keep_freed_memory_unless_told_not_to()
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

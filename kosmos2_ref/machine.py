@@ -105,8 +105,9 @@ def compute_threads() -> int:
 # threshold, gives that memory back to the kernel; the next array of the size then touches fresh pages, one page
 # fault per 4 KiB. Its default thresholds move with the sizes it has seen (the "dynamic" rule), and with the
 # arrays of this model they move too little: measured on an AMD EPYC VM (glibc 2.36), one full-size image
-# encoding took 22.6 thousand page faults (92 MB of fresh pages), ~0.1 s of a 1.3 s step; with both thresholds
-# fixed as below, none. Fixing them is a process-wide setting, so the library never does it by itself: the
+# encoding took 19-23 thousand page faults (75-92 MB of fresh pages; at 3-4 µs a fault, 0.06-0.1 s of a 1.2-1.3 s
+# step, though whole steps timed in turns moved by less than that VM's noise); with both thresholds fixed as
+# below, none. Fixing them is a process-wide setting, so the library never does it by itself: the
 # command line and the Ray workers (processes of its own) do, and a program calls :func:`keep_freed_memory` if it
 # wants the same.
 
