@@ -444,14 +444,14 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
     pv, ids, att, img = inputs()
     where = f"{backend} vs transformers on CUDA" if gpu else "CPU"
     print(f"[{size}] prompt of {ids.shape[1]} tokens, float32, batch 1, {where}")
-    t = alternate(sides, lambda s: lambda: s.encode(pv), repeats)  # noqa: B023 (called inside this iteration)
-    hf_encode = row("image encoding (vision + connector)", t["kosmos2-ref"], t["transformers"])["transformers"]
-    t = alternate(sides, lambda s: lambda: s.prefill(pv, ids, att, img), repeats)  # noqa: B023 (called inside this iteration)
-    hf_ttft = row(f"time to first token (image + {ids.shape[1]}-token prefill)", t["kosmos2-ref"], t["transformers"])[
+    n_steps = 16
+    encode, first, per_tok = step_times(sides, (pv, ids, att, img), repeats, n_steps)
+    hf_encode = row("image encoding (vision + connector)", encode["kosmos2-ref"], encode["transformers"])[
         "transformers"
     ]
-    n_steps = 16
-    per_tok = decode_times(sides, repeats, n_steps)
+    hf_ttft = row(
+        f"time to first token (image + {ids.shape[1]}-token prefill)", first["kosmos2-ref"], first["transformers"]
+    )["transformers"]
     hf_decode = row(
         f"per-token decode (KV cache, mean of {n_steps} steps)", per_tok["kosmos2-ref"], per_tok["transformers"]
     )["transformers"]
@@ -537,18 +537,23 @@ def with_freed_memory_kept(res, row, folder, repeats, n_steps, batch):
     transformers has it too). The main table is the library as a program that imports it gets it."""
     from kosmos2_ref import machine as ours_machine
 
-    pv, ids, att, img = batch
     print(f"[{res['size']}] both sides with freed memory kept (kosmos2_ref.machine.keep_freed_memory)")
     if not ours_machine.keep_freed_memory():
         print("  not glibc: nothing to set, no rows")
         return
     sides = [Ours(folder, "float32"), HF(folder, "float32")]
-    t = alternate(sides, lambda s: lambda: s.encode(pv), repeats)  # noqa: B023 (called inside this iteration)
-    row("freed memory kept: image encoding", t["kosmos2-ref"], t["transformers"])
-    t = alternate(sides, lambda s: lambda: s.prefill(pv, ids, att, img), repeats)  # noqa: B023 (called inside this iteration)
-    row("freed memory kept: time to first token", t["kosmos2-ref"], t["transformers"])
-    per_tok = decode_times(sides, repeats, n_steps)
-    row("freed memory kept: per-token decode", per_tok["kosmos2-ref"], per_tok["transformers"])
+    steps = ("image encoding", "time to first token", "per-token decode")
+    for what, t in zip(steps, step_times(sides, batch, repeats, n_steps)):
+        row(f"freed memory kept: {what}", t["kosmos2-ref"], t["transformers"])
+
+
+def step_times(sides, batch, repeats, n_steps):
+    """Image encoding, time to first token and per-token decode (mean of ``n_steps`` cached steps) of each side,
+    measured in turns: three {side name: seconds}."""
+    pv, ids, att, img = batch
+    encode = alternate(sides, lambda s: lambda: s.encode(pv), repeats)
+    first = alternate(sides, lambda s: lambda: s.prefill(pv, ids, att, img), repeats)
+    return encode, first, decode_times(sides, repeats, n_steps)
 
 
 def tf_bfloat16_peer(res, row, folder, dtypes, repeats, n_steps, batch):

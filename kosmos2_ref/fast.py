@@ -222,7 +222,7 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
     the transposing tile each half an L2 of float32; the widening's starting points 2 L2s for few rows (a block's
     even and odd columns, one L2 each) and 8 L2s for many. Few rows started at 4 L2s before: 2 MiB on the first
     development machine's 512 KiB L2, measured best there, but on a 1 MiB-L2 AMD EPYC (Zen 4) its 4 MiB made
-    bfloat16 decoding fall into spells of 1.3-1.7 s per token against 0.31-0.40 s with 2 MiB (fresh processes
+    bfloat16 decoding fall into spells of 1.2-1.8 s per token against 0.38-0.45 s with 2 MiB (fresh processes
     in turns, benchmarks/NOTES.md), spells that a short measurement at first use did not catch."""
 
     def pow2(v: float, lo: int, hi: int) -> int:
@@ -451,9 +451,9 @@ def _measure_block(start: int, rows: int, repeats: int = 5, margin: float = 0.9)
     1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
     rng = np.random.default_rng(0)
     tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16   # bfloat16 bits of N(0, 1)
-    streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))
-    count = streamed if rows <= UPCAST_FEW_ROWS else 1
-    ws = [np.tile(tile.astype(np.uint16), (64, 1)) for _ in range(count)]           # [4096, 2048] each
+    streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))   # matrices of 16 MiB, 2 L3s
+    bits = tile.astype(np.uint16)                                                   # [64, 2048]
+    ws = [np.tile(bits, (64, 1)) for _ in range(streamed if rows <= UPCAST_FEW_ROWS else 1)]   # [4096, 2048] each
     x = rng.standard_normal((rows, 2048), dtype=np.float32)
     candidates = [start, start // 2, start * 2]
     best = dict.fromkeys(candidates, math.inf)

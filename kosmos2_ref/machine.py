@@ -114,6 +114,7 @@ def compute_threads() -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 KEEP_TRIM_BYTES = 64 << 20  # free memory at the top of the heap kept up to this (glibc: 128 KiB, then dynamic)
 KEEP_MMAP_BYTES = 32 << 20  # arrays above this get their own mapping (glibc's dynamic rule stops at 32 MiB)
+KEEP_FREED_MEMORY_ENV = "KOSMOS2_REF_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc thresholds as they are
 _kept: dict | None = None
 _kept_lock = threading.Lock()
 
@@ -137,9 +138,6 @@ def keep_freed_memory(trim_bytes: int = KEEP_TRIM_BYTES, mmap_bytes: int = KEEP_
             return False
         _kept = {"trim_bytes": trim_bytes, "mmap_bytes": mmap_bytes}
         return True
-
-
-KEEP_FREED_MEMORY_ENV = "KOSMOS2_REF_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc thresholds as they are
 
 
 def keep_freed_memory_unless_told_not_to() -> bool:
