@@ -12,7 +12,7 @@ properties of that BLAS and cache hierarchy; another machine may see others.
 
 Block sizes are not constants tuned on that machine: the element-wise blocks and the transposing write's tiles
 follow the L2 size the processor reports (:mod:`kosmos2_ref.machine`), and the 2-byte widening's blocks start from
-it and are then measured once, at the first 2-byte product of the process, among three sizes around it
+it and are then measured once, at the first 2-byte product of the process, among sizes around it
 (:func:`upcast_block_bytes`; ``KOSMOS2_UPCAST_BLOCKS`` fixes them). :func:`block_sizes` says what was chosen.
 """
 from __future__ import annotations
@@ -409,8 +409,9 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
 
 def upcast_block_bytes(few_rows: bool) -> int:
     """The widening's float32 bytes per block for x with few rows (decoding) or many (a prompt), chosen once per
-    process: from ``KOSMOS2_UPCAST_BLOCKS`` when set, else measured (:func:`_measure_block`) among ½, 1 and 2 ×
-    the cache-derived size (:func:`derived_blocks`). Measuring takes ~0.1-0.3 s, once, at the first 2-byte
+    process: from ``KOSMOS2_UPCAST_BLOCKS`` when set, else measured (:func:`_measure_block`) among sizes around
+    the cache-derived one (:func:`derived_blocks`, :func:`upcast_block_candidates`). Measuring takes ~0.4-1.2 s
+    (the Xeon, whose memory feeds one core slowly, takes longest), once, at the first 2-byte
     product; every later product reuses the choice (the numbers do not depend on it: blocks split the output
     columns, never a dot product)."""
     global UPCAST_BLOCK_BYTES, UPCAST_BLOCK_BYTES_MANY_ROWS, _upcast_how
@@ -442,22 +443,44 @@ def _choose_upcast_blocks() -> tuple[int, int, str]:
     return few, many, "measured at first use"
 
 
-def _measure_block(start: int, rows: int, repeats: int = 5, margin: float = 0.9) -> int:
-    """The fastest of ½, 1 and 2 × ``start`` bytes per block for bfloat16 [4096, 2048] matrices times x [rows,
-    2048]. For few rows (decoding, bound by memory) the matrices stream from memory as a model's weights do: one
-    pass over distinct matrices of twice the L3 in all (2-8 of them, 16 MiB each; one matrix used again and again
+# The smallest few-row block _measure_block tries. On a 2-vCPU Intel Xeon (AVX-512, AMX; 2 MiB L2; OpenBLAS
+# SkylakeX) the fastest few-row block was 512 KiB, a quarter of an L2, where the AMD EPYCs' best was 2 L2s
+# ([8192, 2048] bfloat16, one row, streamed: 256 KiB 8.8 ms, 512 KiB 8.1-8.7, 1 MiB 9.2-10.2, 2 MiB 11.7-13.5,
+# 4 MiB 12.0-12.1): one core widens the whole block, from memory at ~8 GB/s there, so the sizes that keep its
+# output nearest that core win. No rule from the cache sizes fits both, so few rows try every power of two from
+# here up to twice the derived size.
+UPCAST_SMALLEST_FEW_ROWS_BLOCK = 256 << 10
+
+
+def upcast_block_candidates(start: int, few_rows: bool) -> list[int]:
+    """The block sizes :func:`_measure_block` times, ``start`` (the cache-derived size) first: for few rows every
+    power of two from ``UPCAST_SMALLEST_FEW_ROWS_BLOCK`` to 2 × ``start``; for many rows ½, 1 and 2 × ``start``."""
+    if not few_rows:
+        return [start, start // 2, start * 2]
+    smaller, size = [], start // 2
+    while size >= UPCAST_SMALLEST_FEW_ROWS_BLOCK:
+        smaller.append(size)
+        size //= 2
+    return [start, *smaller, start * 2]
+
+
+def _measure_block(start: int, rows: int, repeats: int = 3, margin: float = 0.9) -> int:
+    """The fastest of :func:`upcast_block_candidates` for bfloat16 [4096, 2048] matrices times x [rows, 2048].
+    For few rows (decoding, bound by memory) the matrices stream from memory as a model's weights do: one pass
+    over distinct matrices of twice the L3 in all (2-8 of them, 16 MiB each; one matrix used again and again
     would sit in the L3). For many rows (bound by the arithmetic) one matrix. The best of ``repeats`` passes
     each, taken in turns so that a busy moment hits all sizes alike; a size other than ``start`` must beat it by
     1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
     rng = np.random.default_rng(0)
     tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16   # bfloat16 bits of N(0, 1)
+    few_rows = rows <= UPCAST_FEW_ROWS
     streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))   # matrices of 16 MiB, 2 L3s
     bits = tile.astype(np.uint16)                                                   # [64, 2048]
-    ws = [np.tile(bits, (64, 1)) for _ in range(streamed if rows <= UPCAST_FEW_ROWS else 1)]   # [4096, 2048] each
+    ws = [np.tile(bits, (64, 1)) for _ in range(streamed if few_rows else 1)]    # [4096, 2048] each
     x = rng.standard_normal((rows, 2048), dtype=np.float32)
-    candidates = [start, start // 2, start * 2]
+    candidates = upcast_block_candidates(start, few_rows)
     best = dict.fromkeys(candidates, math.inf)
-    linear_upcast_blocks(x, ws[0], block_bytes=start * 2)  # warm the scratch buffers
+    linear_upcast_blocks(x, ws[0], block_bytes=max(candidates))  # warm the scratch buffers
     for _ in range(repeats):
         for size in candidates:
             t0 = time.perf_counter()

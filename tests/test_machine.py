@@ -103,11 +103,25 @@ def test_measured_once_among_sizes_around_the_derived_one(unchosen, monkeypatch)
     many = fast.upcast_block_bytes(False)
     assert fast.upcast_block_bytes(True) == few and len(calls) == 2  # chosen once for the process
     start_few, start_many = fast._DERIVED["upcast_few_rows"], fast._DERIVED["upcast_many_rows"]
-    assert few in (start_few // 2, start_few, start_few * 2)
+    assert few in fast.upcast_block_candidates(start_few, few_rows=True)
     assert many in (start_many // 2, start_many, start_many * 2)
     info = fast.block_sizes()
     assert info["upcast_how"] == "measured at first use" and info["upcast_few_rows"] == few
     assert info["caches"]["l2"] == machine.cache_sizes().l2
+
+
+def test_few_rows_try_every_power_of_two_from_the_smallest_up():
+    smallest = fast.UPCAST_SMALLEST_FEW_ROWS_BLOCK
+    assert fast.upcast_block_candidates(4 << 20, few_rows=True) == [
+        4 << 20,
+        2 << 20,
+        1 << 20,
+        512 << 10,
+        256 << 10,
+        8 << 20,
+    ]
+    assert fast.upcast_block_candidates(smallest, few_rows=True) == [smallest, 2 * smallest]
+    assert fast.upcast_block_candidates(16 << 20, few_rows=False) == [16 << 20, 8 << 20, 32 << 20]
 
 
 def test_block_size_does_not_change_the_product():
