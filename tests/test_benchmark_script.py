@@ -134,13 +134,17 @@ def test_docs_name_the_gpu_and_use_its_targets(compare, tmp_path):
     assert "| image encoding | 0.9000 | 0.7000 | 1.0000 | 0.700 | 1.286 (**not met**) |" in cpu_part
 
 
-def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
+@pytest.mark.parametrize("form", ["weight-first", "x-first"])
+def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint, monkeypatch, form):
     """The floor rows replay exactly the model's linear layers: one call per projection (the MLP's two halves
-    included, which fast.feed_forward runs without fast.linear), each with its own weight and its real input;
-    and the recording leaves the fast module as it was."""
+    included, which fast.feed_forward runs without fast.linear when it keeps the hidden activation transposed),
+    each with its own weight and its real input; and the recording leaves the fast module as it was. In either
+    product form (fast.product_form), fixed so that the replay takes the form the recorded call took."""
     import numpy as np
 
     from kosmos2_ref import fast
+
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
 
     before = {name: getattr(fast, name) for name in compare.PRODUCTS}
     folder, _ = tiny_checkpoint
@@ -163,7 +167,8 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint):
             ("mlp", "fc2"),
         )
     ]
-    assert [c[0] for c in calls[:6]] == [fast.linear] * 4 + [fast.product_to_columns, fast.product_from_columns]
+    mlp = [fast.product_to_columns, fast.product_from_columns] if form == "weight-first" else [fast.linear] * 2
+    assert [c[0] for c in calls[:6]] == [fast.linear] * 4 + mlp
     assert calls[0][1].shape == (
         1,
         1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,

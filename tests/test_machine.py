@@ -183,8 +183,10 @@ def test_per_row_limit_measured_once(rows_unchosen, monkeypatch):
 
 @pytest.mark.parametrize("limit", ["1", "3"])
 def test_either_form_gives_the_product(rows_unchosen, monkeypatch, limit):
-    """Both forms of a 2-3-row product (and the MLP around them) give the float64 numbers to float32 rounding."""
+    """Both forms of a 2-3-row product (and the MLP around them) give the float64 numbers to float32 rounding.
+    (Weight first for more rows, so that the MLP and its composition take the same products, bit for bit.)"""
     monkeypatch.setenv(fast.MATVEC_ROWS_ENV, limit)
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, fast.WEIGHT_FIRST)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 1, 40)).astype(np.float32)
     w = rng.standard_normal((70, 40)).astype(np.float32)
@@ -194,6 +196,93 @@ def test_either_form_gives_the_product(rows_unchosen, monkeypatch, limit):
     fc2 = {"weight": rng.standard_normal((40, 70)).astype(np.float32), "bias": None}
     composed = fast.linear(fast.gelu(fast.linear(x, **fc1)), **fc2)
     np.testing.assert_array_equal(fast.feed_forward(x, fc1, fc2, "gelu"), composed)
+
+
+# --- weight first or x first (fast.product_form): measured per shape on the first calls, or fixed by the
+# environment
+
+
+@pytest.fixture
+def forms_unchosen(monkeypatch):
+    monkeypatch.delenv(fast.PRODUCT_FORM_ENV, raising=False)
+    monkeypatch.setattr(fast, "_forms", {})
+    monkeypatch.setattr(fast, "_form_trials", {})
+
+
+def many_rows_case(rows=20, K=48, N=72):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, rows, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
+    return x, w, b, ref
+
+
+@pytest.mark.parametrize("form", [fast.WEIGHT_FIRST, fast.X_FIRST])
+def test_the_environment_fixes_the_product_form(forms_unchosen, monkeypatch, form):
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
+    x, w, b, _ = many_rows_case()
+    expected = fast._matmul_weight_first(x, w, b) if form == fast.WEIGHT_FIRST else x @ w.T + b
+    for _ in range(2 * fast.FORM_TRIALS + 1):
+        np.testing.assert_array_equal(fast.linear(x, w, b), expected)
+    assert fast.product_form("linear", 20, 48, 72) == form
+    assert fast.product_forms() == {"every shape": form} and fast._form_trials == {}
+
+
+def test_a_bad_product_form_is_named(forms_unchosen, monkeypatch):
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, "columns")
+    x, w, b, _ = many_rows_case()
+    with pytest.raises(ValueError, match=fast.PRODUCT_FORM_ENV + r".*'weight-first' or 'x-first'.*'columns'"):
+        fast.linear(x, w, b)
+
+
+def test_each_shape_times_both_forms_then_keeps_one(forms_unchosen):
+    x, w, b, ref = many_rows_case()
+    key = ("linear", 32, 48, 72)  # 20 rows round up to 32
+    for call in range(2 * fast.FORM_TRIALS + 2):
+        got = fast.linear(x, w, b)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert (key in fast._forms) == (call >= 2 * fast.FORM_TRIALS - 1)
+    assert [len(t) for t in fast._form_trials[key].values()] == [fast.FORM_TRIALS] * 2  # no timing once kept
+    assert fast.product_form("linear", 17, 48, 72) == fast._forms[key]  # 17 rows share the shape
+    assert fast.product_form("linear", 33, 48, 72) is None  # 33 do not
+    assert fast.product_forms() == {"linear 32x48->72": fast._forms[key]}
+
+
+@pytest.mark.parametrize("slower", [fast.WEIGHT_FIRST, fast.X_FIRST])
+def test_the_faster_form_is_kept(forms_unchosen, slower):
+    """The rule itself, on two forms of which one is made 20 ms slower."""
+    import time
+
+    def form(name):
+        return lambda: time.sleep(0.02 if name == slower else 0.0) or name
+
+    key = ("linear", 64, 8, 8)
+    ran = [fast._in_measured_form(key, form(fast.WEIGHT_FIRST), form(fast.X_FIRST)) for _ in range(8)]
+    assert ran[:2] == [fast.WEIGHT_FIRST, fast.X_FIRST]  # in turns while measuring
+    faster = fast.X_FIRST if slower == fast.WEIGHT_FIRST else fast.WEIGHT_FIRST
+    assert fast._forms[key] == faster and ran[-2:] == [faster, faster]
+
+
+def test_the_mlp_gives_its_numbers_in_either_form(forms_unchosen):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 20, 40)).astype(np.float32)
+    fc1 = {
+        "weight": rng.standard_normal((96, 40)).astype(np.float32),
+        "bias": rng.standard_normal(96).astype(np.float32),
+    }
+    fc2 = {
+        "weight": rng.standard_normal((40, 96)).astype(np.float32),
+        "bias": rng.standard_normal(40).astype(np.float32),
+    }
+    norm = {"weight": rng.uniform(0.5, 1.5, 96).astype(np.float32), "bias": rng.standard_normal(96).astype(np.float32)}
+    from kosmos2_ref import layers
+
+    ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
+    for _ in range(2 * fast.FORM_TRIALS + 2):
+        got = fast.feed_forward(x, fc1, fc2, "gelu", norm)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert ("mlp", 32, 40, 96) in fast._forms
 
 
 # --- keeping freed memory (machine.keep_freed_memory): each case in a fresh interpreter, since the setting is
