@@ -528,6 +528,14 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
         res["scaling"] = scaling_table(folder, repeats, backend)
     if not gpu:  # last: the setting cannot be undone in this process
         with_freed_memory_kept(res, row, folder, repeats, n_steps, (pv, ids, att, img))
+        from kosmos2_ref import fast
+
+        forms = res["machine"]["block_sizes"]["product_forms"] = fast.product_forms()  # kept during the run
+        print(
+            "product forms kept (weight first or x first, measured per shape): "
+            + ", ".join(f"{shape} {form}" for shape, form in forms.items()),
+            flush=True,
+        )
     return res
 
 
