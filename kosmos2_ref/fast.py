@@ -69,7 +69,7 @@ def linear(x, weight, bias=None):
 # Haswell), [8192, 2048] from memory, per row / one product: once 0.73 (2 rows), 0.91 (3) and 1.3 (4); on a later,
 # slower day 0.45-0.50, 0.56-0.61, 0.86-0.90, then 0.94-0.95 (5 rows) and 1.12 (6): the limit moved from 3 to 3-4.
 MATVEC_MAX_ROWS: int | None = None
-MATVEC_CANDIDATE_ROWS = 4  # the most rows that could take the per-row form
+MATVEC_CANDIDATE_ROWS = 8  # the most rows that could take the per-row form (4 before it went block by block)
 MATVEC_ROWS_ENV = "KOSMOS2_MATVEC_MAX_ROWS"  # "1": always one product (per-row form off); "3": up to 3 rows
 _matvec_how = "not chosen yet"
 
@@ -136,23 +136,32 @@ def _measure_matvec_rows(repeats: int = 3, margin: float = 0.9) -> int:
     return chosen
 
 
-def _matvec_per_row(x, w):
-    """x @ w.T for a few rows of x (decoding a small batch, or a few beams), one matrix-vector product per row.
+def _matvec_per_row(x, w, block_bytes: int | None = None):
+    """x @ w.T for a few rows of x (decoding a small batch, or a few beams), one matrix-vector product per row,
+    on a block of w's rows at a time (``MATVEC_BLOCK_BYTES``, an L2 of float32 rows but at least 2 MiB;
+    ``block_bytes`` overrides it for this call).
 
-    Replaces :func:`layers.linear` for the few rows :func:`per_row` says. With 2-3 rows the development
-    machine's OpenBLAS streamed the weights slowly in its matrix-product kernel; reading them once per row with
-    its matrix-vector kernel was faster (on [8192, 2048] matrices from memory: 2 rows 27 %, 3 rows 9 % faster;
-    4 rows 30 % slower; benchmarks/NOTES.md), but measured 0.8-1.0x on a loaded day. Which one wins depends on the
-    processor and its BLAS, so the limit is measured (:func:`matvec_max_rows`). x [..., K], w [N, K] -> [..., N],
-    row-major.
+    Replaces :func:`layers.linear` for the few rows :func:`per_row` says. With 2-8 rows OpenBLAS's matrix-product
+    kernel streams the weights slowly (on a 2-vCPU Intel Xeon, [8192, 2048] from memory: 2 rows 8.7 ms against
+    2.8 for one). A matrix-vector product per row reads them at the full rate, but once per row; on a block that
+    stays in the caches, the first row's product reads the block from memory and the others find it in the cache,
+    so the weights come from memory once. Measured there (best of 5 passes over 10 such matrices): 2 rows 4.2 ms
+    (per row over the whole matrix 4.9, one product 6.2-8.7), 3 rows 4.9 (6.7, 6.9-8.4), 4 rows 5.3 (8.0,
+    6.2-8.1), 6 rows 6.2 (11.0, 7.1-9.0); blocks of 512 KiB and 1 MiB were slower than none there, a call on them
+    too short for OpenBLAS's two threads (one row: 5.9-6.2 ms against 2.7-2.9). Which form wins, and up to how
+    many rows, depends on the processor and its BLAS, so the limit is measured (:func:`matvec_max_rows`). Each
+    output is one matrix-vector dot product whatever the block. x [..., K], w [N, K] -> [..., N], row-major.
     """
     xp = get_xp(x)
-    K = x.shape[-1]
+    K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)  # [M, K]
-    y = xp.empty((x2.shape[0], w.shape[0]), dtype=xp.float32)
-    for i in range(x2.shape[0]):
-        xp.matmul(w, x2[i], out=y[i])  # [N, K] @ [K] -> [N]
-    return y.reshape(x.shape[:-1] + (w.shape[0],))  # [M, N] -> [..., N]
+    y = xp.empty((x2.shape[0], N), dtype=xp.float32)
+    rows = max(1, (block_bytes or MATVEC_BLOCK_BYTES) // (4 * K))  # rows of w per block
+    for r in range(0, N, rows):
+        block = w[r : r + rows]  # [n, K]: read from memory by row 0's product, from the cache by the others
+        for i in range(x2.shape[0]):
+            xp.matmul(block, x2[i], out=y[i, r : r + rows])  # [n, K] @ [K] -> [n]
+    return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
 def _matmul_weight_first(x, w, bias=None):
@@ -301,7 +310,8 @@ def _reused(name: str, shape):
 
 def derived_blocks(caches: machine.CacheSizes) -> dict:
     """The block sizes that follow from the caches, powers of two within sane bounds: the element-wise block and
-    the transposing tile each half an L2 of float32; the widening's starting points 2 L2s for few rows (a block's
+    the transposing tile each half an L2 of float32; the per-row product's blocks an L2 (at least 2 MiB, so that a
+    call lasts long enough for OpenBLAS's threads); the widening's starting points 2 L2s for few rows (a block's
     even and odd columns, one L2 each) and 8 L2s for many. Few rows started at 4 L2s before: 2 MiB on the first
     development machine's 512 KiB L2, measured best there, but on a 1 MiB-L2 AMD EPYC (Zen 4) its 4 MiB made
     bfloat16 decoding fall into spells of 1.2-1.8 s per token against 0.38-0.45 s with 2 MiB (fresh processes
@@ -316,11 +326,13 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
         "transpose_tile": (128, pow2(half_l2 / (4 * 128), 128, 2048)),  # [rows of y, columns of y]
         "upcast_few_rows": pow2(2 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
         "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
+        "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),  # float32 bytes of rows: half an L2 per BLAS thread
     }
 
 
 _DERIVED = derived_blocks(machine.cache_sizes())
 TRANSPOSE_TILE = _DERIVED["transpose_tile"]  # [rows of y, columns of y] per tile of the transposing write
+MATVEC_BLOCK_BYTES = _DERIVED["matvec_block"]  # float32 bytes of w's rows per block of _matvec_per_row
 
 
 def _write_transposed(yt, bias, y):
@@ -583,6 +595,7 @@ def block_sizes() -> dict:
         "upcast_few_rows": UPCAST_BLOCK_BYTES,
         "upcast_many_rows": UPCAST_BLOCK_BYTES_MANY_ROWS,
         "upcast_how": _upcast_how,
+        "matvec_block": MATVEC_BLOCK_BYTES,
         "matvec_max_rows": MATVEC_MAX_ROWS,
         "matvec_how": _matvec_how,
         "product_forms": product_forms(),

@@ -54,13 +54,15 @@ def test_nothing_reported_means_assumed(tmp_path, monkeypatch):
 
 def test_blocks_follow_the_l2():
     """Half an L2 of float32 per element-wise block and per transposing tile; the widening starts at 2 and 8
-    L2s (few rows: the block's even and odd columns one L2 each). A 2 MiB L2 gives four times a 512 KiB L2's."""
+    L2s (few rows: the block's even and odd columns one L2 each); the per-row product's blocks an L2 but at least
+    2 MiB. A 2 MiB L2 gives four times a 512 KiB L2's."""
     epyc = fast.derived_blocks(machine.CacheSizes(32 << 10, 512 << 10, 32 << 20, "test"))
     assert epyc == {
         "elementwise": 1 << 16,
         "transpose_tile": (128, 512),
         "upcast_few_rows": 1 << 20,
         "upcast_many_rows": 4 << 20,
+        "matvec_block": 2 << 20,
     }
     xeon = fast.derived_blocks(machine.CacheSizes(48 << 10, 2 << 20, 105 << 20, "test"))
     assert xeon == {
@@ -68,7 +70,9 @@ def test_blocks_follow_the_l2():
         "transpose_tile": (128, 2048),
         "upcast_few_rows": 4 << 20,
         "upcast_many_rows": 16 << 20,
+        "matvec_block": 2 << 20,
     }
+    assert fast.derived_blocks(machine.CacheSizes(48 << 10, 8 << 20, 105 << 20, "test"))["matvec_block"] == 8 << 20
     odd = fast.derived_blocks(machine.CacheSizes(32 << 10, 1280 << 10, 30 << 20, "test"))  # 1.25 MiB: not a power of 2
     assert odd["elementwise"] == 1 << 17 and odd["upcast_few_rows"] == 2 << 20
 
@@ -179,6 +183,20 @@ def test_per_row_limit_measured_once(rows_unchosen, monkeypatch):
     assert 1 <= limit <= fast.MATVEC_CANDIDATE_ROWS and len(calls) == 1
     info = fast.block_sizes()
     assert info["matvec_how"] == "measured at first use" and info["matvec_max_rows"] == limit
+
+
+def test_the_per_row_product_is_the_same_in_any_block():
+    """Blocks split w's rows, never a dot product: every block size gives the products of the whole matrix."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 3, 64)).astype(np.float32)
+    w = rng.standard_normal((300, 64)).astype(np.float32)
+    whole = fast._matvec_per_row(x, w, block_bytes=4 * 64 * 300)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(whole, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    for block_bytes in (4 * 64, 4 * 64 * 7, 4 * 64 * 299, None):  # one row, 7 rows (not dividing 300), the default
+        got = fast._matvec_per_row(x, w, block_bytes=block_bytes)
+        assert got.shape == (1, 3, 300) and got.flags.c_contiguous
+        np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
 
 
 @pytest.mark.parametrize("limit", ["1", "3"])
