@@ -46,10 +46,14 @@ def _inputs():
     return pv, ids, att, img
 
 
-def test_forward_runs_on_the_strict_namespace(models, monkeypatch):
-    """Bit for bit: NumPy takes the products weight first too, as every namespace but NumPy always does (on NumPy
-    the form is otherwise measured per shape, fast.product_form, and x first sums in another order)."""
+@pytest.fixture(autouse=True)
+def weight_first(monkeypatch):
+    """Bit for bit: NumPy takes the many-row products weight first too, as every namespace but NumPy always does
+    (on NumPy the form is otherwise measured per shape, fast.product_form, and x first sums in another order)."""
     monkeypatch.setenv(fast.PRODUCT_FORM_ENV, fast.WEIGHT_FIRST)
+
+
+def test_forward_runs_on_the_strict_namespace(models):
     ref_model, strict = models
     assert isinstance(strict.params["text_model"]["model"]["layers"][0]["ffn"]["fc1"]["weight"], DeviceArray)
     pv, ids, att, img = _inputs()
