@@ -404,6 +404,10 @@ def describe_blocks(b: dict) -> str:
     text = f"element-wise {b['elementwise'] >> 10}K, tiles {tile}, 2-byte widening {few} / {many} ({b['upcast_how']})"
     if b.get("matvec_max_rows") is not None:  # recorded since the per-row limit is measured
         text += f", one product per row up to {b['matvec_max_rows']} rows ({b['matvec_how']})"
+    forms = b.get("product_forms")
+    if forms:  # recorded since the product's form is measured per shape: those kept by the end of the run
+        x_first = sorted(shape for shape, form in forms.items() if form == "x-first")
+        text += f"; x first for {len(x_first)} of {len(forms)} shapes measured ({', '.join(x_first) or 'none'})"
     return text
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ref import Kosmos2, to_numpy
+from kosmos2_ref import Kosmos2, fast, to_numpy
 
 TOL = 1e-5
 
@@ -107,6 +107,25 @@ def test_padded_batch_every_stage(tiny, side):
     pv, ids, att, img = _inputs(64, TEXTS, side=side, seed=3)
     labels = np.where(att == 1, ids, -100)
     _compare_all(ours, hf, pv, ids, att, img, labels=labels, label=f"tiny, batch 3, {side}-padded")
+
+
+@pytest.mark.parametrize("form", ["x-first", "measured"])
+def test_padded_batch_in_each_product_form(tiny, form, monkeypatch):
+    """The suite takes the many-row products weight first (conftest); here x first, and as measured per shape
+    (the default outside the tests: the first calls of each shape alternate, then one form is kept)."""
+    ours, hf = tiny
+    if form == "measured":
+        monkeypatch.delenv(fast.PRODUCT_FORM_ENV)
+        monkeypatch.setattr(fast, "_forms", {})
+        monkeypatch.setattr(fast, "_form_trials", {})
+    else:
+        monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
+    pv, ids, att, img = _inputs(64, TEXTS, side="left", seed=3)
+    labels = np.where(att == 1, ids, -100)
+    for _ in range(2 if form == "measured" else 1):  # measured: while the forms alternate, then once kept
+        _compare_all(ours, hf, pv, ids, att, img, labels=labels, label=f"tiny, batch 3, products {form}")
+    if form == "measured":
+        assert fast.product_forms() and set(fast.product_forms().values()) <= {fast.WEIGHT_FIRST, fast.X_FIRST}
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
