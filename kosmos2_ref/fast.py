@@ -45,8 +45,8 @@ def linear(x, weight, bias=None):
 
     * a 2-byte weight (float16/bfloat16 storage) on NumPy: :func:`linear_upcast_blocks` widens it a cache-sized
       block at a time instead of writing a float32 copy of the whole matrix;
-    * a few rows on the CPU (2-3 on the development machine; measured once per process, :func:`per_row`):
-      :func:`_matvec_per_row`;
+    * a few rows on the CPU (2-3 on the development machine, 2-7 on an Intel Xeon; measured once per process,
+      :func:`per_row`): :func:`_matvec_per_row`;
     * more rows: :func:`_matmul_weight_first` or the textbook product, whichever was measured faster for the
       shape (:func:`product_form`).
     One row takes the textbook product. x [..., K], weight [N, K] -> [..., N] float32, row-major.
