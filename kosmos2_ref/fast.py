@@ -17,7 +17,6 @@ it and are then measured once, at the first 2-byte product of the process, among
 the weight or x goes first is timed on the first calls of each shape (:func:`product_form`). :func:`block_sizes`
 says what was chosen.
 """
-
 from __future__ import annotations
 
 import math
@@ -39,7 +38,6 @@ NEG_INF_F32 = layers.NEG_INF_F32
 # --------------------------------------------------------------------------------------------------------------
 # linear
 
-
 def linear(x, weight, bias=None):
     """Replaces :func:`layers.linear` (``x @ as_float32(W).T + b``), choosing among three faster products.
 
@@ -60,9 +58,9 @@ def linear(x, weight, bias=None):
     elif rows > 1:
         return _many_rows_product(x, as_float32(weight), bias)
     else:
-        y = x @ as_float32(weight).T  # [..., K] @ [K, N] -> [..., N]
+        y = x @ as_float32(weight).T        # [..., K] @ [K, N] -> [..., N]
     if bias is not None:
-        y += bias  # in place: y is a fresh array
+        y += bias                           # in place: y is a fresh array
     return y
 
 
@@ -71,8 +69,8 @@ def linear(x, weight, bias=None):
 # Haswell), [8192, 2048] from memory, per row / one product: once 0.73 (2 rows), 0.91 (3) and 1.3 (4); on a later,
 # slower day 0.45-0.50, 0.56-0.61, 0.86-0.90, then 0.94-0.95 (5 rows) and 1.12 (6): the limit moved from 3 to 3-4.
 MATVEC_MAX_ROWS: int | None = None
-MATVEC_CANDIDATE_ROWS = 8  # the most rows that could take the per-row form (4 before it went block by block)
-MATVEC_ROWS_ENV = "KOSMOS2_MATVEC_MAX_ROWS"  # "1": always one product (per-row form off); "3": up to 3 rows
+MATVEC_CANDIDATE_ROWS = 8   # the most rows that could take the per-row form (4 before it went block by block)
+MATVEC_ROWS_ENV = "KOSMOS2_MATVEC_MAX_ROWS"   # "1": always one product (per-row form off); "3": up to 3 rows
 _matvec_how = "not chosen yet"
 
 
@@ -120,7 +118,7 @@ def _measure_matvec_rows(repeats: int = 3, margin: float = 0.9) -> int:
     more than most L3s hold, so it streams from memory as the model's weights do): the best of ``repeats``
     timings each, the forms taken in turns. 1 when the per-row form never wins."""
     w = np.empty((8192, 2048), dtype=np.float32)
-    w.fill(0.5)  # touch every page before timing
+    w.fill(0.5)                                            # touch every page before timing
     best = {}
     for _ in range(repeats):
         for r in range(2, MATVEC_CANDIDATE_ROWS + 1):
@@ -156,13 +154,13 @@ def _matvec_per_row(x, w, block_bytes: int | None = None):
     """
     xp = get_xp(x)
     K, N = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, K)  # [M, K]
+    x2 = x.reshape(-1, K)                        # [M, K]
     y = xp.empty((x2.shape[0], N), dtype=xp.float32)
-    rows = max(1, (block_bytes or MATVEC_BLOCK_BYTES) // (4 * K))  # rows of w per block
+    rows = max(1, (block_bytes or MATVEC_BLOCK_BYTES) // (4 * K))   # rows of w per block
     for r in range(0, N, rows):
-        block = w[r : r + rows]  # [n, K]: read from memory by row 0's product, from the cache by the others
+        block = w[r:r + rows]                    # [n, K]: from memory for row 0's product, from the cache after
         for i in range(x2.shape[0]):
-            xp.matmul(block, x2[i], out=y[i, r : r + rows])  # [n, K] @ [K] -> [n]
+            xp.matmul(block, x2[i], out=y[i, r:r + rows])   # [n, K] @ [K] -> [n]
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
@@ -180,9 +178,9 @@ def _matmul_weight_first(x, w, bias=None):
     -> [..., N], row-major.
     """
     K, N = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, K)  # [M, K] (a view when x is contiguous)
-    y = product_from_columns(x2.T, w, bias)  # [M, N] row-major
-    return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+    x2 = x.reshape(-1, K)                      # [M, K] (a view when x is contiguous)
+    y = product_from_columns(x2.T, w, bias)    # [M, N] row-major
+    return y.reshape(x.shape[:-1] + (N,))      # [M, N] -> [..., N]
 
 
 def product_from_columns(xt, w, bias=None):
@@ -196,7 +194,7 @@ def product_from_columns(xt, w, bias=None):
     else:
         yt = w @ xt
     y = xp.empty((M, N), dtype=xp.float32)
-    _write_transposed(yt, bias, y)  # [M, N] row-major
+    _write_transposed(yt, bias, y)             # [M, N] row-major
     return y
 
 
@@ -210,11 +208,11 @@ def product_to_columns(x2, w, bias=None):
     else:
         ht = w @ x2.T
     if bias is not None:
-        ht += bias[:, None]  # [N, M] + [N, 1]
+        ht += bias[:, None]                    # [N, M] + [N, 1]
     return ht
 
 
-PRODUCT_SCRATCH_MAX = 8 << 20  # elements: the transposed product goes through a reused buffer up to 32 MB
+PRODUCT_SCRATCH_MAX = 8 << 20   # elements: the transposed product goes through a reused buffer up to 32 MB
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,25 +228,24 @@ PRODUCT_SCRATCH_MAX = 8 << 20  # elements: the transposed product goes through a
 # rounded up to a power of two (a prompt's length varies), its inputs and its outputs. The two forms differ only by
 # float32 summation order. ``KOSMOS2_PRODUCT_FORM`` fixes the form for every shape instead.
 
-PRODUCT_FORM_ENV = "KOSMOS2_PRODUCT_FORM"  # "weight-first" (the form before the choice) or "x-first"
+PRODUCT_FORM_ENV = "KOSMOS2_PRODUCT_FORM"   # "weight-first" (the form before the choice) or "x-first"
 WEIGHT_FIRST, X_FIRST = "weight-first", "x-first"
-FORM_TRIALS = 3  # timed calls of each form per shape before the shape keeps one
-FORM_MARGIN = 0.95  # x first must take less than this fraction of weight first's time to be kept
-_forms: dict[tuple, str] = {}  # (what, rows rounded up, K, N) -> the form kept
-_form_trials: dict[tuple, dict[str, list[float]]] = {}  # the same keys -> each form's timings so far
+FORM_TRIALS = 3              # timed calls of each form per shape before the shape keeps one
+FORM_MARGIN = 0.95           # x first must take less than this fraction of weight first's time to be kept
+_forms: dict[tuple, str] = {}                            # (what, rows rounded up, K, N) -> the form kept
+_form_trials: dict[tuple, dict[str, list[float]]] = {}   # the same keys -> each form's timings so far
 
 
 def _form_setting() -> str | None:
     text = os.environ.get(PRODUCT_FORM_ENV, "").strip()
     if text and text not in (WEIGHT_FIRST, X_FIRST):
-        raise ValueError(
-            f"{PRODUCT_FORM_ENV} must be {WEIGHT_FIRST!r} or {X_FIRST!r} (unset: measured per shape), got {text!r}"
-        )
+        raise ValueError(f"{PRODUCT_FORM_ENV} must be {WEIGHT_FIRST!r} or {X_FIRST!r} (unset: measured per "
+                         f"shape), got {text!r}")
     return text or None
 
 
 def _form_key(what: str, rows: int, K: int, N: int) -> tuple:
-    return what, 1 << max(0, rows - 1).bit_length(), K, N  # rows rounded up to a power of two
+    return what, 1 << max(0, rows - 1).bit_length(), K, N     # rows rounded up to a power of two
 
 
 def product_form(what: str, rows: int, K: int, N: int) -> str | None:
@@ -266,7 +263,7 @@ def _in_measured_form(key: tuple, weight_first, x_first):
         return (x_first if form == X_FIRST else weight_first)()
     with _choice_lock:
         trials = _form_trials.setdefault(key, {WEIGHT_FIRST: [], X_FIRST: []})
-        form = min(trials, key=lambda f: len(trials[f]))  # weight first on a tie
+        form = min(trials, key=lambda f: len(trials[f]))          # weight first on a tie
     t0 = time.perf_counter()
     y = (x_first if form == X_FIRST else weight_first)()
     seconds = time.perf_counter() - t0
@@ -290,7 +287,7 @@ def _many_rows_product(x, w, bias=None):
 
 def _matmul_x_first(x, w, bias=None):
     """The textbook product, x @ w.T + b, the bias added in place. x [..., K], w [N, K] -> [..., N], row-major."""
-    y = x @ w.T  # [..., K] @ [K, N] -> [..., N], fresh
+    y = x @ w.T                                # [..., K] @ [K, N] -> [..., N], fresh
     if bias is not None:
         y += bias
     return y
@@ -307,7 +304,7 @@ def _reused(name: str, shape):
     if buf is None or buf.size < size:
         buf = np.empty(size, dtype=np.float32)
         setattr(_local, name, buf)
-    return buf[:size].reshape(shape)  # [size] -> shape
+    return buf[:size].reshape(shape)    # [size] -> shape
 
 
 def derived_blocks(caches: machine.CacheSizes) -> dict:
@@ -328,13 +325,13 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
         "transpose_tile": (128, pow2(half_l2 / (4 * 128), 128, 2048)),  # [rows of y, columns of y]
         "upcast_few_rows": pow2(2 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
         "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
-        "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),  # float32 bytes of rows: half an L2 per BLAS thread
+        "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),       # float32 bytes of rows: half an L2 per BLAS thread
     }
 
 
 _DERIVED = derived_blocks(machine.cache_sizes())
-TRANSPOSE_TILE = _DERIVED["transpose_tile"]  # [rows of y, columns of y] per tile of the transposing write
-MATVEC_BLOCK_BYTES = _DERIVED["matvec_block"]  # float32 bytes of w's rows per block of _matvec_per_row
+TRANSPOSE_TILE = _DERIVED["transpose_tile"]     # [rows of y, columns of y] per tile of the transposing write
+MATVEC_BLOCK_BYTES = _DERIVED["matvec_block"]   # float32 bytes of w's rows per block of _matvec_per_row
 
 
 def _write_transposed(yt, bias, y):
@@ -349,9 +346,9 @@ def _write_transposed(yt, bias, y):
     N, M = yt.shape
     tm, tn = TRANSPOSE_TILE if xp is np else (M, N)
     for n0 in range(0, N, tn):
-        b = None if bias is None else bias[n0 : n0 + tn]
+        b = None if bias is None else bias[n0:n0 + tn]
         for m0 in range(0, M, tm):
-            src, dst = yt[n0 : n0 + tn, m0 : m0 + tm].T, y[m0 : m0 + tm, n0 : n0 + tn]
+            src, dst = yt[n0:n0 + tn, m0:m0 + tm].T, y[m0:m0 + tm, n0:n0 + tn]
             if b is None:
                 dst[...] = src
             else:
@@ -376,19 +373,19 @@ def _write_transposed(yt, bias, y):
 # overlap. Measured on the 2-core machine: no gain with OpenBLAS's own threads; 17 % for bfloat16 and 38 % for
 # float16 only when OpenBLAS is set process-wide to one thread, which a library should not do to its host.)
 
-UPCAST_MIN_SIZE = 1 << 16  # smaller matrices are simply widened whole
-UPCAST_FEW_ROWS = 8  # x with at most this many rows counts as "few" (decoding)
+UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
+UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
 # float32 bytes per widened block when x has few rows / many rows (GEMM likes wider blocks): None until the first
 # 2-byte product of the process chooses them (upcast_block_bytes). On the development machine (512 KiB L2, two
 # BLAS threads) bfloat16 ran at 4.5 G weights/s with 1 MiB blocks, 4.9-5.1 with 2 MiB, 3.5 with 4 MiB.
 UPCAST_BLOCK_BYTES: int | None = None
 UPCAST_BLOCK_BYTES_MANY_ROWS: int | None = None
-UPCAST_BLOCKS_ENV = "KOSMOS2_UPCAST_BLOCKS"  # "FEW,MANY" in bytes (K/M suffixes allowed), e.g. "2M,8M"
+UPCAST_BLOCKS_ENV = "KOSMOS2_UPCAST_BLOCKS"   # "FEW,MANY" in bytes (K/M suffixes allowed), e.g. "2M,8M"
 _choice_lock = threading.Lock()
 _upcast_how = "not chosen yet"
 
-_F16_TO_F32_SCALE = np.float32(2.0**112)  # 2^(127 - 15): float16's exponent bias -> float32's
-_F16_FIELDS = np.int32(-0x70002000)  # 0x8FFFE000: the sign bit and float16's 15 exponent/mantissa bits
+_F16_TO_F32_SCALE = np.float32(2.0 ** 112)   # 2^(127 - 15): float16's exponent bias -> float32's
+_F16_FIELDS = np.int32(-0x70002000)          # 0x8FFFE000: the sign bit and float16's 15 exponent/mantissa bits
 _local = threading.local()
 
 
@@ -414,21 +411,21 @@ def widen_pairs(src, even, odd, *, scaled: bool = False) -> bool:
 
     Returns False when a float16 block held an inf or NaN (it was then cast exactly), True otherwise.
     """
-    words = src.view(np.uint32)  # [n, K/2]: one word per pair of weights
-    np.left_shift(words, 16, out=even.view(np.uint32))  # column 2j -> top half, zeros below
+    words = src.view(np.uint32)                      # [n, K/2]: one word per pair of weights
+    np.left_shift(words, 16, out=even.view(np.uint32))          # column 2j -> top half, zeros below
     if src.dtype != np.float16:
-        np.bitwise_and(words, 0xFFFF0000, out=odd.view(np.uint32))  # column 2j+1 is already the top half
+        np.bitwise_and(words, 0xFFFF0000, out=odd.view(np.uint32))   # column 2j+1 is already the top half
         return True
     e, o = even.view(np.int32), odd.view(np.int32)
-    e >>= 3  # arithmetic: sign copied into bits 31..28
-    np.right_shift(words.view(np.int32), 3, out=o)  # the same for column 2j+1 (2j's bits fall into bits 12..0)
+    e >>= 3                                          # arithmetic: sign copied into bits 31..28
+    np.right_shift(words.view(np.int32), 3, out=o)   # the same for column 2j+1 (2j's bits fall into bits 12..0)
     e &= _F16_FIELDS
     o &= _F16_FIELDS
     if scaled:
         return True
     for half in (even, odd):
         half *= _F16_TO_F32_SCALE
-        if half.max() >= 65536.0 or half.min() <= -65536.0:  # an inf or NaN was among them
+        if half.max() >= 65536.0 or half.min() <= -65536.0:   # an inf or NaN was among them
             np.copyto(even, src[:, 0::2])
             np.copyto(odd, src[:, 1::2])
             return False
@@ -454,7 +451,7 @@ def _remember_finite(w) -> None:
 def _scratch(rows: int, cols: int):
     """Two reusable float32 buffers of shape [rows, cols] for a block's even and odd columns (:func:`_reused`)."""
     pair = _reused("widened", (2, rows, cols))
-    return pair[0], pair[1]  # [rows, cols] each
+    return pair[0], pair[1]     # [rows, cols] each
 
 
 def linear_upcast_blocks(x, w, block_bytes: int | None = None):
@@ -468,18 +465,18 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     process's choice (:func:`upcast_block_bytes`) for this call.
     """
     N, K = w.shape
-    x2 = x.reshape(-1, K)  # [M, K]
+    x2 = x.reshape(-1, K)                              # [M, K]
     M = x2.shape[0]
-    if K % 2 or sys.byteorder != "little":  # no pairs to split: widen each block whole
+    if K % 2 or sys.byteorder != "little":             # no pairs to split: widen each block whole
         return (x2 @ as_float32(w).T).reshape(x.shape[:-1] + (N,))
-    x_even = np.ascontiguousarray(x2[:, 0::2])  # [M, K/2]
+    x_even = np.ascontiguousarray(x2[:, 0::2])         # [M, K/2]
     x_odd = np.ascontiguousarray(x2[:, 1::2])
     # float16: once a matrix has been widened the checked way and held no inf/NaN, later calls widen it to
     # 2^-112 × its values and take x × 2^112 instead — the same products, two fewer passes over each weight and
     # no check. Measured here: widening and product on [8192, 2048] 1.7 -> 3.1 G weights/s against the previous
     # form; a full-size float16 decoded token 0.75 -> 0.46 s against the checked form. Not when x × 2^112 could
     # overflow (|x| ≥ 2^16) or x holds a NaN.
-    scaled = w.dtype == np.float16 and _known_finite(w) and bool(np.abs(x2).max(initial=0.0) < 2.0**16)
+    scaled = w.dtype == np.float16 and _known_finite(w) and bool(np.abs(x2).max(initial=0.0) < 2.0 ** 16)
     if scaled:
         x_even *= _F16_TO_F32_SCALE
         x_odd *= _F16_TO_F32_SCALE
@@ -489,15 +486,15 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     for r in range(0, N, block):
         n = min(block, N - r)
         w_even, w_odd = _scratch(n, K // 2)
-        all_finite &= widen_pairs(w[r : r + n], w_even, w_odd, scaled=scaled)  # [n, K/2] each, float32, in cache
+        all_finite &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
         if M <= UPCAST_FEW_ROWS:
-            out = y[:, r : r + n]
-            np.matmul(x_even, w_even.T, out=out)  # [M, K/2] @ [K/2, n]
+            out = y[:, r:r + n]
+            np.matmul(x_even, w_even.T, out=out)       # [M, K/2] @ [K/2, n]
             out += x_odd @ w_odd.T
-        else:  # many rows: weight first, as in _matmul_weight_first
-            yt = w_even @ x_even.T  # [n, K/2] @ [K/2, M] -> [n, M]
+        else:                                          # many rows: weight first, as in _matmul_weight_first
+            yt = w_even @ x_even.T                     # [n, K/2] @ [K/2, M] -> [n, M]
             yt += w_odd @ x_odd.T
-            _write_transposed(yt, None, y[:, r : r + n])
+            _write_transposed(yt, None, y[:, r:r + n])
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
@@ -568,11 +565,11 @@ def _measure_block(start: int, rows: int, repeats: int = 3, margin: float = 0.9)
     each, taken in turns so that a busy moment hits all sizes alike; a size other than ``start`` must beat it by
     1 − ``margin`` (10 %) to be chosen, so noise keeps the cache-derived one."""
     rng = np.random.default_rng(0)
-    tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16  # bfloat16 bits of N(0, 1)
+    tile = rng.standard_normal((64, 2048), dtype=np.float32).view(np.uint32) >> 16   # bfloat16 bits of N(0, 1)
     few_rows = rows <= UPCAST_FEW_ROWS
-    streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))  # matrices of 16 MiB, 2 L3s
-    bits = tile.astype(np.uint16)  # [64, 2048]
-    ws = [np.tile(bits, (64, 1)) for _ in range(streamed if few_rows else 1)]  # [4096, 2048] each
+    streamed = min(8, max(2, -(-2 * machine.cache_sizes().l3 // (16 << 20))))   # matrices of 16 MiB, 2 L3s
+    bits = tile.astype(np.uint16)                                                   # [64, 2048]
+    ws = [np.tile(bits, (64, 1)) for _ in range(streamed if few_rows else 1)]    # [4096, 2048] each
     x = rng.standard_normal((rows, 2048), dtype=np.float32)
     candidates = upcast_block_candidates(start, few_rows)
     best = dict.fromkeys(candidates, math.inf)
@@ -627,8 +624,8 @@ def product_forms() -> dict:
 # Attention's scale-mask-softmax shared out by heads measured 0.90-0.94x, so attention stays on one thread.
 # Whole steps (benchmarks/elementwise_ab.py, full size, two runs): image encoding 0.96-1.03x, first token
 # 1.02-1.03x, within that VM's run-to-run noise: the activations are a few per cent of a step there.
-ELEMENTWISE_THREADS_ENV = "KOSMOS2_ELEMENTWISE_THREADS"  # "1": one thread (the form before this split), "4": four
-PARALLEL_MIN_ELEMENTS = 1 << 18  # smaller arrays stay on one thread: a hand-off costs ~10-50 µs
+ELEMENTWISE_THREADS_ENV = "KOSMOS2_ELEMENTWISE_THREADS"   # "1": one thread (the form before this split), "4": four
+PARALLEL_MIN_ELEMENTS = 1 << 18     # smaller arrays stay on one thread: a hand-off costs ~10-50 µs
 
 
 def elementwise_threads() -> int:
@@ -653,11 +650,8 @@ def _pool(workers: int):
         if state["pid"] != os.getpid() or state["size"] != workers:
             if state["pool"] is not None and state["pid"] == os.getpid():
                 state["pool"].shutdown(wait=False)
-            state.update(
-                pid=os.getpid(),
-                size=workers,
-                pool=ThreadPoolExecutor(workers, thread_name_prefix="kosmos2-elementwise"),
-            )
+            state.update(pid=os.getpid(), size=workers,
+                         pool=ThreadPoolExecutor(workers, thread_name_prefix="kosmos2-elementwise"))
         return state["pool"]
 
 
@@ -676,12 +670,11 @@ def over_parts(fn, n: int, elements: int) -> None:
         fn(bounds[0], bounds[1])
     finally:
         for future in futures:
-            future.result()  # waits for every part, and raises the first part's error
+            future.result()     # waits for every part, and raises the first part's error
 
 
 # --------------------------------------------------------------------------------------------------------------
 # layer_norm
-
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     """Replaces :func:`layers.layer_norm`: the same float64 moments, the rest in place on the output buffer
@@ -695,19 +688,19 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     xp = get_xp(x)
     if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
         return _layer_norm_rows(x, weight, bias, eps, xp.empty_like(x, dtype=xp.float32))  # x's memory order
-    rows = x.reshape(-1, x.shape[-1])  # [R, C], a view
+    rows = x.reshape(-1, x.shape[-1])   # [R, C], a view
     out = np.empty(rows.shape, np.float32)
     over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size)
-    return out.reshape(x.shape)  # [R, C] -> [..., C]
+    return out.reshape(x.shape)         # [R, C] -> [..., C]
 
 
 def _layer_norm_rows(x, weight, bias, eps: float, out):
     """LayerNorm of x [..., C] written into ``out`` (float32, x's shape) and returned."""
     xp = get_xp(x)
     n = x.shape[-1]
-    mean = (x.sum(axis=-1, keepdims=True, dtype=xp.float64) / n).astype(xp.float32)  # [..., 1]
-    xc = xp.subtract(x, mean, out=out)  # [..., C]
-    var = (xc * xc).sum(axis=-1, keepdims=True, dtype=xp.float64) / n  # [..., 1]
+    mean = (x.sum(axis=-1, keepdims=True, dtype=xp.float64) / n).astype(xp.float32)   # [..., 1]
+    xc = xp.subtract(x, mean, out=out)                                                  # [..., C]
+    var = (xc * xc).sum(axis=-1, keepdims=True, dtype=xp.float64) / n                  # [..., 1]
     xc *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
     xc *= weight
     xc += bias
@@ -717,7 +710,7 @@ def _layer_norm_rows(x, weight, bias, eps: float, out):
 # --------------------------------------------------------------------------------------------------------------
 # Element-wise activations, a cache-sized block at a time
 
-ELEMENTWISE_BLOCK = _DERIVED["elementwise"]  # elements per block of a long chain of element-wise passes: half an L2
+ELEMENTWISE_BLOCK = _DERIVED["elementwise"]   # elements per block of a long chain of element-wise passes: half an L2
 
 
 def gelu(x):
@@ -739,11 +732,11 @@ def quick_gelu(x):
     x [...] -> [...]."""
     xp = get_xp(x)
     if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
-        return _quick_gelu_into(x, xp.empty_like(x, dtype=xp.float32))  # in x's memory order
-    src = x.reshape(-1)  # [...] -> [n], a view
+        return _quick_gelu_into(x, xp.empty_like(x, dtype=xp.float32))   # in x's memory order
+    src = x.reshape(-1)                 # [...] -> [n], a view
     out = np.empty(src.shape, np.float32)
     over_parts(lambda a, b: _quick_gelu_into(src[a:b], out[a:b]), src.size, src.size)
-    return out.reshape(x.shape)  # [n] -> [...]
+    return out.reshape(x.shape)         # [n] -> [...]
 
 
 def _quick_gelu_into(x, out):
@@ -767,13 +760,13 @@ def _in_cache_sized_blocks(fn, x, out=None):
     before its result is written).
     """
     if out is None:
-        out = np.empty_like(x)  # the same memory order as x (row- or column-major)
-    src = x.ravel(order="K")  # x's elements in memory order (a view when x is contiguous)
-    dst = out.ravel(order="K")  # a view: out is contiguous in that same order
+        out = np.empty_like(x)              # the same memory order as x (row- or column-major)
+    src = x.ravel(order="K")                # x's elements in memory order (a view when x is contiguous)
+    dst = out.ravel(order="K")              # a view: out is contiguous in that same order
 
-    def blocks(first: int, stop: int) -> None:  # blocks first … stop − 1; the threads share them out
+    def blocks(first: int, stop: int) -> None:      # blocks first … stop − 1; the threads share them out
         for i in range(first * ELEMENTWISE_BLOCK, min(src.size, stop * ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK):
-            dst[i : i + ELEMENTWISE_BLOCK] = fn(src[i : i + ELEMENTWISE_BLOCK])
+            dst[i:i + ELEMENTWISE_BLOCK] = fn(src[i:i + ELEMENTWISE_BLOCK])
 
     over_parts(blocks, -(-src.size // ELEMENTWISE_BLOCK), src.size)
     return out
@@ -781,7 +774,6 @@ def _in_cache_sized_blocks(fn, x, out=None):
 
 # --------------------------------------------------------------------------------------------------------------
 # The MLP, its hidden activation kept transposed
-
 
 def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-5):
     """Replaces :func:`layers.feed_forward` (fc2(act(fc1(x))), LayerNorm between when ``inner_norm``): with more
@@ -808,20 +800,21 @@ def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-
     C = x.shape[-1]
     rows = x.size // C if C else 0
     w1, w2 = fc1["weight"], fc2["weight"]
-    two_byte = w1.dtype != np.float32 or w2.dtype != np.float32  # NumPy widens those block by block in linear
+    two_byte = w1.dtype != np.float32 or w2.dtype != np.float32    # NumPy widens those block by block in linear
 
-    def in_rows():  # the textbook composition of the fast primitives: the hidden activation [..., F]
-        h = ACTIVATIONS[activation](linear(x, **fc1))  # [..., F]
+    def in_rows():          # the textbook composition of the fast primitives, the hidden activation [..., F]
+        h = ACTIVATIONS[activation](linear(x, **fc1))          # [..., F]
         if inner_norm is not None:
             h = layer_norm(h, **inner_norm, eps=eps)
-        return linear(h, **fc2)  # [..., C]
+        return linear(h, **fc2)                                 # [..., C]
 
     if rows <= 1 or _per_row_here(xp, rows) or (two_byte and xp is np):
         return in_rows()
     if xp is not np:
         return _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps)
     key = _form_key("mlp", rows, C, w1.shape[0])
-    return _in_measured_form(key, lambda: _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps), in_rows)
+    return _in_measured_form(key, lambda: _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps),
+                             in_rows)
 
 
 def _feed_forward_in_columns(x, fc1, fc2, activation: str, inner_norm, eps: float):
@@ -830,15 +823,15 @@ def _feed_forward_in_columns(x, fc1, fc2, activation: str, inner_norm, eps: floa
     xp = get_xp(x)
     C = x.shape[-1]
     w1, w2 = fc1["weight"], fc2["weight"]
-    ht = product_to_columns(x.reshape(-1, C), as_float32(w1), fc1.get("bias"))  # [M, C] -> [F, M]
+    ht = product_to_columns(x.reshape(-1, C), as_float32(w1), fc1.get("bias"))   # [M, C] -> [F, M]
     if xp is np:
         _in_cache_sized_blocks(layers.ACTIVATIONS[activation], ht, out=ht)
-    else:  # the same operations on the whole array
+    else:                                                       # the same operations on the whole array
         ht = layers.ACTIVATIONS[activation](ht)
     if inner_norm is not None:
         _layer_norm_columns(ht, inner_norm["weight"], inner_norm["bias"], eps)
-    y = product_from_columns(ht, as_float32(w2), fc2.get("bias"))  # [F, M] -> [M, C]
-    return y.reshape(x.shape[:-1] + (w2.shape[0],))  # [M, C] -> [..., C]
+    y = product_from_columns(ht, as_float32(w2), fc2.get("bias"))           # [F, M] -> [M, C]
+    return y.reshape(x.shape[:-1] + (w2.shape[0],))                         # [M, C] -> [..., C]
 
 
 def _layer_norm_columns(h, weight, bias, eps: float):
@@ -846,18 +839,17 @@ def _layer_norm_columns(h, weight, bias, eps: float):
     :func:`layer_norm`. weight, bias [F]."""
     xp = get_xp(h)
     n = h.shape[0]
-    mean = (h.sum(axis=0, dtype=xp.float64) / n).astype(xp.float32)  # [M]
-    h -= mean  # [F, M] - [M]
-    var = xp.einsum("fm,fm->m", h, h, dtype=xp.float64) / n  # [M], no [F, M] temporary
+    mean = (h.sum(axis=0, dtype=xp.float64) / n).astype(xp.float32)      # [M]
+    h -= mean                                                             # [F, M] - [M]
+    var = xp.einsum("fm,fm->m", h, h, dtype=xp.float64) / n               # [M], no [F, M] temporary
     h *= (1.0 / xp.sqrt(var + eps)).astype(xp.float32)
-    h *= weight[:, None]  # [F, M] * [F, 1]
-    h += bias[:, None]  # [F, M] + [F, 1]
+    h *= weight[:, None]                                                  # [F, M] * [F, 1]
+    h += bias[:, None]                                                    # [F, M] + [F, 1]
     return h
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Attention
-
 
 def softmax_in_place(e, axis: int = -1):
     """:func:`layers.softmax` of ``e`` written over ``e`` itself (a fresh array of the caller's): no temporaries
@@ -899,16 +891,10 @@ def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool =
     xp = get_xp(q)
     out = xp.empty((B, H, T, D), dtype=xp.float32)
     for t in range(0, T, rows):
-        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t : t + rows, :]
-        stop = _keys_needed(m, S) if xp is np else S  # NumPy only: the check reads the mask on the host
-        out[:, :, t : t + rows], _ = _attention_block(
-            q[:, :, t : t + rows],
-            k[..., :stop, :],
-            v[..., :stop, :],
-            None if m is None else m[..., :stop],
-            scale,
-            False,
-        )
+        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t:t + rows, :]
+        stop = _keys_needed(m, S) if xp is np else S     # NumPy only: the check reads the mask on the host
+        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k[..., :stop, :], v[..., :stop, :],
+                                                    None if m is None else m[..., :stop], scale, False)
     return out, None
 
 
@@ -924,7 +910,7 @@ def _keys_needed(mask, S: int) -> int:
     """
     if mask is None or mask.shape[-1] != S:
         return S
-    seen = mask > NEG_INF_F32 / 2  # [B or 1, 1, rows or 1, S]
+    seen = mask > NEG_INF_F32 / 2                         # [B or 1, 1, rows or 1, S]
     if not seen.any(axis=-1).all():
         return S
     cols = np.flatnonzero(seen.any(axis=tuple(range(seen.ndim - 1))))
@@ -945,27 +931,24 @@ def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
     another 7 % there (12.0 -> 11.2 ms), too little on that VM to add a hand-off per block.
     """
     if need_probs:
-        scores = q @ k.swapaxes(-1, -2)  # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S], a fresh array
+        scores = q @ k.swapaxes(-1, -2)     # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S], a fresh array
         scores *= scale
         if mask is not None:
             scores += mask
-        probs = softmax_in_place(scores)  # [B, H, T, S]
-        return probs @ v, probs  # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
+        probs = softmax_in_place(scores)    # [B, H, T, S]
+        return probs @ v, probs             # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
     xp = get_xp(q)
     B, H, T, _ = q.shape
     if xp is np:
-        scores = np.matmul(
-            q * scale,
-            k.swapaxes(-1, -2),  # [B, H, T, D] @ [B, H, D, S]
-            out=_reused("scores", (B, H, T, k.shape[-2])),
-        )  # -> [B, H, T, S], reused memory
+        scores = np.matmul(q * scale, k.swapaxes(-1, -2),                # [B, H, T, D] @ [B, H, D, S]
+                           out=_reused("scores", (B, H, T, k.shape[-2])))  # -> [B, H, T, S], reused memory
     else:
-        scores = (q * scale) @ k.swapaxes(-1, -2)  # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S]
+        scores = (q * scale) @ k.swapaxes(-1, -2)    # [B, H, T, D] @ [B, H, D, S] -> [B, H, T, S]
     if mask is not None:
         scores += mask
     scores -= scores.max(axis=-1, keepdims=True)
-    xp.exp(scores, out=scores)  # e = exp(s - max s), [B, H, T, S]
-    total = scores.sum(axis=-1, keepdims=True)  # Σe [B, H, T, 1]
-    out = scores @ v  # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
+    xp.exp(scores, out=scores)              # e = exp(s - max s), [B, H, T, S]
+    total = scores.sum(axis=-1, keepdims=True)      # Σe [B, H, T, 1]
+    out = scores @ v                        # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
     out /= total
     return out, None
