@@ -257,8 +257,7 @@ def product_form(what: str, rows: int, K: int, N: int) -> str | None:
 def _in_measured_form(key: tuple, weight_first, x_first):
     """Runs ``weight_first()`` or ``x_first()`` (the same result, two ways), the kept form for ``key``; until
     one is kept, the form with fewer timings so far, timed."""
-    setting = _form_setting()
-    form = setting or _forms.get(key)
+    form = _form_setting() or _forms.get(key)
     if form is not None:
         return (x_first if form == X_FIRST else weight_first)()
     with _choice_lock:
@@ -325,7 +324,7 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
         "transpose_tile": (128, pow2(half_l2 / (4 * 128), 128, 2048)),  # [rows of y, columns of y]
         "upcast_few_rows": pow2(2 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
         "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
-        "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),       # float32 bytes of rows: half an L2 per BLAS thread
+        "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),       # float32 bytes of w's rows, at least 2 MiB
     }
 
 

@@ -7,11 +7,12 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from kosmos2_ref import fast, machine
+from kosmos2_ref import fast, layers, machine
 
 
 def write_cache(folder, index, level, kind, size):
@@ -270,7 +271,6 @@ def test_each_shape_times_both_forms_then_keeps_one(forms_unchosen):
 @pytest.mark.parametrize("slower", [fast.WEIGHT_FIRST, fast.X_FIRST])
 def test_the_faster_form_is_kept(forms_unchosen, slower):
     """The rule itself, on two forms of which one is made 20 ms slower."""
-    import time
 
     def form(name):
         return lambda: time.sleep(0.02 if name == slower else 0.0) or name
@@ -294,8 +294,6 @@ def test_the_mlp_gives_its_numbers_in_either_form(forms_unchosen):
         "bias": rng.standard_normal(40).astype(np.float32),
     }
     norm = {"weight": rng.uniform(0.5, 1.5, 96).astype(np.float32), "bias": rng.standard_normal(96).astype(np.float32)}
-    from kosmos2_ref import layers
-
     ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
     for _ in range(2 * fast.FORM_TRIALS + 2):
         got = fast.feed_forward(x, fc1, fc2, "gelu", norm)
