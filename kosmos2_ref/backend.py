@@ -110,9 +110,14 @@ def get_xp(x):
     return ns() if ns is not None else np
 
 
+def has_own_erfc(x) -> bool:
+    """Whether x's namespace brings an erfc kernel of its own (CuPy), rather than :func:`erfc_numpy`'s chain."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
 def erfc(x):
     """erfc on any backend's array: CuPy's own where the array lives on the GPU, else :func:`erfc_numpy`."""
-    if type(x).__module__.split(".")[0] == "cupy":
+    if has_own_erfc(x):
         return get_backend("cupy").erfc(x)
     return erfc_numpy(x)
 

@@ -264,3 +264,47 @@ def test_compute_threads_follow_the_thread_limits(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty or nonsense says nothing
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "lots")
     assert machine.compute_threads() == cores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GELU as x · sigmoid(L(x)): the fitted polynomial and its accuracy
+
+
+def _fit_gelu_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_gelu.py"
+    spec = importlib.util.spec_from_file_location("fit_gelu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gelu_polynomial_is_what_the_fit_gives():
+    """scripts/fit_gelu.py, rerun here, gives fast.GELU_LOGIT (to 1e-6 relative: LAPACK's least squares may round
+    differently elsewhere), a weighted error below 3e-8 × |x| and a P that keeps growing past the fitted range."""
+    script = _fit_gelu_script()
+    c, err = script.fit()
+    print(f"\n  fit: largest weighted error {err:.2e} x |x|")
+    np.testing.assert_allclose(c, fast.GELU_LOGIT, rtol=1e-6, atol=0)
+    assert err < 3e-8
+    assert script.grows_beyond(fast.GELU_LOGIT)
+
+
+def test_gelu_on_a_dense_grid_against_float64_erfc():
+    """fast.gelu over [−20, 20] and 20 decades either side of 0, against 0.5·x·erfc(−x/√2) in float64: within
+    2e-7 × |x| everywhere, and within 2e-5 of GELU itself for x ≥ −3."""
+    import math
+
+    x = np.concatenate([np.linspace(-20, 20, 200001), np.geomspace(1e-20, 20, 20001), -np.geomspace(1e-20, 20, 20001)])
+    x = x.astype(np.float32)
+    exact = np.array([0.5 * v * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64)])
+    got = fast.gelu(x).astype(np.float64)
+    err = np.abs(got - exact)
+    per_x = (err / np.maximum(np.abs(x), 1e-38)).max()
+    right = x >= -3
+    relative = (err[right] / np.maximum(np.abs(exact[right]), 1e-38)).max()
+    print(f"\n  gelu: max error {per_x:.2e} x |x|; relative for x >= -3 {relative:.2e}")
+    assert per_x <= 2e-7 and relative <= 2e-5
+    assert fast.gelu(np.float32([0.0]))[0] == 0.0 and fast.gelu(np.float32([np.inf]))[0] == np.inf
