@@ -1,8 +1,9 @@
 """Faster forms of the primitives in :mod:`kosmos2_ref.layers`, which the model runs by default.
 
 Each public function here has the signature of the textbook function it replaces, returns the same numbers (up
-to float32 summation order, stated per function) in the layout the textbook one would (row-major, fresh
-arrays), and says why it is faster and by how much. ``Kosmos2(..., reference=True)`` runs the textbook ones
+to float32 summation order; for :func:`gelu`, another formula for the same function, as accurate; stated per
+function) in the layout the textbook one would (row-major, fresh arrays), and says why it is faster and by how
+much. ``Kosmos2(..., reference=True)`` runs the textbook ones
 instead (:mod:`kosmos2_ref.primitives`); ``tests/test_fast_vs_reference.py`` holds each pair side by side.
 
 Measured with ``benchmarks/primitives.py`` (reference time / fast time, medians of 9 runs timed in turns, the
