@@ -7,8 +7,9 @@ Tolerances: the products and attention sum in another order than the textbook fo
 float32 roundings of the absolute scale (|x|·|W|ᵀ for a product): 1e-5 × that scale. LayerNorm multiplies by a
 float64 reciprocal where the textbook divides: 1e-6 × (|w|·max|x̂| + |b|). quick-GELU and the in-place softmax do
 the very same operations and must agree bit for bit. GELU is another formula (x · sigmoid of a fitted logit, see
-fast.gelu): both are held to the exact function, computed in float64 from math.erfc, within 2e-7 × |x|. Measured
-errors are printed (pytest -s).
+fast.gelu): it is held to the exact function, computed in float64 from math.erfc, within 2e-7 × |x|, and gives
+inf and NaN as the textbook does (whose own accuracy tests/test_layers.py checks). Measured errors are printed
+(pytest -s).
 Outputs must have the textbook's memory layout (row-major for a row-major input, and for every product).
 """
 
