@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     patches = 1 + (vision.image_size // vision.patch_size) ** 2
     text = ours.model.config.text_config
     quick_gelu_inputs = vision.num_hidden_layers * patches * vision.intermediate_size  # one exp per element
-    gelu_inputs = text.layers * text.ffn_dim  # per token: GELU's erfc takes one exp per element
+    gelu_inputs = text.layers * text.ffn_dim  # per token: GELU takes one exp per element (either form)
     steps = [
         ("image encoding", ours, lambda: ours.encode(pv), quick_gelu_inputs),
         (
