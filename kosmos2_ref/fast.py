@@ -252,13 +252,17 @@ def _form_key(what: str, rows: int, K: int, N: int) -> tuple:
 def product_form(what: str, rows: int, K: int, N: int) -> str | None:
     """The form kept for ``what`` ("linear" or "mlp") with ``rows`` rows, K inputs and N outputs: ``X_FIRST``,
     ``WEIGHT_FIRST``, or None while its first calls are still being timed."""
-    return _form_setting() or _forms.get(_form_key(what, rows, K, N))
+    return _kept_form(_form_key(what, rows, K, N))
+
+
+def _kept_form(key: tuple) -> str | None:
+    return _form_setting() or _forms.get(key)
 
 
 def _in_measured_form(key: tuple, weight_first, x_first):
     """Runs ``weight_first()`` or ``x_first()`` (the same result, two ways), the kept form for ``key``; until
     one is kept, the form with fewer timings so far, timed."""
-    form = _form_setting() or _forms.get(key)
+    form = _kept_form(key)
     if form is not None:
         return (x_first if form == X_FIRST else weight_first)()
     with _choice_lock:
@@ -727,13 +731,13 @@ def gelu(x):
     (:func:`_in_cache_sized_blocks`).
 
     18 passes over each block where the erfc form takes ~40 (erfc's Chebyshev chain and its sign blend). Not the
-    same numbers as the textbook: against float64 erfc on 440 003 points in [−20, 20] (tests/test_fast.py) the
-    error is at most 1.4e-7 × |x| (the textbook's 2.6e-7 × |x|, torch's float32 ``gelu`` 3.5e-7 × |x|); relative
-    to GELU itself 1.6e-5 at most for x ≥ −3, but only absolute far left, where GELU is below 1e-6 × |x| (the
-    textbook keeps relative precision there, torch does not: 1 + erf cancels). Measured on [71, 8192] (Intel
-    Xeon, one thread): 3.6-4.1 -> 1.1-1.7 ms; two threads 2.2-2.4 -> 1.0-1.2 ms; on [1024, 8192] 34 -> 17 ms.
-    Where the namespace has an erfc kernel of its own (CuPy: one pass), the textbook form with it.
-    x [...] -> [...], in x's memory order.
+    same numbers as the textbook: against float64 erfc on 440 003 points in [−20, 20]
+    (tests/test_fast_vs_reference.py) the error is at most 1.4e-7 × |x| (the textbook's 2.6e-7 × |x|, torch's
+    float32 ``gelu`` 3.5e-7 × |x|); relative to GELU itself 1.6e-5 at most for x ≥ −3, but only absolute far
+    left, where GELU is below 1e-6 × |x| (the textbook keeps relative precision there, torch does not: 1 + erf
+    cancels). Measured on [71, 8192] (Intel Xeon, one thread): 3.6-4.1 -> 1.1-1.7 ms; two threads 2.2-2.4 ->
+    1.0-1.2 ms; on [1024, 8192] 34 -> 17 ms. Where the namespace has an erfc kernel of its own (CuPy: one pass),
+    the textbook form with it. x [...] -> [...], in x's memory order.
     """
     xp = get_xp(x)
     if has_own_erfc(x):
