@@ -408,6 +408,12 @@ def describe_blocks(b: dict) -> str:
     if forms:  # recorded since the product's form is measured per shape: those kept by the end of the run
         x_first = sorted(shape for shape, form in forms.items() if form == "x-first")
         text += f"; x first for {len(x_first)} of {len(forms)} shapes measured ({', '.join(x_first) or 'none'})"
+    splits = b.get("elementwise_splits")
+    if splits and "every kind" in splits:  # KOSMOS2_ELEMENTWISE_THREADS set
+        text += f"; element-wise work on {splits['every kind']} (set by KOSMOS2_ELEMENTWISE_THREADS)"
+    elif splits:  # recorded since the split is measured per kind of work: those kept by the end of the run
+        split = sum(way == "split" for way in splits.values())
+        text += f"; element-wise work split for {split} of {len(splits)} kinds measured"
     return text
 
 
@@ -538,6 +544,12 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
         print(
             "product forms kept (weight first or x first, measured per shape): "
             + ", ".join(f"{shape} {form}" for shape, form in forms.items()),
+            flush=True,
+        )
+        splits = res["machine"]["block_sizes"]["elementwise_splits"] = fast.elementwise_splits()
+        print(
+            "element-wise work kept (one thread or split, measured per kind and size): "
+            + (", ".join(f"{kind} {way}" for kind, way in splits.items()) or "none"),
             flush=True,
         )
     return res

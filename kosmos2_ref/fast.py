@@ -265,18 +265,33 @@ def _in_measured_form(key: tuple, weight_first, x_first):
     form = _kept_form(key)
     if form is not None:
         return (x_first if form == X_FIRST else weight_first)()
+    ways = {WEIGHT_FIRST: weight_first, X_FIRST: x_first}
+    return _timed_until_kept(key, ways, _forms, _form_trials, FORM_TRIALS, FORM_MARGIN)
+
+
+def _timed_until_kept(key: tuple, ways: dict, kept: dict, trials: dict, count: int, margin: float):
+    """Runs one of ``ways`` ({name: fn}, two ways to the same result, the default first) for ``key`` and returns
+    its result: the way in ``kept[key]`` once there is one; until then the way with fewer timings so far in
+    ``trials[key]``, timed. After ``count`` timings of each, ``kept[key]`` becomes the other way if its best
+    took less than ``margin`` × the default's best, the default otherwise."""
+    default, other = ways
     with _choice_lock:
-        trials = _form_trials.setdefault(key, {WEIGHT_FIRST: [], X_FIRST: []})
-        form = min(trials, key=lambda f: len(trials[f]))          # weight first on a tie
+        name = kept.get(key)
+        if name is not None:
+            times = None
+        else:
+            times = trials.setdefault(key, {default: [], other: []})
+            name = min(times, key=lambda n: len(times[n]))        # the default on a tie
+    if times is None:
+        return ways[name]()
     t0 = time.perf_counter()
-    y = (x_first if form == X_FIRST else weight_first)()
+    result = ways[name]()
     seconds = time.perf_counter() - t0
     with _choice_lock:
-        trials[form].append(seconds)
-        if key not in _forms and min(len(t) for t in trials.values()) >= FORM_TRIALS:
-            faster = min(trials[X_FIRST]) < FORM_MARGIN * min(trials[WEIGHT_FIRST])
-            _forms[key] = X_FIRST if faster else WEIGHT_FIRST
-    return y
+        times[name].append(seconds)
+        if key not in kept and min(len(t) for t in times.values()) >= count:
+            kept[key] = other if min(times[other]) < margin * min(times[default]) else default
+    return result
 
 
 def _many_rows_product(x, w, bias=None):
@@ -602,6 +617,7 @@ def block_sizes() -> dict:
         "matvec_max_rows": MATVEC_MAX_ROWS,
         "matvec_how": _matvec_how,
         "product_forms": product_forms(),
+        "elementwise_splits": elementwise_splits(),
     }
 
 
@@ -636,8 +652,12 @@ def elementwise_threads() -> int:
     """Threads for the element-wise passes: ``KOSMOS2_ELEMENTWISE_THREADS`` when set (a positive int), else
     :func:`machine.compute_threads` (the cores the process may use, or fewer where OMP_NUM_THREADS and the like
     say so). Read at each call, so it can be switched within a process."""
-    threads = _positive_int_setting(ELEMENTWISE_THREADS_ENV, "1 turns the split off")
+    threads = _threads_setting()
     return machine.compute_threads() if threads is None else threads
+
+
+def _threads_setting() -> int | None:
+    return _positive_int_setting(ELEMENTWISE_THREADS_ENV, "1 turns the split off")
 
 
 _pool_lock = threading.Lock()
@@ -659,14 +679,43 @@ def _pool(workers: int):
         return state["pool"]
 
 
-def over_parts(fn, n: int, elements: int) -> None:
-    """``fn(start, stop)`` over ``range(n)`` cut into one contiguous part per thread, this thread taking the first;
-    all on this thread when ``elements`` (what the work touches) is below PARALLEL_MIN_ELEMENTS or one thread is
-    configured. ``fn`` must write disjoint parts of its output for disjoint ranges."""
-    threads = min(elementwise_threads(), n)
+# Split or not: measured per kind of work and size, where it runs
+#
+# The split gained on the 2-vCPU EPYC (above) but loses on the 2-vCPU Intel Xeon: there OpenBLAS's worker keeps
+# spinning on the second core for 100-200 ms after each product (benchmarks/NOTES.md), so a part handed to a
+# second thread between two of the model's products waits for that core. In a prefill there, the vision tower's
+# LayerNorm [1, 257, 1024] took 1.19-1.37 ms split against 1.00 ms on one thread, and whole steps ran 1.4-1.9 %
+# slower split. So the split is not a constant either: with KOSMOS2_ELEMENTWISE_THREADS unset, the first calls of
+# each kind of work and size (its elements rounded up to a power of two) take both ways in turns, timed where they
+# run, and the kind keeps the faster (the split only when 5 % faster). Both ways give the same numbers.
+SPLIT_TRIALS = 3             # timed calls of each way per kind and size before one is kept
+SPLIT_MARGIN = 0.95          # the split must take less than this fraction of one thread's time to be kept
+ONE_THREAD, SPLIT = "one thread", "split"
+_splits: dict[tuple, str] = {}                            # (kind, elements rounded up, threads) -> the way kept
+_split_trials: dict[tuple, dict[str, list[float]]] = {}   # the same keys -> each way's timings so far
+
+
+def over_parts(fn, n: int, elements: int, what: str | None = None) -> None:
+    """``fn(start, stop)`` over ``range(n)``, either in one call or cut into one contiguous part per thread, this
+    thread taking the first. One call when ``elements`` (what the work touches) is below PARALLEL_MIN_ELEMENTS or
+    one thread is configured. Otherwise cut, when ``KOSMOS2_ELEMENTWISE_THREADS`` is set or ``what`` is None; and
+    when ``what`` names the kind of work (e.g. "layer_norm") with the setting unset, as measured for that kind and
+    size (:func:`elementwise_splits`). ``fn`` must write disjoint parts of its output for disjoint ranges."""
+    setting = _threads_setting()
+    threads = min(machine.compute_threads() if setting is None else setting, n)
     if threads <= 1 or elements < PARALLEL_MIN_ELEMENTS:
         fn(0, n)
         return
+    if setting is not None or what is None:
+        _in_parts(fn, n, threads)
+        return
+    key = (what, 1 << max(0, elements - 1).bit_length(), threads)
+    ways = {ONE_THREAD: lambda: fn(0, n), SPLIT: lambda: _in_parts(fn, n, threads)}
+    _timed_until_kept(key, ways, _splits, _split_trials, SPLIT_TRIALS, SPLIT_MARGIN)
+
+
+def _in_parts(fn, n: int, threads: int) -> None:
+    """``fn`` over ``range(n)`` in ``threads`` contiguous parts, the first on this thread, the rest on the pool."""
     bounds = [n * i // threads for i in range(threads + 1)]
     pool = _pool(threads - 1)
     futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
@@ -677,6 +726,26 @@ def over_parts(fn, n: int, elements: int) -> None:
             future.result()     # waits for every part, and raises the first part's error
 
 
+def elementwise_splits() -> dict:
+    """The way each measured kind of element-wise work kept so far (:func:`over_parts`), e.g. ``{"layer_norm
+    512K x2": "one thread"}`` (elements rounded up, threads); with ``KOSMOS2_ELEMENTWISE_THREADS`` set,
+    ``{"every kind": "<n> threads"}``."""
+    setting = _threads_setting()
+    if setting is not None:
+        return {"every kind": f"{setting} thread{'s' if setting > 1 else ''}"}
+    with _choice_lock:
+        kept = dict(_splits)
+    return {f"{what} {_count(size)} x{threads}": way for (what, size, threads), way in sorted(kept.items())}
+
+
+def _count(n: int) -> str:
+    """512 -> "512", 262144 -> "256K", 2097152 -> "2M" (a power of two, as the split's sizes are)."""
+    for shift, unit in ((20, "M"), (10, "K")):
+        if n >= 1 << shift:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # layer_norm
 
@@ -685,8 +754,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     (x − mean is the only full-size array), and sums divided by n rather than ``.mean()`` (the same float64
     numbers, without ``.mean()``'s Python-level wrapper, a visible cost at 97 LayerNorms per decoded token).
     Multiplies by 1/√(var + eps) formed in float64, where the textbook divides by √ in float32: the last bit may
-    differ. Rows are shared among the threads (:func:`over_parts`). Measured 1.3-1.4x on [1, 1, 2048]
-    (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024] (one thread).
+    differ. Rows are shared among the threads where that was measured faster (:func:`over_parts`). Measured
+    1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024] (one thread).
     x [..., C] -> [..., C].
     """
     xp = get_xp(x)
@@ -694,7 +763,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
         return _layer_norm_rows(x, weight, bias, eps, xp.empty_like(x, dtype=xp.float32))  # x's memory order
     rows = x.reshape(-1, x.shape[-1])   # [R, C], a view
     out = np.empty(rows.shape, np.float32)
-    over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size)
+    over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size,
+               "layer_norm")
     return out.reshape(x.shape)         # [R, C] -> [..., C]
 
 
@@ -768,14 +838,15 @@ def _gelu_logistic_into(x, out):
 def quick_gelu(x):
     """Replaces :func:`layers.quick_gelu`: the same operations (so the same numbers) in one buffer, where the
     textbook expression makes three temporaries the size of x (on this VM fresh memory is costly, see
-    :func:`_reused`), and on NumPy the elements shared among the threads (:func:`over_parts`).
+    :func:`_reused`), and on NumPy the elements shared among the threads where that was measured faster
+    (:func:`over_parts`).
     x [...] -> [...]."""
     xp = get_xp(x)
     if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
         return _quick_gelu_into(x, xp.empty_like(x, dtype=xp.float32))   # in x's memory order
     src = x.reshape(-1)                 # [...] -> [n], a view
     out = np.empty(src.shape, np.float32)
-    over_parts(lambda a, b: _quick_gelu_into(src[a:b], out[a:b]), src.size, src.size)
+    over_parts(lambda a, b: _quick_gelu_into(src[a:b], out[a:b]), src.size, src.size, "quick_gelu")
     return out.reshape(x.shape)         # [n] -> [...]
 
 
@@ -799,9 +870,9 @@ def _in_cache_sized_blocks(fn_into, x, out=None):
     out_block)`` writes the function of each block of x into the same block of ``out`` (fresh when None).
 
     Over a block of half the L2 every pass stays in the CPU cache, and the temporaries are block-sized and
-    reused (:func:`_reused`); the blocks are shared among the threads (:func:`over_parts`), each core working in
-    its own L2. The result has x's memory order (row-major for a row-major x). ``out=x`` applies the function in
-    place, for an ``fn_into`` that allows it.
+    reused (:func:`_reused`); where measured faster, the blocks are shared among the threads (:func:`over_parts`),
+    each core working in its own L2. The result has x's memory order (row-major for a row-major x). ``out=x``
+    applies the function in place, for an ``fn_into`` that allows it.
     """
     if out is None:
         out = np.empty_like(x, dtype=np.float32)    # the same memory order as x (row- or column-major)
@@ -812,7 +883,8 @@ def _in_cache_sized_blocks(fn_into, x, out=None):
         for i in range(first * ELEMENTWISE_BLOCK, min(src.size, stop * ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK):
             fn_into(src[i:i + ELEMENTWISE_BLOCK], dst[i:i + ELEMENTWISE_BLOCK])
 
-    over_parts(blocks, -(-src.size // ELEMENTWISE_BLOCK), src.size)
+    kind = "blocks of " + fn_into.__name__.strip("_").removesuffix("_into")     # e.g. "blocks of quick_gelu"
+    over_parts(blocks, -(-src.size // ELEMENTWISE_BLOCK), src.size, kind)
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -245,6 +246,60 @@ def test_split_parts_cover_the_range_once_and_raise_a_parts_error(split_everythi
 
     with pytest.raises(RuntimeError, match="part 3-6 failed|part 6-10 failed"):
         fast.over_parts(failing, 10, 10)
+
+
+@pytest.fixture
+def splits_unchosen(monkeypatch):
+    """Nothing measured yet, the setting unset, every array large enough to split, and two cores to split over."""
+    monkeypatch.delenv(fast.ELEMENTWISE_THREADS_ENV, raising=False)
+    monkeypatch.setattr(fast, "_splits", {})
+    monkeypatch.setattr(fast, "_split_trials", {})
+    monkeypatch.setattr(fast, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(machine, "compute_threads", lambda: 2)
+
+
+def test_each_kind_of_work_times_both_ways_then_keeps_one(splits_unchosen, monkeypatch):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((7, 50)).astype(np.float32) * 3
+    w, b = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
+    alone = _one_thread(monkeypatch, fast.layer_norm, x, w, b)
+    monkeypatch.delenv(fast.ELEMENTWISE_THREADS_ENV)
+    key = ("layer_norm", 512, 2)  # 350 elements round up to 512, over two threads
+    for call in range(2 * fast.SPLIT_TRIALS + 2):
+        assert np.array_equal(fast.layer_norm(x, w, b), alone), f"call {call}: the way changed the numbers"
+        assert (key in fast._splits) == (call >= 2 * fast.SPLIT_TRIALS - 1)
+    assert [len(t) for t in fast._split_trials[key].values()] == [fast.SPLIT_TRIALS] * 2  # no timing once kept
+    assert fast.elementwise_splits() == {"layer_norm 512 x2": fast._splits[key]}
+    assert fast.block_sizes()["elementwise_splits"] == fast.elementwise_splits()
+
+
+@pytest.mark.parametrize("slower", [fast.ONE_THREAD, fast.SPLIT])
+def test_the_faster_way_is_kept(splits_unchosen, slower):
+    """The rule itself, on work of which one way is made 20 ms slower: the whole range in one call, or the parts."""
+    calls = []
+
+    def work(a, b):
+        calls.append((a, b))
+        whole = (a, b) == (0, 10)
+        if whole == (slower == fast.ONE_THREAD):
+            time.sleep(0.02)
+
+    for _ in range(2 * fast.SPLIT_TRIALS + 2):
+        fast.over_parts(work, 10, 10, "sleepy")
+    faster = fast.SPLIT if slower == fast.ONE_THREAD else fast.ONE_THREAD
+    assert fast._splits[("sleepy", 16, 2)] == faster
+    last = calls[-2:] if faster == fast.SPLIT else calls[-1:]
+    assert sorted(last) == ([(0, 5), (5, 10)] if faster == fast.SPLIT else [(0, 10)])
+
+
+def test_a_set_thread_count_splits_every_kind_unmeasured(splits_unchosen, monkeypatch):
+    monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, "3")
+    seen = []
+    fast.over_parts(lambda a, b: seen.append((a, b)), 10, 10, "layer_norm")
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 10)] and fast._split_trials == {}
+    assert fast.elementwise_splits() == {"every kind": "3 threads"}
+    monkeypatch.setenv(fast.ELEMENTWISE_THREADS_ENV, "1")
+    assert fast.elementwise_splits() == {"every kind": "1 thread"}
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
