@@ -271,9 +271,11 @@ def _in_measured_form(key: tuple, weight_first, x_first):
 
 def _timed_until_kept(key: tuple, ways: dict, kept: dict, trials: dict, count: int, margin: float):
     """Runs one of ``ways`` ({name: fn}, two ways to the same result, the default first) for ``key`` and returns
-    its result: the way in ``kept[key]`` once there is one; until then the way with fewer timings so far in
-    ``trials[key]``, timed. After ``count`` timings of each, ``kept[key]`` becomes the other way if its best
-    took less than ``margin`` × the default's best, the default otherwise."""
+    its result: the way in ``kept[key]`` once there is one; until then one way, timed into ``trials[key]``.
+    The ways take turns in the order default, other, other, default, ... (ABBA), so that where a model calls
+    the same kind of work at two places in turn (a block's two LayerNorms) neither way is timed at only one of
+    them. After ``count`` timings of each, ``kept[key]`` becomes the other way if its best took less than
+    ``margin`` × the default's best, the default otherwise."""
     default, other = ways
     with _choice_lock:
         name = kept.get(key)
@@ -281,7 +283,9 @@ def _timed_until_kept(key: tuple, ways: dict, kept: dict, trials: dict, count: i
             times = None
         else:
             times = trials.setdefault(key, {default: [], other: []})
-            name = min(times, key=lambda n: len(times[n]))        # the default on a tie
+            name = (default, other, other, default)[sum(map(len, times.values())) % 4]
+            if len(times[name]) >= count:                         # other threads took this turn meanwhile
+                name = other if name == default else default
     if times is None:
         return ways[name]()
     t0 = time.perf_counter()
