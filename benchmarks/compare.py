@@ -414,6 +414,12 @@ def describe_blocks(b: dict) -> str:
     elif splits:  # recorded since the split is measured per kind of work: those kept by the end of the run
         split = sum(way == "split" for way in splits.values())
         text += f"; element-wise work split for {split} of {len(splits)} kinds measured"
+    pads = b.get("row_paddings")
+    if pads and "every shape" in pads:  # KOSMOS2_PAD_ROWS set
+        text += f"; ragged rows {pads['every shape']} (set by KOSMOS2_PAD_ROWS)"
+    elif pads:  # recorded since ragged rows are padded where measured faster: those kept by the end of the run
+        padded = sorted(shape for shape, way in pads.items() if way == "padded")
+        text += f"; rows padded for {len(padded)} of {len(pads)} ragged shapes measured ({', '.join(padded) or 'none'})"
     return text
 
 
@@ -544,6 +550,12 @@ def run(size: str, repeats: int, new_tokens: int, dtypes: list[str], scaling: bo
         print(
             "product forms kept (weight first or x first, measured per shape): "
             + ", ".join(f"{shape} {form}" for shape, form in forms.items()),
+            flush=True,
+        )
+        pads = res["machine"]["block_sizes"]["row_paddings"] = fast.row_paddings()
+        print(
+            "ragged rows kept (as is or padded, measured per shape): "
+            + (", ".join(f"{shape} {way}" for shape, way in pads.items()) or "none"),
             flush=True,
         )
         splits = res["machine"]["block_sizes"]["elementwise_splits"] = fast.elementwise_splits()

@@ -47,7 +47,8 @@ def linear(x, weight, bias=None):
     * a few rows on the CPU (2-3 on the development machine, 2-7 on an Intel Xeon; measured once per process,
       :func:`per_row`): :func:`_matvec_per_row`;
     * more rows: :func:`_matmul_weight_first` or the textbook product, whichever was measured faster for the
-      shape (:func:`product_form`).
+      shape (:func:`product_form`), with ragged rows padded to a multiple of 8 where that was measured faster
+      (:func:`_in_padded_rows`).
     One row takes the textbook product. x [..., K], weight [N, K] -> [..., N] float32, row-major.
     """
     xp = get_xp(x)
@@ -300,12 +301,85 @@ def _timed_until_kept(key: tuple, ways: dict, kept: dict, trials: dict, count: i
 
 def _many_rows_product(x, w, bias=None):
     """x @ w.T + b for a float32 w [N, K] and x [..., K] with several rows: :func:`_matmul_weight_first` or the
-    textbook product, as :func:`product_form` keeps for the shape (on CuPy always weight first, unmeasured)."""
+    textbook product, as :func:`product_form` keeps for the shape, with the rows padded where that was measured
+    faster (:func:`_in_padded_rows`; on CuPy always weight first, unmeasured and unpadded)."""
     if get_xp(x) is not np:
         return _matmul_weight_first(x, w, bias)
     K, N = x.shape[-1], w.shape[0]
-    key = _form_key("linear", x.size // K, K, N)
-    return _in_measured_form(key, lambda: _matmul_weight_first(x, w, bias), lambda: _matmul_x_first(x, w, bias))
+
+    def product(x):             # x [..., K] -> [..., N] in the form kept (or being measured) for its shape
+        key = _form_key("linear", x.size // K, K, N)
+        return _in_measured_form(key, lambda: _matmul_weight_first(x, w, bias),
+                                 lambda: _matmul_x_first(x, w, bias))
+
+    return _in_padded_rows("linear", x, N, product)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows padded to a multiple of 8, where measured faster
+#
+# OpenBLAS's SkylakeX kernel multiplies 71 rows (the benchmark's prompt) more slowly than 72: on the Intel Xeon,
+# streamed from memory, medians of 6 rounds in turns, [71, 2048] x [2048, 8192] took 14.4 ms in its faster form
+# and 12.7 ms with one row of zeros added (0.88); [71, 8192] x [8192, 2048] 14.3 -> 12.6 ms (0.88); [71, 2048] x
+# [2048, 2048] 3.50 -> 3.18 ms (0.91). The kernel works through the rows in groups, and a ragged last group costs
+# it more than a whole one. 257 rows (the vision tower) gained only 1-2 % from 264. So, as with the product's
+# form, it is measured: once the form of a shape is kept, the first calls with each number of rows that is not a
+# multiple of ROWS_MULTIPLE take the product as it is and with zero rows appended up to the next multiple in
+# turns, timed, and keep padding only when it is 5 % faster. The real rows' results are the same products, up
+# to float32 summation order (a row may fall in another group of the kernel). ``KOSMOS2_PAD_ROWS`` = "on" or
+# "off" fixes the choice for every shape.
+
+ROWS_MULTIPLE = 8            # rows are padded up to a multiple of this
+PAD_ROWS_ENV = "KOSMOS2_PAD_ROWS"
+AS_IS, PADDED = "as is", "padded"
+PAD_TRIALS = 3               # timed calls of each way per number of rows before one is kept
+PAD_MARGIN = 0.95            # padded must take less than this fraction of the time as it is to be kept
+_paddings: dict[tuple, str] = {}                           # (what, rows, K, N) -> the way kept
+_padding_trials: dict[tuple, dict[str, list[float]]] = {}  # the same keys -> each way's timings so far
+
+
+def _pad_setting() -> str | None:
+    text = os.environ.get(PAD_ROWS_ENV, "").strip()
+    if text and text not in ("on", "off"):
+        raise ValueError(f"{PAD_ROWS_ENV} must be 'on' or 'off' (unset: measured per shape), got {text!r}")
+    return {"on": PADDED, "off": AS_IS}.get(text)
+
+
+def _in_padded_rows(what: str, x, N: int, product, inner: int | None = None):
+    """``product(x)`` (x [..., K] -> [..., N], row-major), or the first rows of ``product`` of x with zero rows
+    appended up to a multiple of ROWS_MULTIPLE, as kept for ``what`` with x's rows, K and N (measured once the
+    product's form for the shape is kept; see above). ``inner``: the width the form is keyed by, when not N (the
+    MLP's hidden width). NumPy only."""
+    K = x.shape[-1]
+    M = x.size // K
+    P = -(-M // ROWS_MULTIPLE) * ROWS_MULTIPLE
+    if P == M or M < ROWS_MULTIPLE:
+        return product(x)
+
+    def padded():
+        xp = np.zeros((P, K), dtype=x.dtype)           # [P, K]: x's rows, then P − M rows of zeros
+        xp[:M] = x.reshape(M, K)                        # [..., K] -> [M, K]
+        return product(xp)[:M].reshape(x.shape[:-1] + (N,))   # [P, N] -> its first M rows, a view -> [..., N]
+
+    ways = {AS_IS: lambda: product(x), PADDED: padded}
+    key = (what, M, K, N if inner is None else inner)
+    way = _pad_setting() or _paddings.get(key)
+    if way is not None:
+        return ways[way]()
+    if _kept_form(_form_key(what, *key[1:])) is None:   # the form first: one choice measured at a time
+        return product(x)
+    return _timed_until_kept(key, ways, _paddings, _padding_trials, PAD_TRIALS, PAD_MARGIN)
+
+
+def row_paddings() -> dict:
+    """The way each measured shape with a ragged number of rows kept so far (:func:`_in_padded_rows`), e.g.
+    ``{"linear 71x2048->8192": "padded"}``; with ``KOSMOS2_PAD_ROWS`` set, ``{"every shape": <the way>}``."""
+    setting = _pad_setting()
+    if setting:
+        return {"every shape": setting}
+    with _choice_lock:
+        kept = dict(_paddings)
+    return {f"{what} {rows}x{K}->{N}": way for (what, rows, K, N), way in sorted(kept.items())}
 
 
 def _matmul_x_first(x, w, bias=None):
@@ -622,6 +696,7 @@ def block_sizes() -> dict:
         "matvec_how": _matvec_how,
         "product_forms": product_forms(),
         "elementwise_splits": elementwise_splits(),
+        "row_paddings": row_paddings(),
     }
 
 
@@ -922,19 +997,23 @@ def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-
     w1, w2 = fc1["weight"], fc2["weight"]
     two_byte = w1.dtype != np.float32 or w2.dtype != np.float32    # NumPy widens those block by block in linear
 
-    def in_rows():          # the textbook composition of the fast primitives, the hidden activation [..., F]
+    def in_rows(x):         # the textbook composition of the fast primitives, the hidden activation [..., F]
         h = ACTIVATIONS[activation](linear(x, **fc1))          # [..., F]
         if inner_norm is not None:
             h = layer_norm(h, **inner_norm, eps=eps)
         return linear(h, **fc2)                                 # [..., C]
 
     if rows <= 1 or _per_row_here(xp, rows) or (two_byte and xp is np):
-        return in_rows()
+        return in_rows(x)
     if xp is not np:
         return _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps)
-    key = _form_key("mlp", rows, C, w1.shape[0])
-    return _in_measured_form(key, lambda: _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps),
-                             in_rows)
+
+    def mlp(x):             # in the form kept (or being measured) for its shape
+        key = _form_key("mlp", x.size // C, C, w1.shape[0])
+        return _in_measured_form(key, lambda: _feed_forward_in_columns(x, fc1, fc2, activation, inner_norm, eps),
+                                 lambda: in_rows(x))
+
+    return _in_padded_rows("mlp", x, w2.shape[0], mlp, inner=w1.shape[0])
 
 
 def _feed_forward_in_columns(x, fc1, fc2, activation: str, inner_norm, eps: float):

@@ -302,6 +302,74 @@ def test_the_mlp_gives_its_numbers_in_either_form(forms_unchosen):
     assert ("mlp", 32, 40, 96) in fast._forms
 
 
+# --- ragged rows padded to a multiple of fast.ROWS_MULTIPLE (fast._in_padded_rows): measured per shape once its
+# form is kept, or fixed by the environment
+
+
+@pytest.fixture
+def paddings_unchosen(forms_unchosen, monkeypatch):
+    monkeypatch.delenv(fast.PAD_ROWS_ENV, raising=False)
+    monkeypatch.setattr(fast, "_paddings", {})
+    monkeypatch.setattr(fast, "_padding_trials", {})
+
+
+def mlp_case(rows=13, C=40, F=96):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, rows, C)).astype(np.float32)
+    fc1 = {"weight": rng.standard_normal((F, C)).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
+    fc2 = {"weight": rng.standard_normal((C, F)).astype(np.float32), "bias": rng.standard_normal(C).astype(np.float32)}
+    norm = {"weight": rng.uniform(0.5, 1.5, F).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
+    ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
+    return x, fc1, fc2, norm, ref
+
+
+@pytest.mark.parametrize("form", [fast.WEIGHT_FIRST, fast.X_FIRST])
+def test_padded_rows_give_the_rows_products(paddings_unchosen, monkeypatch, form):
+    monkeypatch.setenv(fast.PAD_ROWS_ENV, "on")
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
+    x, w, b, ref = many_rows_case(rows=13)  # 13 rows: 3 rows of zeros make 16
+    got = fast.linear(x, w, b)
+    assert got.shape == (1, 13, 72) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    monkeypatch.setenv(fast.PAD_ROWS_ENV, "off")
+    np.testing.assert_allclose(got, fast.linear(x, w, b), rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    x, fc1, fc2, norm, ref = mlp_case()
+    for setting in ("on", "off"):
+        monkeypatch.setenv(fast.PAD_ROWS_ENV, setting)
+        got = fast.feed_forward(x, fc1, fc2, "gelu", norm)
+        assert got.shape == x.shape and got.flags.c_contiguous, setting
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert fast.row_paddings() == {"every shape": fast.AS_IS} and fast._padding_trials == {}
+
+
+def test_a_ragged_shape_times_padding_once_its_form_is_kept(paddings_unchosen):
+    x, w, b, ref = many_rows_case(rows=20)  # 20 rows: 24 padded
+    key = ("linear", 20, 48, 72)
+    forms = 2 * fast.FORM_TRIALS
+    for call in range(forms + 2 * fast.PAD_TRIALS + 2):
+        got = fast.linear(x, w, b)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert (key in fast._padding_trials) == (call >= forms), f"call {call}: padding timed before the form was kept"
+        assert (key in fast._paddings) == (call >= forms + 2 * fast.PAD_TRIALS - 1)
+    assert [len(t) for t in fast._padding_trials[key].values()] == [fast.PAD_TRIALS] * 2  # no timing once kept
+    assert fast.row_paddings() == {"linear 20x48->72": fast._paddings[key]}
+    assert fast.block_sizes()["row_paddings"] == fast.row_paddings()
+
+
+def test_rows_already_a_multiple_are_never_padded(paddings_unchosen):
+    x, w, b, _ = many_rows_case(rows=16)
+    for _ in range(4 * fast.FORM_TRIALS):
+        fast.linear(x, w, b)
+    assert fast._padding_trials == {} and fast.row_paddings() == {}
+
+
+def test_a_bad_padding_setting_is_named(paddings_unchosen, monkeypatch):
+    monkeypatch.setenv(fast.PAD_ROWS_ENV, "yes")
+    x, w, b, _ = many_rows_case(rows=13)
+    with pytest.raises(ValueError, match=fast.PAD_ROWS_ENV + r" must be 'on' or 'off'.*got 'yes'"):
+        fast.linear(x, w, b)
+
+
 # --- keeping freed memory (machine.keep_freed_memory): each case in a fresh interpreter, since the setting is
 # process-wide and cannot be undone
 
