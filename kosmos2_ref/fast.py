@@ -15,8 +15,9 @@ Block sizes are not constants tuned on that machine: the element-wise blocks and
 follow the L2 size the processor reports (:mod:`kosmos2_ref.machine`), and the 2-byte widening's blocks start from
 it and are then measured once, at the first 2-byte product of the process, among sizes around it
 (:func:`upcast_block_bytes`; ``KOSMOS2_UPCAST_BLOCKS`` fixes them). Nor is the way round of a product: whether
-the weight or x goes first is timed on the first calls of each shape (:func:`product_form`). :func:`block_sizes`
-says what was chosen.
+the weight or x goes first is timed on the first calls of each shape (:func:`product_form`), and so are whether a
+ragged number of rows is padded to a multiple of 8 (:func:`_in_padded_rows`) and whether element-wise work is
+shared among the threads (:func:`over_parts`). :func:`block_sizes` says what was chosen.
 """
 from __future__ import annotations
 
