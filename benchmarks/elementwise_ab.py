@@ -12,39 +12,14 @@ Results go to benchmarks/results/elementwise-ab-<size>.json (``--out`` elsewhere
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
+from setting_ab import _compare, with_setting  # this folder: the script's own, first on sys.path
+
 HERE = Path(__file__).resolve().parent
-
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare", HERE / "compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def with_threads(value: str | None, fn):
-    """``fn`` run with KOSMOS2_ELEMENTWISE_THREADS set to ``value`` (None: unset, the default)."""
-    from kosmos2_ref import fast
-
-    def run():
-        before = os.environ.pop(fast.ELEMENTWISE_THREADS_ENV, None)
-        if value is not None:
-            os.environ[fast.ELEMENTWISE_THREADS_ENV] = value
-        try:
-            return fn()
-        finally:
-            os.environ.pop(fast.ELEMENTWISE_THREADS_ENV, None)
-            if before is not None:
-                os.environ[fast.ELEMENTWISE_THREADS_ENV] = before
-
-    return run
 
 
 def main(argv=None) -> int:
@@ -69,7 +44,7 @@ def main(argv=None) -> int:
     ways = {"one": "1", "split": str(threads), "measured": None}
     rows = []
     for what, fn in steps.items():
-        runs = {key: with_threads(value, fn) for key, value in ways.items()}
+        runs = {key: with_setting(fast.ELEMENTWISE_THREADS_ENV, value or "", fn) for key, value in ways.items()}
         for f in runs.values():  # warm-up (and, for the default, the first calls' measuring)
             f()
         times = {key: [] for key in runs}

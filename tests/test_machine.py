@@ -237,6 +237,16 @@ def many_rows_case(rows=20, K=48, N=72):
     return x, w, b, ref
 
 
+def mlp_case(rows=13, C=40, F=96):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, rows, C)).astype(np.float32)
+    fc1 = {"weight": rng.standard_normal((F, C)).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
+    fc2 = {"weight": rng.standard_normal((C, F)).astype(np.float32), "bias": rng.standard_normal(C).astype(np.float32)}
+    norm = {"weight": rng.uniform(0.5, 1.5, F).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
+    ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
+    return x, fc1, fc2, norm, ref
+
+
 @pytest.mark.parametrize("form", [fast.WEIGHT_FIRST, fast.X_FIRST])
 def test_the_environment_fixes_the_product_form(forms_unchosen, monkeypatch, form):
     monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
@@ -284,18 +294,7 @@ def test_the_faster_form_is_kept(forms_unchosen, slower):
 
 
 def test_the_mlp_gives_its_numbers_in_either_form(forms_unchosen):
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((1, 20, 40)).astype(np.float32)
-    fc1 = {
-        "weight": rng.standard_normal((96, 40)).astype(np.float32),
-        "bias": rng.standard_normal(96).astype(np.float32),
-    }
-    fc2 = {
-        "weight": rng.standard_normal((40, 96)).astype(np.float32),
-        "bias": rng.standard_normal(40).astype(np.float32),
-    }
-    norm = {"weight": rng.uniform(0.5, 1.5, 96).astype(np.float32), "bias": rng.standard_normal(96).astype(np.float32)}
-    ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
+    x, fc1, fc2, norm, ref = mlp_case(rows=20)
     for _ in range(2 * fast.FORM_TRIALS + 2):
         got = fast.feed_forward(x, fc1, fc2, "gelu", norm)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -311,16 +310,6 @@ def paddings_unchosen(forms_unchosen, monkeypatch):
     monkeypatch.delenv(fast.PAD_ROWS_ENV, raising=False)
     monkeypatch.setattr(fast, "_paddings", {})
     monkeypatch.setattr(fast, "_padding_trials", {})
-
-
-def mlp_case(rows=13, C=40, F=96):
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((1, rows, C)).astype(np.float32)
-    fc1 = {"weight": rng.standard_normal((F, C)).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
-    fc2 = {"weight": rng.standard_normal((C, F)).astype(np.float32), "bias": rng.standard_normal(C).astype(np.float32)}
-    norm = {"weight": rng.uniform(0.5, 1.5, F).astype(np.float32), "bias": rng.standard_normal(F).astype(np.float32)}
-    ref = layers.feed_forward(x.astype(np.float64), fc1, fc2, "gelu", norm)
-    return x, fc1, fc2, norm, ref
 
 
 @pytest.mark.parametrize("form", [fast.WEIGHT_FIRST, fast.X_FIRST])
