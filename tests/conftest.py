@@ -14,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # later call takes would depend on this machine's timings. The suite fixes the weight-first form; the tests of the
 # measured choice (test_machine.py, and tests/parity/test_model_parity.py in each form) lift it.
 os.environ.setdefault("KOSMOS2_PRODUCT_FORM", "weight-first")
+# Likewise ragged rows: once a shape's form is kept, its first calls take the rows as they are and padded to a
+# multiple of 8 in turns, timed (kosmos2_ref.fast._in_padded_rows), and a padded row may be summed in another order
+# by the BLAS kernel, so two calls could differ in the last bit depending on the timings (the CI run of aef31b9 did).
+# The suite keeps the rows as they are; test_machine.py's padding tests lift it.
+os.environ.setdefault("KOSMOS2_PAD_ROWS", "off")
 
 
 def _with_tokenizer(folder, kind="synthetic"):
