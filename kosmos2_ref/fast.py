@@ -412,7 +412,8 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
     even and odd columns, one L2 each) and 8 L2s for many. Few rows started at 4 L2s before: 2 MiB on the first
     development machine's 512 KiB L2, measured best there, but on a 1 MiB-L2 AMD EPYC (Zen 4) its 4 MiB made
     bfloat16 decoding fall into spells of 1.2-1.8 s per token against 0.38-0.45 s with 2 MiB (fresh processes
-    in turns, benchmarks/NOTES.md), spells that a short measurement at first use did not catch."""
+    in turns, benchmarks/NOTES.md), spells that a short measurement at first use did not catch. The attention
+    block is an L2 of scores, at least 1 MiB (:func:`attention_blocks`)."""
 
     def pow2(v: float, lo: int, hi: int) -> int:
         return int(min(hi, max(lo, 1 << max(0, int(v).bit_length() - 1))))
@@ -424,6 +425,7 @@ def derived_blocks(caches: machine.CacheSizes) -> dict:
         "upcast_few_rows": pow2(2 * caches.l2, 1 << 19, 32 << 20),  # float32 bytes per block
         "upcast_many_rows": pow2(8 * caches.l2, 1 << 20, 64 << 20),
         "matvec_block": pow2(caches.l2, 2 << 20, 16 << 20),       # float32 bytes of w's rows, at least 2 MiB
+        "attention_block": pow2(caches.l2, 1 << 20, 8 << 20),     # float32 bytes of scores per block
     }
 
 
@@ -1061,40 +1063,80 @@ def softmax_in_place(e, axis: int = -1):
     return e
 
 
-# float32 bytes of scores formed at once when the probabilities are not returned: a bound on the reused score
-# buffer (_reused), not a cache size: a block of scores is read three times, by the softmax and the
-# product with v, whatever the cache, and a larger block only holds more memory
-ATTENTION_BLOCK_BYTES = 8 << 20
+# float32 bytes of scores formed at once when the probabilities are not returned: an L2 of them, at least 1 MiB
+# and at most 8 (derived_blocks). A block of scores is written by one product, then read by the max, the exp, the
+# sum and the product with v: held in the L2, those four passes do not go out to L3 or memory. Measured on an AMD
+# EPYC (Zen 3, 512 KiB L2 per core, OpenBLAS Haswell; ms per layer, forms in turns): the causal 1024-token
+# prefill's [1, 32, 1024, 64] in 1 MiB blocks (one head, 256 query rows at a time) took 0.80-0.94 of the time of
+# the 8 MiB blocks taken before (all heads, 64 rows); 512 KiB 0.92-1.02, 2 MiB 0.90-1.06; at 256 tokens
+# 0.83-0.89. The vision tower's [1, 16, 257, 64] (4.2 MB of scores) in groups of whole heads: 1.03-1.12 of one
+# block per layer, within the noise of whole encodings (0.99-1.00); in blocks of query rows within a head slower
+# (1.16-1.76), hence whole heads first and rows only where one head does not fit. ``KOSMOS2_ATTENTION_BLOCK``
+# (bytes, K/M suffixes) sets the size instead.
+ATTENTION_BLOCK_BYTES = _DERIVED["attention_block"]
+ATTENTION_BLOCK_ENV = "KOSMOS2_ATTENTION_BLOCK"
+
+
+def attention_block_bytes() -> int:
+    """The float32 bytes of scores per attention block: ``KOSMOS2_ATTENTION_BLOCK`` when set, else
+    ATTENTION_BLOCK_BYTES."""
+    text = os.environ.get(ATTENTION_BLOCK_ENV, "").strip()
+    if not text:
+        return ATTENTION_BLOCK_BYTES
+    size = machine.parse_size(text)
+    if size < 1024:
+        raise ValueError(f"{ATTENTION_BLOCK_ENV} must be a size in bytes of at least 1K (K and M suffixes "
+                         f"allowed, e.g. '1M'), got {text!r}")
+    return size
+
+
+def attention_blocks(B: int, H: int, T: int, S: int, budget: int, causal: bool = False) -> tuple[int, int]:
+    """(heads, rows) per block of attention for T queries of H heads against S keys, batch B, so that a block's
+    float32 scores [B, heads, rows, S] stay within ``budget`` bytes where they can: everything when it fits;
+    else groups of whole heads, when one head fits and the mask is not causal (every query then sees every key,
+    and blocks of rows would only cut the products smaller); else one head at a time, its rows in as few blocks
+    as the budget allows, all of one size but the last (in a causal prompt each block leaves out the keys after
+    its last query, :func:`_keys_needed`)."""
+    head = 4 * B * T * S                      # bytes of one head's scores
+    if head * H <= budget:
+        return H, T
+    if not causal and head <= budget:
+        return budget // head, T
+    most = max(1, budget // (4 * B * S))      # the most rows of one head within the budget
+    blocks = -(-T // most)
+    return 1, -(-T // blocks)
 
 
 def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):
     """Replaces :func:`layers.attention` (same arguments and results): in-place scores and softmax, and with
-    ``need_probs=False`` (probabilities returned as None) the queries a block at a time.
+    ``need_probs=False`` (probabilities returned as None) the heads and queries in blocks whose scores fit
+    :func:`attention_block_bytes` (:func:`attention_blocks`).
 
-    A block holds about ``ATTENTION_BLOCK_BYTES`` of scores, [B, H, block, S]: a 1024-token prompt would otherwise
-    build 128 MB of scores per layer, and touching that much fresh memory costs more than the arithmetic. On NumPy
-    a block also leaves out the trailing keys none of its queries can see (:func:`_keys_needed`), up to half of
-    them in a causal prompt. Each query row's softmax is the same either way. Measured: the vision tower's
-    [1, 16, 257, 64] with probabilities (one block, in place) 0.8-1.3x; the 71-token causal prefill 1.0-5x (very
-    noisy); a causal 1024-token prefill 1.4-1.9x timed alone (1.9 s -> 1.0-1.4 s; earlier whole-prefill
-    profiles: attention 4.1 -> 3.2 s, benchmarks/NOTES.md), but 0.1-0.6x in benchmarks/primitives.py's runs on
-    the loaded machine (16 blocks x 32 heads of small products suffer most from a busy CPU): to be re-measured
-    on a quiet machine.
+    A 1024-token prompt would otherwise build 128 MB of scores per layer, and touching that much fresh memory
+    costs more than the arithmetic. On NumPy a block of query rows also leaves out the trailing keys none of its
+    queries can see (:func:`_keys_needed`), up to half of them in a causal prompt. Each query row's softmax is
+    the same either way; the measured blocks are beside ATTENTION_BLOCK_BYTES.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if need_probs:
+        return _attention_block(q, k, v, mask, scale, True)
     B, H, T, D = q.shape
     S = k.shape[-2]
-    rows = T if need_probs else max(1, ATTENTION_BLOCK_BYTES // (4 * B * H * S))
-    if rows >= T:
-        return _attention_block(q, k, v, mask, scale, need_probs)
+    causal = mask is not None and mask.shape[-2] > 1     # a mask per query row (else one row for all)
+    heads, rows = attention_blocks(B, H, T, S, attention_block_bytes(), causal)
+    if heads >= H and rows >= T:
+        return _attention_block(q, k, v, mask, scale, False)
     xp = get_xp(q)
     out = xp.empty((B, H, T, D), dtype=xp.float32)
     for t in range(0, T, rows):
         m = mask if mask is None or mask.shape[-2] == 1 else mask[..., t:t + rows, :]
-        stop = _keys_needed(m, S) if xp is np else S     # NumPy only: the check reads the mask on the host
-        out[:, :, t:t + rows], _ = _attention_block(q[:, :, t:t + rows], k[..., :stop, :], v[..., :stop, :],
-                                                    None if m is None else m[..., :stop], scale, False)
+        stop = _keys_needed(m, S) if xp is np and rows < T else S   # NumPy only: the check reads the mask on the host
+        m = None if m is None else m[..., :stop]
+        for h in range(0, H, heads):
+            mh = m if m is None or m.shape[1] == 1 else m[:, h:h + heads]
+            _attention_block(q[:, h:h + heads, t:t + rows], k[:, h:h + heads, :stop], v[:, h:h + heads, :stop],
+                             mh, scale, False, out=out[:, h:h + heads, t:t + rows])
     return out, None
 
 
@@ -1117,8 +1159,9 @@ def _keys_needed(mask, S: int) -> int:
     return int(cols[-1]) + 1
 
 
-def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
-    """softmax(q kᵀ · scale + mask) v for one block of queries -> (output, probabilities or None).
+def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True, out=None):
+    """softmax(q kᵀ · scale + mask) v for one block of queries -> (output, probabilities or None); without
+    probabilities the output goes into ``out`` when given (a [B, heads, rows, D] view of the caller's array).
 
     With probabilities: the scores are a fresh array, scaled, masked and turned into probabilities in place.
     Without them, three passes over the [T, S] scores fewer, each replaced by one over a [T, D] array (D = 64
@@ -1149,6 +1192,11 @@ def _attention_block(q, k, v, mask, scale: float, need_probs: bool = True):
     scores -= scores.max(axis=-1, keepdims=True)
     xp.exp(scores, out=scores)              # e = exp(s - max s), [B, H, T, S]
     total = scores.sum(axis=-1, keepdims=True)      # Σe [B, H, T, 1]
-    out = scores @ v                        # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
+    if out is None:
+        out = scores @ v                    # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
+    elif xp is np:
+        np.matmul(scores, v, out=out)       # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D], into the caller's view
+    else:
+        out[...] = scores @ v               # [B, H, T, S] @ [B, H, S, D] -> [B, H, T, D]
     out /= total
     return out, None

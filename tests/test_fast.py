@@ -177,7 +177,8 @@ def test_keys_needed_by_a_block_of_queries():
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 @pytest.mark.parametrize("past", [0, 3])
 def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
-    """need_probs=False with blocks of 4 queries (and keys left out per block) gives the output of the whole form."""
+    """need_probs=False with one head and 4 queries per block (and keys left out per block) gives the output of
+    the whole form."""
     from kosmos2_ref.decoder import decoder_attention_mask
 
     B, H, T, D = 3, 2, 23, 8
@@ -192,11 +193,46 @@ def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
         att[0, -5:], att[2, -1:] = 0, 0
     mask = decoder_attention_mask(None if pad == "none" else att, B, T, past, np)
     whole, _ = attention(q, k, v, mask, need_probs=True)
-    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * H * S * 4)
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * S * 4)
+    assert fast.attention_blocks(B, H, T, S, fast.attention_block_bytes(), causal=True) == (1, 4)
     blocked, probs = attention(q, k, v, mask, need_probs=False)
     assert probs is None
     err = np.abs(blocked - whole).max()
     assert err <= 1e-6, err
+
+
+def test_attention_blocks():
+    """Everything when it fits; groups of whole heads when one head fits and the mask is not causal; else one
+    head, its rows in near-equal blocks within the budget."""
+    B, H, T, S = 2, 16, 257, 257
+    head = 4 * B * T * S
+    assert fast.attention_blocks(B, H, T, S, H * head) == (H, T)
+    assert fast.attention_blocks(B, H, T, S, 3 * head + 1) == (3, T)
+    assert fast.attention_blocks(B, H, T, S, 3 * head, causal=True) == (1, T)  # one head fits: all its rows
+    row = 4 * B * S
+    assert fast.attention_blocks(B, H, T, S, 100 * row) == (1, 86)  # 257 rows: 3 blocks of <= 100
+    assert fast.attention_blocks(B, H, T, S, 100 * row, causal=True) == (1, 86)
+    assert fast.attention_blocks(B, H, T, S, 1) == (1, 1)  # below one row: a row a block
+    assert fast.attention_blocks(1, 32, 1024, 1024, 1 << 20, causal=True) == (1, 256)  # the 1024-token prefill
+
+
+def test_attention_block_from_the_environment(monkeypatch):
+    monkeypatch.delenv(fast.ATTENTION_BLOCK_ENV, raising=False)
+    assert fast.attention_block_bytes() == fast.ATTENTION_BLOCK_BYTES
+    monkeypatch.setenv(fast.ATTENTION_BLOCK_ENV, " 2M ")
+    assert fast.attention_block_bytes() == 2 << 20
+    monkeypatch.setenv(fast.ATTENTION_BLOCK_ENV, "96K")
+    assert fast.attention_block_bytes() == 96 << 10
+
+
+@pytest.mark.parametrize("setting", ["0", "512", "lots", "-1M"])
+def test_attention_block_bad_setting(monkeypatch, setting):
+    monkeypatch.setenv(fast.ATTENTION_BLOCK_ENV, setting)
+    q = np.zeros((1, 1, 2, 4), np.float32)
+    with pytest.raises(
+        ValueError, match=fast.ATTENTION_BLOCK_ENV + r" must be a size in bytes of at least 1K.*" + repr(setting)
+    ):
+        attention(q, q, q, need_probs=False)
 
 
 # ------------------------------------------------------------------ element-wise work shared among threads

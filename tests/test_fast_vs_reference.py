@@ -329,12 +329,16 @@ def _mask(kind, B, T, past):
 
 @pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("need_probs", [True, False])
-def test_attention(kind, need_probs, monkeypatch):
-    """T = 13 queries in blocks of 4 (longer than one attention block) when the probabilities are not needed."""
-    B, H, T, D = 3, 2, 13, 5
+@pytest.mark.parametrize("blocks", ["heads", "rows"])
+def test_attention(kind, need_probs, blocks, monkeypatch):
+    """T = 13 queries of 3 heads; without probabilities in blocks smaller than the whole: "heads", a budget of
+    two heads' scores (groups of 2 heads and 1 where the mask is not causal, one head a block where it is);
+    "rows", 4 rows' (one head, rows in blocks of 4, 4, 4, 1)."""
+    B, H, T, D = 3, 3, 13, 5
     past = 6 if kind == "cached+left pad" else 0
     S = past + T
-    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * H * S * 4)
+    budget = 2 * 4 * B * T * S if blocks == "heads" else 4 * B * S * 4
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", budget)
     q, k, v = _qkv(B, H, T, S, D, contiguous=kind != "none")
     mask = _mask(kind, B, T, past)
     out, probs = fast.attention(q, k, v, mask, None, need_probs)

@@ -56,7 +56,7 @@ def test_nothing_reported_means_assumed(tmp_path, monkeypatch):
 def test_blocks_follow_the_l2():
     """Half an L2 of float32 per element-wise block and per transposing tile; the widening starts at 2 and 8
     L2s (few rows: the block's even and odd columns one L2 each); the per-row product's blocks an L2 but at least
-    2 MiB. A 2 MiB L2 gives four times a 512 KiB L2's."""
+    2 MiB; the attention block an L2 of scores, 1-8 MiB. A 2 MiB L2 gives four times a 512 KiB L2's."""
     epyc = fast.derived_blocks(machine.CacheSizes(32 << 10, 512 << 10, 32 << 20, "test"))
     assert epyc == {
         "elementwise": 1 << 16,
@@ -64,6 +64,7 @@ def test_blocks_follow_the_l2():
         "upcast_few_rows": 1 << 20,
         "upcast_many_rows": 4 << 20,
         "matvec_block": 2 << 20,
+        "attention_block": 1 << 20,
     }
     xeon = fast.derived_blocks(machine.CacheSizes(48 << 10, 2 << 20, 105 << 20, "test"))
     assert xeon == {
@@ -72,8 +73,12 @@ def test_blocks_follow_the_l2():
         "upcast_few_rows": 4 << 20,
         "upcast_many_rows": 16 << 20,
         "matvec_block": 2 << 20,
+        "attention_block": 2 << 20,
     }
-    assert fast.derived_blocks(machine.CacheSizes(48 << 10, 8 << 20, 105 << 20, "test"))["matvec_block"] == 8 << 20
+    big = fast.derived_blocks(machine.CacheSizes(48 << 10, 8 << 20, 105 << 20, "test"))
+    assert big["matvec_block"] == 8 << 20 and big["attention_block"] == 8 << 20
+    small = fast.derived_blocks(machine.CacheSizes(32 << 10, 256 << 10, 8 << 20, "test"))
+    assert small["attention_block"] == 1 << 20
     odd = fast.derived_blocks(machine.CacheSizes(32 << 10, 1280 << 10, 30 << 20, "test"))  # 1.25 MiB: not a power of 2
     assert odd["elementwise"] == 1 << 17 and odd["upcast_few_rows"] == 2 << 20
 

@@ -138,8 +138,7 @@ def test_padded_batch_with_attention_in_query_blocks(tiny, side, monkeypatch):
     ours, hf = tiny
     pv, ids, att, img = _inputs(64, TEXTS, side=side, seed=3)
     B, T = ids.shape
-    heads = ours.config.text_config.attention_heads
-    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * heads * T * 5)  # 5 query rows per block
+    monkeypatch.setattr(fast, "ATTENTION_BLOCK_BYTES", 4 * B * T * 5)  # one head, 5 query rows per block
     needed = []
     real = fast._keys_needed
     monkeypatch.setattr(fast, "_keys_needed", lambda m, S: needed.append(real(m, S)) or needed[-1])
