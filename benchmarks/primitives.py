@@ -3,10 +3,13 @@ full-size shapes with random data: median seconds of each, and reference / fast 
 
     python benchmarks/primitives.py [--repeats 7] [--only linear,attention]
     python benchmarks/primitives.py --threads-ab --only layer_norm,gelu,quick_gelu,attention
+    python benchmarks/primitives.py --setting-ab KOSMOS2_ATTENTION_BLOCK=8M,1M --only attention
 
 With ``--threads-ab`` the two timed are both the fast form: its element-wise work on one thread
 (``KOSMOS2_ELEMENTWISE_THREADS=1``) against always shared among the threads the machine allows
 (``fast.over_parts``; the variable set to that count, where unset the split is measured per kind of work).
+``--setting-ab VAR=A,B`` likewise times the fast form with the environment variable at A (left column) and at
+B (right column; an empty value: unset).
 
 The two are timed in turns, so drift on a shared machine hits both alike; the figures quoted in fast.py's
 docstrings come from this script. Shapes: the vision tower (257 tokens of 1024, MLP 4096), the text decoder on
@@ -113,20 +116,19 @@ def cases():
     )
 
 
-def _with_threads(fn, value: str):
-    """``fn`` run with KOSMOS2_ELEMENTWISE_THREADS set to ``value`` ("1": one thread; a larger count: always split,
-    where unset the split is measured per kind of work)."""
+def _with_setting(fn, var: str, value: str):
+    """``fn`` run with environment variable ``var`` set to ``value`` ("": unset), restored after."""
 
     def run(*args):
-        before = os.environ.get(fast.ELEMENTWISE_THREADS_ENV)
-        os.environ[fast.ELEMENTWISE_THREADS_ENV] = value
+        before = os.environ.pop(var, None)
+        if value:
+            os.environ[var] = value
         try:
             return fn(*args)
         finally:
-            if before is None:
-                del os.environ[fast.ELEMENTWISE_THREADS_ENV]
-            else:
-                os.environ[fast.ELEMENTWISE_THREADS_ENV] = before
+            os.environ.pop(var, None)
+            if before is not None:
+                os.environ[var] = before
 
     return run
 
@@ -145,7 +147,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated primitives (default: all)")
     ap.add_argument("--threads-ab", action="store_true", help="fast on one thread against fast on all threads")
+    ap.add_argument("--setting-ab", default="", metavar="VAR=A,B", help="fast with VAR at A against at B")
     a = ap.parse_args(argv)
+    if a.threads_ab:
+        var, values = fast.ELEMENTWISE_THREADS_ENV, ["1", str(max(2, fast.elementwise_threads()))]
+    elif a.setting_ab:
+        var, _, text = a.setting_ab.partition("=")
+        values = text.split(",")
+        if not var or len(values) != 2:
+            ap.error(f"--setting-ab {a.setting_ab!r}: expected VAR=A,B, e.g. KOSMOS2_ATTENTION_BLOCK=8M,1M")
     only = set(filter(None, a.only.split(",")))
     cpu = (
         next(
@@ -156,16 +166,16 @@ def main(argv=None):
         else platform.processor()
     )
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores; NumPy {np.__version__}; repeats {a.repeats} (medians)")
-    if a.threads_ab:
-        print(f"element-wise threads: 1 (left column) against {max(2, fast.elementwise_threads())} (right column)")
-    heads = ("fast, 1 thread", "threads", "1/threads") if a.threads_ab else ("reference", "fast", "ref/fast")
+    ab = a.threads_ab or bool(a.setting_ab)
+    if ab:
+        print(f"{var}: {values[0] or 'unset'} (left column) against {values[1] or 'unset'} (right column)")
+    heads = ("fast, A", "fast, B", "A/B") if ab else ("reference", "fast", "ref/fast")
     print(f"{'primitive':<11s} {'case':<46s} {heads[0]:>14s} {heads[1]:>10s} {heads[2]:>9s}")
     for name, label, args in cases():
         if only and name not in only:
             continue
-        if a.threads_ab:
-            threads = str(max(2, fast.elementwise_threads()))
-            ref, fst = _with_threads(getattr(fast, name), "1"), _with_threads(getattr(fast, name), threads)
+        if ab:
+            ref, fst = (_with_setting(getattr(fast, name), var, value) for value in values)
         else:
             ref, fst = getattr(layers, name), getattr(fast, name)
         ref(*args), fst(*args)  # warm-up (and the float16 matrix remembered)
