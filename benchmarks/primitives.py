@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from setting_ab import with_setting  # noqa: E402  (this folder: the script's own, first on sys.path)
+
 from kosmos2_ref import fast, layers  # noqa: E402
 from kosmos2_ref.layers import NEG_INF_F32  # noqa: E402
 from kosmos2_ref.weights import float32_to_bf16_bits  # noqa: E402
@@ -116,23 +118,6 @@ def cases():
     )
 
 
-def _with_setting(fn, var: str, value: str):
-    """``fn`` run with environment variable ``var`` set to ``value`` ("": unset), restored after."""
-
-    def run(*args):
-        before = os.environ.pop(var, None)
-        if value:
-            os.environ[var] = value
-        try:
-            return fn(*args)
-        finally:
-            os.environ.pop(var, None)
-            if before is not None:
-                os.environ[var] = before
-
-    return run
-
-
 def timed(fn, args, repeats):
     t = []
     for _ in range(repeats):
@@ -175,7 +160,7 @@ def main(argv=None):
         if only and name not in only:
             continue
         if ab:
-            ref, fst = (_with_setting(getattr(fast, name), var, value) for value in values)
+            ref, fst = (with_setting(var, value, getattr(fast, name)) for value in values)
         else:
             ref, fst = getattr(layers, name), getattr(fast, name)
         ref(*args), fst(*args)  # warm-up (and the float16 matrix remembered)

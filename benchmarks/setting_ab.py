@@ -31,14 +31,15 @@ def _compare():
 
 
 def with_setting(var: str, value: str, fn):
-    """``fn`` run with environment variable ``var`` set to ``value`` ("" : unset), restored after."""
+    """``fn`` run with environment variable ``var`` set to ``value`` ("" : unset), restored after; the
+    arguments pass through."""
 
-    def run():
+    def run(*args):
         before = os.environ.pop(var, None)
         if value:
             os.environ[var] = value
         try:
-            return fn()
+            return fn(*args)
         finally:
             os.environ.pop(var, None)
             if before is not None:

@@ -1066,13 +1066,14 @@ def softmax_in_place(e, axis: int = -1):
 # float32 bytes of scores formed at once when the probabilities are not returned: an L2 of them, at least 1 MiB
 # and at most 8 (derived_blocks). A block of scores is written by one product, then read by the max, the exp, the
 # sum and the product with v: held in the L2, those four passes do not go out to L3 or memory. Measured on an AMD
-# EPYC (Zen 3, 512 KiB L2 per core, OpenBLAS Haswell; ms per layer, forms in turns): the causal 1024-token
-# prefill's [1, 32, 1024, 64] in 1 MiB blocks (one head, 256 query rows at a time) took 0.80-0.94 of the time of
-# the 8 MiB blocks taken before (all heads, 64 rows); 512 KiB 0.92-1.02, 2 MiB 0.90-1.06; at 256 tokens
-# 0.83-0.89. The vision tower's [1, 16, 257, 64] (4.2 MB of scores) in groups of whole heads: 1.03-1.12 of one
-# block per layer, within the noise of whole encodings (0.99-1.00); in blocks of query rows within a head slower
-# (1.16-1.76), hence whole heads first and rows only where one head does not fit. ``KOSMOS2_ATTENTION_BLOCK``
-# (bytes, K/M suffixes) sets the size instead.
+# EPYC (Zen 3, 512 KiB L2 per core, OpenBLAS Haswell; per layer, the old and the new code in turns, four runs):
+# the causal 1024-token prefill's [1, 32, 1024, 64] in 1 MiB blocks (one head, 256 query rows at a time) took
+# 0.94-1.02 of the time of the 8 MiB blocks taken before (all heads, 64 rows); 512 KiB 0.97-0.99, 2 MiB
+# 1.04-1.09, 4 MiB (a whole head a block, no keys left out) 1.38-1.39; at 256 tokens 0.90-0.95. The vision
+# tower's [1, 16, 257, 64] (4.2 MB of scores) in groups of 3 whole heads and the 71-token prompt 0.99-1.00: in
+# blocks of query rows within a head the vision tower was slower (1.16-1.76, an earlier version of this change),
+# hence whole heads first and rows only where one head does not fit. Memory: 1 MiB of scores at once, not 8.
+# ``KOSMOS2_ATTENTION_BLOCK`` (bytes, K/M suffixes) sets the size instead.
 ATTENTION_BLOCK_BYTES = _DERIVED["attention_block"]
 ATTENTION_BLOCK_ENV = "KOSMOS2_ATTENTION_BLOCK"
 

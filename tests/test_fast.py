@@ -203,7 +203,7 @@ def test_attention_in_query_blocks_equals_the_whole(pad, past, monkeypatch):
 
 def test_attention_blocks():
     """Everything when it fits; groups of whole heads when one head fits and the mask is not causal; else one
-    head, its rows in near-equal blocks within the budget."""
+    head, its rows in as few blocks as the budget allows, all of one size but the last."""
     B, H, T, S = 2, 16, 257, 257
     head = 4 * B * T * S
     assert fast.attention_blocks(B, H, T, S, H * head) == (H, T)
