@@ -135,15 +135,28 @@ def test_linear_weight_first_keeps_rows_and_layout():
 
 
 @pytest.mark.parametrize(
-    "case", ["C=1", "constant rows", "offset 1e4", "zero rows", "strided", "reversed", "column-major", "[1,1,2048]"]
+    "case",
+    [
+        "C=1",
+        "constant rows",
+        "offset 1e4",
+        "zero rows",
+        "strided",
+        "reversed",
+        "column-major",
+        "[1,1,2048]",
+        "long rows",
+    ],
 )
 def test_layer_norm(case):
-    shapes = {"C=1": (3, 1), "zero rows": (0, 5), "[1,1,2048]": (1, 1, 2048)}
+    shapes = {"C=1": (3, 1), "zero rows": (0, 5), "[1,1,2048]": (1, 1, 2048), "long rows": (40, 8192)}
     x = rng.standard_normal(shapes.get(case, (9, 33))).astype(np.float32)
     if case == "constant rows":
         x[:] = np.float32(11.1875)
     elif case == "offset 1e4":
         x = x * np.float32(1e-2) + np.float32(1e4)
+    elif case == "long rows":  # 327,680 elements: shared among the threads; float32 variance summed over 8192
+        x = x * np.float32(30) + np.float32(100)
     elif case == "strided":
         x = np.concatenate([x, x], axis=-1)[:, ::2]
     elif case == "reversed":
