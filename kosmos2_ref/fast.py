@@ -115,6 +115,19 @@ def _positive_int_setting(name: str, meaning: str) -> int | None:
     return int(text)
 
 
+def _byte_sizes_setting(name: str, count: int, expected: str) -> list[int] | None:
+    """The ``count`` comma-separated sizes in bytes (K, M, G suffixes; each at least 1K) in environment variable
+    ``name``, None when it is unset or blank; a ValueError naming the variable, what it held and ``expected``
+    otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    sizes = [machine.parse_size(part) for part in text.split(",")]     # 0 for what is not a size
+    if len(sizes) != count or min(sizes) < 1024:
+        raise ValueError(f"{name} must be {expected} (K and M suffixes allowed), got {text!r}")
+    return sizes
+
+
 def _measure_matvec_rows(repeats: int = 3, margin: float = 0.9) -> int:
     """The most rows r (up to MATVEC_CANDIDATE_ROWS) for which one matrix-vector product per row beat one matrix
     product by 1 − ``margin`` (10 %) at r and at every count below it, on a float32 [8192, 2048] matrix (64 MB,
@@ -622,14 +635,9 @@ def upcast_block_bytes(few_rows: bool) -> int:
 
 
 def _choose_upcast_blocks() -> tuple[int, int, str]:
-    setting = os.environ.get(UPCAST_BLOCKS_ENV, "").strip()
-    if setting:
-        sizes = [machine.parse_size(part) for part in setting.split(",")]
-        if len(sizes) != 2 or min(sizes) < 1024:
-            raise ValueError(
-                f"{UPCAST_BLOCKS_ENV}={setting!r}: expected two block sizes in bytes, FEW,MANY (each >= 1K; "
-                f"K and M suffixes allowed), e.g. '2M,8M'"
-            )
+    sizes = _byte_sizes_setting(UPCAST_BLOCKS_ENV, 2, "two block sizes in bytes, FEW,MANY, each at least 1K, "
+                                                      "e.g. '2M,8M'")
+    if sizes is not None:
         return sizes[0], sizes[1], f"set by {UPCAST_BLOCKS_ENV}"
     few = _measure_block(_DERIVED["upcast_few_rows"], rows=1)
     many = _measure_block(_DERIVED["upcast_many_rows"], rows=32)
@@ -1051,9 +1059,9 @@ def _feed_forward_in_columns(x, fc1, fc2, activation: str, inner_norm, eps: floa
 
 
 def _layer_norm_columns(h, weight, bias, eps: float):
-    """LayerNorm of each column of h [F, M] (M rows of F features, transposed), in place; float64 moments (a
-    float32 einsum down 8192 features sums them one by one: 2.4e-5 off, ~1.5 ulp of the output, against the
-    pairwise or BLAS sums along a row that :func:`layer_norm` takes in float32). weight, bias [F]."""
+    """LayerNorm of each column of h [F, M] (M rows of F features, transposed), in place, weight, bias [F]. Both
+    moments in float64: unlike :func:`layer_norm`'s float32 variance (a dot product along each row), a float32
+    einsum down the columns adds its 8192 terms one after another and was 2.4e-5 off (~1.5 ulp of the output)."""
     xp = get_xp(h)
     n = h.shape[0]
     mean = (h.sum(axis=0, dtype=xp.float64) / n).astype(xp.float32)      # [M]
@@ -1096,14 +1104,8 @@ ATTENTION_BLOCK_ENV = "KOSMOS2_ATTENTION_BLOCK"
 def attention_block_bytes() -> int:
     """The float32 bytes of scores per attention block: ``KOSMOS2_ATTENTION_BLOCK`` when set, else
     ATTENTION_BLOCK_BYTES."""
-    text = os.environ.get(ATTENTION_BLOCK_ENV, "").strip()
-    if not text:
-        return ATTENTION_BLOCK_BYTES
-    size = machine.parse_size(text)
-    if size < 1024:
-        raise ValueError(f"{ATTENTION_BLOCK_ENV} must be a size in bytes of at least 1K (K and M suffixes "
-                         f"allowed, e.g. '1M'), got {text!r}")
-    return size
+    sizes = _byte_sizes_setting(ATTENTION_BLOCK_ENV, 1, "a size in bytes of at least 1K, e.g. '1M'")
+    return ATTENTION_BLOCK_BYTES if sizes is None else sizes[0]
 
 
 def attention_blocks(B: int, H: int, T: int, S: int, budget: int, causal: bool = False) -> tuple[int, int]:
