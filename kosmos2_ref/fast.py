@@ -94,7 +94,7 @@ def matvec_max_rows() -> int:
     global MATVEC_MAX_ROWS, _matvec_how
     if MATVEC_MAX_ROWS is not None:
         return MATVEC_MAX_ROWS
-    with _choice_lock:
+    with _measure_lock:
         if MATVEC_MAX_ROWS is None:
             limit = _positive_int_setting(MATVEC_ROWS_ENV, "1: never one product per row; 3: up to 3 rows")
             if limit is not None:
@@ -481,10 +481,15 @@ def _write_transposed(yt, bias, y):
 # float32 (:func:`widen_pairs`): the even columns of the block and its odd columns, as two matrices. The product
 # is split the same way: x·w = x[0::2]·w[0::2] + x[1::2]·w[1::2].
 #
-# (No worker threads. NumPy gives no way to run each block's product on one BLAS thread, so two Python threads
-# would share OpenBLAS's two; and calls on cache-sized blocks last ~15 µs, too short for two Python threads to
-# overlap. Measured on the 2-core machine: no gain with OpenBLAS's own threads; 17 % for bfloat16 and 38 % for
-# float16 only when OpenBLAS is set process-wide to one thread, which a library should not do to its host.)
+# With few rows (decoding) the product is bound by one core reading the 2-byte weights from memory (~9 GB/s on a
+# 2-vCPU AMD EPYC, Zen 3, against ~23 GB/s for the two cores' BLAS product in float32). So there the blocks are
+# shared among the threads (:func:`over_parts`): each widens and multiplies the blocks of a contiguous part of
+# w's rows, into its own scratch buffers and its own columns of y, and NumPy releases the GIL inside each call.
+# Whether that pays is measured per size where it runs, as for the element-wise passes: in earlier sessions
+# two threads on one matrix lost on the Xeon and on Zen 4 (benchmarks/NOTES.md). On Zen 3 (OpenBLAS Haswell),
+# eight distinct [8192, 2048] bfloat16 matrices with one row, best of 7 in turns: one thread 45.2 ms (1 MiB
+# blocks) / 43.4 (2 MiB), split 34.8 / 31.9; whole bfloat16 decoded tokens split / one thread 0.92-0.94 (0.85
+# with 2 MiB blocks), float16 0.95. Many rows are bound by the arithmetic, which OpenBLAS's threads share already.
 
 UPCAST_MIN_SIZE = 1 << 16                 # smaller matrices are simply widened whole
 UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts as "few" (decoding)
@@ -494,7 +499,9 @@ UPCAST_FEW_ROWS = 8                       # x with at most this many rows counts
 UPCAST_BLOCK_BYTES: int | None = None
 UPCAST_BLOCK_BYTES_MANY_ROWS: int | None = None
 UPCAST_BLOCKS_ENV = "KOSMOS2_UPCAST_BLOCKS"   # "FEW,MANY" in bytes (K/M suffixes allowed), e.g. "2M,8M"
-_choice_lock = threading.Lock()
+_choice_lock = threading.Lock()      # guards the choices kept so far and their trials (held only briefly)
+_measure_lock = threading.Lock()     # held while a once-per-process size is measured (the products it times
+                                     # take _choice_lock themselves: one lock for both would deadlock)
 _upcast_how = "not chosen yet"
 
 _F16_TO_F32_SCALE = np.float32(2.0 ** 112)   # 2^(127 - 15): float16's exponent bias -> float32's
@@ -575,7 +582,8 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     widening); 71 rows, bfloat16 1.2x (each block's product weight first, as in :func:`_matmul_weight_first`;
     with the x-first product the blocks took before, 0.3-0.4x). x [..., K] float32 -> [..., N] float32,
     row-major; equal to ``x @ as_float32(w).T`` up to BLAS summation order. ``block_bytes`` overrides the
-    process's choice (:func:`upcast_block_bytes`) for this call.
+    process's choice (:func:`upcast_block_bytes`) for this call. With few rows the blocks are shared among the
+    threads where that was measured faster (see the comment above; the same numbers either way).
     """
     N, K = w.shape
     x2 = x.reshape(-1, K)                              # [M, K]
@@ -593,21 +601,33 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     if scaled:
         x_even *= _F16_TO_F32_SCALE
         x_odd *= _F16_TO_F32_SCALE
-    all_finite = True
-    block = max(1, (block_bytes or upcast_block_bytes(M <= UPCAST_FEW_ROWS)) // (4 * K))
+    few_rows = M <= UPCAST_FEW_ROWS
+    block = max(1, (block_bytes or upcast_block_bytes(few_rows)) // (4 * K))
+    starts = range(0, N, block)                        # the first row of w in each block
     y = np.empty((M, N), dtype=np.float32)
-    for r in range(0, N, block):
-        n = min(block, N - r)
-        w_even, w_odd = _scratch(n, K // 2)
-        all_finite &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
-        if M <= UPCAST_FEW_ROWS:
-            out = y[:, r:r + n]
-            np.matmul(x_even, w_even.T, out=out)       # [M, K/2] @ [K/2, n]
-            out += x_odd @ w_odd.T
-        else:                                          # many rows: weight first, as in _matmul_weight_first
-            yt = w_even @ x_even.T                     # [n, K/2] @ [K/2, M] -> [n, M]
-            yt += w_odd @ x_odd.T
-            _write_transposed(yt, None, y[:, r:r + n])
+    finite = []                                        # per part: no float16 block held an inf/NaN
+
+    def blocks(first: int, stop: int) -> None:         # blocks first … stop − 1, in this thread's scratch buffers
+        ok = True
+        for r in starts[first:stop]:
+            n = min(block, N - r)
+            w_even, w_odd = _scratch(n, K // 2)
+            ok &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
+            if few_rows:
+                out = y[:, r:r + n]
+                np.matmul(x_even, w_even.T, out=out)   # [M, K/2] @ [K/2, n]
+                out += x_odd @ w_odd.T
+            else:                                      # many rows: weight first, as in _matmul_weight_first
+                yt = w_even @ x_even.T                 # [n, K/2] @ [K/2, M] -> [n, M]
+                yt += w_odd @ x_odd.T
+                _write_transposed(yt, None, y[:, r:r + n])
+        finite.append(ok)
+
+    if few_rows:    # bound by one core's reading of w: the blocks shared among the threads, where measured faster
+        over_parts(blocks, len(starts), N * K, "2-byte widening")
+    else:           # bound by the arithmetic, which the BLAS's threads already share
+        blocks(0, len(starts))
+    all_finite = all(finite)
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
@@ -624,7 +644,7 @@ def upcast_block_bytes(few_rows: bool) -> int:
     chosen = UPCAST_BLOCK_BYTES if few_rows else UPCAST_BLOCK_BYTES_MANY_ROWS
     if chosen is not None:
         return chosen
-    with _choice_lock:
+    with _measure_lock:
         if UPCAST_BLOCK_BYTES is None or UPCAST_BLOCK_BYTES_MANY_ROWS is None:
             few, many, _upcast_how = _choose_upcast_blocks()
             if UPCAST_BLOCK_BYTES is None:

@@ -271,6 +271,35 @@ def test_split_element_wise_work_gives_the_same_bits(split_everything, monkeypat
     assert _helper_threads() >= 2, "the work was not handed to the pool"
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_split_widening_gives_the_same_bits_and_finds_an_inf_in_any_part(split_everything, monkeypatch, storage):
+    """A few-row product over a 2-byte matrix with its blocks shared among three threads equals the one-thread
+    product bit for bit; a float16 inf in the last part's blocks still comes out as inf, and keeps the matrix off
+    the finite registry."""
+    from kosmos2_ref.weights import float32_to_bf16_bits
+
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 24 * 4)  # 4 rows of W per block: 10 blocks, 3 parts
+    rng = np.random.default_rng(11)
+    w32 = rng.standard_normal((37, 24)).astype(np.float32)
+    w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32.astype(np.float16)
+    x = rng.standard_normal((2, 24)).astype(np.float32)
+    widened_by, widen = set(), fast.widen_pairs
+    monkeypatch.setattr(fast, "widen_pairs", lambda *a, **k: widened_by.add(threading.get_ident()) or widen(*a, **k))
+    got = linear(x, w)
+    assert len(widened_by) >= 2, "the blocks were not shared among the threads"
+    alone = _one_thread(monkeypatch, linear, x, w)
+    assert np.array_equal(got.view(np.uint32), alone.view(np.uint32)), "the split changed the numbers"
+    ref = x.astype(np.float64) @ as_float32(w).astype(np.float64).T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    if storage == "float16":
+        w[35, 7] = np.inf  # in the last block, which the last part widens
+        w.flags.writeable = False
+        y = linear(np.abs(x), w)
+        assert np.isposinf(y[:, 35]).all() and np.isfinite(np.delete(y, 35, axis=1)).all()
+        assert not fast._known_finite(w)
+
+
 def test_split_parts_cover_the_range_once_and_raise_a_parts_error(split_everything):
     seen = []
     fast.over_parts(lambda a, b: seen.append((a, b)), 10, 10)
