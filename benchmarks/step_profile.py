@@ -10,7 +10,8 @@ For image encoding, time to first token and a decoded token (float32, and a bflo
   alone on the recorded q, k, v) and one ``np.exp`` per softmax score and per quick-GELU input (NumPy's
   float32 exp over as many elements, in cache-sized blocks);
 * for bfloat16 storage: the widening alone (``fast.widen_pairs`` over every 2-byte matrix of the step, no
-  product), against the float32 token's products.
+  product, its blocks shared among the threads as the products share them), against the float32 token's
+  products.
 
     python benchmarks/step_profile.py --size full --repeats 5
 
@@ -107,19 +108,28 @@ def irreducible(attention_inputs, activation_elements: int, repeats: int) -> dic
 
 
 def widening_alone(calls, repeats: int) -> float:
-    """fast.widen_pairs over every 2-byte weight of the recorded products, block by block, no product."""
+    """fast.widen_pairs over every 2-byte weight of the recorded products, block by block, no product; the blocks
+    shared among the threads as the products share them (fast.over_parts, the way kept for each size)."""
     from kosmos2_ref import fast
 
     weights = [w for _, _, w, _ in calls if w.dtype != np.float32 and w.ndim == 2 and w.shape[1] % 2 == 0]
 
-    def widen():
-        for w in weights:
-            N, K = w.shape
-            block = max(1, fast.upcast_block_bytes(True) // (4 * K))
-            for r in range(0, N, block):
+    def widen_one(w):
+        N, K = w.shape
+        block = max(1, fast.upcast_block_bytes(True) // (4 * K))
+        starts = range(0, N, block)
+
+        def blocks(first, stop):
+            for r in starts[first:stop]:
                 n = min(block, N - r)
                 even, odd = fast._scratch(n, K // 2)
                 fast.widen_pairs(w[r : r + n], even, odd)
+
+        fast.over_parts(blocks, len(starts), N * K, "2-byte widening")
+
+    def widen():
+        for w in weights:
+            widen_one(w)
 
     widen()
     return median_time(widen, repeats)
