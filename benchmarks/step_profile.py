@@ -109,27 +109,22 @@ def irreducible(attention_inputs, activation_elements: int, repeats: int) -> dic
 
 def widening_alone(calls, repeats: int) -> float:
     """fast.widen_pairs over every 2-byte weight of the recorded products, block by block, no product; the blocks
-    shared among the threads as the products share them (fast.over_parts, the way kept for each size)."""
+    shared among the threads as the few-row products share them (fast.over_row_blocks)."""
     from kosmos2_ref import fast
 
     weights = [w for _, _, w, _ in calls if w.dtype != np.float32 and w.ndim == 2 and w.shape[1] % 2 == 0]
 
-    def widen_one(w):
-        N, K = w.shape
-        block = max(1, fast.upcast_block_bytes(True) // (4 * K))
-        starts = range(0, N, block)
-
-        def blocks(first, stop):
-            for r in starts[first:stop]:
-                n = min(block, N - r)
-                even, odd = fast._scratch(n, K // 2)
-                fast.widen_pairs(w[r : r + n], even, odd)
-
-        fast.over_parts(blocks, len(starts), N * K, "2-byte widening")
-
     def widen():
         for w in weights:
-            widen_one(w)
+            N, K = w.shape
+            block = max(1, fast.upcast_block_bytes(True) // (4 * K))
+            fast.over_row_blocks(
+                lambda r, n, w=w, K=K: fast.widen_pairs(w[r : r + n], *fast._scratch(n, K // 2)),
+                N,
+                block,
+                shared=True,
+                elements=N * K,
+            )
 
     widen()
     return median_time(widen, repeats)

@@ -483,7 +483,7 @@ def _write_transposed(yt, bias, y):
 #
 # With few rows (decoding) the product is bound by one core reading the 2-byte weights from memory (~9 GB/s on a
 # 2-vCPU AMD EPYC, Zen 3, against ~23 GB/s for the two cores' BLAS product in float32). So there the blocks are
-# shared among the threads (:func:`over_parts`): each widens and multiplies the blocks of a contiguous part of
+# shared among the threads (:func:`over_row_blocks`): each widens and multiplies the blocks of a contiguous part of
 # w's rows, into its own scratch buffers and its own columns of y, and NumPy releases the GIL inside each call.
 # Whether that pays is measured per size where it runs, as for the element-wise passes: in earlier sessions
 # two threads on one matrix lost on the Xeon and on Zen 4 (benchmarks/NOTES.md). On Zen 3 (OpenBLAS Haswell),
@@ -602,35 +602,45 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
         x_even *= _F16_TO_F32_SCALE
         x_odd *= _F16_TO_F32_SCALE
     few_rows = M <= UPCAST_FEW_ROWS
-    block = max(1, (block_bytes or upcast_block_bytes(few_rows)) // (4 * K))
-    starts = range(0, N, block)                        # the first row of w in each block
     y = np.empty((M, N), dtype=np.float32)
-    finite = []                                        # per part: no float16 block held an inf/NaN
 
-    def blocks(first: int, stop: int) -> None:         # blocks first … stop − 1, in this thread's scratch buffers
-        ok = True
-        for r in starts[first:stop]:
-            n = min(block, N - r)
-            w_even, w_odd = _scratch(n, K // 2)
-            ok &= widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
-            if few_rows:
-                out = y[:, r:r + n]
-                np.matmul(x_even, w_even.T, out=out)   # [M, K/2] @ [K/2, n]
-                out += x_odd @ w_odd.T
-            else:                                      # many rows: weight first, as in _matmul_weight_first
-                yt = w_even @ x_even.T                 # [n, K/2] @ [K/2, M] -> [n, M]
-                yt += w_odd @ x_odd.T
-                _write_transposed(yt, None, y[:, r:r + n])
-        finite.append(ok)
+    def block_product(r: int, n: int) -> bool:         # rows r … r+n−1 of w, in this thread's scratch buffers
+        w_even, w_odd = _scratch(n, K // 2)
+        finite = widen_pairs(w[r:r + n], w_even, w_odd, scaled=scaled)   # [n, K/2] each, float32, in cache
+        if few_rows:
+            out = y[:, r:r + n]
+            np.matmul(x_even, w_even.T, out=out)       # [M, K/2] @ [K/2, n]
+            out += x_odd @ w_odd.T
+        else:                                          # many rows: weight first, as in _matmul_weight_first
+            yt = w_even @ x_even.T                     # [n, K/2] @ [K/2, M] -> [n, M]
+            yt += w_odd @ x_odd.T
+            _write_transposed(yt, None, y[:, r:r + n])
+        return finite
 
-    if few_rows:    # bound by one core's reading of w: the blocks shared among the threads, where measured faster
-        over_parts(blocks, len(starts), N * K, "2-byte widening")
-    else:           # bound by the arithmetic, which the BLAS's threads already share
-        blocks(0, len(starts))
-    all_finite = all(finite)
+    block = max(1, (block_bytes or upcast_block_bytes(few_rows)) // (4 * K))
+    all_finite = over_row_blocks(block_product, N, block, shared=few_rows, elements=N * K)
     if w.dtype == np.float16 and not scaled and all_finite and not w.flags.writeable:
         _remember_finite(w)
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+def over_row_blocks(each, N: int, block: int, shared: bool, elements: int) -> bool:
+    """``each(r, n)`` for the blocks of rows r … r+n−1 of a matrix of N rows, ``block`` rows a block (the last one
+    fewer), in order; with ``shared`` the blocks are shared among the threads where that was measured faster
+    (:func:`over_parts`, kind "2-byte widening", ``elements`` the matrix's). True when every call returned True.
+    Few-row products share (bound by one core reading the weights), many-row ones do not (bound by the
+    arithmetic, which the BLAS's threads share already)."""
+    starts = range(0, N, block)                        # the first row of each block
+    results = []                                       # one per part: did every block of it return True
+
+    def blocks(first: int, stop: int) -> None:         # blocks first … stop − 1
+        results.append(all([each(r, min(block, N - r)) for r in starts[first:stop]]))   # every block runs
+
+    if shared:
+        over_parts(blocks, len(starts), elements, "2-byte widening")
+    else:
+        blocks(0, len(starts))
+    return all(results)
 
 
 def upcast_block_bytes(few_rows: bool) -> int:
