@@ -5,7 +5,7 @@ For image encoding, time to first token and a decoded token (float32, and a bflo
 * whole: the step, median of ``--repeats``;
 * products: its linear-layer products replayed alone (compare.py's floor, timed in turns with the whole step);
 * the time inside attention, LayerNorm and the activations (timed around each fast primitive, outermost call
-  only), and the rest (residual adds, embeddings, head splits, Python);
+  only; the median of ``--repeats`` calls each), and the rest (residual adds, embeddings, head splits, Python);
 * two pieces of that no rearrangement removes: attention's own two products per head (q kᵀ and p v, replayed
   alone on the recorded q, k, v) and one ``np.exp`` per softmax score and per quick-GELU input (NumPy's
   float32 exp over as many elements, in cache-sized blocks);
@@ -41,17 +41,20 @@ TIMED = {  # fast's functions timed, and the part they count towards
 }
 
 
-def parts_of(fn) -> tuple[dict, list]:
-    """Seconds inside each part during one ``fn()``, and every attention call's (q, k, v) as it was."""
+def parts_of(fn, repeats: int = 1) -> tuple[dict, list]:
+    """Seconds inside each part of ``fn()``, the median over ``repeats`` calls (one call's parts moved by up to 2x
+    on a noisy VM, against the median of the whole step they are set beside), and every attention call's (q, k, v)
+    of the first call, as it was."""
     from kosmos2_ref import fast
 
-    spent, attention_inputs, depth = defaultdict(float), [], [0]
+    calls, attention_inputs, depth = [], [], [0]
+    spent = defaultdict(float)  # the call being timed
     saved = {name: getattr(fast, name) for name in TIMED}
     activations = dict(fast.ACTIVATIONS)  # feed_forward's few-rows path looks them up here
 
     def timer(name, f):
         def timed(*args, **kwargs):
-            if name == "attention" and not depth[0]:
+            if name == "attention" and not depth[0] and not calls:
                 attention_inputs.append(tuple(a.copy() for a in args[:3]))
             depth[0] += 1
             t0 = time.perf_counter()
@@ -68,12 +71,16 @@ def parts_of(fn) -> tuple[dict, list]:
         for name, f in saved.items():
             setattr(fast, name, timer(name, f))
         fast.ACTIVATIONS.update({name: timer(name, f) for name, f in activations.items()})
-        fn()
+        for _ in range(repeats):
+            spent.clear()
+            fn()
+            calls.append(dict(spent))
     finally:
         for name, f in saved.items():
             setattr(fast, name, f)
         fast.ACTIVATIONS.update(activations)
-    return dict(spent), attention_inputs
+    parts = {part for call in calls for part in call}
+    return {part: statistics.median(call.get(part, 0.0) for call in calls) for part in parts}, attention_inputs
 
 
 def median_time(fn, repeats: int) -> float:
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     rows, products_f32_decode = [], None
     for what, side, fn, act_exps in steps:
         whole, products = cmp.products_alone(side, fn, a.repeats)
-        spent, attention_inputs = parts_of(fn)
+        spent, attention_inputs = parts_of(fn, a.repeats)
         row = {"step": what, "whole": whole, "products": products, **spent}
         row["rest"] = whole - products - sum(spent.values())
         row.update(irreducible(attention_inputs, act_exps, a.repeats))
