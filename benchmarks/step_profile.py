@@ -54,7 +54,7 @@ def parts_of(fn, repeats: int = 1) -> tuple[dict, list]:
 
     def timer(name, f):
         def timed(*args, **kwargs):
-            if name == "attention" and not depth[0] and not calls:
+            if name == "attention" and not depth[0] and not calls:  # the first call's, outermost
                 attention_inputs.append(tuple(a.copy() for a in args[:3]))
             depth[0] += 1
             t0 = time.perf_counter()

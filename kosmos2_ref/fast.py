@@ -485,8 +485,8 @@ def _write_transposed(yt, bias, y):
 # 2-vCPU AMD EPYC, Zen 3, against ~23 GB/s for the two cores' BLAS product in float32). So there the blocks are
 # shared among the threads (:func:`over_row_blocks`): each widens and multiplies the blocks of a contiguous part of
 # w's rows, into its own scratch buffers and its own columns of y, and NumPy releases the GIL inside each call.
-# Whether that pays is measured per size where it runs, as for the element-wise passes: in earlier sessions
-# two threads on one matrix lost on the Xeon and on Zen 4 (benchmarks/NOTES.md). On Zen 3 (OpenBLAS Haswell),
+# Whether that pays is measured per size where it runs, as for the element-wise passes: two threads over one
+# matrix used again and again lost on the Xeon and on Zen 4 (benchmarks/NOTES.md). On Zen 3 (OpenBLAS Haswell),
 # eight distinct [8192, 2048] bfloat16 matrices with one row, best of 7 in turns: one thread 45.2 ms (1 MiB
 # blocks) / 43.4 (2 MiB), split 34.8 / 31.9; whole bfloat16 decoded tokens split / one thread 0.92-0.94 (0.85
 # with 2 MiB blocks), float16 0.95. Many rows are bound by the arithmetic, which OpenBLAS's threads share already.
@@ -627,9 +627,7 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
 def over_row_blocks(each, N: int, block: int, shared: bool, elements: int) -> bool:
     """``each(r, n)`` for the blocks of rows r … r+n−1 of a matrix of N rows, ``block`` rows a block (the last one
     fewer), in order; with ``shared`` the blocks are shared among the threads where that was measured faster
-    (:func:`over_parts`, kind "2-byte widening", ``elements`` the matrix's). True when every call returned True.
-    Few-row products share (bound by one core reading the weights), many-row ones do not (bound by the
-    arithmetic, which the BLAS's threads share already)."""
+    (:func:`over_parts`, kind "2-byte widening", ``elements`` the matrix's). True when every call returned True."""
     starts = range(0, N, block)                        # the first row of each block
     results = []                                       # one per part: did every block of it return True
 
