@@ -643,27 +643,30 @@ def decode_times(sides, repeats: int, n_steps: int) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-# Ours' linear-layer products: fast.linear (every stage's ``linear``, which primitives passes on to it) and the two
-# halves of fast.feed_forward's MLP, whose hidden activation stays transposed between them.
-PRODUCTS = ("linear", "product_to_columns", "product_from_columns")
+# Ours' linear-layer products: fast.linear (every stage's ``linear``, which primitives passes on to it), attention's
+# q, k and v projections (fast.head_projection: the product and its bias, the heads a view of it) and the two halves
+# of fast.feed_forward's MLP, whose hidden activation stays transposed between them.
+PRODUCTS = ("linear", "head_projection", "product_to_columns", "product_from_columns")
 
 
 def record_linears(fn) -> list:
     """Run ``fn()`` once and return every linear-layer product it made, in order, as (function, x, weight, bias):
-    the fast function called, its input copied as it was (same shape and memory layout), the weight and bias as the
-    model holds them. A product inside another (fast.linear's own tail) is not counted twice."""
+    the fast function called (for a head projection, with its number of heads bound), its input copied as it was
+    (same shape and memory layout), the weight and bias as the model holds them. A product inside another
+    (fast.linear's own tail) is not counted twice."""
     from kosmos2_ref import fast
 
     calls, depth = [], [0]
     saved = {name: getattr(fast, name) for name in PRODUCTS}
 
     def recorder(f):
-        def recording(x, weight, bias=None):
+        def recording(x, weight, bias=None, *heads):
             if not depth[0]:
-                calls.append((f, x.copy(order="K"), weight, bias))
+                product = functools.partial(f, num_heads=heads[0]) if heads else f
+                calls.append((product, x.copy(order="K"), weight, bias))
             depth[0] += 1
             try:
-                return f(x, weight, bias)
+                return f(x, weight, bias, *heads)
             finally:
                 depth[0] -= 1
 

@@ -9,8 +9,8 @@ decoder always receives the same small number of image rows whatever the image r
 from __future__ import annotations
 
 from .backend import get_xp
-from .layers import as_float32, merge_heads, split_heads
-from .primitives import attention, layer_norm, linear
+from .layers import as_float32, merge_heads
+from .primitives import attention, head_projection, layer_norm, linear
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -26,9 +26,9 @@ def cross_attention(queries, keys_values, p, num_heads: int):
     queries [B, Q, C], keys_values [B, S, C] -> (output [B, Q, C], probabilities [B, H, Q, S]).
     No inner LayerNorm, no residual, no output norm: the connector's ``x_attn`` is a plain attention.
     """
-    q = split_heads(linear(queries, **p["q_proj"]), num_heads)       # [B, H, Q, D]
-    k = split_heads(linear(keys_values, **p["k_proj"]), num_heads)   # [B, H, S, D]
-    v = split_heads(linear(keys_values, **p["v_proj"]), num_heads)   # [B, H, S, D]
+    q = head_projection(queries, **p["q_proj"], num_heads=num_heads)      # [B, H, Q, D]
+    k = head_projection(keys_values, **p["k_proj"], num_heads=num_heads)  # [B, H, S, D]
+    v = head_projection(keys_values, **p["v_proj"], num_heads=num_heads)  # [B, H, S, D]
     ctx, probs = attention(q, k, v)                                  # [B, H, Q, D]
     return linear(merge_heads(ctx), **p["out_proj"]), probs          # [B, Q, C]
 

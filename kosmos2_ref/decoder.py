@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TextConfig
-from .layers import NEG_INF_F32, as_float32, merge_heads, split_heads
-from .primitives import attention, feed_forward, layer_norm, linear
+from .layers import NEG_INF_F32, as_float32, merge_heads
+from .primitives import attention, feed_forward, head_projection, layer_norm, linear
 
 
 @dataclass
@@ -134,9 +134,9 @@ def self_attention(x, p, cfg: TextConfig, mask, cache=None, layer_idx: int = 0, 
     keys/values are appended to it and attention runs over all stored tokens.
     """
     H = cfg.attention_heads
-    q = split_heads(linear(x, **p["q_proj"]), H)          # [B, H, T, D]
-    k = split_heads(linear(x, **p["k_proj"]), H)          # [B, H, T, D]
-    v = split_heads(linear(x, **p["v_proj"]), H)          # [B, H, T, D]
+    q = head_projection(x, **p["q_proj"], num_heads=H)    # [B, H, T, D]
+    k = head_projection(x, **p["k_proj"], num_heads=H)    # [B, H, T, D]
+    v = head_projection(x, **p["v_proj"], num_heads=H)    # [B, H, T, D]
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)              # [B, H, past+T, D]
     ctx, probs = attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_dim), need_probs=need_probs)

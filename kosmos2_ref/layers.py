@@ -94,6 +94,12 @@ def split_heads(x, num_heads: int):
     return x.reshape(B, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)  # [B, T, C] -> [B, T, H, D] -> [B, H, T, D]
 
 
+def head_projection(x, weight, bias, num_heads: int):
+    """One of attention's projections (q, k or v), split into heads: split_heads(linear(x)).
+    x [B, T, C], weight [N, C] -> [B, H, T, N / H]."""
+    return split_heads(linear(x, weight, bias), num_heads)  # [B, T, C] -> [B, T, N] -> [B, H, T, D]
+
+
 def merge_heads(x):
     """[B, H, T, D] -> [B, T, H·D]."""
     B, H, T, D = x.shape

@@ -83,6 +83,11 @@ def feed_forward(x, fc1, fc2, activation: str, inner_norm=None, eps: float = 1e-
     return _impl().feed_forward(x, fc1, fc2, activation, inner_norm, eps)
 
 
+def head_projection(x, weight, bias, num_heads: int):
+    """:func:`layers.head_projection` or :func:`fast.head_projection`. x [B, T, C] -> [B, H, T, D]."""
+    return _impl().head_projection(x, weight, bias, num_heads)
+
+
 def attention(q, k, v, mask=None, scale: float | None = None, need_probs: bool = True):
     """:func:`layers.attention` or :func:`fast.attention`. q [B, H, T, D], k and v [B, H, S, D]
     -> (output [B, H, T, D], probabilities [B, H, T, S], or None from the fast form without ``need_probs``)."""

@@ -13,8 +13,8 @@ import numpy as np
 
 from .backend import get_xp
 from .config import VisionConfig
-from .layers import as_float32, merge_heads, split_heads
-from .primitives import attention, feed_forward, layer_norm, linear
+from .layers import as_float32, merge_heads
+from .primitives import attention, feed_forward, head_projection, layer_norm, linear
 
 
 @dataclass
@@ -124,9 +124,9 @@ def embeddings(pixel_values, p, cfg: VisionConfig, interpolate_pos_encoding: boo
 def self_attention(x, p, num_heads: int, need_probs: bool = True):
     """Bidirectional multi-head self-attention, no mask. x [B, S, C] -> ([B, S, C], probs [B, H, S, S], or None
     from the fast primitives without ``need_probs``)."""
-    q = split_heads(linear(x, **p["q_proj"]), num_heads)    # [B, H, S, D]
-    k = split_heads(linear(x, **p["k_proj"]), num_heads)    # [B, H, S, D]
-    v = split_heads(linear(x, **p["v_proj"]), num_heads)    # [B, H, S, D]
+    q = head_projection(x, **p["q_proj"], num_heads=num_heads)  # [B, H, S, D]
+    k = head_projection(x, **p["k_proj"], num_heads=num_heads)  # [B, H, S, D]
+    v = head_projection(x, **p["v_proj"], num_heads=num_heads)  # [B, H, S, D]
     ctx, probs = attention(q, k, v, need_probs=need_probs)  # [B, H, S, D]
     return linear(merge_heads(ctx), **p["out_proj"]), probs  # [B, H, S, D] -> [B, S, C]
 

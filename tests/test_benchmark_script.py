@@ -142,7 +142,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint, mon
     product form (fast.product_form), fixed so that the replay takes the form the recorded call took."""
     import numpy as np
 
-    from kosmos2_ref import fast
+    from kosmos2_ref import fast, layers
 
     monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
 
@@ -168,7 +168,7 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint, mon
         )
     ]
     mlp = [fast.product_to_columns, fast.product_from_columns] if form == "weight-first" else [fast.linear] * 2
-    assert [c[0] for c in calls[:6]] == [fast.linear] * 4 + mlp
+    assert [getattr(c[0], "func", c[0]) for c in calls[:6]] == [fast.head_projection] * 3 + [fast.linear] + mlp
     assert calls[0][1].shape == (
         1,
         1 + (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2,
@@ -178,6 +178,12 @@ def test_products_alone_replays_every_linear_layer(compare, tiny_checkpoint, mon
     # the inputs are the real ones: the last call (the connector's out_proj) replayed gives the image embeddings
     product, x, w, b = calls[-1]
     np.testing.assert_array_equal(product(x, w, b), ours.encode(pv))
+    # a replayed head projection gives heads: the first block's queries, as the textbook splits them
+    product, x, w, b = calls[0]
+    heads = product(x, w, b)
+    ref = layers.head_projection(x, w, b, cfg.vision_config.num_attention_heads)
+    assert heads.shape == ref.shape and heads.shape[1] == cfg.vision_config.num_attention_heads
+    np.testing.assert_allclose(heads, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # a decode step: 6 per decoder block and the LM head, one row each
     step = compare.decode_step(ours)
     calls = compare.record_linears(step)

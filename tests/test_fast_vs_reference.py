@@ -10,7 +10,8 @@ the very same operations and must agree bit for bit. GELU is another formula (x 
 fast.gelu): it is held to the exact function, computed in float64 from math.erfc, within 2e-7 × |x|, and gives
 inf and NaN as the textbook does (whose own accuracy tests/test_layers.py checks). Measured errors are printed
 (pytest -s).
-Outputs must have the textbook's memory layout (row-major for a row-major input, and for every product).
+Outputs must have the textbook's memory layout (row-major for a row-major input, and for every product), but
+head_projection's heads: a view of a product, as the textbook's are, in whichever layout the product came.
 """
 
 from __future__ import annotations
@@ -128,6 +129,50 @@ def test_linear_weight_first_keeps_rows_and_layout():
         ref = layers.linear(x, w, bias)
         assert got.flags.c_contiguous and got.shape == (2, 37, 70)
         close("weight-first [2,37,50] x [70,50]", got, ref, np.abs(x).reshape(-1, 50) @ np.abs(w).T + np.abs(b), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# head_projection: q, k or v split into heads, a view of the weight-first product where that form is kept
+
+
+@pytest.mark.parametrize("form", [fast.WEIGHT_FIRST, fast.X_FIRST])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 5), (2, 9), (3, 4), (1, 0)], ids=str)
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+def test_head_projection(monkeypatch, form, lead, storage, bias, small_blocks):
+    """Against the textbook split_heads(linear(x)) (product tolerance), and bit for bit against the fast
+    :func:`linear` split the same way: the same product and bias add, only the layout of the heads differs."""
+    monkeypatch.setenv(fast.PRODUCT_FORM_ENV, form)
+    C, N, H = 10, 12, 3
+    x = rng.standard_normal(lead + (C,)).astype(np.float32)
+    w32 = (rng.standard_normal((N, C)) / np.sqrt(C)).astype(np.float32)
+    w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    got = fast.head_projection(x, w, b, H)
+    ref = layers.head_projection(x, w, b, H)
+    scale = np.abs(x) @ np.abs(layers.as_float32(w)).T + (np.abs(b) if bias else 0.0)
+    close(f"head_projection {form} {lead} {storage} {'+b' if bias else ''}", got, ref, scale, 1e-5)
+    assert np.array_equal(got, layers.split_heads(fast.linear(x, w, b), H))
+    rows = x.size // C
+    if form == fast.WEIGHT_FIRST and storage == "float32" and rows > fast.MATVEC_CANDIDATE_ROWS:
+        assert got.strides[-2] == 4  # a view of the [N, M] product: the rows run along memory
+    elif rows > 1:
+        assert got.strides[-1] == 4  # a view of the [M, N] product: each head's D columns do
+
+
+def test_head_projection_feeds_attention_as_the_split_product_does():
+    """The heads as a view of the [N, M] product (each head a transposed [T, D] matrix) give the attention
+    the split row-major product gives, with and without probabilities: the products read either layout."""
+    B, T, C, H = 2, 13, 24, 4
+    x = rng.standard_normal((B, T, C)).astype(np.float32)
+    ws = [(rng.standard_normal((C, C)) / np.sqrt(C)).astype(np.float32) for _ in range(3)]
+    bs = [rng.standard_normal(C).astype(np.float32) for _ in range(3)]
+    heads = [fast._heads_from_columns(x, w, b, H) for w, b in zip(ws, bs)]
+    rows = [np.ascontiguousarray(layers.split_heads(fast._matmul_weight_first(x, w, b), H)) for w, b in zip(ws, bs)]
+    assert not heads[0].flags.c_contiguous and heads[0].shape == (B, H, T, C // H)
+    for need_probs in (True, False):
+        got, ref = fast.attention(*heads, need_probs=need_probs)[0], fast.attention(*rows, need_probs=need_probs)[0]
+        close(f"attention after head_projection, probs {need_probs}", got, ref, np.abs(ref).max(), 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -306,6 +306,16 @@ def test_the_mlp_gives_its_numbers_in_either_form(forms_unchosen):
     assert ("mlp", 32, 40, 96) in fast._forms
 
 
+def test_head_projection_times_both_forms_then_keeps_one(forms_unchosen):
+    x, w, b, ref = many_rows_case()
+    for _ in range(2 * fast.FORM_TRIALS + 2):
+        got = fast.head_projection(x, w, b, 6)
+        np.testing.assert_allclose(got, layers.split_heads(ref, 6), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    key = ("heads", 32, 48, 72)  # its own choice, beside the plain product's
+    assert [len(t) for t in fast._form_trials[key].values()] == [fast.FORM_TRIALS] * 2
+    assert fast.product_forms()["heads 32x48->72"] == fast._forms[key]
+
+
 # --- ragged rows padded to a multiple of fast.ROWS_MULTIPLE (fast._in_padded_rows): measured per shape once its
 # form is kept, or fixed by the environment
 
