@@ -419,7 +419,8 @@ def head_projection(x, weight, bias, num_heads: int):
     the bias is added in place and the heads are a view: no transposed write. The same product and bias add as
     the weight-first :func:`linear` (bit for bit), and the same numbers from the attention after it. Measured on
     CLIP's [1, 257, 1024] q, k and v with the attention after them (AMD EPYC Zen 3, OpenBLAS Haswell, in turns,
-    medians of 40): 27.8 -> 25.7 ms.
+    medians of 40): 27.8 -> 25.7 ms; whole full-size steps with the form fixed to weight first, image encoding
+    0.97x and first token 0.96x (benchmarks/NOTES.md). There x first is as fast as these heads, though.
 
     Which form wins is measured per shape, as for :func:`linear` (key "heads"): weight first, the heads a view;
     or x first (rows padded where measured faster, :func:`_in_padded_rows`) and split_heads. One row, the few
