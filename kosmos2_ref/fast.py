@@ -408,6 +408,11 @@ def _matmul_x_first(x, w, bias=None):
 # --------------------------------------------------------------------------------------------------------------
 # Attention's projections, split into heads where the product leaves them
 
+# False: NumPy's heads too come from linear and split_heads, as on every other namespace (the tests that hold
+# NumPy's results bit for bit against the strict stand-in namespace's set it: see head_projection).
+HEADS_AS_VIEWS = True
+
+
 def head_projection(x, weight, bias, num_heads: int):
     """Replaces :func:`layers.head_projection` (split_heads(linear(x)), q, k or v): the heads read straight out of
     the weight-first product, where that form is kept for the shape.
@@ -417,7 +422,9 @@ def head_projection(x, weight, bias, num_heads: int):
     [H, D, B, T]: viewed as [B, H, T, D], each head is a transposed [T, D] matrix, which the attention's products
     take as they are (BLAS reads a transposed operand as it reads a plain one). So here the product stays [N, M],
     the bias is added in place and the heads are a view: no transposed write. The same product and bias add as
-    the weight-first :func:`linear` (bit for bit), and the same numbers from the attention after it. Measured on
+    the weight-first :func:`linear` (bit for bit); the attention after it reads the heads transposed, which
+    OpenBLAS's Haswell kernel sums as it sums row-major heads (the same numbers) and its AVX-512 (SkylakeX)
+    kernels in another order (~1e-6 relative apart; HEADS_AS_VIEWS = False takes the split). Measured on
     CLIP's [1, 257, 1024] q, k and v with the attention after them (AMD EPYC Zen 3, OpenBLAS Haswell, in turns,
     medians of 40): 27.8 -> 25.7 ms; whole full-size steps with the form fixed to weight first, image encoding
     0.97x and first token 0.96x (benchmarks/NOTES.md). There x first is as fast as these heads, though.
@@ -430,7 +437,7 @@ def head_projection(x, weight, bias, num_heads: int):
     xp = get_xp(x)
     B, T, K = x.shape
     M, N = B * T, weight.shape[0]
-    if xp is not np or weight.dtype != np.float32 or M <= 1 or _per_row_here(xp, M):
+    if not HEADS_AS_VIEWS or xp is not np or weight.dtype != np.float32 or M <= 1 or _per_row_here(xp, M):
         return layers.split_heads(linear(x, weight, bias), num_heads)          # [B, T, N] -> [B, H, T, D]
 
     def x_first():
