@@ -402,6 +402,8 @@ def describe_blocks(b: dict) -> str:
     tile = "x".join(str(v) for v in b["transpose_tile"])
     few, many = (f"{v / (1 << 20):g} MiB" if v else "?" for v in (b["upcast_few_rows"], b["upcast_many_rows"]))
     text = f"element-wise {b['elementwise'] >> 10}K, tiles {tile}, 2-byte widening {few} / {many} ({b['upcast_how']})"
+    if b.get("two_byte_few_rows"):  # recorded since the fused kernels (kosmos2_ref.fused)
+        text += f"; 2-byte products with few rows {b['two_byte_few_rows']}"
     if b.get("matvec_max_rows") is not None:  # recorded since the per-row limit is measured
         text += f", one product per row up to {b['matvec_max_rows']} rows ({b['matvec_how']})"
     forms = b.get("product_forms")

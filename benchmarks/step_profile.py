@@ -9,9 +9,10 @@ For image encoding, time to first token and a decoded token (float32, and a bflo
 * two pieces of that no rearrangement removes: attention's own two products per head (q kᵀ and p v, replayed
   alone on the recorded q, k, v) and one ``np.exp`` per softmax score and per quick-GELU input (NumPy's
   float32 exp over as many elements, in cache-sized blocks);
-* for bfloat16 storage: the widening alone (``fast.widen_pairs`` over every 2-byte matrix of the step, no
-  product, its blocks shared among the threads as the products share them), against the float32 token's
-  products.
+* for bfloat16 storage: the token and its products against the float32 token's (issue #23's ratio); where the
+  2-byte products widen in blocks (no Numba, or ``KOSMOS2_FUSED=off``), also the widening alone
+  (``fast.widen_pairs`` over every 2-byte matrix of the step, no product, its blocks shared among the threads
+  as the products share them), against the float32 token's products.
 
     python benchmarks/step_profile.py --size full --repeats 5
 
@@ -170,7 +171,9 @@ def main(argv=None) -> int:
         ("per-token decode", ours, cmp.decode_step(ours), gelu_inputs),
         ("per-token decode, bfloat16 storage", ours16, cmp.decode_step(ours16), gelu_inputs),
     ]
-    rows, products_f32_decode = [], None
+    from kosmos2_ref import fused
+
+    rows, f32_decode = [], {}
     for what, side, fn, act_exps in steps:
         whole, products = cmp.products_alone(side, fn, a.repeats)
         spent, attention_inputs = parts_of(fn, a.repeats)
@@ -178,10 +181,14 @@ def main(argv=None) -> int:
         row["rest"] = whole - products - sum(spent.values())
         row.update(irreducible(attention_inputs, act_exps, a.repeats))
         if what == "per-token decode":
-            products_f32_decode = products
+            f32_decode = {"whole": whole, "products": products}
         if "bfloat16" in what:
-            row["widening alone"] = widening_alone(cmp.record_linears(fn), a.repeats)
-            row["widening / float32 products"] = row["widening alone"] / products_f32_decode
+            row["two-byte products"] = fused.how()
+            row["whole / float32 whole"] = whole / f32_decode["whole"]
+            row["products / float32 products"] = products / f32_decode["products"]
+            if not fused.available():  # widened in blocks: the widening by itself
+                row["widening alone"] = widening_alone(cmp.record_linears(fn), a.repeats)
+                row["widening / float32 products"] = row["widening alone"] / f32_decode["products"]
         rows.append(row)
         floor = (products + row["attention products"] + row["exp"]) / products
         print(
@@ -189,6 +196,12 @@ def main(argv=None) -> int:
             + ", ".join(f"{k} {spent.get(k, 0.0):.3f}" for k in ("attention", "layer_norm", "activation"))
             + f", rest {row['rest']:.3f}; irreducible: attention products {row['attention products']:.3f} s, "
             f"{row['exps'] / 1e6:.1f} M exps {row['exp']:.3f} s -> floor x {floor:.3f}"
+            + (
+                f"; {row['whole / float32 whole']:.3f} x the float32 token, its products "
+                f"{row['products / float32 products']:.3f} x the float32 token's ({row['two-byte products']})"
+                if "two-byte products" in row
+                else ""
+            )
             + (
                 f"; widening alone {row['widening alone']:.3f} s = "
                 f"{row['widening / float32 products']:.2f} x the float32 token's products"

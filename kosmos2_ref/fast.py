@@ -5,7 +5,9 @@ to float32 summation order; for :func:`gelu`, another formula for the same funct
 function) in the layout the textbook one would (row-major, fresh arrays; :func:`head_projection`'s heads are a
 view, as the textbook's are, of a product in another layout), and says why it is faster and by how much.
 ``Kosmos2(..., reference=True)`` runs the textbook ones instead (:mod:`kosmos2_ref.primitives`);
-``tests/test_fast_vs_reference.py`` holds each pair side by side.
+``tests/test_fast_vs_reference.py`` holds each pair side by side. NumPy has no product that reads 2-byte
+weights; where Numba is installed, :func:`linear` hands those with few rows to :mod:`kosmos2_ref.fused`, which
+widens each weight as it multiplies it (:func:`linear_fused`).
 
 Measured with ``benchmarks/primitives.py`` (reference time / fast time, medians of 9 runs timed in turns, the
 range over three runs) on the development machine: AMD EPYC, 2 vCPUs (AVX2), NumPy 2.4 with OpenBLAS 0.3.31
@@ -31,7 +33,7 @@ import weakref
 
 import numpy as np
 
-from . import layers, machine
+from . import fused, layers, machine
 from .backend import get_xp, has_own_erfc
 from .layers import as_float32
 
@@ -44,8 +46,9 @@ NEG_INF_F32 = layers.NEG_INF_F32
 def linear(x, weight, bias=None):
     """Replaces :func:`layers.linear` (``x @ as_float32(W).T + b``), choosing among three faster products.
 
-    * a 2-byte weight (float16/bfloat16 storage) on NumPy: :func:`linear_upcast_blocks` widens it a cache-sized
-      block at a time instead of writing a float32 copy of the whole matrix;
+    * a 2-byte weight (float16/bfloat16 storage) on NumPy: with few rows (decoding) and Numba installed,
+      :func:`linear_fused` widens each weight as it multiplies it; otherwise :func:`linear_upcast_blocks` widens
+      it a cache-sized block at a time instead of writing a float32 copy of the whole matrix;
     * a few rows on the CPU (2-3 on the development machine, 2-7 on an Intel Xeon; measured once per process,
       :func:`per_row`): :func:`_matvec_per_row`;
     * more rows: :func:`_matmul_weight_first` or the textbook product, whichever was measured faster for the
@@ -56,7 +59,8 @@ def linear(x, weight, bias=None):
     xp = get_xp(x)
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if weight.dtype != np.float32 and xp is np and weight.size > UPCAST_MIN_SIZE:
-        y = linear_upcast_blocks(x, weight)
+        fused_here = rows <= UPCAST_FEW_ROWS and x.dtype == np.float32 and fused.available()
+        y = linear_fused(x, weight) if fused_here else linear_upcast_blocks(x, weight)
     elif _per_row_here(xp, rows):
         y = _matvec_per_row(x, as_float32(weight))
     elif rows > 1:
@@ -679,6 +683,28 @@ def linear_upcast_blocks(x, w, block_bytes: int | None = None):
     return y.reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
+def linear_fused(x, w):
+    """x @ float32(w).T for a 2-byte ``w`` [N, K] and a few rows of x, each weight widened in a register as it is
+    multiplied (:mod:`kosmos2_ref.fused`, compiled by Numba): a weight is read once, 2 bytes, where
+    :func:`linear_upcast_blocks` also writes and reads it back widened (4 + 4 bytes).
+
+    Replaces :func:`layers.linear` on a 2-byte weight for up to UPCAST_FEW_ROWS rows, where Numba is installed
+    and ``KOSMOS2_FUSED`` is not "off". Measured on ten distinct [8192, 2048] bfloat16 matrices streamed from
+    memory (AMD EPYC Zen 4, 2 vCPUs, medians of 5 in turns; benchmarks/NOTES.md), ms per matrix, fused /
+    widened in blocks / float32 weights through :func:`linear`: 1 row 1.53 / 4.02 / 2.42, 2 rows 2.12 / 4.09 /
+    3.14, 8 rows 5.77 / 13.0 / 8.62. So a bfloat16 matrix-vector product now reads memory faster than a float32
+    one. The rows of w are shared among the threads where that was measured faster (:func:`over_parts`, kind
+    "fused 2-byte product"; with one row a core's reading is the limit, with more the arithmetic). x [..., K]
+    float32 -> [..., N] float32, row-major; equal to ``x @ as_float32(w).T`` up to float32 summation order.
+    """
+    N, K = w.shape
+    x2 = np.ascontiguousarray(x.reshape(-1, K))        # [M, K]
+    w = np.ascontiguousarray(w)                        # a loaded weight already is (no copy)
+    y = np.empty((x2.shape[0], N), dtype=np.float32)   # [M, N]: each part writes its own columns
+    over_parts(lambda first, stop: fused.matvec_2byte(x2, w, y, first, stop), N, w.size, "fused 2-byte product")
+    return y.reshape(x.shape[:-1] + (N,))              # [M, N] -> [..., N]
+
+
 def over_row_blocks(each, N: int, block: int, shared: bool, elements: int) -> bool:
     """``each(r, n)`` for the blocks of rows r … r+n−1 of a matrix of N rows, ``block`` rows a block (the last one
     fewer), in order; with ``shared`` the blocks are shared among the threads where that was measured faster
@@ -785,6 +811,7 @@ def block_sizes() -> dict:
         "upcast_few_rows": UPCAST_BLOCK_BYTES,
         "upcast_many_rows": UPCAST_BLOCK_BYTES_MANY_ROWS,
         "upcast_how": _upcast_how,
+        "two_byte_few_rows": fused.how(),
         "matvec_block": MATVEC_BLOCK_BYTES,
         "matvec_max_rows": MATVEC_MAX_ROWS,
         "matvec_how": _matvec_how,

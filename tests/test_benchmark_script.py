@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kosmos2_ref import fused
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -210,8 +212,21 @@ def test_step_profile_splits_each_step(tmp_path, capsys):
         parts = row["products"] + row["rest"] + sum(row.get(k, 0.0) for k in ("attention", "layer_norm", "activation"))
         assert abs(parts - row["whole"]) < 1e-9
     assert steps["image encoding"]["exps"] < steps["time to first token"]["exps"]  # the text GELU's exps too
-    assert steps["per-token decode, bfloat16 storage"]["widening alone"] > 0
+    two_byte = steps["per-token decode, bfloat16 storage"]
+    assert two_byte["whole / float32 whole"] > 0 and two_byte["products / float32 products"] > 0
+    assert two_byte["two-byte products"] == fused.how()
+    assert ("widening alone" in two_byte) == (not fused.available())
     assert "floor x" in capsys.readouterr().out
+
+
+def test_step_profile_times_the_widening_alone_where_the_products_widen_in_blocks(tmp_path, monkeypatch):
+    """With KOSMOS2_FUSED=off the bfloat16 token's products widen in blocks, and the profile adds the widening
+    by itself."""
+    monkeypatch.setenv(fused.FUSED_ENV, "off")
+    out = tmp_path / "profile.json"
+    assert _script("step_profile").main(["--size", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    two_byte = json.loads(out.read_text())["steps"][-1]
+    assert two_byte["widening alone"] > 0 and "KOSMOS2_FUSED=off" in two_byte["two-byte products"]
 
 
 def test_code_ab_runs_two_checkouts_in_turns(tmp_path):

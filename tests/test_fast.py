@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from kosmos2_ref import fast, machine
+from kosmos2_ref import fast, fused, machine
 from kosmos2_ref.fast import attention, linear
 from kosmos2_ref.layers import as_float32
 
@@ -36,6 +36,7 @@ def test_linear_for_a_few_rows_matches_float64(lead):
 def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in, monkeypatch):
     """The block-wise product over a 2-byte matrix equals float64 on the widened matrix, for few rows and many
     rows, with a row count that leaves a partial last block, and for an odd input width (no pairs to split)."""
+    monkeypatch.setenv(fused.FUSED_ENV, "off")  # the blocked widening (with Numba, few rows take fused)
     from kosmos2_ref.weights import float32_to_bf16_bits
 
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
@@ -53,6 +54,109 @@ def test_linear_with_two_byte_weights_widens_block_by_block(storage, rows, n_in,
     assert got.shape == (rows, 37) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(linear(x[None], w, b)[0], got, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.fixture
+def needs_numba():
+    """The fused kernels: Numba is a dev dependency (the extra kosmos2-ref[numba])."""
+    assert fused.available(), "Numba is missing (or KOSMOS2_FUSED=off is set): pip install -e '.[dev]'"
+
+
+@pytest.mark.usefixtures("needs_numba")
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (1, 8)])
+@pytest.mark.parametrize("n_in", [24, 23])
+def test_linear_with_two_byte_weights_and_few_rows_takes_the_fused_product(storage, lead, n_in, monkeypatch):
+    """Up to UPCAST_FEW_ROWS rows over a 2-byte matrix go through the fused kernel (each weight widened as it is
+    multiplied) and equal float64 on the widened matrix, odd input widths included; bias added."""
+    from kosmos2_ref.weights import float32_to_bf16_bits
+
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    calls, kernel = [], fused.matvec_2byte
+    monkeypatch.setattr(fused, "matvec_2byte", lambda *a: calls.append(a[3:]) or kernel(*a))
+    rng = np.random.default_rng(n_in + len(lead))
+    w32 = rng.standard_normal((37, n_in)).astype(np.float32)
+    w = float32_to_bf16_bits(w32) if storage == "bfloat16" else w32.astype(np.float16)
+    x = rng.standard_normal(lead + (n_in,)).astype(np.float32)
+    b = rng.standard_normal(37).astype(np.float32)
+    ref = x.astype(np.float64) @ as_float32(w).astype(np.float64).T + b
+    got = linear(x, w, b)
+    assert calls, "the fused kernel was not called"
+    assert got.shape == lead + (37,) and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.usefixtures("needs_numba")
+def test_fused_product_widens_every_two_byte_pattern_exactly():
+    """Every one of the 65536 bit patterns, picked out by a one-hot x: the fused product returns each weight
+    widened, bit for bit as NumPy widens it (float16 subnormals, infinities and NaN included; bfloat16 as the
+    bits' top half)."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(2048, 32)  # [N, K]
+    for storage, w in (("bfloat16", patterns), ("float16", patterns.view(np.float16))):
+        want = as_float32(w)  # [N, K]
+        got = np.empty((32, 2048), dtype=np.float32)  # [K one-hot rows, N]
+        for k in range(32):
+            x = np.zeros((1, 32), dtype=np.float32)
+            x[0, k] = 1.0
+            row = np.empty((1, 2048), dtype=np.float32)
+            fused.matvec_2byte(x, w, row, 0, 2048)
+            got[k] = row[0]
+        # 0 × inf is NaN in the other columns' terms: compare only rows whose weights are all finite, then the
+        # non-finite ones by what a float32 product gives for them
+        finite_rows = np.isfinite(want).all(axis=1)
+        # as values: −0 comes out +0, as from any sum that starts at +0 (the other terms are ±0)
+        np.testing.assert_array_equal(got.T[finite_rows], want[finite_rows], err_msg=storage)
+        assert (got.T[finite_rows] != 0).sum() == (want[finite_rows] != 0).sum() > 60000
+        with np.errstate(invalid="ignore"):  # inf × 0
+            expected = np.stack([(want[~finite_rows] * x_row).sum(axis=1) for x_row in np.eye(32, dtype=np.float32)])
+        np.testing.assert_array_equal(np.isnan(got[:, ~finite_rows]), np.isnan(expected), err_msg=storage)
+
+
+@pytest.mark.usefixtures("needs_numba")
+def test_fused_product_shared_among_threads_gives_the_same_bits(split_everything, monkeypatch):
+    """The rows of w shared among three threads: the same bits as one thread, and every thread took a part."""
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((101, 64)).astype(np.float16)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    parts, kernel = [], fused.matvec_2byte
+    monkeypatch.setattr(fused, "matvec_2byte", lambda *a: parts.append(a[3:]) or kernel(*a))
+    got = linear(x, w)
+    assert sorted(parts) == [(0, 33), (33, 67), (67, 101)]
+    alone = _one_thread(monkeypatch, linear, x, w)
+    assert np.array_equal(got.view(np.uint32), alone.view(np.uint32)), "the split changed the numbers"
+
+
+def test_fused_setting_chooses_the_form_and_rejects_other_values(monkeypatch):
+    """KOSMOS2_FUSED=off widens in blocks even with Numba; more than UPCAST_FEW_ROWS rows always do; a value
+    other than off/on is a ValueError that names the variable; "on" without Numba an ImportError saying how to
+    install it."""
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 1024)  # chosen: no first-use measurement among the calls
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES_MANY_ROWS", 1024)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, 16)).astype(np.float16)
+    blocks, upcast = [], fast.linear_upcast_blocks
+    monkeypatch.setattr(fast, "linear_upcast_blocks", lambda *a, **k: blocks.append(1) or upcast(*a, **k))
+    monkeypatch.setenv(fused.FUSED_ENV, "off")
+    linear(rng.standard_normal((1, 16)).astype(np.float32), w)
+    assert blocks == [1] and not fused.available() and "KOSMOS2_FUSED=off" in fused.how()
+    monkeypatch.delenv(fused.FUSED_ENV)
+    linear(rng.standard_normal((fast.UPCAST_FEW_ROWS + 1, 16)).astype(np.float32), w)
+    assert blocks == [1, 1]
+    monkeypatch.setenv(fused.FUSED_ENV, "sometimes")
+    with pytest.raises(ValueError, match="KOSMOS2_FUSED must be 'off'.*'on'.*got 'sometimes'"):
+        linear(rng.standard_normal((1, 16)).astype(np.float32), w)
+    monkeypatch.setattr(fused, "_kernels", {})  # as after a failed `import numba`
+    monkeypatch.setattr(fused, "_missing", "No module named 'numba'")
+    monkeypatch.setenv(fused.FUSED_ENV, "on")
+    with pytest.raises(ImportError, match=r"KOSMOS2_FUSED=on needs Numba .*pip install 'kosmos2-ref\[numba\]'"):
+        fused.available()
+    monkeypatch.delenv(fused.FUSED_ENV)
+    assert not fused.available() and "no Numba" in fused.how()
+    linear(rng.standard_normal((1, 16)).astype(np.float32), w)
+    assert blocks == [1, 1, 1]
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
@@ -121,6 +225,7 @@ def test_float16_products_skip_the_check_once_a_read_only_matrix_is_known_finite
     """The first product over a read-only float16 matrix widens it the checked way and remembers it as finite; later
     ones take the 2^-112-scaled widening with x × 2^112, and give bit-identical results. Writable matrices, ones
     with an inf, and x too large to scale (|x| ≥ 2^16) keep the checked way; the entry goes with the matrix."""
+    monkeypatch.setenv(fused.FUSED_ENV, "off")  # the blocked widening (with Numba, few rows take fused)
     import gc
 
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
@@ -277,6 +382,8 @@ def test_split_widening_gives_the_same_bits_and_finds_an_inf_in_the_last_part(sp
     product bit for bit; a float16 inf in the last part's blocks still comes out as inf, and keeps the matrix off
     the finite registry."""
     from kosmos2_ref.weights import float32_to_bf16_bits
+
+    monkeypatch.setenv(fused.FUSED_ENV, "off")  # the blocked widening (with Numba, few rows take fused)
 
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
     monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 4 * 24 * 4)  # 4 rows of W per block: 10 blocks, 3 parts

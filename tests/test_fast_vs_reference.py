@@ -21,7 +21,7 @@ import math
 import numpy as np
 import pytest
 
-from kosmos2_ref import fast, layers
+from kosmos2_ref import fast, fused, layers
 from kosmos2_ref.decoder import decoder_attention_mask
 from kosmos2_ref.layers import NEG_INF_F32
 from kosmos2_ref.weights import float32_to_bf16_bits
@@ -94,10 +94,17 @@ def _weight(N, K, storage, writable=True, special=False):
 ROWS = [(0,), (1,), (2,), (3,), (4,), (9,), (2, 3), (1, 1)]
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+# 2-byte weights with few rows take the fused product (Numba, a dev dependency) unless KOSMOS2_FUSED=off, which
+# widens them in blocks: both forms are compared
+STORAGES = [("float32", ""), ("float16", ""), ("float16", "off"), ("bfloat16", ""), ("bfloat16", "off")]
+
+
+@pytest.mark.parametrize("storage,fused_setting", STORAGES)
 @pytest.mark.parametrize("K", [1, 33, 64])
 @pytest.mark.parametrize("layout", ["row-major", "strided", "column-major"])
-def test_linear(storage, K, layout, small_blocks):
+def test_linear(storage, fused_setting, K, layout, small_blocks, monkeypatch):
+    monkeypatch.setenv(fused.FUSED_ENV, fused_setting)
+    assert fused_setting or storage == "float32" or fused.available(), "Numba is missing: pip install -e '.[dev]'"
     print()
     for lead in ROWS:
         for writable in (True, False):

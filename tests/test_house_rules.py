@@ -31,7 +31,7 @@ LAYERS = [
     ("foundations", ["version", "checks", "files", "backend", "storage", "machine"]),
     ("storage", ["config", "torch_pickle", "weights", "hub"]),
     ("primitives", ["layers"]),
-    ("fast primitives", ["fast"]),
+    ("fast primitives", ["fused", "fast"]),
     ("the switch", ["primitives"]),
     ("stages", ["cache", "vision", "connector", "decoder"]),
     ("model", ["model"]),
