@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -51,13 +52,16 @@ def setting() -> str | None:
 
 def available() -> bool:
     """Whether the fused kernels are used: Numba importable and ``KOSMOS2_FUSED`` not "off". With the setting
-    "on" and no Numba, an ImportError that says how to install it."""
+    "on" and no kernels, an ImportError that says why and how to install Numba."""
     wanted = setting()
     if wanted == "off":
         return False
     found = bool(_compiled())
     if wanted == "on" and not found:
-        raise ImportError(f"{FUSED_ENV}=on needs Numba ({_missing}): pip install 'kosmos2-ref[numba]'")
+        raise ImportError(
+            f"{FUSED_ENV}=on, but the fused kernels are unavailable ({_missing}): they need Numba, "
+            "pip install 'kosmos2-ref[numba]'"
+        )
     return found
 
 
@@ -66,7 +70,7 @@ def how() -> str:
     wanted = setting()
     if wanted == "off":
         return f"widened in blocks ({FUSED_ENV}=off)"
-    return "fused (Numba)" if _compiled() else f"widened in blocks (no Numba: {_missing})"
+    return "fused (Numba)" if _compiled() else f"widened in blocks ({_missing})"
 
 
 def matvec_2byte(x, w, y, start: int, stop: int) -> None:
@@ -81,15 +85,41 @@ def matvec_2byte(x, w, y, start: int, stop: int) -> None:
 
 
 def _compiled() -> dict:
+    """The kernels, built and checked at the first call; {} (and ``_missing`` saying why) when Numba is missing
+    or its kernels failed to compile or to compute a known product, so that the blocked widening takes over."""
     global _kernels, _missing
     if _kernels is None:
         with _lock:
             if _kernels is None:
                 try:
-                    _kernels = _build()
+                    _kernels = _checked(_build())
                 except ImportError as error:
-                    _missing, _kernels = str(error), {}
+                    _missing, _kernels = f"no Numba: {error}", {}
+                except Exception as error:  # noqa: BLE001 - a compiler's failure of any kind: fall back, say why
+                    _missing, _kernels = f"Numba's kernels failed: {type(error).__name__}: {error}", {}
+                    warnings.warn(
+                        f"kosmos2_ref.fused: {_missing}; 2-byte weights are widened in blocks instead",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
     return _kernels
+
+
+def _checked(kernels: dict) -> dict:
+    """Each kernel compiled (or loaded from Numba's cache) and run on a small product whose answer is exact:
+    two weight rows, all 1.5 and all −2 (exact in both formats), against two rows of x holding 1 … 10. A
+    RuntimeError if a kernel's answer is off."""
+    x = np.arange(1, 11, dtype=np.float32).reshape(2, 5)  # [2, 5]
+    values = np.array([[1.5] * 5, [-2.0] * 5], dtype=np.float32)  # [2 rows of w, 5]
+    for dtype, kernel in kernels.items():
+        bits = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype is np.uint16 else values.astype(np.float16)
+        y = np.zeros((2, 2), dtype=np.float32)
+        kernel(x, bits.view(np.uint16), y, 0, 2)
+        if not np.array_equal(y, x @ values.T):
+            raise RuntimeError(
+                f"the {np.dtype(dtype).name} kernel computed {y.tolist()}, not {(x @ values.T).tolist()}"
+            )
+    return kernels
 
 
 def _build() -> dict:

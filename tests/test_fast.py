@@ -128,6 +128,47 @@ def test_fused_product_shared_among_threads_gives_the_same_bits(split_everything
     assert np.array_equal(got.view(np.uint32), alone.view(np.uint32)), "the split changed the numbers"
 
 
+def test_kernels_that_fail_their_check_give_way_to_the_blocked_widening(monkeypatch):
+    """A kernel that compiles but computes a wrong product (or fails to compile) is not used: a RuntimeWarning
+    says why, fused.how() too, and the products widen in blocks with the right numbers."""
+
+    def wrong(x, w, y, start, stop):
+        y[:, start:stop] = 0.0
+
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    monkeypatch.setattr(fused, "_kernels", None)  # not built yet in this process
+    monkeypatch.setattr(fused, "_build", lambda: {np.uint16: wrong, np.float16: wrong})
+    monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 1024)
+    w = np.random.default_rng(6).standard_normal((40, 16)).astype(np.float16)
+    x = np.ones((1, 16), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="the uint16 kernel computed .* widened in blocks instead"):
+        assert not fused.available()
+    assert "Numba's kernels failed: RuntimeError" in fused.how()
+    np.testing.assert_allclose(linear(x, w), x @ w.astype(np.float32).T, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("needs_numba")
+def test_fused_products_from_many_threads_at_once_give_one_thread_s_bits(monkeypatch):
+    """Shared weights, eight threads each running the fused products over and over: every result equals the
+    product computed alone, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kosmos2_ref.weights import float32_to_bf16_bits
+
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    rng = np.random.default_rng(8)
+    w = float32_to_bf16_bits(rng.standard_normal((512, 256)).astype(np.float32))  # above UPCAST_MIN_SIZE
+    xs = [rng.standard_normal((1 + i % 3, 256)).astype(np.float32) for i in range(8)]
+    alone = [linear(x, w) for x in xs]
+
+    def repeated(i):
+        return all(np.array_equal(linear(xs[i], w).view(np.uint32), alone[i].view(np.uint32)) for _ in range(20))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(repeated, range(8)))
+
+
 def test_fused_setting_chooses_the_form_and_rejects_other_values(monkeypatch):
     """KOSMOS2_FUSED=off widens in blocks even with Numba; more than UPCAST_FEW_ROWS rows always do; a value
     other than off/on is a ValueError that names the variable; "on" without Numba an ImportError saying how to
@@ -149,9 +190,11 @@ def test_fused_setting_chooses_the_form_and_rejects_other_values(monkeypatch):
     with pytest.raises(ValueError, match="KOSMOS2_FUSED must be 'off'.*'on'.*got 'sometimes'"):
         linear(rng.standard_normal((1, 16)).astype(np.float32), w)
     monkeypatch.setattr(fused, "_kernels", {})  # as after a failed `import numba`
-    monkeypatch.setattr(fused, "_missing", "No module named 'numba'")
+    monkeypatch.setattr(fused, "_missing", "no Numba: No module named 'numba'")
     monkeypatch.setenv(fused.FUSED_ENV, "on")
-    with pytest.raises(ImportError, match=r"KOSMOS2_FUSED=on needs Numba .*pip install 'kosmos2-ref\[numba\]'"):
+    with pytest.raises(
+        ImportError, match=r"KOSMOS2_FUSED=on, but .*unavailable \(no Numba: .*pip install 'kosmos2-ref\[numba\]'"
+    ):
         fused.available()
     monkeypatch.delenv(fused.FUSED_ENV)
     assert not fused.available() and "no Numba" in fused.how()
