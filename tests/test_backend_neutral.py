@@ -51,9 +51,11 @@ def weight_first(monkeypatch):
     """Bit for bit: NumPy takes the many-row products weight first too, as every namespace but NumPy always does
     (on NumPy the form is otherwise measured per shape, fast.product_form, and x first sums in another order),
     and its attention's heads from the split product, as the others do (NumPy's are otherwise views of the
-    weight-first product, which OpenBLAS's AVX-512 kernels multiply in another order: fast.head_projection)."""
+    weight-first product, which OpenBLAS's AVX-512 kernels multiply in another order: fast.head_projection),
+    and NumPy's own LayerNorm rather than Numba's compiled one (kosmos2_ref.fused), which sums in float64."""
     monkeypatch.setenv(fast.PRODUCT_FORM_ENV, fast.WEIGHT_FIRST)
     monkeypatch.setattr(fast, "HEADS_AS_VIEWS", False)
+    monkeypatch.setenv("KOSMOS2_FUSED", "off")
 
 
 def test_forward_runs_on_the_strict_namespace(models):

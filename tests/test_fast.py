@@ -137,12 +137,12 @@ def test_kernels_that_fail_their_check_give_way_to_the_blocked_widening(monkeypa
 
     monkeypatch.delenv(fused.FUSED_ENV, raising=False)
     monkeypatch.setattr(fused, "_kernels", None)  # not built yet in this process
-    monkeypatch.setattr(fused, "_build", lambda: {np.uint16: wrong, np.float16: wrong})
+    monkeypatch.setattr(fused, "_build", lambda: dict.fromkeys(["bfloat16", "float16", "layer_norm_rows"], wrong))
     monkeypatch.setattr(fast, "UPCAST_MIN_SIZE", 0)
     monkeypatch.setattr(fast, "UPCAST_BLOCK_BYTES", 1024)
     w = np.random.default_rng(6).standard_normal((40, 16)).astype(np.float16)
     x = np.ones((1, 16), dtype=np.float32)
-    with pytest.warns(RuntimeWarning, match="the uint16 kernel computed .* widened in blocks instead"):
+    with pytest.warns(RuntimeWarning, match="the bfloat16 kernel computed .* NumPy's forms are used instead"):
         assert not fused.available()
     assert "Numba's kernels failed: RuntimeError" in fused.how()
     np.testing.assert_allclose(linear(x, w), x @ w.astype(np.float32).T, rtol=1e-6)
@@ -473,18 +473,22 @@ def splits_unchosen(monkeypatch):
     monkeypatch.setattr(machine, "compute_threads", lambda: 2)
 
 
-def test_each_kind_of_work_times_both_ways_then_keeps_one(splits_unchosen, monkeypatch):
+@pytest.mark.parametrize("fused_setting,kind", [("", "fused layer_norm"), ("off", "layer_norm")])
+def test_each_kind_of_work_times_both_ways_then_keeps_one(splits_unchosen, monkeypatch, fused_setting, kind):
+    """LayerNorm in Numba's kernel (where installed, the default) and in NumPy's form (KOSMOS2_FUSED=off)."""
+    monkeypatch.setenv(fused.FUSED_ENV, fused_setting)
+    assert fused_setting or fused.available(), "Numba is missing: pip install -e '.[dev]'"
     rng = np.random.default_rng(6)
     x = rng.standard_normal((7, 50)).astype(np.float32) * 3
     w, b = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
     alone = _one_thread(monkeypatch, fast.layer_norm, x, w, b)
     monkeypatch.delenv(fast.ELEMENTWISE_THREADS_ENV)
-    key = ("layer_norm", 512, 2)  # 350 elements round up to 512, over two threads
+    key = (kind, 512, 2)  # 350 elements round up to 512, over two threads
     for call in range(2 * fast.SPLIT_TRIALS + 2):
         assert np.array_equal(fast.layer_norm(x, w, b), alone), f"call {call}: the way changed the numbers"
         assert (key in fast._splits) == (call >= 2 * fast.SPLIT_TRIALS - 1)
     assert [len(t) for t in fast._split_trials[key].values()] == [fast.SPLIT_TRIALS] * 2  # no timing once kept
-    assert fast.elementwise_splits() == {"layer_norm 512 x2": fast._splits[key]}
+    assert fast.elementwise_splits() == {f"{kind} 512 x2": fast._splits[key]}
     assert fast.block_sizes()["elementwise_splits"] == fast.elementwise_splits()
 
 

@@ -200,7 +200,10 @@ def test_head_projection_feeds_attention_as_the_split_product_does():
         "long rows",
     ],
 )
-def test_layer_norm(case):
+@pytest.mark.parametrize("fused_setting", ["", "off"])  # Numba's kernel for row-major float32 x, or NumPy's form
+def test_layer_norm(case, fused_setting, monkeypatch):
+    monkeypatch.setenv(fused.FUSED_ENV, fused_setting)
+    assert fused_setting or fused.available(), "Numba is missing: pip install -e '.[dev]'"
     shapes = {"C=1": (3, 1), "zero rows": (0, 5), "[1,1,2048]": (1, 1, 2048), "long rows": (40, 8192)}
     x = rng.standard_normal(shapes.get(case, (9, 33))).astype(np.float32)
     if case == "constant rows":
@@ -223,6 +226,27 @@ def test_layer_norm(case):
     scale = np.abs(w) * (xhat.max() if xhat.size else 0.0) + np.abs(b)
     close(f"layer_norm {case} {x.shape}", got, ref, scale, 1e-6)
     same_layout(got, ref)
+
+
+@pytest.mark.parametrize("fused_setting", ["", "off"])
+@pytest.mark.parametrize("case", ["[8192,71]", "constant columns", "offset 1e4", "one column"])
+def test_layer_norm_down_the_columns(case, fused_setting, monkeypatch):
+    """The MLP's inner LayerNorm on its transposed hidden activation h [F, M] (fast._layer_norm_columns), in
+    Numba's kernel or NumPy's form: the textbook LayerNorm of hᵀ, transposed."""
+    monkeypatch.setenv(fused.FUSED_ENV, fused_setting)
+    assert fused_setting or fused.available(), "Numba is missing: pip install -e '.[dev]'"
+    F, M = (8192, 71) if case == "[8192,71]" else (300, 1 if case == "one column" else 5)
+    h = rng.standard_normal((F, M)).astype(np.float32) * 3
+    if case == "constant columns":
+        h[:] = np.float32(-2.625)
+    elif case == "offset 1e4":
+        h = h * np.float32(1e-2) + np.float32(1e4)
+    w, b = rng.standard_normal(F).astype(np.float32), rng.standard_normal(F).astype(np.float32)
+    ref = layers.layer_norm(np.ascontiguousarray(h.T), w, b, 1e-5).T
+    got = fast._layer_norm_columns(h, w, b, 1e-5)
+    assert got is h, "in place"
+    xhat = np.abs(ref - b[:, None]) / np.maximum(np.abs(w[:, None]), 1e-30)
+    close(f"layer_norm down the columns {case} {h.shape}", got, ref, np.abs(w) * xhat.max() + np.abs(b), 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

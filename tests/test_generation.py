@@ -591,14 +591,16 @@ def test_left_padded_row_generates_what_it_generates_alone(model, texts, seed, b
 
 def test_generation_runs_on_the_strict_namespace(tiny_checkpoint, model, monkeypatch):
     """Bit for bit, so NumPy takes the many-row products weight first and its attention's heads from the split
-    product, as the strict namespace always does (on NumPy the form is otherwise measured per shape,
-    kosmos2_ref.fast.product_form, and the heads are views that AVX-512 kernels multiply in another order)."""
+    product, and NumPy's own LayerNorm, as the strict namespace always does (on NumPy the form is otherwise
+    measured per shape, kosmos2_ref.fast.product_form, the heads are views that AVX-512 kernels multiply in
+    another order, and LayerNorm is Numba's compiled one where installed)."""
     from strict_xp import STRICT_BACKEND
 
     from kosmos2_ref import fast
 
     monkeypatch.setenv(fast.PRODUCT_FORM_ENV, fast.WEIGHT_FIRST)
     monkeypatch.setattr(fast, "HEADS_AS_VIEWS", False)
+    monkeypatch.setenv("KOSMOS2_FUSED", "off")
 
     strict = Kosmos2.from_pretrained(tiny_checkpoint[0], backend=STRICT_BACKEND)
     pv, ids, att, img = make_inputs([[5, 6, 7], [8]], side="left", seed=3)
