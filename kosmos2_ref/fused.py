@@ -161,6 +161,8 @@ FLAGS = {"reassoc", "contract"}
 def _build() -> dict:
     """The kernels by name: the products for bfloat16 bits (uint16) and float16, and the two LayerNorms; each
     compiled at its first call. An ImportError where Numba is missing."""
+    import numba  # noqa: F401 - first, so that a missing Numba is what the error names (not llvmlite)
+
     bfloat16_to_float32, float16_to_float32 = _widenings()
     return {
         "bfloat16": _product(bfloat16_to_float32),
