@@ -960,36 +960,32 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     variance only goes under the square root, where float32's ~1e-7 relative error moves the last bit at most.
     Multiplies by 1/√(var + eps) formed in float64, where the textbook divides by √ in float32: the last bit may
     differ. Rows are shared among the threads where that was measured faster (:func:`over_parts`). Measured
-    1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024] (one thread). Where Numba
-    is installed, a row-major float32 x goes to :func:`_layer_norm_fused` instead. x [..., C] -> [..., C].
+    1.3-1.4x on [1, 1, 2048] (decoding), 1.15-1.6x on [1, 71, 8192] and [1, 257, 1024] (one thread).
+
+    Where Numba is installed, each part of a row-major float32 x's rows is instead one compiled call
+    (:func:`fused.layer_norm_rows`): three trips through each row (the float64 mean, the float64 variance, the
+    output) where NumPy's form makes six calls, each with its own overhead and its own trip; more exact (its
+    variance summed in float64), otherwise the same steps. Measured on the 2-vCPU AMD EPYC Zen 4 (medians of
+    200, one thread): [1, 1, 2048] 25.2 -> 2.8 µs, [1, 71, 2048] 399 -> 75 µs, [1, 257, 1024] 456 -> 106 µs,
+    [1, 71, 8192] 1640 -> 362 µs; max error against float64 1.0-1.2e-6 against 1.2-1.6e-6 (kind "fused
+    layer_norm" for the split). x [..., C] -> [..., C].
     """
     xp = get_xp(x)
-    if xp is np and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim and fused.available():
-        return _layer_norm_fused(x, weight, bias, eps)
-    if xp is not np or x.size < PARALLEL_MIN_ELEMENTS or not x.flags.c_contiguous:
+    compiled = xp is np and x.dtype == np.float32 and fused.available()    # Numba's one-call LayerNorm
+    if xp is not np or not x.flags.c_contiguous or (x.size < PARALLEL_MIN_ELEMENTS and not compiled):
         return _layer_norm_rows(x, weight, bias, eps, xp.empty_like(x, dtype=xp.float32))  # x's memory order
     rows = x.reshape(-1, x.shape[-1])   # [R, C], a view
     out = np.empty(rows.shape, np.float32)
-    over_parts(lambda a, b: _layer_norm_rows(rows[a:b], weight, bias, eps, out[a:b]), len(rows), rows.size,
-               "layer_norm")
-    return out.reshape(x.shape)         # [R, C] -> [..., C]
-
-
-def _layer_norm_fused(x, weight, bias, eps: float):
-    """:func:`layer_norm` of a row-major float32 x in one compiled call per part of its rows
-    (:func:`fused.layer_norm_rows`, Numba): three trips through each row (the float64 mean, the float64
-    variance, the output) where NumPy's form makes six calls, each with its own overhead and its own trip. More
-    exact than :func:`_layer_norm_rows` (its variance summed in float64), otherwise the same steps. Measured on the
-    2-vCPU AMD EPYC Zen 4 (medians of 200, one thread): [1, 1, 2048] 25.2 -> 2.8 µs, [1, 71, 2048] 399 -> 75 µs,
-    [1, 257, 1024] 456 -> 106 µs, [1, 71, 8192] 1640 -> 362 µs; max error against float64 1.0-1.2e-6 against
-    1.2-1.6e-6. Rows are shared among the threads where measured faster (kind "fused layer_norm").
-    x [..., C] -> [..., C], row-major."""
-    rows = x.reshape(-1, x.shape[-1])                       # [R, C], a view
-    out = np.empty(rows.shape, np.float32)
     w, b = np.ascontiguousarray(weight), np.ascontiguousarray(bias)
-    over_parts(lambda first, stop: fused.layer_norm_rows(rows, w, b, eps, out, first, stop), len(rows), rows.size,
-               "fused layer_norm")
-    return out.reshape(x.shape)                             # [R, C] -> [..., C]
+
+    def part(first: int, stop: int) -> None:      # rows first … stop − 1 into the same rows of out
+        if compiled:
+            fused.layer_norm_rows(rows, w, b, eps, out, first, stop)
+        else:
+            _layer_norm_rows(rows[first:stop], w, b, eps, out[first:stop])
+
+    over_parts(part, len(rows), rows.size, "fused layer_norm" if compiled else "layer_norm")
+    return out.reshape(x.shape)         # [R, C] -> [..., C]
 
 
 def _layer_norm_rows(x, weight, bias, eps: float, out):

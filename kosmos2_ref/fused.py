@@ -50,14 +50,13 @@ def setting() -> str | None:
         return None
     if text not in ("off", "on"):
         raise ValueError(
-            f"{FUSED_ENV} must be 'off' (widen 2-byte weights in blocks) or 'on' (the fused kernels, "
-            f"which need Numba), got {text!r}"
+            f"{FUSED_ENV} must be 'off' (NumPy's forms) or 'on' (the compiled kernels, which need Numba), got {text!r}"
         )
     return text
 
 
 def available() -> bool:
-    """Whether the fused kernels are used: Numba importable and ``KOSMOS2_FUSED`` not "off". With the setting
+    """Whether the compiled kernels are used: Numba importable and ``KOSMOS2_FUSED`` not "off". With the setting
     "on" and no kernels, an ImportError that says why and how to install Numba."""
     wanted = setting()
     if wanted == "off":
@@ -65,7 +64,7 @@ def available() -> bool:
     found = bool(_compiled())
     if wanted == "on" and not found:
         raise ImportError(
-            f"{FUSED_ENV}=on, but the fused kernels are unavailable ({_missing}): they need Numba, "
+            f"{FUSED_ENV}=on, but the compiled kernels are unavailable ({_missing}): they need Numba, "
             "pip install 'kosmos2-ref[numba]'"
         )
     return found
@@ -108,7 +107,7 @@ def layer_norm_columns(h, weight, bias, eps: float) -> None:
 
 def _compiled() -> dict:
     """The kernels, built and checked at the first call; {} (and ``_missing`` saying why) when Numba is missing
-    or its kernels failed to compile or to compute a known product, so that the blocked widening takes over."""
+    or its kernels failed to compile or to compute a known answer, so that NumPy's forms take over."""
     global _kernels, _missing
     if _kernels is None:
         with _lock:
